@@ -1,0 +1,165 @@
+"""Formatters: how a conversation becomes the text the model trains on.
+
+``chat_template`` uses the tokenizer's own template (as the reference recipe does); ``template`` uses
+a Jinja2 template from the spec, rendered in a sandbox because specs may come from pull requests.
+Both report where each assistant turn lies in the text, which the loss masks need.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Any
+
+from sft_spec import hookimpl
+from sft_spec.errors import SpecError
+from sft_spec.registry import FormattedText
+
+_SENTINEL_USER = "\x00u\x00"
+_SENTINEL_ANSWER = "\x00a\x00"
+
+
+class ChatTemplateFormatter:
+    """The tokenizer's chat template (``format.template`` replaces it when given)."""
+
+    def validate(self, fmt) -> str | None:
+        return None
+
+    def render(self, messages: list[dict], tokenizer, template: str | None, add_generation_prompt: bool) -> str:
+        if template is None and not getattr(tokenizer, "chat_template", None):
+            raise SpecError("the tokenizer has no chat template: set format.template (a Jinja2 chat template) "
+                            "or use a model that ships one")
+        try:
+            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                                 chat_template=template)
+        except Exception as exc:  # template errors (raise_exception, bad syntax) are spec errors
+            raise SpecError(f"the chat template failed: {type(exc).__name__}: {exc}") from None
+
+    def format(self, messages, tokenizer, fmt, *, add_generation_prompt=False, template=None) -> FormattedText:
+        return _format_with(self.render, messages, tokenizer, fmt, add_generation_prompt, template)
+
+
+class JinjaTemplateFormatter(ChatTemplateFormatter):
+    """A Jinja2 chat template from the spec, rendered in jinja2's immutable sandbox."""
+
+    def validate(self, fmt) -> str | None:
+        if not fmt.template:
+            return "formatter 'template' needs format.template (inline Jinja2 or a file path)"
+        return None
+
+    def render(self, messages, tokenizer, template, add_generation_prompt) -> str:
+        compiled = _compile(template or "")
+        try:
+            return compiled.render(
+                messages=messages, add_generation_prompt=add_generation_prompt,
+                bos_token=tokenizer.bos_token or "", eos_token=tokenizer.eos_token or "",
+            )
+        except Exception as exc:
+            raise SpecError(f"format.template failed: {type(exc).__name__}: {exc}") from None
+
+
+@lru_cache(maxsize=32)
+def _compile(source: str):
+    from jinja2 import StrictUndefined, TemplateSyntaxError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise ValueError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, undefined=StrictUndefined)
+    env.globals["raise_exception"] = raise_exception
+    try:
+        return env.from_string(source)
+    except TemplateSyntaxError as exc:
+        raise SpecError(f"format.template: Jinja2 syntax error on template line {exc.lineno}: {exc.message}") from None
+
+
+def _format_with(render, messages, tokenizer, fmt, add_generation_prompt, template) -> FormattedText:
+    if add_generation_prompt:
+        return FormattedText(text=render(messages, tokenizer, template, True))
+    text = render(messages, tokenizer, template, False)
+    spans: list[tuple[int, int]] = []
+    search_from = 0
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = render(messages[:i], tokenizer, template, True)
+        upto = render(messages[: i + 1], tokenizer, template, False)
+        if text.startswith(upto) and upto.startswith(before) and len(before) >= search_from:
+            spans.append((len(before), len(upto)))
+            search_from = len(upto)
+            continue
+        # Templates that rewrite history (e.g. drop earlier reasoning) are not prefix-stable: find the text.
+        start = text.find(message["content"], search_from)
+        if start < 0:
+            raise SpecError(f"cannot find assistant turn {i} in the formatted text")
+        end = start + len(message["content"])
+        spans.append((start, end))
+        search_from = end
+    eos = tokenizer.eos_token
+    if fmt.add_eos and eos and not text.endswith(eos):
+        text += eos
+        if spans and spans[-1][1] >= len(text) - len(eos) - 2:
+            # The final turn's EOS is part of what the model must learn to produce.
+            spans[-1] = (spans[-1][0], len(text))
+    return FormattedText(text=text, assistant_spans=spans, prompt_end=spans[-1][0] if spans else 0)
+
+
+def chat_markers(item, run) -> dict[str, Any]:
+    """The response template (``<start_of_turn>model\\n``) and end-of-turn marker of this spec's template.
+
+    Derived by rendering sentinel conversations with the spec's formatter, so they are right for any
+    template, a user's own included: the response template is what the generation prompt adds to a
+    rendered user turn; the end-of-turn marker is the special token right after an answer.
+    """
+    cached = run.scratch.get("markers")
+    if cached is not None:
+        return cached
+    fmt = item.spec.format
+    formatter = run.config.registry.formatters[fmt.formatter].obj
+    tokenizer = run.loaded.tokenizer
+    render = getattr(formatter, "render", None)
+    user = [{"role": "user", "content": _SENTINEL_USER}]
+    answer = [*user, {"role": "assistant", "content": _SENTINEL_ANSWER}]
+    if render is not None:
+        without_prompt = render(user, tokenizer, item.chat_template, False)
+        with_prompt = render(user, tokenizer, item.chat_template, True)
+        full = render(answer, tokenizer, item.chat_template, False)
+    else:  # a formatter with format() only: its generation prompt follows the user's text
+        with_prompt = formatter.format(user, tokenizer, fmt, add_generation_prompt=True,
+                                       template=item.chat_template).text
+        without_prompt = with_prompt[: with_prompt.index(_SENTINEL_USER) + len(_SENTINEL_USER)]
+        full = formatter.format(answer, tokenizer, fmt, template=item.chat_template).text
+    if with_prompt.startswith(without_prompt):
+        response_template = with_prompt[len(without_prompt):]
+    else:
+        response_template = with_prompt.split(_SENTINEL_USER, 1)[-1]
+    after_answer = full.split(_SENTINEL_ANSWER, 1)[1] if _SENTINEL_ANSWER in full else ""
+    end_of_turn = _first_special(after_answer, tokenizer) or tokenizer.eos_token
+    markers = {"response_template": response_template, "end_of_turn": end_of_turn}
+    run.scratch["markers"] = markers
+    return markers
+
+
+def _first_special(text: str, tokenizer) -> str | None:
+    """The special token that ``text`` starts with (after whitespace), if any."""
+    stripped = text.lstrip()
+    specials = sorted(set(getattr(tokenizer, "all_special_tokens", [])) | set(
+        getattr(tokenizer, "added_tokens_encoder", {}) or {}), key=len, reverse=True)
+    for token in specials:
+        if token and stripped.startswith(token):
+            return token
+    return None
+
+
+@hookimpl(trylast=True)
+def sft_spec_register_formatters(register) -> None:
+    register("chat_template", ChatTemplateFormatter(), "the tokenizer's chat template (format.template overrides it)")
+    register("template", JinjaTemplateFormatter(), "a Jinja2 chat template from the spec, sandboxed")
+
+
+@hookimpl(trylast=True)
+def sft_spec_format(item, run, messages, add_generation_prompt) -> FormattedText:
+    fmt = item.spec.format
+    formatter = run.config.registry.formatters[fmt.formatter].obj
+    return formatter.format(messages, run.loaded.tokenizer, fmt, add_generation_prompt=add_generation_prompt,
+                            template=item.chat_template)

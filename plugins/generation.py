@@ -1,0 +1,84 @@
+"""Greedy generation for expectations, batched with left padding, stopping at the end of the turn."""
+
+from __future__ import annotations
+
+from sft_spec import hookimpl
+
+from .formatters import chat_markers
+
+
+def stop_token_ids(tokenizer, model, end_of_turn: str | None) -> list[int]:
+    ids: list[int] = []
+    if end_of_turn:
+        token_id = tokenizer.convert_tokens_to_ids(end_of_turn)
+        if isinstance(token_id, int) and token_id != tokenizer.unk_token_id:
+            ids.append(token_id)
+    if tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for token_id in configured if isinstance(configured, list) else [configured]:
+        if token_id is not None:
+            ids.append(token_id)
+    return list(dict.fromkeys(ids))
+
+
+def generate_answers(model, tokenizer, texts: list[str], *, stop_ids: list[int], settings, device) -> list[dict]:
+    """One answer per prompt text: ``{"text": cleaned, "raw": with special tokens up to the stop}``."""
+    import torch
+
+    kwargs = {
+        "max_new_tokens": settings.max_new_tokens,
+        "do_sample": settings.do_sample,
+        "num_beams": settings.num_beams,
+        "eos_token_id": stop_ids,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    for name in ("temperature", "top_p", "top_k", "repetition_penalty"):
+        value = getattr(settings, name)
+        if value is not None:
+            kwargs[name] = value
+    if not settings.do_sample:
+        # Greedy: unset sampling knobs a checkpoint's generation_config may carry, so transformers stays quiet.
+        kwargs.update({"temperature": None, "top_p": None, "top_k": None})
+    answers: list[dict] = []
+    padding_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"  # decoder-only models continue from the right edge
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(texts), settings.batch_size):
+            batch = texts[start : start + settings.batch_size]
+            encoded = tokenizer(batch, add_special_tokens=False, return_tensors="pt", padding=True).to(device)
+            with torch.no_grad():
+                output = model.generate(**encoded, **kwargs)
+            new_tokens = output[:, encoded["input_ids"].shape[1]:]
+            for row in new_tokens.tolist():
+                answers.append(_clean(row, tokenizer, stop_ids))
+    finally:
+        tokenizer.padding_side = padding_side
+        if was_training:
+            model.train()
+    return answers
+
+
+def _clean(row: list[int], tokenizer, stop_ids: list[int]) -> dict:
+    cut = len(row)
+    for i, token_id in enumerate(row):
+        if token_id in stop_ids:
+            cut = i + 1
+            break
+    kept = [t for t in row[:cut] if t != tokenizer.pad_token_id or t in stop_ids]
+    raw = tokenizer.decode(kept, skip_special_tokens=False)
+    text = tokenizer.decode(kept, skip_special_tokens=True).strip()
+    return {"text": text, "raw": raw, "stopped": cut < len(row) or (bool(row) and row[-1] in stop_ids)}
+
+
+@hookimpl(trylast=True)
+def sft_spec_generate(item, run, prompts) -> list[dict]:
+    hook = run.config.hook
+    texts = [hook.sft_spec_format(item=item, run=run, messages=p, add_generation_prompt=True).text for p in prompts]
+    markers = chat_markers(item, run)
+    tokenizer = run.loaded.tokenizer
+    stop_ids = stop_token_ids(tokenizer, run.model, markers.get("end_of_turn"))
+    return generate_answers(run.model, tokenizer, texts, stop_ids=stop_ids, settings=item.spec.generation,
+                            device=run.model.device if hasattr(run.model, "device") else run.loaded.device)

@@ -1,0 +1,188 @@
+"""Model loaders: ``builtin:`` tiny models and Hugging Face model directories or hub ids.
+
+Loaded models are kept for the run and shared by the specs that use the same base model: LoRA specs
+remove their adapters afterwards, and a spec that changes the weights (full fine-tune, QLoRA) marks
+the model dirty so the next spec loads it fresh.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from sft_spec import hookimpl
+from sft_spec.errors import SkipSpec, SpecError
+from sft_spec.runner import LoadedModel
+
+from .builtin_models import BUILTIN_MODELS, builtin_model_dir
+
+BUILTIN_PREFIX = "builtin:"
+
+
+def pick_device(requested: str) -> str:
+    import torch
+
+    if requested in ("auto", None):
+        if torch.cuda.is_available():
+            return "cuda"
+        return "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise SkipSpec("--device cuda was asked for, but no CUDA device is available")
+    if requested == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise SkipSpec("--device mps was asked for, but MPS is not available")
+    return requested
+
+
+def _dtype(name: str):
+    import torch
+
+    return {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+class BuiltinLoader:
+    """``builtin:NAME``: tiny random models built offline on first use and cached."""
+
+    def claims(self, model_spec) -> bool:
+        return model_spec.id.startswith(BUILTIN_PREFIX)
+
+    def validate(self, model_spec) -> str | None:
+        from sft_spec.errors import did_you_mean
+
+        name = model_spec.id[len(BUILTIN_PREFIX):]
+        if name not in BUILTIN_MODELS:
+            return did_you_mean(name, list(BUILTIN_MODELS), "builtin model")
+        return None
+
+    def load(self, model_spec, config, *, quantization=None) -> LoadedModel:
+        name = model_spec.id[len(BUILTIN_PREFIX):]
+        directory = builtin_model_dir(name, Path(config.cache_dir))
+        return load_pretrained(str(directory), model_spec, config, quantization=quantization,
+                               source=f"{model_spec.id} ({BUILTIN_MODELS[name]})")
+
+
+class PretrainedLoader:
+    """A local model directory or a Hugging Face Hub id, loaded with ``from_pretrained``."""
+
+    def claims(self, model_spec) -> bool:
+        return not model_spec.id.startswith(BUILTIN_PREFIX) and not model_spec.id.endswith(".gguf") \
+            and not model_spec.gguf_file
+
+    def validate(self, model_spec) -> str | None:
+        return None
+
+    def load(self, model_spec, config, *, quantization=None) -> LoadedModel:
+        return load_pretrained(model_spec.id, model_spec, config, quantization=quantization, source=model_spec.id)
+
+
+def load_pretrained(location: str, model_spec, config, *, quantization=None, source: str = "",
+                    extra_kwargs: dict[str, Any] | None = None) -> LoadedModel:
+    """Load model and tokenizer with the safety rules: no remote code unless allowed, safetensors unless allowed."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if model_spec.trust_remote_code and not config.getoption("allow_remote_code"):
+        raise SpecError(f"model {model_spec.id!r} asks for trust_remote_code: this runs code from the model "
+                        "repository; pass --allow-remote-code to allow it")
+    device = pick_device(config.getoption("device", "auto"))
+    kwargs: dict[str, Any] = {
+        "revision": model_spec.revision,
+        "trust_remote_code": model_spec.trust_remote_code,
+        "dtype": _dtype(model_spec.dtype),
+    }
+    if not config.getoption("allow_pickle"):
+        kwargs["use_safetensors"] = True
+    if quantization is not None:
+        kwargs["quantization_config"] = quantization
+        kwargs["device_map"] = {"": device if device != "cuda" else 0}
+    kwargs.update(extra_kwargs or {})
+    tokenizer_id = model_spec.tokenizer or location
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            tokenizer_id, revision=model_spec.revision, trust_remote_code=model_spec.trust_remote_code,
+            **({"gguf_file": kwargs["gguf_file"]} if "gguf_file" in kwargs and tokenizer_id == location else {}),
+        )
+        model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
+    except OSError as exc:
+        raise SpecError(_explain_load_error(location, exc, config)) from None
+    if quantization is None:
+        model.to(device)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.eval()
+    return LoadedModel(model=model, tokenizer=tokenizer, device=device, source=source or location,
+                       info={"dtype": str(next(model.parameters()).dtype).replace("torch.", "")})
+
+
+def _explain_load_error(location: str, exc: OSError, config) -> str:
+    text = str(exc)
+    if Path(location).exists():
+        if "safetensors" in text or "pytorch_model.bin" in text:
+            return (f"cannot load model from {location}: no safetensors weights found; pickle checkpoints "
+                    "(.bin) load only with --allow-pickle")
+        return f"cannot load model from {location}: {text.splitlines()[0]}"
+    looks_local = location.startswith((".", "/", "~")) or location.count("/") > 1
+    if looks_local:
+        return f"model directory not found: {location}"
+    return (f"cannot load model {location!r}: it is not a local directory and the Hugging Face Hub is "
+            f"unreachable or does not have it (offline?). Download it first, or point model.id at a "
+            f"local directory. ({text.splitlines()[0][:200]})")
+
+
+def _cache_key(item, device: str, quantized: bool) -> str:
+    spec = item.spec
+    return json.dumps([spec.model.model_dump(), device, quantized, spec.quantization], sort_keys=True, default=str)
+
+
+@hookimpl(trylast=True)
+def sft_spec_register_model_loaders(register) -> None:
+    register("builtin", BuiltinLoader(), "tiny random models that need no download: " + ", ".join(
+        f"builtin:{n}" for n in BUILTIN_MODELS))
+    register("pretrained", PretrainedLoader(), "local directories and Hugging Face Hub ids (from_pretrained)")
+
+
+def quantization_config(item, device: str):
+    """BitsAndBytesConfig for qlora: nf4 4-bit by default, the spec's ``quantization`` keys on top."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception as exc:  # noqa: BLE001 - any import failure means no 4-bit here
+        raise SkipSpec(f"qlora needs bitsandbytes, which cannot be imported here: {exc}") from None
+    compute = torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    settings = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_compute_dtype": compute,
+                "bnb_4bit_use_double_quant": True}
+    settings.update(item.spec.quantization)
+    return BitsAndBytesConfig(**settings)
+
+
+@hookimpl(trylast=True)
+def sft_spec_load_model(item, config) -> LoadedModel:
+    named = config.registry.loader_for(item.spec.model)
+    if named is None:
+        raise SpecError(f"no model loader accepts {item.spec.model.id!r}")
+    device = pick_device(config.getoption("device", "auto"))
+    quantized = item.spec.method == "qlora"
+    cache: dict[str, LoadedModel] = config.stash.setdefault("models.loaded", {})
+    key = _cache_key(item, device, quantized)
+    loaded = cache.get(key)
+    if loaded is not None and not loaded.info.get("dirty"):
+        loaded.info["reused"] = True
+        return loaded
+    # Keep one model in memory at a time: a suite moves from base model to base model.
+    cache.clear()
+    quantization = quantization_config(item, device) if quantized else None
+    try:
+        loaded = named.obj.load(item.spec.model, config, quantization=quantization)
+    except (SpecError, SkipSpec):
+        raise
+    except Exception as exc:
+        if quantized:
+            raise SkipSpec(f"4-bit loading (qlora) does not work on this machine ({device}): "
+                           f"{type(exc).__name__}: {exc}") from None
+        raise
+    loaded.info["loader"] = named.name
+    loaded.info["loads"] = config.stash.setdefault("models.load_count", 0) + 1
+    config.stash["models.load_count"] = loaded.info["loads"]
+    cache[key] = loaded
+    return loaded

@@ -1,0 +1,224 @@
+"""The terminal reporter: pytest-style progress, failures with diffs, and a closing summary line."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import time
+from importlib import metadata
+
+from sft_spec import __version__, hookimpl
+from sft_spec.reports import SpecReport, case_outcome_counts, char_diff
+
+LETTERS = {"passed": ".", "failed": "F", "error": "E", "skipped": "s", "xfailed": "x", "xpassed": "X",
+           "interrupted": "!"}
+COLORS = {"passed": "32", "failed": "31", "error": "31", "skipped": "33", "xfailed": "33", "xpassed": "33",
+          "interrupted": "31", "deselected": "33"}
+ORDER = ["failed", "passed", "skipped", "deselected", "xfailed", "xpassed", "error", "interrupted"]
+
+
+class TerminalReporter:
+    def __init__(self, config, file=None):
+        self.config = config
+        self.file = file or sys.stdout
+        self.verbosity = config.getoption("verbose", 0) - config.getoption("quiet", 0)
+        self.tb = config.getoption("tb", "auto")
+        self.isatty = hasattr(self.file, "isatty") and self.file.isatty()
+        self.color = self.isatty and not os.environ.get("NO_COLOR")
+        self.width = shutil.get_terminal_size((100, 20)).columns if self.isatty else 100
+        self.total = 0
+        self.done = 0
+        self.progress_shown = False
+        self.start = time.time()
+
+    # -- writing ---------------------------------------------------------------------------------
+
+    def paint(self, text: str, outcome: str | None = None, bold: bool = False) -> str:
+        if not self.color:
+            return text
+        code = COLORS.get(outcome or "", "")
+        codes = ";".join(c for c in ("1" if bold else "", code) if c)
+        return f"\x1b[{codes}m{text}\x1b[0m" if codes else text
+
+    def write_line(self, text: str = "", outcome: str | None = None, bold: bool = False) -> None:
+        self._clear_progress()
+        print(self.paint(text, outcome, bold), file=self.file, flush=True)
+
+    def sep(self, char: str, title: str = "", outcome: str | None = None, bold: bool = False) -> None:
+        width = min(self.width, 100)
+        if title:
+            side = max(3, (width - len(title) - 2) // 2)
+            line = f"{char * side} {title} {char * side}"
+        else:
+            line = char * width
+        self.write_line(line, outcome, bold)
+
+    def _clear_progress(self) -> None:
+        if self.progress_shown:
+            self.file.write("\r\x1b[K")
+            self.progress_shown = False
+
+    # -- hooks -----------------------------------------------------------------------------------
+
+    @hookimpl
+    def sft_spec_session_start(self, session):
+        self.start = session.start_time
+        self.total = len(session.items) + len(session.collect_errors)
+        if self.verbosity < 0:
+            return
+        self.sep("=", "sft-spec session starts", bold=True)
+        versions = ", ".join(f"{d} {_version(d)}" for d in ("torch", "transformers", "trl", "peft"))
+        self.write_line(f"python {sys.version.split()[0]}, sft-spec {__version__}, {versions}")
+        self.write_line(f"rootdir: {self.config.rootdir}")
+        checks = sum(len(i.selected_expectations) + len(i.training_checks) for i in session.items)
+        line = f"collected {len(session.items)} spec{'s' if len(session.items) != 1 else ''} ({checks} checks)"
+        if session.collect_errors:
+            line += f" / {len(session.collect_errors)} error{'s' if len(session.collect_errors) > 1 else ''}"
+        if session.deselected:
+            line += f" / {session.deselected} deselected"
+        self.write_line(line, bold=True)
+        self.write_line()
+
+    @hookimpl
+    def sft_spec_run_progress(self, item, phase, step, total, loss):
+        if not self.isatty or self.verbosity < 0:
+            return
+        text = f"{item.nodeid} {phase}"
+        if total:
+            text += f" {step}/{total}"
+        if loss is not None:
+            text += f" loss {loss:.4g}"
+        self.file.write("\r\x1b[K" + text[: self.width - 1])
+        self.file.flush()
+        self.progress_shown = True
+
+    @hookimpl
+    def sft_spec_log_report(self, report: SpecReport, session):
+        self.done += 1
+        if self.verbosity < 0:
+            return
+        percent = f"[{100 * self.done // max(self.total, 1):3d}%]"
+        cases = report.cases if report.outcome not in ("error", "interrupted") else []
+        letters = "".join(LETTERS.get(c.outcome, "?") for c in cases) or LETTERS.get(report.outcome, "?")
+        timing = f" ({report.duration:.1f}s)" if report.duration else ""
+        if self.verbosity > 0:
+            for case in cases:
+                self.write_line(f"{case.nodeid} {case.outcome.upper()}", case.outcome)
+            if not cases:
+                self.write_line(f"{report.nodeid} {report.outcome.upper()}", report.outcome)
+        else:
+            self.write_line(f"{report.nodeid} {self.paint(letters, report.outcome)}{timing} {percent}")
+        losses = report.losses
+        if losses and self.verbosity > 0:
+            self.write_line(f"    loss {losses[0]:.4g} -> {losses[-1]:.4g} over {len(losses)} steps"
+                            + (f", {report.metrics['train_seconds']:.1f}s training"
+                               if "train_seconds" in report.metrics else ""))
+        for note in report.notes:
+            self.write_line(f"    {note}")
+        if report.outcome == "skipped" and self.verbosity > 0:
+            self.write_line(f"    skipped: {report.skip_reason}", "skipped")
+
+    @hookimpl(trylast=True)
+    def sft_spec_session_finish(self, session, exitstatus):
+        reports = session.reports
+        errors = [r for r in reports if r.outcome in ("error", "interrupted")]
+        failures = [(r, c) for r in reports for c in r.cases if c.outcome == "failed"]
+        if errors:
+            self.sep("=", "ERRORS", "error", bold=True)
+            for report in errors:
+                self._show_error(report)
+        if failures:
+            self.sep("=", "FAILURES", "failed", bold=True)
+            for report, case in failures:
+                self._show_failure(report, case)
+        extra: list[str] = []
+        self.config.hook.sft_spec_terminal_summary(session=session, write_line=extra.append)
+        for line in extra:
+            self.write_line(line)
+        self._short_summary(reports)
+        if session.shouldstop:
+            self.sep("!", session.shouldstop, "failed")
+        if session.interrupted:
+            self.sep("!", "KeyboardInterrupt", "failed")
+        counts = case_outcome_counts(reports)
+        if session.deselected:
+            counts["deselected"] = session.deselected
+        parts = [f"{counts[k]} {k if k != 'error' or counts[k] == 1 else 'errors'}" for k in ORDER if counts.get(k)]
+        summary = ", ".join(parts) or "no tests ran"
+        main = "failed" if exitstatus else "passed"
+        self.sep("=", f"{summary} in {time.time() - self.start:.2f}s", main, bold=True)
+
+    # -- details ---------------------------------------------------------------------------------
+
+    def _show_error(self, report: SpecReport) -> None:
+        error = report.error
+        where = f"at {error.phase} of " if error and error.phase else ""
+        self.sep("_", f"ERROR {where}{report.nodeid}", "error")
+        if error is None:
+            return
+        for line in error.message.splitlines():
+            prefix = "" if line.startswith(error.location or "\0") or error.phase == "collect" else f"{error.location}: "
+            self.write_line(f"{prefix}{line}", "error")
+        if error.plugin:
+            self.write_line(f"(raised in plugin {error.plugin!r}, phase {error.phase})")
+        if error.traceback and self.tb == "long":
+            self.write_line(error.traceback.rstrip())
+        elif error.traceback and self.tb != "no":
+            self.write_line("(use --tb=long for the traceback)")
+
+    def _show_failure(self, report: SpecReport, case) -> None:
+        self.sep("_", case.nodeid, "failed")
+        self.write_line(case.location)
+        if case.prompt:
+            prompt = case.prompt[-1]["content"] if len(case.prompt) == 1 else case.prompt
+            self.write_line(f"prompt:   {prompt!r}" if not isinstance(prompt, str) else f"prompt:   {prompt}")
+        for check in case.checks:
+            if check.passed:
+                continue
+            answer = case.base_answer if check.on == "before" else case.answer
+            label = "before training" if check.on == "before" else "after training"
+            self.write_line(f"check:    {check.name} {check.argument!r} ({label})", "failed")
+            if answer is not None:
+                self.write_line(f"answer:   {answer}")
+            if check.on == "after" and case.raw_answer is not None and case.raw_answer != case.answer:
+                self.write_line(f"raw:      {case.raw_answer!r}")
+            if check.expected is not None and answer is not None:
+                self.write_line(f"expected: {check.expected}")
+                self.write_line(f"diff:     {char_diff(check.expected, answer)}   ([-expected-] {{+actual+}})")
+            if check.message:
+                self.write_line(f"reason:   {check.message}")
+        if case.base_answer is not None and all(c.on == "after" for c in case.checks if not c.passed):
+            self.write_line(f"before training the model answered: {case.base_answer}")
+
+    def _short_summary(self, reports: list[SpecReport]) -> None:
+        lines = []
+        for report in reports:
+            if report.outcome in ("error", "interrupted"):
+                message = (report.error.message.splitlines()[0] if report.error else "")
+                lines.append(("ERROR" if report.outcome == "error" else "INTERRUPTED", report.nodeid, message))
+            for case in report.cases:
+                if case.outcome == "failed":
+                    first = next((c for c in case.checks if not c.passed), None)
+                    message = f"{first.name}: {first.message}" if first else ""
+                    lines.append(("FAILED", case.nodeid, message))
+                elif case.outcome == "xpassed" and report.metrics.get("xfail_strict"):
+                    lines.append(("XPASS(strict)", case.nodeid, report.xfail_reason))
+        if not lines:
+            return
+        self.sep("=", "short test summary info")
+        for word, nodeid, message in lines:
+            self.write_line(f"{word} {nodeid} - {message}" if message else f"{word} {nodeid}",
+                            "failed" if word != "XPASS" else "xpassed")
+
+
+def _version(dist: str) -> str:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "missing"
+
+
+@hookimpl
+def sft_spec_configure(config):
+    config.pluginmanager.register(TerminalReporter(config), "terminalreporter")

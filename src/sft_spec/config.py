@@ -1,0 +1,68 @@
+"""The run's configuration: parsed options, the plugin manager, the registry, folders."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pluggy
+
+from .errors import UsageError
+from .registry import Registry
+
+
+@dataclass
+class Config:
+    options: argparse.Namespace
+    pluginmanager: pluggy.PluginManager
+    registry: Registry
+    rootdir: Path
+    cache_dir: Path
+    output_dir: Path
+    invocation_args: list[str] = field(default_factory=list)
+    #: Per-plugin state, keyed by the plugin's own names (pytest's stash).
+    stash: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def hook(self):
+        return self.pluginmanager.hook
+
+    def getoption(self, name: str, default: Any = None) -> Any:
+        return getattr(self.options, name, default)
+
+
+def find_pyproject(start: Path) -> Path | None:
+    for directory in [start, *start.parents]:
+        candidate = directory / "pyproject.toml"
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def pyproject_defaults(start: Path) -> tuple[list[str], Path | None]:
+    """``[tool.sft-spec] addopts`` from the nearest pyproject.toml: command-line defaults for the project."""
+    path = find_pyproject(start)
+    if path is None:
+        return [], None
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover
+        import tomli as tomllib
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"{path}: cannot read [tool.sft-spec]: {exc}") from None
+    section = data.get("tool", {}).get("sft-spec", {})
+    if not isinstance(section, dict):
+        raise UsageError(f"{path}: [tool.sft-spec] must be a table")
+    unknown = set(section) - {"addopts"}
+    if unknown:
+        raise UsageError(f"{path}: unknown key(s) in [tool.sft-spec]: {', '.join(sorted(unknown))} (known: addopts)")
+    addopts = section.get("addopts", [])
+    if isinstance(addopts, str):
+        addopts = shlex.split(addopts)
+    return [str(a) for a in addopts], path

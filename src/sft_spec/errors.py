@@ -1,0 +1,79 @@
+"""Errors as values with a location, so a broken spec is reported like a compiler error."""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Location:
+    """A place in a file; ``line`` and ``column`` are 1-based, 0 when unknown."""
+
+    path: str
+    line: int = 0
+    column: int = 0
+
+    def __str__(self) -> str:
+        if self.line and self.column:
+            return f"{self.path}:{self.line}:{self.column}"
+        if self.line:
+            return f"{self.path}:{self.line}"
+        return self.path
+
+
+class SpecError(Exception):
+    """A problem with one spec (or its data): reported for that spec, the others still run."""
+
+    def __init__(self, message: str, location: Location | None = None, key: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.location = location
+        self.key = key
+
+    def __str__(self) -> str:
+        where = f"{self.location}: " if self.location else ""
+        key = f"{self.key}: " if self.key else ""
+        return f"{where}{key}{self.message}"
+
+
+class SpecErrors(SpecError):
+    """Several problems found in one spec file at once, so the user fixes them in one pass."""
+
+    def __init__(self, errors: list[SpecError]):
+        self.errors = errors
+        first = errors[0]
+        super().__init__(first.message, first.location, first.key)
+
+    def __str__(self) -> str:
+        return "\n".join(str(e) for e in self.errors)
+
+
+class UsageError(Exception):
+    """Bad command line or missing path: exit code 4, like pytest."""
+
+
+class SkipSpec(Exception):
+    """Raised by a plugin to skip a spec with a reason (e.g. 4-bit needs a backend this machine lacks)."""
+
+
+def did_you_mean(name: str, choices: list[str] | tuple[str, ...] | set[str], what: str) -> str:
+    """``Unknown collator 'completion'. Did you mean: completion_only? Available: ...``"""
+    choices = sorted(choices)
+    close = difflib.get_close_matches(name, choices, n=3, cutoff=0.6)
+    message = f"unknown {what} {name!r}."
+    if close:
+        message += f" Did you mean: {', '.join(close)}?"
+    if len(choices) <= 12:
+        message += f" Available: {', '.join(choices)}"
+    return message
+
+
+def relpath(path: Path | str) -> str:
+    """A path as the user would type it: relative to the working directory when below it."""
+    p = Path(path)
+    try:
+        return str(p.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(p)

@@ -1,0 +1,85 @@
+"""``-k`` and ``-m`` expressions, with pytest's grammar: ``and``, ``or``, ``not``, parentheses.
+
+``-k`` names match as case-insensitive substrings of a test id; ``-m`` names match tags exactly.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+from .errors import UsageError
+
+_TOKEN = re.compile(r"\s*(\(|\)|[^\s()]+)")
+
+
+class Expression:
+    def __init__(self, source: str):
+        self.source = source
+        self.tokens = [m.group(1) for m in _TOKEN.finditer(source)]
+        if not self.tokens:
+            raise UsageError(f"empty expression: {source!r}")
+        self.pos = 0
+        self.tree = self._or()
+        if self.pos != len(self.tokens):
+            raise UsageError(f"wrong expression {source!r}: unexpected {self.tokens[self.pos]!r}")
+
+    def _peek(self) -> str | None:
+        return self.tokens[self.pos] if self.pos < len(self.tokens) else None
+
+    def _take(self) -> str:
+        token = self._peek()
+        if token is None:
+            raise UsageError(f"wrong expression {self.source!r}: unexpected end")
+        self.pos += 1
+        return token
+
+    def _or(self):
+        node = self._and()
+        while self._peek() == "or":
+            self._take()
+            node = ("or", node, self._and())
+        return node
+
+    def _and(self):
+        node = self._not()
+        while self._peek() == "and":
+            self._take()
+            node = ("and", node, self._not())
+        return node
+
+    def _not(self):
+        if self._peek() == "not":
+            self._take()
+            return ("not", self._not())
+        token = self._take()
+        if token == "(":
+            node = self._or()
+            if self._take() != ")":
+                raise UsageError(f"wrong expression {self.source!r}: missing ')'")
+            return node
+        if token in (")", "and", "or"):
+            raise UsageError(f"wrong expression {self.source!r}: unexpected {token!r}")
+        return ("name", token)
+
+    def evaluate(self, matcher: Callable[[str], bool]) -> bool:
+        def run(node) -> bool:
+            kind = node[0]
+            if kind == "name":
+                return matcher(node[1])
+            if kind == "not":
+                return not run(node[1])
+            if kind == "and":
+                return run(node[1]) and run(node[2])
+            return run(node[1]) or run(node[2])
+
+        return run(self.tree)
+
+
+def keyword_matcher(nodeid: str, tags: list[str]) -> Callable[[str], bool]:
+    haystack = [nodeid.lower()] + [t.lower() for t in tags]
+    return lambda name: any(name.lower() in h for h in haystack)
+
+
+def tag_matcher(tags: list[str]) -> Callable[[str], bool]:
+    return lambda name: name in tags

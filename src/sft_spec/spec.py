@@ -1,0 +1,132 @@
+"""The spec file model: what one ``*.sft.yaml`` may say (the contract in docs/spec-format.md).
+
+Every model forbids unknown keys so that a typo is an error with a location, never a silent default.
+Settings that belong to TRL and peft (``training``, ``lora``) stay plain mappings here and are checked
+against ``SFTConfig`` and ``LoraConfig`` field lists by the loader.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=False)
+
+
+class ModelSpec(StrictModel):
+    id: str = Field(description="Hub id, local directory, builtin:NAME, or a .gguf file")
+    tokenizer: str | None = Field(None, description="Tokenizer id or directory; defaults to id")
+    gguf_file: str | None = Field(None, description="GGUF file inside a directory or hub repo")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit)")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weights dtype when loading; auto follows the checkpoint"
+    )
+    trust_remote_code: bool = Field(
+        False, description="Run the model repository's own code; refused unless the run passes --allow-remote-code"
+    )
+
+
+class FormatSpec(StrictModel):
+    formatter: str = Field("chat_template", description="Plugin that turns a conversation into text")
+    template: str | None = Field(None, description="Jinja2 chat template (inline, or a file path) for formatter: template")
+    collator: str = Field("completion_only", description="Plugin that decides which tokens carry the loss")
+    response_template: str | None = Field(
+        None, description="completion_only: the loss starts after the last occurrence; derived from the chat template when left out"
+    )
+    instruction_template: str | None = Field(
+        None, description="completion_only: with it, every response between instruction templates carries the loss (multi-turn)"
+    )
+    add_eos: bool = Field(True, description="Append the tokenizer's EOS token to each training text, as the reference recipe does")
+
+
+class Message(StrictModel):
+    role: str
+    content: str
+
+
+class DataFile(StrictModel):
+    path: str = Field(description="JSON Lines file, relative to the spec file")
+    conversation_key: str = Field("messages", description="Key holding the list of turns in each line")
+    role_key: str = Field("role", description="Key of a turn's role")
+    content_key: str = Field("content", description="Key of a turn's text")
+    role_map: dict[str, str] = Field(default_factory=dict, description="Rename roles, e.g. {human: user, gpt: assistant}")
+
+
+class DataSpec(StrictModel):
+    conversations: list[list[Message]] = Field(default_factory=list, description="Inline training conversations")
+    files: list[DataFile] = Field(default_factory=list, description="JSON Lines files of conversations")
+
+
+class GenerationSpec(StrictModel):
+    max_new_tokens: int = Field(32, gt=0, description="Tokens to generate per expectation")
+    do_sample: bool = Field(False, description="Greedy by default, so results are reproducible")
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    num_beams: int = Field(1, gt=0)
+    repetition_penalty: float | None = None
+    batch_size: int = Field(16, gt=0, description="Prompts generated together (left-padded) in one call")
+
+
+class XfailSpec(StrictModel):
+    reason: str
+    strict: bool = Field(False, description="A pass (XPASS) fails the run, as pytest's xfail_strict")
+
+
+class MatrixEntry(BaseModel):
+    """One variant of the spec: ``id`` plus keys deep-merged over the spec."""
+
+    model_config = ConfigDict(extra="allow")
+    id: str
+
+
+class Spec(StrictModel):
+    name: str | None = Field(None, description="Defaults to the file name without .sft.yaml")
+    description: str | None = None
+    tags: list[str] = Field(default_factory=list, description="Selectable with -m")
+    xfail: XfailSpec | None = Field(None, description="Expected to fail: a reason, or {reason, strict}")
+    skip: str | None = Field(None, description="Not run; the reason is reported")
+    model: ModelSpec
+    method: Literal["full", "lora", "qlora"] = Field("full", description="What is trained")
+    lora: dict[str, Any] = Field(default_factory=dict, description="peft.LoraConfig fields (lora and qlora)")
+    quantization: dict[str, Any] = Field(
+        default_factory=dict, description="transformers.BitsAndBytesConfig fields for qlora (default nf4 4-bit)"
+    )
+    format: FormatSpec = Field(default_factory=FormatSpec)
+    training: dict[str, Any] = Field(default_factory=dict, description="trl.SFTConfig fields")
+    data: DataSpec
+    generation: GenerationSpec = Field(default_factory=GenerationSpec)
+    expect: list[dict[str, Any]] = Field(default_factory=list, description="Prompts and checks on the answers")
+    checks: dict[str, Any] = Field(default_factory=dict, description="Training-level checks, e.g. final_loss_below")
+    matrix: list[MatrixEntry] = Field(default_factory=list, description="Variants, each deep-merged over the spec")
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _model_shorthand(cls, value: Any) -> Any:
+        return {"id": value} if isinstance(value, str) else value
+
+    @field_validator("xfail", mode="before")
+    @classmethod
+    def _xfail_shorthand(cls, value: Any) -> Any:
+        if value is True:
+            return {"reason": "expected to fail"}
+        return {"reason": value} if isinstance(value, str) else value
+
+    @field_validator("skip", mode="before")
+    @classmethod
+    def _skip_shorthand(cls, value: Any) -> Any:
+        if value is True:
+            return "skipped by the spec"
+        return None if value is False else value
+
+    @field_validator("tags", mode="before")
+    @classmethod
+    def _tag_shorthand(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+
+# Top-level keys, for did-you-mean hints on typos.
+SPEC_KEYS = tuple(Spec.model_fields)
