@@ -20,6 +20,22 @@ from .builtin_models import BUILTIN_MODELS, builtin_model_dir
 BUILTIN_PREFIX = "builtin:"
 
 
+def quiet_libraries(verbosity: int) -> None:
+    """Progress bars and info logs of transformers/datasets would drown the report; -vv shows them."""
+    if verbosity >= 2:
+        return
+    import warnings
+
+    import datasets
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    datasets.utils.logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|trl|peft)\.")
+
+
 def pick_device(requested: str) -> str:
     import torch
 
@@ -158,6 +174,7 @@ def quantization_config(item, device: str):
 
 @hookimpl(trylast=True)
 def sft_spec_load_model(item, config) -> LoadedModel:
+    quiet_libraries(config.getoption("verbose", 0))
     named = config.registry.loader_for(item.spec.model)
     if named is None:
         raise SpecError(f"no model loader accepts {item.spec.model.id!r}")

@@ -41,8 +41,17 @@ def sft_config_kwargs(item, run, device: str) -> dict[str, Any]:
     """The SFTConfig arguments for this spec on this device, with notes for every change."""
     import torch
 
+    from trl import SFTConfig
+
     user = dict(item.spec.training)
-    kwargs = {**HARNESS_DEFAULTS, **user, **FORCED}
+    defaults = dict(HARNESS_DEFAULTS)
+    if "activation_checkpointing" in SFTConfig.__dataclass_fields__:
+        # transformers 5 renamed it; the old name still works but warns.
+        defaults["activation_checkpointing"] = defaults.pop("gradient_checkpointing")
+    if {"gradient_checkpointing", "activation_checkpointing"} & set(user):
+        defaults.pop("gradient_checkpointing", None)
+        defaults.pop("activation_checkpointing", None)
+    kwargs = {**defaults, **user, **FORCED}
     kwargs["output_dir"] = str(run.config.output_dir / re.sub(r"[^\w.\-\[\]]+", "_", item.nodeid))
     on_cuda = device == "cuda"
     if device == "cpu":
@@ -146,6 +155,9 @@ def sft_spec_make_trainer(item, run, examples):
         model=model, args=args, train_dataset=dataset, processing_class=run.loaded.tokenizer,
         callbacks=[_make_callback(item, run.config.hook, losses)],
     )
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # it prints every log dict; the terminal reporter shows progress
     return trainer
 
 

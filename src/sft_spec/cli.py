@@ -65,7 +65,21 @@ def make_parser(pm=None) -> argparse.ArgumentParser:
     validate = sub.add_parser("validate", help="check spec files without training (quick)")
     _add_collection_options(validate)
     sub.add_parser("plugins", help="list installed plugins, their versions and hooks")
+    if pm is not None:
+        for name, (help_text, add_arguments, _) in plugin_commands(pm).items():
+            add_arguments(sub.add_parser(name, help=help_text))
     return parser
+
+
+def plugin_commands(pm) -> dict[str, tuple[str, Any, Any]]:
+    """Subcommands that plugins add (``sft-spec report``, ``sft-spec schema``, ...)."""
+    commands: dict[str, tuple[str, Any, Any]] = {}
+
+    def register(name: str, help: str, add_arguments, run) -> None:
+        commands.setdefault(name, (help, add_arguments, run))
+
+    pm.hook.sft_spec_register_commands(register=register)
+    return commands
 
 
 def _disabled(argv: list[str]) -> tuple[set[str], list[str]]:
@@ -107,6 +121,13 @@ def main(args: list[str] | None = None, plugins: list[Any] | None = None) -> int
         return ExitCode.USAGE_ERROR
     if options.command == "plugins":
         return _list_plugins(pm, problems)
+    commands = plugin_commands(pm)
+    if options.command in commands:
+        try:
+            return commands[options.command][2](options, pm)
+        except UsageError as exc:
+            print(f"ERROR: {exc}", file=sys.stderr)
+            return ExitCode.USAGE_ERROR
     for problem in problems:
         print(f"ERROR: plugin {problem.name!r} could not be loaded: {problem.message}", file=sys.stderr)
     if any(p.name in ("models", "trainer", "terminal") for p in problems):

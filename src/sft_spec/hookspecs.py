@@ -44,6 +44,15 @@ def sft_spec_unconfigure(config: Config) -> None:
 
 
 @hookspec
+def sft_spec_register_commands(register) -> None:
+    """Add ``sft-spec`` subcommands: ``register(name, help, add_arguments, run)``.
+
+    ``add_arguments(parser)`` declares its options; ``run(options, pluginmanager) -> int`` returns the
+    exit code. Called before the command line is parsed.
+    """
+
+
+@hookspec
 def sft_spec_register_formatters(register) -> None:
     """Register formatters: ``register(name, formatter, description="")``.
 

@@ -325,7 +325,7 @@ def _build_item(path: Path, nodeid: str, name: str, variant: str | None, doc: Lo
     notes: list[str] = []
     errors: list[SpecError] = []
     data = doc.data
-    _rename_old_keys(data, doc, notes, errors)
+    _rename_old_keys(data, doc, notes, errors, ctx)
     try:
         spec = Spec.model_validate(data)
     except pydantic.ValidationError as exc:
@@ -346,11 +346,13 @@ def _build_item(path: Path, nodeid: str, name: str, variant: str | None, doc: Lo
     )
 
 
-def _rename_old_keys(data: dict, doc: LocatedDocument, notes: list[str], errors: list[SpecError]) -> None:
+def _rename_old_keys(data: dict, doc: LocatedDocument, notes: list[str], errors: list[SpecError],
+                     ctx: LoadContext) -> None:
     training = data.get("training")
-    if isinstance(training, dict):
+    if isinstance(training, dict) and any(old in training for old in RENAMED_TRAINING_KEYS):
+        known = recipe_fields(ctx.cache_dir)["training"]
         for old, new in RENAMED_TRAINING_KEYS.items():
-            if old in training:
+            if old in training and new in known:
                 where = doc.locate(("training", old))
                 if new in training:
                     errors.append(SpecError(f"both {old!r} and its new name {new!r} are set; keep {new!r}", where,
@@ -358,7 +360,7 @@ def _rename_old_keys(data: dict, doc: LocatedDocument, notes: list[str], errors:
                     continue
                 training[new] = training.pop(old)
                 doc.locations[("training", new)] = where
-                notes.append(f"{where}: note: training.{old} was renamed {new} in TRL 1.x; read as {new}")
+                notes.append(f"{where}: note: training.{old} is now {new} in TRL/transformers; read as {new}")
     fmt = data.get("format")
     if isinstance(fmt, dict) and fmt.get("collator") in RENAMED_COLLATORS:
         old = fmt["collator"]

@@ -19,9 +19,12 @@ from typing import Any
 from .fileio import atomic_write_text
 
 #: Old names users bring from older TRL scripts, mapped to today's names.
+#: A key is renamed only where the installed TRL has the new name.
 RENAMED_TRAINING_KEYS = {
     "max_seq_length": "max_length",
     "evaluation_strategy": "eval_strategy",
+    "gradient_checkpointing": "activation_checkpointing",
+    "gradient_checkpointing_kwargs": "activation_checkpointing_kwargs",
 }
 
 #: Settings sft-spec owns: where files go, and nothing is ever pushed to a hub from a spec.

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import enum
 import time
-import traceback
 from pathlib import Path
 
 from . import hookimpl
@@ -125,8 +124,8 @@ def collect_error_report(file: Path, exc: SpecError) -> SpecReport:
     location = str(errors[0].location) if errors[0].location else shown
     return SpecReport(
         nodeid=shown, path=shown, name=shown, variant=None, outcome="error",
-        error=ErrorInfo(message=message, location=location, phase="collect",
-                        traceback="".join(traceback.format_exception(exc)) if exc.__traceback__ else ""),
+        # A spec error is the user's input, not a crash: its location is the whole story, no traceback.
+        error=ErrorInfo(message=message, location=location, phase="collect"),
     )
 
 
