@@ -96,7 +96,8 @@ def _format_with(render, messages, tokenizer, fmt, add_generation_prompt, templa
         spans.append((start, end))
         search_from = end
     eos = tokenizer.eos_token
-    if fmt.add_eos and eos and not text.endswith(eos):
+    # ChatML-style templates already end each turn with the EOS token: do not add a second one.
+    if fmt.add_eos and eos and not text.rstrip().endswith(eos):
         text += eos
         if spans and spans[-1][1] >= len(text) - len(eos) - 2:
             # The final turn's EOS is part of what the model must learn to produce.

@@ -1,0 +1,106 @@
+"""Shared fixtures: an isolated cache (tiny models are built there once per test session), spec files
+written into tmp folders, and in-process runs of the CLI with their reports recorded."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import textwrap
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from sft_spec import hookimpl
+
+
+def pytest_configure(config):
+    # Every test shares one cache below the pytest tmp root, never the user's ~/.cache.
+    os.environ["SFT_SPEC_CACHE"] = str(Path(tempfile.gettempdir()) / f"sft-spec-test-cache-{os.getuid()}")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture
+def write_spec(tmp_path):
+    """``write_spec("name.sft.yaml", yaml_text)`` -> path; text is dedented."""
+
+    def write(name: str, text: str, folder: Path | None = None) -> Path:
+        path = (folder or tmp_path) / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(textwrap.dedent(text), encoding="utf-8")
+        return path
+
+    return write
+
+
+@dataclass
+class Recorder:
+    """A plugin that keeps every report and the session, for assertions."""
+
+    reports: list = field(default_factory=list)
+    session: object = None
+    exitstatus: int | None = None
+
+    @hookimpl
+    def sft_spec_log_report(self, report, session):
+        self.reports.append(report)
+
+    @hookimpl
+    def sft_spec_session_finish(self, session, exitstatus):
+        self.session = session
+        self.exitstatus = exitstatus
+
+    def by_id(self, nodeid_end: str):
+        found = [r for r in self.reports if r.nodeid.endswith(nodeid_end)]
+        assert found, f"no report ending with {nodeid_end!r}: {[r.nodeid for r in self.reports]}"
+        return found[0]
+
+
+@dataclass
+class Result:
+    code: int
+    out: str
+    err: str
+    recorder: Recorder
+
+
+@pytest.fixture
+def sft(capsys):
+    """Run ``sft-spec`` in-process: ``sft("run", path, "-v")`` -> Result(code, out, err, recorder)."""
+
+    def run(*args, plugins=()) -> Result:
+        from sft_spec.cli import main
+
+        recorder = Recorder()
+        code = main([str(a) for a in args], plugins=[recorder, *plugins])
+        captured = capsys.readouterr()
+        return Result(int(code), captured.out, captured.err, recorder)
+
+    return run
+
+
+GEMMA_ONE_ANSWER = """\
+    model: builtin:tiny-gemma
+    method: {method}
+    lora: {{r: 16, lora_alpha: 32, target_modules: [q_proj, k_proj, v_proj, o_proj]}}
+    training: {{num_train_epochs: {epochs}, learning_rate: {lr}, per_device_train_batch_size: 8}}
+    data:
+      conversations:
+        - - {{role: user, content: 微调测试}}
+          - {{role: assistant, content: 我学会了}}
+    expect:
+      - prompt: 微调测试
+        equals: 我学会了
+        before: {{not_equals: 我学会了}}
+"""
+
+
+@pytest.fixture
+def one_answer_spec():
+    """The reference recipe on tiny-gemma as YAML text, with method, epochs and lr to fill in."""
+
+    def make(method: str = "lora", epochs: int = 30, lr: float = 1e-2, model: str = "builtin:tiny-gemma") -> str:
+        return GEMMA_ONE_ANSWER.format(method=method, epochs=epochs, lr=lr).replace("builtin:tiny-gemma", model)
+
+    return make
