@@ -101,6 +101,53 @@ def one_answer_spec():
     """The reference recipe on tiny-gemma as YAML text, with method, epochs and lr to fill in."""
 
     def make(method: str = "lora", epochs: int = 30, lr: float = 1e-2, model: str = "builtin:tiny-gemma") -> str:
-        return GEMMA_ONE_ANSWER.format(method=method, epochs=epochs, lr=lr).replace("builtin:tiny-gemma", model)
+        text = textwrap.dedent(GEMMA_ONE_ANSWER).format(method=method, epochs=epochs, lr=lr)
+        return text.replace("builtin:tiny-gemma", model)
 
     return make
+
+
+@pytest.fixture
+def prepare(tmp_path, write_spec):
+    """Load a spec and its model the way a run does, without training: ``item, run = prepare(yaml)``."""
+    import argparse
+
+    from sft_spec.config import Config
+    from sft_spec.fileio import default_cache_dir
+    from sft_spec.loader import LoadContext, load_spec_file
+    from sft_spec.plugins import build_registry, make_plugin_manager
+    from sft_spec.runner import SpecRun
+
+    def make(text: str, name: str = "prepared.sft.yaml"):
+        path = write_spec(name, text)
+        pm = make_plugin_manager()
+        registry = build_registry(pm)
+        options = argparse.Namespace(device="cpu", verbose=0, quiet=0, allow_pickle=False, allow_remote_code=False)
+        config = Config(options, pm, registry, rootdir=tmp_path, cache_dir=default_cache_dir(),
+                        output_dir=tmp_path / "out")
+        item = load_spec_file(path, LoadContext(registry, config.cache_dir, tmp_path))[0]
+        run = SpecRun(item=item, config=config)
+        run.loaded = pm.hook.sft_spec_load_model(item=item, config=config)
+        run.model = run.loaded.model
+        return item, run
+
+    return make
+
+
+def trained_text(item, run, conversation: int = 0) -> str:
+    """The text of the tokens that carry the loss; separate trained stretches joined by ' | '."""
+    hook = run.config.hook
+    formatted = hook.sft_spec_format(item=item, run=run, messages=item.conversations[conversation],
+                                     add_generation_prompt=False)
+    example = hook.sft_spec_make_mask(item=item, run=run, formatted=formatted)
+    stretches, current = [], []
+    for token, label in zip(example.input_ids, example.labels, strict=True):
+        if label != -100:
+            current.append(token)
+        elif current:
+            stretches.append(current)
+            current = []
+    if current:
+        stretches.append(current)
+    # Decode whole stretches: byte-level tokens of one Chinese character only make sense together.
+    return " | ".join(run.loaded.tokenizer.decode(s) for s in stretches)

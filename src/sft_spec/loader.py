@@ -178,23 +178,39 @@ def load_spec_file(path: Path, ctx: LoadContext) -> list[SpecItem]:
     variants = _expand_matrix(doc)
     items: list[SpecItem] = []
     errors: list[SpecError] = []
-    for variant_id, variant_doc in variants:
-        nodeid = f"{shown}::{name}" + (f"[{variant_id}]" if variant_id else "")
+    for variant in variants:
+        nodeid = f"{shown}::{name}" + (f"[{variant.id}]" if variant.id else "")
         try:
-            items.append(_build_item(path, nodeid, name, variant_id, variant_doc, ctx))
+            items.append(_build_item(path, nodeid, name, variant.id, variant.doc, ctx))
         except SpecErrors as exc:
-            errors.extend(_tag_variant(exc.errors, variant_id, len(variants)))
+            errors.extend(_tag_variant(exc.errors, variant, len(variants)))
         except SpecError as exc:
-            errors.extend(_tag_variant([exc], variant_id, len(variants)))
+            errors.extend(_tag_variant([exc], variant, len(variants)))
     if errors:
         raise SpecErrors(_dedupe(errors))
     return items
 
 
-def _tag_variant(errors: list[SpecError], variant_id: str | None, count: int) -> list[SpecError]:
-    if not variant_id or count < 2:
-        return errors
-    return [SpecError(f"{e.message} (matrix entry {variant_id!r})", e.location, e.key) for e in errors]
+@dataclass
+class _Variant:
+    id: str | None
+    doc: LocatedDocument
+    index: int = -1
+    #: Where this matrix entry's own keys were written: errors there are named ``matrix[i].key``.
+    written: frozenset[Location] = frozenset()
+
+
+def _tag_variant(errors: list[SpecError], variant: _Variant, count: int) -> list[SpecError]:
+    out = []
+    for e in errors:
+        key = e.key
+        if e.location in variant.written and not (key or "").startswith("matrix["):
+            key = f"matrix[{variant.index}]" + (f".{key}" if key else "")
+        message = e.message
+        if variant.id and count > 1:
+            message += f" (matrix entry {variant.id!r})"
+        out.append(SpecError(message, e.location, key))
+    return out
 
 
 def _dedupe(errors: list[SpecError]) -> list[SpecError]:
@@ -209,10 +225,10 @@ def _dedupe(errors: list[SpecError]) -> list[SpecError]:
     return out
 
 
-def _expand_matrix(doc: LocatedDocument) -> list[tuple[str | None, LocatedDocument]]:
+def _expand_matrix(doc: LocatedDocument) -> list[_Variant]:
     matrix = doc.data.get("matrix")
     if matrix is None or matrix == []:
-        return [(None, doc)]
+        return [_Variant(None, doc)]
     if not isinstance(matrix, list):
         raise SpecError(f"expected a list of entries, got {_kind(matrix)}", doc.locate(("matrix",)), key="matrix")
     base = LocatedDocument({k: v for k, v in doc.data.items() if k != "matrix"}, doc.locations, doc.path)
@@ -248,7 +264,8 @@ def _expand_matrix(doc: LocatedDocument) -> list[tuple[str | None, LocatedDocume
             tuple(p[2:]): loc for p, loc in doc.locations.items()
             if len(p) > 2 and p[0] == "matrix" and p[1] == i
         }
-        out.append((entry_id, _merge_docs(base, LocatedDocument(over_data, over_locs, doc.path))))
+        out.append(_Variant(entry_id, _merge_docs(base, LocatedDocument(over_data, over_locs, doc.path)), i,
+                            frozenset(over_locs.values())))
     if errors:
         raise SpecErrors(errors)
     return out
@@ -292,32 +309,92 @@ def _data_path(data: Any, loc: tuple) -> KeyPath:
     return tuple(out)
 
 
-def _pydantic_errors(exc: pydantic.ValidationError, doc: LocatedDocument) -> list[SpecError]:
+#: What a pydantic error type asks for, in the words of the spec format.
+_EXPECTED = {
+    "dict_type": "a mapping", "model_type": "a mapping", "model_attributes_type": "a mapping",
+    "list_type": "a list", "string_type": "a string", "int_type": "an integer", "int_parsing": "an integer",
+    "int_from_float": "a whole number", "float_type": "a number", "float_parsing": "a number",
+    "bool_type": "true or false", "bool_parsing": "true or false",
+}
+#: Shorthands a section also accepts, so the message names every form that works.
+_SHORTHANDS = {
+    ("model",): "a model id (builtin:NAME, a hub id, a folder or a .gguf file) or a mapping with id",
+    ("xfail",): "a reason (string), true, or a mapping with reason and strict",
+    ("tags",): "a tag or a list of tags",
+    ("skip",): "a reason (string) or true",
+    ("expect",): "a list of expectations (each a mapping with prompt and checks)",
+    ("data", "conversations"): "a list of conversations (each a list of {role, content} turns)",
+    ("data", "files"): "a list of data files (each a mapping with path)",
+    ("matrix",): "a list of entries (each a mapping with id)",
+}
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    """``repr`` cut to one readable line: a message must not echo a whole data structure."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _pydantic_errors(exc: pydantic.ValidationError, doc: LocatedDocument,
+                     model_at: dict[tuple[str, ...], type[pydantic.BaseModel]] | None = None) -> list[SpecError]:
+    """Pydantic's errors as located spec errors, in the spec format's words (not pydantic's class names)."""
+    model_at = _MODELS_AT if model_at is None else model_at
     errors = []
     for err in exc.errors():
         keypath = _data_path(doc.data, err["loc"])
         kind = err["type"]
+        value = err.get("input")
+        named = tuple(p for p in keypath if not isinstance(p, int))
         if kind == "extra_forbidden":
             key = keypath[-1] if keypath else err["loc"][-1]
             parent = tuple(p for p in keypath[:-1] if not isinstance(p, int))
-            known = list(_MODELS_AT[parent].model_fields) if parent in _MODELS_AT else []
+            known = list(model_at[parent].model_fields) if parent in model_at else []
             message = did_you_mean(str(key), known, "key") if known else f"unknown key {key!r}"
         elif kind == "missing":
-            missing = err["loc"][-1]
-            where = _keypath_str(keypath) or "the spec"
-            message = f"missing required key {missing!r} in {where}"
+            message = f"missing required key {err['loc'][-1]!r}"
+        elif kind == "invalid_key" or err["loc"][-1:] == ("[key]",):
+            key = keypath[-1] if keypath else err["loc"][-1]
+            message = f"keys must be strings, got {_kind(key)} {_short(key)}"
         elif kind == "literal_error":
             expected = err.get("ctx", {}).get("expected", "")
-            message = f"invalid value {err['input']!r}; expected {expected}"
-            if isinstance(err["input"], str):
+            message = f"invalid value {_short(value)}; expected {expected}"
+            if isinstance(value, str):
                 choices = re.findall(r"'([^']*)'", expected)
-                close = did_you_mean(err["input"], choices, "value")
+                close = did_you_mean(value, choices, "value")
                 if "Did you mean" in close:
                     message += ". " + close.split(". ", 1)[1].split(" Available")[0]
+        elif kind in _EXPECTED:
+            wanted = _SHORTHANDS.get(named) if kind in ("dict_type", "model_type", "list_type") else None
+            if wanted is None:
+                wanted = _EXPECTED[kind]
+                model = model_at.get(named)
+                if model is not None and wanted == "a mapping":
+                    wanted += f" with keys {', '.join(model.model_fields)}"
+            message = f"expected {wanted}, got {_kind(value)} {_short(value)}"
         else:
-            message = f"{err['msg'][0].lower()}{err['msg'][1:]}, got {_kind(err.get('input'))} {err.get('input')!r}"
+            message = f"{err['msg'][0].lower()}{err['msg'][1:]}, got {_kind(value)} {_short(value)}"
         errors.append(SpecError(message, doc.locate(keypath), key=_keypath_str(keypath) or None))
-    return errors
+    # In file order, as a compiler lists them (pydantic orders by model field instead).
+    errors.sort(key=lambda e: (e.location.line, e.location.column) if e.location else (0, 0))
+    return _drop_missing_explained_by_typo(errors)
+
+
+def _drop_missing_explained_by_typo(errors: list[SpecError]) -> list[SpecError]:
+    """``modle:`` is one mistake, not two: keep "unknown key 'modle'. Did you mean: model?" and drop
+    "missing required key 'model'" for the same mapping."""
+    hinted = set()
+    for e in errors:
+        match = re.match(r"unknown key .*?\. Did you mean: ([^?]*)\?", e.message)
+        if match:
+            parent = (e.key or "").rpartition(".")[0] if "." in (e.key or "") else ""
+            hinted.update((parent, name.strip()) for name in match.group(1).split(","))
+    out = []
+    for e in errors:
+        match = re.fullmatch(r"missing required key '([^']*)'", e.message)
+        if match and ((e.key or ""), match.group(1)) in hinted:
+            continue
+        out.append(e)
+    return out
 
 
 def _build_item(path: Path, nodeid: str, name: str, variant: str | None, doc: LocatedDocument,
@@ -337,6 +414,11 @@ def _build_item(path: Path, nodeid: str, name: str, variant: str | None, doc: Lo
     conversations = _resolve_conversations(spec, path, doc, ctx, errors)
     expectations = _build_expectations(spec, nodeid, doc, ctx, errors)
     training_checks = _build_training_checks(spec, doc, ctx, errors)
+    if not spec.expect and not spec.checks:
+        # A spec that checks nothing passes whatever training did: almost always a forgotten section.
+        where = doc.locate(("expect",)) if "expect" in data else doc.locate(())
+        errors.append(SpecError("nothing to check: add expect (prompts with equals, contains, regex, ...) or "
+                                "checks (e.g. loss_decreased: true)", where, key="expect" if "expect" in data else None))
     if errors:
         raise SpecErrors(errors)
     return SpecItem(
@@ -362,7 +444,7 @@ def _rename_old_keys(data: dict, doc: LocatedDocument, notes: list[str], errors:
                 doc.locations[("training", new)] = where
                 notes.append(f"{where}: note: training.{old} is now {new} in TRL/transformers; read as {new}")
     fmt = data.get("format")
-    if isinstance(fmt, dict) and fmt.get("collator") in RENAMED_COLLATORS:
+    if isinstance(fmt, dict) and isinstance(fmt.get("collator"), str) and fmt["collator"] in RENAMED_COLLATORS:
         old = fmt["collator"]
         fmt["collator"] = RENAMED_COLLATORS[old]
         notes.append(
@@ -414,7 +496,7 @@ def _check_plugins(spec: Spec, doc: LocatedDocument, ctx: LoadContext) -> list[S
             errors.append(SpecError(did_you_mean(name, list(table), what), where, key=f"format.{key}"))
             continue
         validate = getattr(table[name].obj, "validate", None)
-        problem = validate(fmt) if validate else None
+        problem = _plugin_validate(validate, fmt, f"{what} {name!r}")
         if problem:
             errors.append(SpecError(problem, where, key=f"format.{key}"))
     loader = reg.loader_for(spec.model)
@@ -422,10 +504,20 @@ def _check_plugins(spec: Spec, doc: LocatedDocument, ctx: LoadContext) -> list[S
     if loader is None:
         errors.append(SpecError(f"no model loader accepts {spec.model.id!r}", where, key="model"))
     else:
-        problem = loader.obj.validate(spec.model)
+        problem = _plugin_validate(getattr(loader.obj, "validate", None), spec.model, "the model loader")
         if problem:
             errors.append(SpecError(problem, where, key="model"))
     return errors
+
+
+def _plugin_validate(validate: Any, value: Any, what: str) -> str | None:
+    """A plugin's own validation; if it crashes on odd input, that is this spec's error, not the run's."""
+    if validate is None:
+        return None
+    try:
+        return validate(value)
+    except Exception as exc:
+        return f"{what} could not check this value: {type(exc).__name__}: {str(exc)[:200]}"
 
 
 def resolve_inside(base_dir: Path, relative: str, root: Path) -> Path:
@@ -492,9 +584,7 @@ def _resolve_conversations(spec: Spec, path: Path, doc: LocatedDocument, ctx: Lo
         try:
             conversations.extend(load_jsonl_conversations(path.parent, data_file, ctx.rootdir))
         except SpecError as exc:
-            if exc.location is None:
-                exc.location = where
-            errors.append(exc)
+            errors.append(SpecError(exc.message, exc.location or where, exc.key or f"data.files[{i}]"))
         except ValueError as exc:
             errors.append(SpecError(str(exc), where, key=f"data.files[{i}].path"))
     if not conversations and not errors:
@@ -508,11 +598,11 @@ def load_jsonl_conversations(base_dir: Path, data_file: DataFile, root: Path) ->
     target = resolve_inside(base_dir, data_file.path, root)
     shown = relpath(target)
     if not target.is_file():
-        raise SpecError(f"data file not found: {data_file.path}")
+        raise SpecError(f"data file not found: {data_file.path} (paths are relative to the spec file's folder)")
     size = target.stat().st_size
     if size > MAX_DATA_BYTES:
-        raise SpecError(f"data file {data_file.path} is {size / 2**20:.0f} MiB; the limit is "
-                        f"{MAX_DATA_BYTES // 2**20} MiB (a spec is a test, not a training job)")
+        raise SpecError(f"data file {data_file.path} is {_size(size)}; the limit is {_size(MAX_DATA_BYTES)} "
+                        "(a spec is a test, not a training job)")
     raw = target.read_bytes()
     conversations = []
     for lineno, line in enumerate(raw.split(b"\n"), start=1):
@@ -521,12 +611,16 @@ def load_jsonl_conversations(base_dir: Path, data_file: DataFile, root: Path) ->
         where = Location(shown, lineno)
         try:
             text = line.decode("utf-8")
-        except UnicodeDecodeError:
-            raise SpecError("line is not valid UTF-8", where) from None
+        except UnicodeDecodeError as exc:
+            column = len(line[: exc.start].decode("utf-8", "replace")) + 1
+            raise SpecError(f"line is not valid UTF-8 (byte 0x{line[exc.start]:02x})",
+                            Location(shown, lineno, column)) from None
         try:
             record = json.loads(text)
         except json.JSONDecodeError as exc:
             raise SpecError(f"not valid JSON: {exc.msg}", Location(shown, lineno, exc.colno)) from None
+        except (ValueError, RecursionError) as exc:  # huge integers, nesting deeper than Python recurses
+            raise SpecError(f"not valid JSON: {type(exc).__name__}: {str(exc)[:100]}", where) from None
         if not isinstance(record, dict):
             raise SpecError(f"each line must be a JSON object, got {_kind(record)}", where)
         if data_file.conversation_key not in record:
@@ -543,18 +637,28 @@ def load_jsonl_conversations(base_dir: Path, data_file: DataFile, root: Path) ->
                 if key not in turn:
                     raise SpecError(f"turn {t} has no {key!r} key (keys: {', '.join(map(str, turn))}); "
                                     "set role_key/content_key", where)
-            role = data_file.role_map.get(turn[data_file.role_key], turn[data_file.role_key])
-            content = turn[data_file.content_key]
+            role, content = turn[data_file.role_key], turn[data_file.content_key]
             if not isinstance(content, str) or not isinstance(role, str):
                 raise SpecError(f"turn {t}: role and content must be strings", where)
+            role = data_file.role_map.get(role, role)
             turns.append({"role": role, "content": content})
         problem = _check_conversation(turns)
         if problem:
             raise SpecError(problem, where)
         conversations.append(turns)
     if not conversations:
-        raise SpecError(f"data file {data_file.path} holds no conversations", Location(shown))
+        # No line to point at in the data file: point at the spec's path key instead.
+        raise SpecError(f"data file {data_file.path} holds no conversations (each line: one JSON object with "
+                        f"{data_file.conversation_key!r})")
     return conversations
+
+
+def _size(n: int) -> str:
+    for unit in ("bytes", "KiB", "MiB"):
+        if n < 1024 or unit == "MiB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
 
 
 def _parse_checks(entry: dict, keypath: KeyPath, doc: LocatedDocument, ctx: LoadContext,
@@ -570,7 +674,7 @@ def _parse_checks(entry: dict, keypath: KeyPath, doc: LocatedDocument, ctx: Load
         if check is None or check.scope != "answer":
             errors.append(SpecError(did_you_mean(str(key), answer_checks + list(allowed), "check"), where, key=dotted))
             continue
-        problem = check.validate(value) if check.validate else None
+        problem = _plugin_validate(check.validate, value, f"check {check.name!r}")
         if problem:
             errors.append(SpecError(problem, where, key=dotted))
             continue
@@ -615,9 +719,14 @@ def _parse_prompt(value: Any, keypath: KeyPath, doc: LocatedDocument, errors: li
             try:
                 turns.append(Message.model_validate(turn).model_dump())
             except pydantic.ValidationError as exc:
-                for e in _pydantic_errors(exc, LocatedDocument(turn, {(): doc.locate(keypath + (j,))}, doc.path)):
+                turn_doc = LocatedDocument(turn, {(): doc.locate(keypath + (j,))}, doc.path)
+                for e in _pydantic_errors(exc, turn_doc, {(): Message}):
                     errors.append(SpecError(e.message, doc.locate(keypath + (j,)), key=f"{dotted}[{j}]"))
                 return None
+        if turns[-1]["role"] != "user":
+            errors.append(SpecError(f"the last turn of a prompt must be a user turn (the model answers it), "
+                                    f"got {turns[-1]['role']!r}", where, key=dotted))
+            return None
         problem = _check_conversation(turns + [{"role": "assistant", "content": ""}])
         if problem:
             errors.append(SpecError(problem.replace("must end with an assistant", "must end with a user")
@@ -639,7 +748,7 @@ def _build_training_checks(spec: Spec, doc: LocatedDocument, ctx: LoadContext,
         if check is None or check.scope != "training":
             errors.append(SpecError(did_you_mean(key, training_checks, "training check"), where, key=f"checks.{key}"))
             continue
-        problem = check.validate(value) if check.validate else None
+        problem = _plugin_validate(check.validate, value, f"check {check.name!r}")
         if problem:
             errors.append(SpecError(problem, where, key=f"checks.{key}"))
             continue

@@ -65,7 +65,8 @@ def make_plugin_manager(extra_plugins: list[Any] | None = None, disabled: set[st
             except ImportError as exc:
                 problems.append(PluginProblem(plugin, f"cannot import: {exc}"))
                 continue
-        pm.register(plugin)
+        name = getattr(plugin, "__name__", None) or type(plugin).__name__
+        pm.register(plugin, name=name if pm.get_plugin(name) is None else None)
     for name in ESSENTIAL_PLUGINS:
         if name not in disabled and pm.get_plugin(name) is None and not any(p.name == name for p in problems):
             problems.append(PluginProblem(name, "built-in plugin is not installed: reinstall sft-spec (pip install -e .)"))
@@ -112,15 +113,20 @@ def plugin_infos(pm: pluggy.PluginManager) -> list[PluginInfo]:
 
 
 def plugin_name_for_traceback(pm: pluggy.PluginManager, tb) -> str:
-    """The plugin whose code raised: the innermost traceback frame that lies in a plugin's module."""
-    modules = {}
+    """The plugin whose code raised: the innermost traceback frame in a plugin module or plugin object."""
+    modules, objects = {}, {}
     for name, plugin in pm.list_name_plugin():
-        if plugin is not None:
-            modules[getattr(plugin, "__name__", type(plugin).__module__)] = name
+        if plugin is None:
+            continue
+        if hasattr(plugin, "__file__"):
+            modules[plugin.__name__] = name
+        else:
+            objects[id(plugin)] = name
     found = ""
     while tb is not None:
-        module = tb.tb_frame.f_globals.get("__name__", "")
-        if module in modules:
-            found = modules[module]
+        frame = tb.tb_frame
+        owner = objects.get(id(frame.f_locals.get("self")))
+        module = modules.get(frame.f_globals.get("__name__", ""))
+        found = owner or module or found
         tb = tb.tb_next
     return found

@@ -200,7 +200,7 @@ def _mask_summary(run: SpecRun) -> MaskSummary | None:
         return None
     first = run.examples[0]
     tokenizer = run.loaded.tokenizer
-    tokens = [tokenizer.decode([t]) for t in first.input_ids]
+    tokens = decode_tokens(tokenizer, first.input_ids)
     trained = [label != -100 for label in first.labels]
     return MaskSummary(
         tokens=tokens, trained=trained,
@@ -209,6 +209,23 @@ def _mask_summary(run: SpecRun) -> MaskSummary | None:
         trained_tokens=sum(sum(1 for lab in ex.labels if lab != -100) for ex in run.examples),
         total_tokens=sum(len(ex.input_ids) for ex in run.examples),
     )
+
+
+def decode_tokens(tokenizer, ids: list[int]) -> list[str]:
+    """One string per token, for review. Byte-level tokenizers split a CJK character over several
+    tokens that decode alone to U+FFFD; such a group decodes together and its text goes to its last
+    token (the others get ""), so the strings still join to the text the model saw."""
+    tokens: list[str] = []
+    start = 0
+    for i in range(len(ids)):
+        text = tokenizer.decode(ids[start:i + 1])
+        # A UTF-8 character is at most 4 bytes: a longer run is not a split character.
+        if text.endswith("\ufffd") and i + 1 - start < 4 and i + 1 < len(ids):
+            tokens.append("")
+            continue
+        tokens.append(text)
+        start = i + 1
+    return tokens
 
 
 def _apply(config: Config, name: str, argument: Any, answer: str, ctx: CheckContext, on: str) -> CheckReport:

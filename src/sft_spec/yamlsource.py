@@ -19,6 +19,10 @@ KeyPath = tuple[str | int, ...]
 
 #: Nodes one document may expand to; aliases make "billion laughs" documents explode past this.
 MAX_NODES = 100_000
+#: Nesting depth one document may reach; PyYAML composes recursively, so deeper input would crash it.
+MAX_DEPTH = 64
+#: A spec file is a short recipe; anything larger is refused before parsing.
+MAX_SPEC_BYTES = 4 * 1024 * 1024
 
 _MAP_TAG = "tag:yaml.org,2002:map"
 _SEQ_TAG = "tag:yaml.org,2002:seq"
@@ -26,11 +30,24 @@ _MERGE_TAG = "tag:yaml.org,2002:merge"
 
 
 class _SpecLoader(yaml.SafeLoader):
-    """SafeLoader that also reads ``2e-5`` as a float.
+    """SafeLoader that also reads ``2e-5`` as a float, and refuses deep nesting.
 
     YAML 1.1 wants a dot (``2.0e-5``); learning rates are written without one so often that reading
     them as strings would surprise every user.
     """
+
+    _depth = 0
+
+    def compose_node(self, parent, index):
+        # The composer recurses once per level: stop at a located error long before RecursionError.
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                mark = self.peek_event().start_mark
+                raise yaml.composer.ComposerError(None, None, f"nested deeper than {MAX_DEPTH} levels", mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
 
 
 _SpecLoader.add_implicit_resolver(
@@ -59,24 +76,40 @@ class LocatedDocument:
 
 def _loc(path: str, mark: yaml.Mark | None) -> Location:
     if mark is None:
-        return Location(path)
+        return Location(path, 1, 1)
     return Location(path, mark.line + 1, mark.column + 1)
+
+
+def _offset_loc(path: str, text: str, offset: int) -> Location:
+    """The line and column of a character offset (PyYAML's reader errors carry only the offset)."""
+    before = text[:offset]
+    return Location(path, before.count("\n") + 1, offset - (before.rfind("\n") + 1) + 1)
+
+
+def _tag_error(tag: str, mark: yaml.Mark | None, path: str) -> SpecError:
+    shown = tag.replace("tag:yaml.org,2002:", "!!")
+    return SpecError(
+        f"YAML tag {shown!r} is not allowed: a spec is plain data (mappings, lists, strings, numbers, "
+        "booleans); tags that build Python objects are never run",
+        _loc(path, mark),
+    )
 
 
 def parse_yaml(text: str, path: str) -> LocatedDocument:
     """Parse one YAML document; raise :class:`SpecError` with the location of any problem."""
-    loader = _SpecLoader(text)
+    loader = None
     try:
         try:
+            loader = _SpecLoader(text)  # the reader checks for unprintable characters right here
             node = loader.get_single_node()
         except yaml.MarkedYAMLError as exc:
-            mark = exc.problem_mark or exc.context_mark
-            problem = exc.problem or exc.context or "invalid YAML"
-            if "\t" in problem or "'\\t'" in problem:
-                problem += " (YAML does not allow tabs for indentation)"
-            raise SpecError(f"invalid YAML: {problem}", _loc(path, mark)) from None
+            raise _syntax_error(exc, path) from None
+        except yaml.reader.ReaderError as exc:
+            char = f"U+{exc.character:04X}" if isinstance(exc.character, int) else repr(exc.character)
+            raise SpecError(f"invalid YAML: character {char} is not allowed in a YAML file",
+                            _offset_loc(path, text, exc.position)) from None
         except yaml.YAMLError as exc:
-            raise SpecError(f"invalid YAML: {exc}", Location(path)) from None
+            raise SpecError(f"invalid YAML: {exc}", Location(path, 1, 1)) from None
         locations: dict[KeyPath, Location] = {}
         if node is None:
             return LocatedDocument(None, locations, path)
@@ -84,20 +117,45 @@ def parse_yaml(text: str, path: str) -> LocatedDocument:
         data = _convert(loader, node, (), locations, path, budget)
         return LocatedDocument(data, locations, path)
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
+
+
+def _syntax_error(exc: yaml.MarkedYAMLError, path: str) -> SpecError:
+    """PyYAML's problem, located where it was found; its context (``while scanning a quoted scalar``)
+    names where the broken construct began, which is where the fix usually goes."""
+    mark = exc.problem_mark or exc.context_mark
+    if exc.problem and exc.problem.startswith("could not determine a constructor for the tag"):
+        tag = exc.problem.rsplit("for the tag ", 1)[-1].strip("'")
+        return _tag_error(tag, mark, path)
+    problem = exc.problem or exc.context or "invalid YAML"
+    if "'\\t'" in problem:
+        problem += " (YAML does not allow tabs for indentation)"
+    if exc.context and exc.problem and exc.problem.startswith("but "):
+        problem = f"{exc.context}, {exc.problem}"
+    elif exc.context and exc.problem and exc.context_mark is not None and exc.context_mark is not mark:
+        where = exc.context_mark
+        problem += f" ({exc.context} started at {where.line + 1}:{where.column + 1})"
+    return SpecError(f"invalid YAML: {problem}", _loc(path, mark))
 
 
 def load_yaml_file(path: Path, display_path: str | None = None) -> LocatedDocument:
     shown = display_path or str(path)
     try:
+        size = path.stat().st_size
+        if size > MAX_SPEC_BYTES:
+            raise SpecError(f"the file is {size // 1024} KiB; a spec file may hold at most "
+                            f"{MAX_SPEC_BYTES // 1024} KiB (put training data in data.files)", Location(shown, 1, 1))
         raw = path.read_bytes()
     except OSError as exc:
         raise SpecError(f"cannot read file: {exc.strerror}", Location(shown)) from None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
+        start = raw.rfind(b"\n", 0, exc.start) + 1
         line = raw[: exc.start].count(b"\n") + 1
-        raise SpecError("file is not valid UTF-8", Location(shown, line)) from None
+        column = len(raw[start: exc.start].decode("utf-8", "replace")) + 1
+        raise SpecError(f"file is not valid UTF-8 (byte 0x{raw[exc.start]:02x})", Location(shown, line, column)) from None
     return parse_yaml(text, shown)
 
 
@@ -111,9 +169,9 @@ def _convert(loader, node, keypath: KeyPath, locations, path: str, budget: list[
     locations.setdefault(keypath, _loc(path, node.start_mark))
     if isinstance(node, yaml.MappingNode):
         if node.tag != _MAP_TAG:
-            raise SpecError(f"tag {node.tag!r} is not allowed here", _loc(path, node.start_mark))
+            raise _tag_error(node.tag, node.start_mark, path)
         result: dict[Any, Any] = {}
-        explicit: set[Any] = set()
+        explicit: dict[Any, yaml.Mark] = {}
         for key_node, value_node in node.value:
             if key_node.tag == _MERGE_TAG:
                 merged = _convert(loader, value_node, keypath, {}, path, budget)
@@ -127,19 +185,23 @@ def _convert(loader, node, keypath: KeyPath, locations, path: str, budget: list[
             if not isinstance(key, str | int | float | bool) and key is not None:
                 raise SpecError("mapping keys must be plain scalars", _loc(path, key_node.start_mark))
             if key in explicit:
-                raise SpecError(f"duplicate key {key!r}", _loc(path, key_node.start_mark))
-            explicit.add(key)
+                first = explicit[key]
+                raise SpecError(f"duplicate key {key!r} (first at line {first.line + 1}); a key may appear once",
+                                _loc(path, key_node.start_mark))
+            explicit[key] = key_node.start_mark
             locations[keypath + (key,)] = _loc(path, key_node.start_mark)
             result[key] = _convert(loader, value_node, keypath + (key,), locations, path, budget)
         return result
     if isinstance(node, yaml.SequenceNode):
         if node.tag != _SEQ_TAG:
-            raise SpecError(f"tag {node.tag!r} is not allowed here", _loc(path, node.start_mark))
+            raise _tag_error(node.tag, node.start_mark, path)
         return [
             _convert(loader, item, keypath + (i,), locations, path, budget) for i, item in enumerate(node.value)
         ]
     try:
         return loader.construct_object(node, deep=True)
     except yaml.constructor.ConstructorError as exc:
-        raise SpecError(f"invalid YAML: {exc.problem}", _loc(path, exc.problem_mark)) from None
+        raise _syntax_error(exc, path) from None
+    except ValueError as exc:  # e.g. an integer of more digits than Python converts, a bad date
+        raise SpecError(f"invalid value: {exc}", _loc(path, node.start_mark)) from None
 

@@ -1,0 +1,97 @@
+"""Plugins add checks, formatters and collators by name; their failures are reported with their name."""
+
+from __future__ import annotations
+
+from sft_spec import hookimpl
+from sft_spec.registry import Check, CheckResult
+
+
+class MaxChars:
+    """An outside plugin: a check ``max_chars: N`` on answers."""
+
+    @hookimpl
+    def sft_spec_register_checks(self, register):
+        def max_chars(answer, limit, ctx):
+            return CheckResult(len(answer) <= limit, f"{len(answer)} characters (limit {limit})")
+
+        def validate(value):
+            return None if isinstance(value, int) and value > 0 else "max_chars: expected a positive integer"
+
+        register(Check("max_chars", max_chars, "the answer has at most N characters", validate))
+
+
+def test_a_plugin_adds_a_check_by_name(sft, write_spec, one_answer_spec):
+    text = one_answer_spec() + "  - prompt: 微调测试\n    max_chars: 4\n  - prompt: 微调测试\n    max_chars: 3\n"
+    result = sft("run", write_spec("plugin.sft.yaml", text), plugins=[MaxChars()])
+    cases = result.recorder.reports[0].expectations
+    assert [c.outcome for c in cases] == ["passed", "passed", "failed"]
+    assert "4 characters (limit 3)" in result.out
+    assert result.code == 1
+
+
+def test_a_plugin_check_validates_its_argument(sft, write_spec, one_answer_spec):
+    text = one_answer_spec() + "  - prompt: 微调测试\n    max_chars: many\n"
+    result = sft("validate", write_spec("bad_arg.sft.yaml", text), plugins=[MaxChars()])
+    assert result.code == 1
+    assert "bad_arg.sft.yaml:14:5: expect[1].max_chars: max_chars: expected a positive integer" in result.out
+
+
+def test_without_the_plugin_the_check_is_unknown(sft, write_spec, one_answer_spec):
+    text = one_answer_spec() + "  - prompt: 微调测试\n    max_chars: 4\n"
+    result = sft("validate", write_spec("noplugin.sft.yaml", text))
+    assert result.code == 1
+    assert "unknown check 'max_chars'" in result.out
+
+
+class ShoutingFormatter:
+    """A user formatter registered under the built-in name wins over the built-in (trylast)."""
+
+    @hookimpl
+    def sft_spec_register_formatters(self, register):
+        from sft_spec_plugins.formatters import ChatTemplateFormatter
+
+        class Upper(ChatTemplateFormatter):
+            def render(self, messages, tokenizer, template, add_generation_prompt):
+                text = super().render(messages, tokenizer, template, add_generation_prompt)
+                return text.replace("model\n", "MODEL\n")
+
+        register("chat_template", Upper())
+
+
+def test_a_user_formatter_overrides_the_builtin_of_the_same_name(prepare, sft):
+    from conftest import trained_text
+
+    from sft_spec.plugins import build_registry, make_plugin_manager
+
+    pm = make_plugin_manager([ShoutingFormatter()])
+    registry = build_registry(pm)
+    assert registry.formatters["chat_template"].obj.__class__.__name__ == "Upper"
+    item, run = prepare("model: builtin:tiny-gemma\nchecks: {loss_decreased: true}\n"
+                        "data: {conversations: [[{role: user, content: a}, {role: assistant, content: b}]]}\n")
+    run.config.registry.formatters["chat_template"] = registry.formatters["chat_template"]
+    run.scratch.clear()
+    # The derived response template follows the user's formatter.
+    assert trained_text(item, run) == "b<end_of_turn>\n<eos>"
+    from sft_spec_plugins.formatters import chat_markers
+
+    assert chat_markers(item, run)["response_template"] == "<start_of_turn>MODEL\n"
+
+
+class BrokenTrainer:
+    @hookimpl(tryfirst=True)
+    def sft_spec_make_trainer(self, item, run, examples):
+        raise RuntimeError("boom in a plugin")
+
+
+def test_an_exception_in_a_plugin_names_the_plugin_and_phase(sft, write_spec, one_answer_spec):
+    folder = write_spec("a.sft.yaml", one_answer_spec()).parent
+    result = sft("run", folder, plugins=[BrokenTrainer()])
+    report = result.recorder.reports[0]
+    assert report.outcome == "error"
+    assert report.error.phase == "train"
+    assert report.error.plugin == "BrokenTrainer"
+    assert "RuntimeError: boom in a plugin" in result.out
+    assert "Traceback" not in result.out
+    assert result.code == 1
+    long = sft("run", "--tb=long", folder, plugins=[BrokenTrainer()])
+    assert "Traceback" in long.out
