@@ -149,6 +149,14 @@ def sft_spec_check(item: SpecItem, run: SpecRun, expectation, answer: str, base_
 
 
 @hookspec(firstresult=True)
+def sft_spec_make_report(item: SpecItem, run: SpecRun, report: SpecReport) -> SpecReport | None:
+    """Complete a spec's report once its phases ran: decide its outcome (xfail included), add metrics.
+
+    Not called for specs that were skipped, broken or interrupted. Stops at the first non-None result.
+    """
+
+
+@hookspec(firstresult=True)
 def sft_spec_run_spec(item: SpecItem, session: Session) -> SpecReport | None:
     """Run one spec from model load to its report (the protocol; wrap it to time or guard a spec)."""
 

@@ -70,16 +70,26 @@ class PhaseError(Exception):
 
 
 @contextmanager
-def _phase(report: SpecReport, name: str):
+def _phase(report: SpecReport, item: SpecItem, name: str):
     start = time.perf_counter()
     try:
         yield
-    except (SkipSpec, SpecError, KeyboardInterrupt, PhaseError):
+    except SpecError as exc:
+        exc.phase = getattr(exc, "phase", None) or name
+        if exc.location is None and item.doc is not None:
+            exc.location = item.doc.locate(_PHASE_KEYS.get(name, ()))
+        raise
+    except (SkipSpec, KeyboardInterrupt, PhaseError):
         raise
     except Exception as exc:
         raise PhaseError(name, exc) from exc
     finally:
         report.phases[name] = report.phases.get(name, 0.0) + time.perf_counter() - start
+
+
+#: The spec key each phase's problems most likely come from, for error locations.
+_PHASE_KEYS = {"load": ("model",), "format": ("format",), "mask": ("format", "collator"), "train": ("training",)}
+
 
 
 def _new_report(item: SpecItem) -> SpecReport:
@@ -114,7 +124,8 @@ def sft_spec_run_spec(item: SpecItem, session: Session) -> SpecReport:
         report.error = ErrorInfo("interrupted by the user (Ctrl-C)", kind="interrupted")
     except SpecError as exc:
         report.outcome = "error"
-        report.error = ErrorInfo(exc.message, location=str(exc.location or item.location), phase="validate")
+        report.error = ErrorInfo(exc.message, location=str(exc.location or item.location),
+                                 phase=getattr(exc, "phase", None) or "validate")
     except PhaseError as exc:
         original = exc.original
         report.outcome = "error"
@@ -140,14 +151,14 @@ def sft_spec_run_spec(item: SpecItem, session: Session) -> SpecReport:
         if item.spec.xfail:
             report.metrics["xfail_strict"] = item.spec.xfail.strict
     if report.outcome not in ("error", "skipped", "interrupted"):
-        _decide_outcome(item, report)
+        report = hook.sft_spec_make_report(item=item, run=run, report=report)
     return report
 
 
 def _run_phases(item: SpecItem, run: SpecRun, report: SpecReport, hook) -> None:
     config = run.config
     expectations = item.selected_expectations
-    with _phase(report, "load"):
+    with _phase(report, item, "load"):
         hook.sft_spec_run_progress(item=item, phase="load", step=0, total=0, loss=None)
         run.loaded = hook.sft_spec_load_model(item=item, config=config)
         if run.loaded is None:
@@ -156,25 +167,25 @@ def _run_phases(item: SpecItem, run: SpecRun, report: SpecReport, hook) -> None:
     needs_base = [e for e in expectations if e.needs_base_answer or _needs_base(e, config)]
     base_answers: dict[int, dict] = {}
     if needs_base:
-        with _phase(report, "generate_before"):
+        with _phase(report, item, "generate_before"):
             hook.sft_spec_run_progress(item=item, phase="generate before", step=0, total=0, loss=None)
             answers = hook.sft_spec_generate(item=item, run=run, prompts=[e.prompt for e in needs_base])
             base_answers = {e.index: a for e, a in zip(needs_base, answers, strict=True)}
-    with _phase(report, "format"):
+    with _phase(report, item, "format"):
         formatted = [
             hook.sft_spec_format(item=item, run=run, messages=conv, add_generation_prompt=False)
             for conv in item.conversations
         ]
-    with _phase(report, "mask"):
+    with _phase(report, item, "mask"):
         run.examples = [hook.sft_spec_make_mask(item=item, run=run, formatted=f) for f in formatted]
         report.mask = _mask_summary(run)
-    with _phase(report, "train"):
+    with _phase(report, item, "train"):
         trainer = hook.sft_spec_make_trainer(item=item, run=run, examples=run.examples)
         report.losses = list(hook.sft_spec_train(item=item, run=run, trainer=trainer) or [])
-    with _phase(report, "generate"):
+    with _phase(report, item, "generate"):
         hook.sft_spec_run_progress(item=item, phase="generate", step=0, total=0, loss=None)
         answers = hook.sft_spec_generate(item=item, run=run, prompts=[e.prompt for e in expectations]) if expectations else []
-    with _phase(report, "check"):
+    with _phase(report, item, "check"):
         for exp, answer in zip(expectations, answers, strict=True):
             base = base_answers.get(exp.index)
             exp_report = hook.sft_spec_check(
@@ -269,6 +280,12 @@ def _mark_cases(item: SpecItem, report: SpecReport, outcome: str) -> None:
         report.expectations.append(ExpectationReport(
             nodeid=exp.nodeid, index=exp.index, prompt=exp.prompt, outcome=outcome, location=str(exp.location),
         ))
+
+
+@hookimpl(trylast=True)
+def sft_spec_make_report(item: SpecItem, run: SpecRun, report: SpecReport) -> SpecReport:
+    _decide_outcome(item, report)
+    return report
 
 
 def _decide_outcome(item: SpecItem, report: SpecReport) -> None:

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The CUDA checks, run on a GPU machine from the repo root: the reference recipe's precision and
+# optimizer settings (bf16, adamw_8bit), 4-bit QLoRA and a full fine-tune natively on the GPU, then
+# the default suite. Wheels for packages the machine lacks may sit in .whl/ (see README, "GPU").
+set -uo pipefail
+out=${OUT:-/tmp/gpu-check}
+mkdir -p "$out"
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site
+fi
+python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . >/dev/null 2>&1 || python3 -m pip install --no-index --no-deps --no-build-isolation -e .
+export HF_HUB_OFFLINE=1 SFT_SPEC_CACHE=/tmp/sft-spec-cache PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
+python3 - <<'PY' | tee -a "$out/gpu.txt"
+import importlib.metadata as m, torch
+print("torch", torch.__version__, "cuda", torch.version.cuda, "bf16", torch.cuda.is_bf16_supported())
+for d in ("transformers", "trl", "peft", "accelerate", "bitsandbytes", "datasets"):
+    print(d, m.version(d))
+PY
+sft-spec run examples/cuda -v --device cuda 2>&1 | tee "$out/cuda-examples.txt"
+sft-spec run specs/ -v --device cuda 2>&1 | tee "$out/cuda-specs.txt"
