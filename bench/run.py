@@ -1,0 +1,238 @@
+"""Benchmarks: sft-spec against the equivalent plain code, measured side by side in one run.
+
+    python bench/run.py            # everything (about 10 minutes on 2 cores)
+    python bench/run.py --quick    # fewer repetitions
+    python bench/run.py --only overhead,generation
+
+Every row prints a ratio with its goal, the median of several repetitions and their spread
+(min-max). Nothing here is asserted in the tests: wall-clock times vary by machine and load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+SFT_SPEC = str(BIN / "sft-spec")
+
+SPEC = """\
+model: builtin:tiny-gemma
+method: lora
+lora: {{r: 16, lora_alpha: 32, target_modules: [q_proj, k_proj, v_proj, o_proj]}}
+format: {{collator: completion_only}}
+training: {{num_train_epochs: {epochs}, learning_rate: 1.0e-2, per_device_train_batch_size: 8, seed: 42}}
+data:
+  conversations:
+{conversations}
+expect:
+{expectations}
+"""
+
+
+def spec_text(answer: str = "我学会了", epochs: int = 30, conversations: int = 1, expectations: int = 1) -> str:
+    convs = "\n".join(
+        f"    - - {{role: user, content: 微调测试{i if i else ''}}}\n      - {{role: assistant, content: {answer}}}"
+        for i in range(conversations)
+    )
+    exps = "\n".join(f"  - {{prompt: 微调测试{i if i else ''}, equals: {answer}}}" for i in range(expectations))
+    return SPEC.format(epochs=epochs, conversations=convs, expectations=exps)
+
+
+def timed(cmd: list[str], env: dict | None = None, check: bool = True) -> float:
+    start = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
+    elapsed = time.perf_counter() - start
+    if check and done.returncode != 0:
+        raise SystemExit(f"command failed ({done.returncode}): {' '.join(cmd)}\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
+    return elapsed
+
+
+def summary(samples: list[float]) -> str:
+    return f"{statistics.median(samples):7.2f}s ({min(samples):.2f}-{max(samples):.2f})"
+
+
+ROWS: list[tuple[str, str, str, str]] = []
+
+
+def row(name: str, measured: str, ratio: float | None, goal: str, ok: bool | None) -> None:
+    verdict = "" if ok is None else ("meets goal" if ok else "MISSES goal")
+    ratio_text = f"{ratio:.2f}x" if ratio is not None else "-"
+    ROWS.append((name, measured, f"{ratio_text}", f"{goal} {verdict}".strip()))
+    print(f"  {name}: {measured} -> {ratio_text} (goal {goal}) {verdict}", flush=True)
+
+
+def write_specs(folder: Path, count: int, **kwargs) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        (folder / f"s{i:02d}.sft.yaml").write_text(spec_text(**kwargs), encoding="utf-8")
+    return folder
+
+
+def bench_overhead(work: Path, reps: int, env: dict) -> None:
+    print("overhead: one LoRA spec (tiny-gemma, 30 epochs), whole process, sft-spec vs plain TRL script")
+    from sft_spec.fileio import default_cache_dir
+    from sft_spec_plugins.builtin_models import builtin_model_dir
+
+    model_dir = builtin_model_dir("tiny-gemma", default_cache_dir())
+    spec = write_specs(work / "overhead", 1)
+    ours, plain = [], []
+    for _ in range(reps):  # alternate, so load drifts hit both alike
+        ours.append(timed([SFT_SPEC, "run", "--no-cache", str(spec)] if _has_option("--no-cache")
+                          else [SFT_SPEC, "run", str(spec)], env))
+        plain.append(timed([sys.executable, str(ROOT / "bench" / "plain_trl.py"), str(model_dir),
+                            str(work / "plain-out")], env))
+    ratio = statistics.median(ours) / statistics.median(plain)
+    row("overhead", f"sft-spec {summary(ours)} vs plain {summary(plain)}", ratio, "<= 1.05x", ratio <= 1.05)
+
+
+def bench_startup(work: Path, reps: int, env: dict) -> None:
+    print("start-up: --help, and validate / --collect-only on 200 generated specs")
+    folder = write_specs(work / "startup", 200)
+    timed([SFT_SPEC, "validate", str(folder)], env)  # warm the field-list cache once
+    probe = ("import sys; from sft_spec.cli import main; main(['run', '--co', '-q', %r]); "
+             "print(int('torch' in sys.modules))" % str(folder))
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env={**os.environ, **env})
+    torch_loaded = done.stdout.strip().endswith("1")
+    for name, cmd in (("--help", [SFT_SPEC, "--help"]), ("validate x200", [SFT_SPEC, "validate", str(folder)]),
+                      ("--collect-only x200", [SFT_SPEC, "run", "--co", "-q", str(folder)])):
+        samples = [timed(cmd, env) for _ in range(reps)]
+        med = statistics.median(samples)
+        row(f"start-up {name}", summary(samples), None, "< 1 s" + ("" if name == "--help" else ", no torch"),
+            med < 1.0 and not torch_loaded)
+
+
+def bench_shared_base(work: Path, reps: int, env: dict) -> None:
+    print("shared base model: 8 LoRA specs in one run vs 8 separate runs")
+    folder = work / "shared"
+    folder.mkdir(parents=True, exist_ok=True)
+    answers = ["我学会了", "你好", "晴天", "再见", "谢谢", "好的", "是的", "不是"]
+    for i, answer in enumerate(answers):
+        (folder / f"s{i}.sft.yaml").write_text(spec_text(answer=answer), encoding="utf-8")
+    nocache = ["--no-cache"] if _has_option("--no-cache") else []
+    suite, separate = [], []
+    for _ in range(reps):
+        suite.append(timed([SFT_SPEC, "run", *nocache, str(folder)], env))
+        separate.append(sum(timed([SFT_SPEC, "run", *nocache, str(p)], env) for p in sorted(folder.glob("*.yaml"))))
+    ratio = statistics.median(suite) / statistics.median(separate)
+    row("shared base (8 LoRA specs)", f"one run {summary(suite)} vs 8 runs {summary(separate)}", ratio,
+        "<= 0.5x", ratio <= 0.5)
+
+
+def bench_generation(work: Path, reps: int, env: dict) -> None:
+    print("batched generation: 32 prompts, one generate() per batch vs one by one")
+    from types import SimpleNamespace
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sft_spec.fileio import default_cache_dir
+    from sft_spec_plugins.builtin_models import builtin_model_dir
+    from sft_spec_plugins.generation import generate_answers
+
+    model_dir = builtin_model_dir("tiny-gemma", default_cache_dir())
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": f"问题 {i}" * (1 + i % 3)}], tokenize=False,
+                                           add_generation_prompt=True) for i in range(32)]
+    stop = [tokenizer.convert_tokens_to_ids("<end_of_turn>"), tokenizer.eos_token_id]
+
+    def settings(batch_size):
+        return SimpleNamespace(max_new_tokens=32, do_sample=False, num_beams=1, temperature=None, top_p=None,
+                               top_k=None, repetition_penalty=None, batch_size=batch_size)
+
+    batched, single = [], []
+    answers = {}
+    for _ in range(reps):
+        for name, size, samples in (("batched", 32, batched), ("single", 1, single)):
+            start = time.perf_counter()
+            answers[name] = generate_answers(model, tokenizer, texts, stop_ids=stop, settings=settings(size), device="cpu")
+            samples.append(time.perf_counter() - start)
+    same = [a["text"] for a in answers["batched"]] == [a["text"] for a in answers["single"]]
+    speedup = statistics.median(single) / statistics.median(batched)
+    row("batched generation (32 prompts)", f"batched {summary(batched)} vs one by one {summary(single)}"
+        f", answers identical: {same}", speedup, ">= 4x faster", speedup >= 4 and same)
+
+
+def bench_cached(work: Path, reps: int, env: dict) -> None:
+    if not _has_option("--no-cache"):
+        print("cached rerun: skipped (no result cache installed)")
+        return
+    print("cached rerun: an unchanged suite's second run vs its first")
+    folder = write_specs(work / "cached", 4)
+    first, second = [], []
+    for i in range(reps):
+        cache = {"SFT_SPEC_CACHE": str(work / f"cache-{i}")}
+        first.append(timed([SFT_SPEC, "run", str(folder)], {**env, **cache}))
+        second.append(timed([SFT_SPEC, "run", str(folder)], {**env, **cache}))
+    ratio = statistics.median(second) / statistics.median(first)
+    row("cached rerun (4 specs)", f"first {summary(first)} second {summary(second)}", ratio, "<= 0.05x", ratio <= 0.05)
+
+
+def bench_scaling(work: Path, reps: int, env: dict) -> None:
+    print("scaling: time against specs per run and conversations per spec")
+    nocache = ["--no-cache"] if _has_option("--no-cache") else []
+    base = None
+    for count in (1, 2, 4, 8, 16):
+        folder = write_specs(work / f"scale-specs-{count}", count, epochs=10)
+        t = statistics.median([timed([SFT_SPEC, "run", *nocache, str(folder)], env) for _ in range(max(1, reps // 2))])
+        base = base or t
+        row(f"specs={count:2d}", f"{t:6.2f}s, {t / count:5.2f}s per spec", t / base, f"<= {count}x (linear)",
+            t / base <= count * 1.1)
+    base = None
+    for count in (1, 10, 100, 1000):
+        folder = write_specs(work / f"scale-convs-{count}", 1, epochs=1, conversations=count)
+        t = statistics.median([timed([SFT_SPEC, "run", *nocache, str(folder)], env) for _ in range(max(1, reps // 2))])
+        base = base or t
+        row(f"conversations={count:4d}", f"{t:6.2f}s", t / base, f"<= {count}x (linear)", t / base <= count * 1.1)
+
+
+_OPTIONS: str | None = None
+
+
+def _has_option(option: str) -> bool:
+    global _OPTIONS
+    if _OPTIONS is None:
+        _OPTIONS = subprocess.run([SFT_SPEC, "run", "--help"], capture_output=True, text=True).stdout
+    return option in _OPTIONS
+
+
+SECTIONS = {
+    "overhead": bench_overhead, "startup": bench_startup, "shared": bench_shared_base,
+    "generation": bench_generation, "cached": bench_cached, "scaling": bench_scaling,
+}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions")
+    parser.add_argument("--only", default=",".join(SECTIONS), help="comma-separated: " + ", ".join(SECTIONS))
+    args = parser.parse_args()
+    reps = 2 if args.quick else 4
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="sft-spec-bench-") as tmp:
+        work = Path(tmp)
+        # One shared model cache (built once); result caching is measured only where asked.
+        env = {"SFT_SPEC_CACHE": str(work / "cache"), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+        os.environ.update(env)
+        for name in args.only.split(","):
+            SECTIONS[name.strip()](work, reps, env)
+    print()
+    print(textwrap.dedent(f"""\
+        | benchmark | measured (median, min-max) | ratio | goal |
+        | --- | --- | --- | --- |"""))
+    for name, measured, ratio, goal in ROWS:
+        print(f"| {name} | {measured} | {ratio} | {goal} |")
+    print(f"\n{os.cpu_count()} CPUs, python {sys.version.split()[0]}; bench took {time.perf_counter() - started:.0f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,238 @@
+"""``--json PATH``: every result in a versioned JSON document, and ``sft-spec report`` to re-render it.
+
+The file is rewritten atomically after each spec, so a run stopped by Ctrl-C or a crash still leaves
+the results so far (``"complete": false``). The document's shape is described by
+``schemas/results.schema.json``; readers should check ``schema_version`` and refuse what they do not know.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import time
+from dataclasses import fields
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from sft_spec import __version__, hookimpl
+from sft_spec.errors import UsageError
+from sft_spec.fileio import atomic_write_text
+from sft_spec.reports import (
+    CheckReport,
+    ErrorInfo,
+    ExpectationReport,
+    MaskSummary,
+    SpecReport,
+    case_outcome_counts,
+)
+
+SCHEMA_VERSION = 1
+#: Distributions whose versions every report carries: they decide what a recipe learns.
+PACKAGES = ("sft-spec", "torch", "transformers", "trl", "peft", "accelerate", "datasets", "tokenizers")
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def environment(reports: list[SpecReport], requested_device: str | None) -> dict[str, Any]:
+    """Versions and device, so a result can be compared with another machine's."""
+    devices = sorted({str(r.settings["device"]) for r in reports if r.settings.get("device")})
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "packages": {name: _version(name) for name in PACKAGES},
+        "device": ", ".join(devices) or requested_device or "",
+        "requested_device": requested_device or "",
+    }
+
+
+def session_meta(session, complete: bool, exitstatus: int | None) -> dict[str, Any]:
+    """Everything in the results document except the specs: shared by the JSON, JUnit and HTML reporters."""
+    config = session.config
+    reports = list(session.reports)
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "tool": {"name": "sft-spec", "version": __version__},
+        "created": datetime.fromtimestamp(session.start_time, timezone.utc).isoformat(timespec="seconds"),
+        "complete": complete,
+        "exitstatus": exitstatus,
+        "interrupted": bool(session.interrupted),
+        "command": ["sft-spec", *config.invocation_args],
+        "rootdir": str(config.rootdir),
+        "environment": environment(reports, config.getoption("device")),
+        "summary": {
+            "outcomes": case_outcome_counts(reports),
+            "specs": len(reports),
+            "deselected": session.deselected,
+            "duration": round(time.time() - session.start_time, 3),
+        },
+    }
+
+
+def results_document(session, complete: bool, exitstatus: int | None) -> dict[str, Any]:
+    doc = session_meta(session, complete, exitstatus)
+    doc["specs"] = [report.to_dict() for report in session.reports]
+    return doc
+
+
+def _finite(value: Any) -> Any:
+    """NaN and infinity (a diverged loss) as strings: ``NaN`` is not JSON, strict readers reject it."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def dumps(doc: dict[str, Any]) -> str:
+    # Settings and check arguments come from YAML and plugins: anything not JSON-native is shown as text.
+    return json.dumps(_finite(doc), ensure_ascii=False, indent=2, default=str, allow_nan=False) + "\n"
+
+
+def write_document(path: Path, doc: dict[str, Any]) -> None:
+    text = dumps(doc)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates from a broken decoder: escape them instead of failing
+        text = json.dumps(_finite(doc), ensure_ascii=True, indent=2, default=str, allow_nan=False) + "\n"
+    atomic_write_text(path, text)
+
+
+# -- reading back ------------------------------------------------------------------------------------
+
+
+def _build(cls, data: dict[str, Any]):
+    """A dataclass from its dict, ignoring keys a newer writer added (forward compatible within a version)."""
+    names = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def report_from_dict(data: dict[str, Any]) -> SpecReport:
+    def case(d: dict[str, Any]) -> ExpectationReport:
+        exp = _build(ExpectationReport, d)
+        exp.checks = [_build(CheckReport, c) for c in d.get("checks", [])]
+        return exp
+
+    report = _build(SpecReport, data)
+    report.expectations = [case(e) for e in data.get("expectations", [])]
+    report.training_checks = [case(e) for e in data.get("training_checks", [])]
+    report.mask = _build(MaskSummary, data["mask"]) if data.get("mask") else None
+    report.error = _build(ErrorInfo, data["error"]) if data.get("error") else None
+    return report
+
+
+def load_document(path: Path) -> tuple[dict[str, Any], list[SpecReport]]:
+    """The meta part and the reports of a results file; a usage error for anything else."""
+    try:
+        doc = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UsageError(f"results file not found: {path}") from None
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"{path}: not a results file: {exc}") from None
+    if not isinstance(doc, dict) or "schema_version" not in doc:
+        raise UsageError(f"{path}: not an sft-spec results file (no schema_version)")
+    if doc["schema_version"] != SCHEMA_VERSION:
+        raise UsageError(f"{path}: schema_version {doc['schema_version']!r} is not supported "
+                         f"(this sft-spec reads version {SCHEMA_VERSION})")
+    try:
+        reports = [report_from_dict(d) for d in doc.get("specs", [])]
+    except (TypeError, KeyError, AttributeError) as exc:
+        raise UsageError(f"{path}: malformed spec entry: {exc}") from None
+    meta = {k: v for k, v in doc.items() if k != "specs"}
+    return meta, reports
+
+
+# -- the reporter ------------------------------------------------------------------------------------
+
+
+class JSONReporter:
+    def __init__(self, config, path: Path):
+        self.config = config
+        self.path = Path(path)
+        self.written = False
+        self.problem = ""
+
+    def _write(self, session, complete: bool, exitstatus: int | None) -> None:
+        try:
+            write_document(self.path, results_document(session, complete, exitstatus))
+            self.written = True
+            self.problem = ""
+        except OSError as exc:
+            self.problem = f"{type(exc).__name__}: {exc}"
+
+    @hookimpl
+    def sft_spec_session_start(self, session):
+        self._write(session, complete=False, exitstatus=None)
+
+    @hookimpl
+    def sft_spec_log_report(self, report, session):
+        self._write(session, complete=False, exitstatus=None)
+
+    @hookimpl
+    def sft_spec_session_finish(self, session, exitstatus):
+        self._write(session, complete=True, exitstatus=exitstatus)
+
+    @hookimpl
+    def sft_spec_terminal_summary(self, session, write_line):
+        if self.problem:
+            write_line(f"JSON report: could not write {self.path}: {self.problem}")
+        elif self.written:
+            write_line(f"JSON report: {self.path}")
+
+
+@hookimpl
+def sft_spec_addoption(parser):
+    parser.add_argument("--json", dest="json_path", type=Path, metavar="PATH", default=None,
+                        help=f"write every result as JSON (schema_version {SCHEMA_VERSION}), "
+                        "updated after each spec")
+
+
+@hookimpl
+def sft_spec_configure(config):
+    path = config.getoption("json_path")
+    if path:
+        config.pluginmanager.register(JSONReporter(config, path), "json_reporter")
+
+
+# -- `sft-spec report` -------------------------------------------------------------------------------
+
+
+def _add_report_arguments(parser) -> None:
+    parser.add_argument("results", type=Path, metavar="RESULTS.json",
+                        help="a file written by `sft-spec run --json`")
+    parser.add_argument("--html", dest="html_path", type=Path, metavar="PATH", help="write an HTML report")
+    parser.add_argument("--junitxml", dest="junitxml_path", type=Path, metavar="PATH",
+                        help="write a JUnit XML report")
+
+
+def _run_report(options, pluginmanager) -> int:
+    if not options.html_path and not options.junitxml_path:
+        raise UsageError("nothing to write: give --html PATH and/or --junitxml PATH")
+    meta, reports = load_document(options.results)
+    if options.html_path:
+        from sft_spec_plugins.html_report import render_html
+
+        atomic_write_text(options.html_path, render_html(reports, meta))
+        print(f"HTML report: {options.html_path}")
+    if options.junitxml_path:
+        from sft_spec_plugins.junitxml import render_junitxml
+
+        atomic_write_text(options.junitxml_path, render_junitxml(reports, meta))
+        print(f"JUnit XML report: {options.junitxml_path}")
+    return 0
+
+
+@hookimpl
+def sft_spec_register_commands(register):
+    register("report", "re-render HTML or JUnit XML reports from a --json results file, without training",
+             _add_report_arguments, _run_report)
+
