@@ -52,7 +52,8 @@ def timed(cmd: list[str], env: dict | None = None, check: bool = True) -> float:
     done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
     elapsed = time.perf_counter() - start
     if check and done.returncode != 0:
-        raise SystemExit(f"command failed ({done.returncode}): {' '.join(cmd)}\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
+        raise SystemExit(f"command failed ({done.returncode}): {' '.join(cmd)}\n"
+                         f"{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
     return elapsed
 
 
@@ -79,8 +80,9 @@ def write_specs(folder: Path, count: int, **kwargs) -> Path:
 
 def bench_overhead(work: Path, reps: int, env: dict) -> None:
     print("overhead: one LoRA spec (tiny-gemma, 30 epochs), whole process, sft-spec vs plain TRL script")
-    from sft_spec.fileio import default_cache_dir
     from sft_spec_plugins.builtin_models import builtin_model_dir
+
+    from sft_spec.fileio import default_cache_dir
 
     model_dir = builtin_model_dir("tiny-gemma", default_cache_dir())
     spec = write_specs(work / "overhead", 1)
@@ -98,8 +100,8 @@ def bench_startup(work: Path, reps: int, env: dict) -> None:
     print("start-up: --help, and validate / --collect-only on 200 generated specs")
     folder = write_specs(work / "startup", 200)
     timed([SFT_SPEC, "validate", str(folder)], env)  # warm the field-list cache once
-    probe = ("import sys; from sft_spec.cli import main; main(['run', '--co', '-q', %r]); "
-             "print(int('torch' in sys.modules))" % str(folder))
+    probe = (f"import sys; from sft_spec.cli import main; main(['run', '--co', '-q', {str(folder)!r}]); "
+             "print(int('torch' in sys.modules))")
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env={**os.environ, **env})
     torch_loaded = done.stdout.strip().endswith("1")
     for name, cmd in (("--help", [SFT_SPEC, "--help"]), ("validate x200", [SFT_SPEC, "validate", str(folder)]),
@@ -131,11 +133,11 @@ def bench_generation(work: Path, reps: int, env: dict) -> None:
     print("batched generation: 32 prompts, one generate() per batch vs one by one")
     from types import SimpleNamespace
 
+    from sft_spec_plugins.builtin_models import builtin_model_dir
+    from sft_spec_plugins.generation import generate_answers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from sft_spec.fileio import default_cache_dir
-    from sft_spec_plugins.builtin_models import builtin_model_dir
-    from sft_spec_plugins.generation import generate_answers
 
     model_dir = builtin_model_dir("tiny-gemma", default_cache_dir())
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -153,7 +155,8 @@ def bench_generation(work: Path, reps: int, env: dict) -> None:
     for _ in range(reps):
         for name, size, samples in (("batched", 32, batched), ("single", 1, single)):
             start = time.perf_counter()
-            answers[name] = generate_answers(model, tokenizer, texts, stop_ids=stop, settings=settings(size), device="cpu")
+            answers[name] = generate_answers(model, tokenizer, texts, stop_ids=stop, settings=settings(size),
+                                             device="cpu")
             samples.append(time.perf_counter() - start)
     same = [a["text"] for a in answers["batched"]] == [a["text"] for a in answers["single"]]
     speedup = statistics.median(single) / statistics.median(batched)
@@ -225,7 +228,7 @@ def main() -> int:
         for name in args.only.split(","):
             SECTIONS[name.strip()](work, reps, env)
     print()
-    print(textwrap.dedent(f"""\
+    print(textwrap.dedent("""\
         | benchmark | measured (median, min-max) | ratio | goal |
         | --- | --- | --- | --- |"""))
     for name, measured, ratio, goal in ROWS:

@@ -9,7 +9,9 @@ import time
 from importlib import metadata
 
 from sft_spec import __version__, hookimpl
-from sft_spec.reports import SpecReport, case_outcome_counts, char_diff
+from sft_spec.reports import SpecReport, case_outcome_counts
+
+from .failures import format_failure
 
 LETTERS = {"passed": ".", "failed": "F", "error": "E", "skipped": "s", "xfailed": "x", "xpassed": "X",
            "interrupted": "!"}
@@ -158,7 +160,8 @@ class TerminalReporter:
         if error is None:
             return
         for line in error.message.splitlines():
-            prefix = "" if line.startswith(error.location or "\0") or error.phase == "collect" else f"{error.location}: "
+            located = line.startswith(error.location or "\0") or error.phase == "collect"
+            prefix = "" if located else f"{error.location}: "
             self.write_line(f"{prefix}{line}", "error")
         if error.plugin:
             self.write_line(f"(raised in plugin {error.plugin!r}, phase {error.phase})")
@@ -169,27 +172,8 @@ class TerminalReporter:
 
     def _show_failure(self, report: SpecReport, case) -> None:
         self.sep("_", case.nodeid, "failed")
-        self.write_line(case.location)
-        if case.prompt:
-            prompt = case.prompt[-1]["content"] if len(case.prompt) == 1 else case.prompt
-            self.write_line(f"prompt:   {prompt!r}" if not isinstance(prompt, str) else f"prompt:   {prompt}")
-        for check in case.checks:
-            if check.passed:
-                continue
-            answer = case.base_answer if check.on == "before" else case.answer
-            label = "before training" if check.on == "before" else "after training"
-            self.write_line(f"check:    {check.name} {check.argument!r} ({label})", "failed")
-            if answer is not None:
-                self.write_line(f"answer:   {answer}")
-            if check.on == "after" and case.raw_answer is not None and case.raw_answer != case.answer:
-                self.write_line(f"raw:      {case.raw_answer!r}")
-            if check.expected is not None and answer is not None:
-                self.write_line(f"expected: {check.expected}")
-                self.write_line(f"diff:     {char_diff(check.expected, answer)}   ([-expected-] {{+actual+}})")
-            if check.message:
-                self.write_line(f"reason:   {check.message}")
-        if case.base_answer is not None and all(c.on == "after" for c in case.checks if not c.passed):
-            self.write_line(f"before training the model answered: {case.base_answer}")
+        for text, style in format_failure(case):
+            self.write_line(text, style)
 
     def _short_summary(self, reports: list[SpecReport]) -> None:
         lines = []

@@ -40,7 +40,6 @@ def _bitsandbytes_ok() -> str | None:
 def sft_config_kwargs(item, run, device: str) -> dict[str, Any]:
     """The SFTConfig arguments for this spec on this device, with notes for every change."""
     import torch
-
     from trl import SFTConfig
 
     user = dict(item.spec.training)

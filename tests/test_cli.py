@@ -46,7 +46,7 @@ def test_validate_checks_without_training(sft, write_spec, one_answer_spec):
 
 
 def test_old_trl_names_are_accepted_with_a_note(sft, write_spec, one_answer_spec):
-    text = one_answer_spec().replace("per_device_train_batch_size: 8", "per_device_train_batch_size: 8, max_seq_length: 256")
+    text = one_answer_spec().replace("batch_size: 8", "batch_size: 8, max_seq_length: 256")
     result = sft("run", "--collect-only", write_spec("old.sft.yaml", text))
     assert result.code == 0
     assert "training.max_seq_length is now max_length" in result.out

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from .config import Config
-    from .loader import SpecItem
+    from .loader import Expectation, SpecItem
     from .registry import FormattedText, MaskedExample
     from .reports import ExpectationReport, SpecReport
     from .runner import LoadedModel, SpecRun
@@ -119,7 +119,9 @@ def sft_spec_load_model(item: SpecItem, config: Config) -> LoadedModel | None:
 
 
 @hookspec(firstresult=True)
-def sft_spec_format(item: SpecItem, run: SpecRun, messages: list[dict], add_generation_prompt: bool) -> FormattedText | None:
+def sft_spec_format(
+    item: SpecItem, run: SpecRun, messages: list[dict], add_generation_prompt: bool
+) -> FormattedText | None:
     """Render one conversation (or a prompt, with ``add_generation_prompt``) as text."""
 
 
@@ -144,8 +146,11 @@ def sft_spec_generate(item: SpecItem, run: SpecRun, prompts: list[list[dict]]) -
 
 
 @hookspec(firstresult=True)
-def sft_spec_check(item: SpecItem, run: SpecRun, expectation, answer: str, base_answer: str | None) -> ExpectationReport | None:
-    """Apply an expectation's checks to an answer and return its report."""
+def sft_spec_check(
+    item: SpecItem, run: SpecRun, expectation: Expectation, answer: dict, base_answer: dict | None
+) -> ExpectationReport | None:
+    """Apply an expectation's checks to an answer (``{"text", "raw"}``, as ``sft_spec_generate`` gives)
+    and to the base model's answer (for ``before`` checks), and return its report."""
 
 
 @hookspec(firstresult=True)

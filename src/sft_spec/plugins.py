@@ -69,7 +69,7 @@ def make_plugin_manager(extra_plugins: list[Any] | None = None, disabled: set[st
         pm.register(plugin, name=name if pm.get_plugin(name) is None else None)
     for name in ESSENTIAL_PLUGINS:
         if name not in disabled and pm.get_plugin(name) is None and not any(p.name == name for p in problems):
-            problems.append(PluginProblem(name, "built-in plugin is not installed: reinstall sft-spec (pip install -e .)"))
+            problems.append(PluginProblem(name, "built-in plugin is not installed: reinstall sft-spec"))
     return pm
 
 

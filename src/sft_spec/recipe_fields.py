@@ -104,9 +104,8 @@ def _describe(cls: type) -> dict[str, FieldInfo]:
 
 def _compute() -> dict[str, dict[str, FieldInfo]]:
     from peft import LoraConfig
-    from trl import SFTConfig
-
     from transformers import BitsAndBytesConfig
+    from trl import SFTConfig
 
     # BitsAndBytesConfig is no dataclass: its fields are its constructor's keyword arguments.
     quantization = {

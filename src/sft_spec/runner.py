@@ -184,7 +184,8 @@ def _run_phases(item: SpecItem, run: SpecRun, report: SpecReport, hook) -> None:
         report.losses = list(hook.sft_spec_train(item=item, run=run, trainer=trainer) or [])
     with _phase(report, item, "generate"):
         hook.sft_spec_run_progress(item=item, phase="generate", step=0, total=0, loss=None)
-        answers = hook.sft_spec_generate(item=item, run=run, prompts=[e.prompt for e in expectations]) if expectations else []
+        prompts = [e.prompt for e in expectations]
+        answers = hook.sft_spec_generate(item=item, run=run, prompts=prompts) if expectations else []
     with _phase(report, item, "check"):
         for exp, answer in zip(expectations, answers, strict=True):
             base = base_answers.get(exp.index)
@@ -203,7 +204,9 @@ def _needs_base(exp: Expectation, config: Config) -> bool:
 
 
 def _is_oom(exc: BaseException) -> bool:
-    return isinstance(exc, MemoryError) or "out of memory" in str(exc).lower() or type(exc).__name__ == "OutOfMemoryError"
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return True
+    return "out of memory" in str(exc).lower()
 
 
 def _mask_summary(run: SpecRun) -> MaskSummary | None:
