@@ -162,5 +162,11 @@ def sft_spec_register_formatters(register) -> None:
 def sft_spec_format(item, run, messages, add_generation_prompt) -> FormattedText:
     fmt = item.spec.format
     formatter = run.config.registry.formatters[fmt.formatter].obj
-    return formatter.format(messages, run.loaded.tokenizer, fmt, add_generation_prompt=add_generation_prompt,
-                            template=item.chat_template)
+    try:
+        return formatter.format(messages, run.loaded.tokenizer, fmt, add_generation_prompt=add_generation_prompt,
+                                template=item.chat_template)
+    except SpecError as exc:
+        # Template problems belong to the template's line in the spec.
+        if exc.location is None and item.doc is not None:
+            exc.location = item.doc.locate(("format", "template") if fmt.template else ("format", "formatter"))
+        raise

@@ -65,7 +65,7 @@ def did_you_mean(name: str, choices: list[str] | tuple[str, ...] | set[str], wha
     message = f"unknown {what} {name!r}."
     if close:
         message += f" Did you mean: {', '.join(close)}?"
-    if len(choices) <= 12:
+    if len(choices) <= 20:  # short lists (a spec's top-level keys) are worth printing in full
         message += f" Available: {', '.join(choices)}"
     return message
 

@@ -161,7 +161,8 @@ def load_spec_file(path: Path, ctx: LoadContext) -> list[SpecItem]:
     shown = relpath(path)
     doc = load_yaml_file(path, shown)
     if doc.data is None:
-        raise SpecError("the spec file is empty: it needs at least model, data and expect", Location(shown, 1, 1))
+        raise SpecError("the spec file is empty: it needs at least model, data and expect",
+                        Location(shown, 1, 1))
     if not isinstance(doc.data, dict):
         raise SpecError(
             f"a spec file holds a mapping of keys (name, model, data, expect, ...), not a {_kind(doc.data)}",
@@ -230,7 +231,8 @@ def _expand_matrix(doc: LocatedDocument) -> list[_Variant]:
     if matrix is None or matrix == []:
         return [_Variant(None, doc)]
     if not isinstance(matrix, list):
-        raise SpecError(f"expected a list of entries, got {_kind(matrix)}", doc.locate(("matrix",)), key="matrix")
+        raise SpecError(f"expected a list of entries, got {_kind(matrix)}", doc.locate(("matrix",)),
+                        key="matrix")
     base = LocatedDocument({k: v for k, v in doc.data.items() if k != "matrix"}, doc.locations, doc.path)
     seen: dict[str, int] = {}
     out, errors = [], []
@@ -245,7 +247,8 @@ def _expand_matrix(doc: LocatedDocument) -> list[_Variant]:
             errors.append(SpecError("a matrix entry needs an id (used in the test id: name[id])", where,
                                     key=f"matrix[{i}]"))
             continue
-        if not isinstance(entry_id, str | int) or isinstance(entry_id, bool) or not re.fullmatch(r"[\w.\-+]+", str(entry_id)):
+        if (not isinstance(entry_id, str | int) or isinstance(entry_id, bool)
+                or not re.fullmatch(r"[\w.\-+]+", str(entry_id))):
             errors.append(SpecError("id must be a short name of letters, digits, '_', '-', '.' or '+'",
                                     doc.locate(("matrix", i, "id")), key=f"matrix[{i}].id"))
             continue
@@ -326,6 +329,10 @@ _SHORTHANDS = {
     ("data", "conversations"): "a list of conversations (each a list of {role, content} turns)",
     ("data", "files"): "a list of data files (each a mapping with path)",
     ("matrix",): "a list of entries (each a mapping with id)",
+    ("training",): "a mapping of trl.SFTConfig fields",
+    ("lora",): "a mapping of peft.LoraConfig fields",
+    ("quantization",): "a mapping of transformers.BitsAndBytesConfig fields",
+    ("checks",): "a mapping of training checks, e.g. {loss_decreased: true}",
 }
 
 
@@ -335,8 +342,11 @@ def _short(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+ModelsAt = dict[tuple[str, ...], type[pydantic.BaseModel]]
+
+
 def _pydantic_errors(exc: pydantic.ValidationError, doc: LocatedDocument,
-                     model_at: dict[tuple[str, ...], type[pydantic.BaseModel]] | None = None) -> list[SpecError]:
+                     model_at: ModelsAt | None = None) -> list[SpecError]:
     """Pydantic's errors as located spec errors, in the spec format's words (not pydantic's class names)."""
     model_at = _MODELS_AT if model_at is None else model_at
     errors = []
@@ -418,7 +428,8 @@ def _build_item(path: Path, nodeid: str, name: str, variant: str | None, doc: Lo
         # A spec that checks nothing passes whatever training did: almost always a forgotten section.
         where = doc.locate(("expect",)) if "expect" in data else doc.locate(())
         errors.append(SpecError("nothing to check: add expect (prompts with equals, contains, regex, ...) or "
-                                "checks (e.g. loss_decreased: true)", where, key="expect" if "expect" in data else None))
+                                "checks (e.g. loss_decreased: true)", where,
+                                key="expect" if "expect" in data else None))
     if errors:
         raise SpecErrors(errors)
     return SpecItem(
@@ -437,14 +448,15 @@ def _rename_old_keys(data: dict, doc: LocatedDocument, notes: list[str], errors:
             if old in training and new in known:
                 where = doc.locate(("training", old))
                 if new in training:
-                    errors.append(SpecError(f"both {old!r} and its new name {new!r} are set; keep {new!r}", where,
-                                            key=f"training.{old}"))
+                    errors.append(SpecError(f"both {old!r} and its new name {new!r} are set; keep {new!r}",
+                                            where, key=f"training.{old}"))
                     continue
                 training[new] = training.pop(old)
                 doc.locations[("training", new)] = where
                 notes.append(f"{where}: note: training.{old} is now {new} in TRL/transformers; read as {new}")
     fmt = data.get("format")
-    if isinstance(fmt, dict) and isinstance(fmt.get("collator"), str) and fmt["collator"] in RENAMED_COLLATORS:
+    collator = fmt.get("collator") if isinstance(fmt, dict) else None
+    if isinstance(fmt, dict) and isinstance(collator, str) and collator in RENAMED_COLLATORS:
         old = fmt["collator"]
         fmt["collator"] = RENAMED_COLLATORS[old]
         notes.append(
@@ -460,9 +472,11 @@ def _check_section(section: str, values: dict, known: dict, managed: dict, doc: 
         keypath = (section, key)
         where = doc.locate(keypath)
         if key in managed:
-            errors.append(SpecError(f"{key!r} cannot be set in a spec: {managed[key]}", where, key=f"{section}.{key}"))
+            errors.append(SpecError(f"{key!r} cannot be set in a spec: {managed[key]}", where,
+                                    key=f"{section}.{key}"))
         elif key not in known:
-            errors.append(SpecError(did_you_mean(str(key), list(known), f"{what} field"), where, key=f"{section}.{key}"))
+            errors.append(SpecError(did_you_mean(str(key), list(known), f"{what} field"), where,
+                                    key=f"{section}.{key}"))
         else:
             problem = check_value(known[key], value)
             if problem:
@@ -555,7 +569,8 @@ def _check_conversation(turns: list[dict]) -> str | None:
     roles = [t["role"] for t in turns]
     for i, role in enumerate(roles):
         if role not in ROLES:
-            return f"turn {i}: unknown role {role!r} (expected one of {', '.join(ROLES)}; map others with role_map)"
+            return (f"turn {i}: unknown role {role!r} (expected one of {', '.join(ROLES)}; "
+                    "map others with role_map)")
     body = roles[1:] if roles[0] == "system" else roles
     if "system" in body:
         return f"turn {roles.index('system', 1)}: a system turn may only come first"
@@ -563,7 +578,8 @@ def _check_conversation(turns: list[dict]) -> str | None:
         expected = "user" if i % 2 == 0 else "assistant"
         if role != expected:
             offset = len(roles) - len(body)
-            return f"turn {i + offset}: expected a {expected} turn, got {role!r} (roles must alternate user/assistant)"
+            return (f"turn {i + offset}: expected a {expected} turn, got {role!r} "
+                    "(roles must alternate user/assistant)")
     if not body or body[-1] != "assistant":
         return "a training conversation must end with an assistant turn (it is what the model learns)"
     return None
@@ -598,7 +614,8 @@ def load_jsonl_conversations(base_dir: Path, data_file: DataFile, root: Path) ->
     target = resolve_inside(base_dir, data_file.path, root)
     shown = relpath(target)
     if not target.is_file():
-        raise SpecError(f"data file not found: {data_file.path} (paths are relative to the spec file's folder)")
+        raise SpecError(f"data file not found: {data_file.path} "
+                        "(paths are relative to the spec file's folder)")
     size = target.stat().st_size
     if size > MAX_DATA_BYTES:
         raise SpecError(f"data file {data_file.path} is {_size(size)}; the limit is {_size(MAX_DATA_BYTES)} "
@@ -672,7 +689,8 @@ def _parse_checks(entry: dict, keypath: KeyPath, doc: LocatedDocument, ctx: Load
         dotted = _keypath_str(keypath + (key,))
         check: Check | None = ctx.registry.checks.get(str(key))
         if check is None or check.scope != "answer":
-            errors.append(SpecError(did_you_mean(str(key), answer_checks + list(allowed), "check"), where, key=dotted))
+            errors.append(SpecError(did_you_mean(str(key), answer_checks + list(allowed), "check"), where,
+                                    key=dotted))
             continue
         problem = _plugin_validate(check.validate, value, f"check {check.name!r}")
         if problem:
@@ -708,7 +726,8 @@ def _build_expectations(spec: Spec, nodeid: str, doc: LocatedDocument, ctx: Load
     return out
 
 
-def _parse_prompt(value: Any, keypath: KeyPath, doc: LocatedDocument, errors: list[SpecError]) -> list[dict] | None:
+def _parse_prompt(value: Any, keypath: KeyPath, doc: LocatedDocument,
+                  errors: list[SpecError]) -> list[dict] | None:
     where = doc.locate(keypath)
     dotted = _keypath_str(keypath)
     if isinstance(value, str):
@@ -746,7 +765,8 @@ def _build_training_checks(spec: Spec, doc: LocatedDocument, ctx: LoadContext,
         where = doc.locate(("checks", key))
         check = ctx.registry.checks.get(key)
         if check is None or check.scope != "training":
-            errors.append(SpecError(did_you_mean(key, training_checks, "training check"), where, key=f"checks.{key}"))
+            errors.append(SpecError(did_you_mean(key, training_checks, "training check"), where,
+                                    key=f"checks.{key}"))
             continue
         problem = _plugin_validate(check.validate, value, f"check {check.name!r}")
         if problem:

@@ -25,26 +25,36 @@ class ModelSpec(StrictModel):
         "auto", description="Weights dtype when loading; auto follows the checkpoint"
     )
     trust_remote_code: bool = Field(
-        False, description="Run the model repository's own code; refused unless the run passes --allow-remote-code"
+        False,
+        description="Run the model repository's own code; refused unless the run passes --allow-remote-code",
     )
 
 
 class FormatSpec(StrictModel):
     formatter: str = Field("chat_template", description="Plugin that turns a conversation into text")
-    template: str | None = Field(None, description="Jinja2 chat template (inline, or a file path) for formatter: template")
+    template: str | None = Field(
+        None, description="Jinja2 chat template (inline, or a file path) for formatter: template"
+    )
     collator: str = Field("completion_only", description="Plugin that decides which tokens carry the loss")
     response_template: str | None = Field(
-        None, description="completion_only: the loss starts after the last occurrence; derived from the chat template when left out"
+        None,
+        description="completion_only: the loss starts after the last occurrence; derived from the chat "
+        "template when left out",
     )
     instruction_template: str | None = Field(
-        None, description="completion_only: with it, every response between instruction templates carries the loss (multi-turn)"
+        None,
+        description="completion_only: with it, every response between instruction templates carries the loss "
+        "(multi-turn)",
     )
-    add_eos: bool = Field(True, description="Append the tokenizer's EOS token to each training text, as the reference recipe does")
+    add_eos: bool = Field(
+        True,
+        description="Append the tokenizer's EOS token to each training text, as the reference recipe does",
+    )
 
 
 class Message(StrictModel):
-    role: str
-    content: str
+    role: str = Field(description="system, user or assistant (map other names with role_map)")
+    content: str = Field(description="The turn's text")
 
 
 class DataFile(StrictModel):
@@ -52,56 +62,83 @@ class DataFile(StrictModel):
     conversation_key: str = Field("messages", description="Key holding the list of turns in each line")
     role_key: str = Field("role", description="Key of a turn's role")
     content_key: str = Field("content", description="Key of a turn's text")
-    role_map: dict[str, str] = Field(default_factory=dict, description="Rename roles, e.g. {human: user, gpt: assistant}")
+    role_map: dict[str, str] = Field(
+        default_factory=dict, description="Rename roles, e.g. {human: user, gpt: assistant}"
+    )
 
 
 class DataSpec(StrictModel):
-    conversations: list[list[Message]] = Field(default_factory=list, description="Inline training conversations")
+    conversations: list[list[Message]] = Field(
+        default_factory=list, description="Inline training conversations"
+    )
     files: list[DataFile] = Field(default_factory=list, description="JSON Lines files of conversations")
 
 
 class GenerationSpec(StrictModel):
     max_new_tokens: int = Field(32, gt=0, description="Tokens to generate per expectation")
     do_sample: bool = Field(False, description="Greedy by default, so results are reproducible")
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    num_beams: int = Field(1, gt=0)
-    repetition_penalty: float | None = None
+    temperature: float | None = Field(None, description="Sampling temperature (with do_sample)")
+    top_p: float | None = Field(None, description="Nucleus sampling probability mass (with do_sample)")
+    top_k: int | None = Field(None, description="Sample from the k likeliest tokens (with do_sample)")
+    num_beams: int = Field(1, gt=0, description="Beam search width; 1 is greedy")
+    repetition_penalty: float | None = Field(None, description="Penalty above 1.0 discourages repeats")
     batch_size: int = Field(16, gt=0, description="Prompts generated together (left-padded) in one call")
 
 
 class XfailSpec(StrictModel):
-    reason: str
+    reason: str = Field(description="Why the spec is expected to fail, shown in reports")
     strict: bool = Field(False, description="A pass (XPASS) fails the run, as pytest's xfail_strict")
+
+
+class LauncherSpec(StrictModel):
+    """Train one spec in several processes (DDP) instead of in the sft-spec process."""
+
+    type: Literal["accelerate"] = Field("accelerate", description="How the processes start: accelerate launch")
+    num_processes: int = Field(2, ge=1, description="Training processes (one per GPU; gloo DDP on a CPU)")
+    config_file: str | None = Field(None, description="An accelerate config file, relative to the spec file")
 
 
 class MatrixEntry(BaseModel):
     """One variant of the spec: ``id`` plus keys deep-merged over the spec."""
 
     model_config = ConfigDict(extra="allow")
-    id: str
+    id: str = Field(description="Names the variant in test ids: name[id]")
 
 
 class Spec(StrictModel):
     name: str | None = Field(None, description="Defaults to the file name without .sft.yaml")
-    description: str | None = None
+    description: str | None = Field(None, description="Free text shown in reports")
     tags: list[str] = Field(default_factory=list, description="Selectable with -m")
     xfail: XfailSpec | None = Field(None, description="Expected to fail: a reason, or {reason, strict}")
     skip: str | None = Field(None, description="Not run; the reason is reported")
-    model: ModelSpec
+    model: ModelSpec = Field(description="The model to train: an id string, or a mapping with id")
     method: Literal["full", "lora", "qlora"] = Field("full", description="What is trained")
     lora: dict[str, Any] = Field(default_factory=dict, description="peft.LoraConfig fields (lora and qlora)")
     quantization: dict[str, Any] = Field(
-        default_factory=dict, description="transformers.BitsAndBytesConfig fields for qlora (default nf4 4-bit)"
+        default_factory=dict,
+        description="transformers.BitsAndBytesConfig fields for qlora (default nf4 4-bit)",
     )
-    format: FormatSpec = Field(default_factory=FormatSpec)
+    format: FormatSpec = Field(
+        default_factory=FormatSpec, description="How conversations become text; which tokens carry the loss"
+    )
     training: dict[str, Any] = Field(default_factory=dict, description="trl.SFTConfig fields")
-    data: DataSpec
-    generation: GenerationSpec = Field(default_factory=GenerationSpec)
-    expect: list[dict[str, Any]] = Field(default_factory=list, description="Prompts and checks on the answers")
-    checks: dict[str, Any] = Field(default_factory=dict, description="Training-level checks, e.g. final_loss_below")
-    matrix: list[MatrixEntry] = Field(default_factory=list, description="Variants, each deep-merged over the spec")
+    data: DataSpec = Field(description="The training conversations")
+    generation: GenerationSpec = Field(
+        default_factory=GenerationSpec, description="How answers are generated for expect"
+    )
+    expect: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="Prompts and checks on the answers; a spec needs expect, checks, or both",
+    )
+    checks: dict[str, Any] = Field(
+        default_factory=dict, description="Training-level checks, e.g. final_loss_below"
+    )
+    matrix: list[MatrixEntry] = Field(
+        default_factory=list, description="Variants, each deep-merged over the spec"
+    )
+    launcher: LauncherSpec | None = Field(
+        None, description="Train in several processes: {type: accelerate, num_processes: 2, config_file: PATH}"
+    )
 
     @field_validator("model", mode="before")
     @classmethod

@@ -145,7 +145,8 @@ def load_yaml_file(path: Path, display_path: str | None = None) -> LocatedDocume
         size = path.stat().st_size
         if size > MAX_SPEC_BYTES:
             raise SpecError(f"the file is {size // 1024} KiB; a spec file may hold at most "
-                            f"{MAX_SPEC_BYTES // 1024} KiB (put training data in data.files)", Location(shown, 1, 1))
+                            f"{MAX_SPEC_BYTES // 1024} KiB (put training data in data.files)",
+                            Location(shown, 1, 1))
         raw = path.read_bytes()
     except OSError as exc:
         raise SpecError(f"cannot read file: {exc.strerror}", Location(shown)) from None
@@ -155,7 +156,8 @@ def load_yaml_file(path: Path, display_path: str | None = None) -> LocatedDocume
         start = raw.rfind(b"\n", 0, exc.start) + 1
         line = raw[: exc.start].count(b"\n") + 1
         column = len(raw[start: exc.start].decode("utf-8", "replace")) + 1
-        raise SpecError(f"file is not valid UTF-8 (byte 0x{raw[exc.start]:02x})", Location(shown, line, column)) from None
+        raise SpecError(f"file is not valid UTF-8 (byte 0x{raw[exc.start]:02x})",
+                        Location(shown, line, column)) from None
     return parse_yaml(text, shown)
 
 
@@ -186,7 +188,8 @@ def _convert(loader, node, keypath: KeyPath, locations, path: str, budget: list[
                 raise SpecError("mapping keys must be plain scalars", _loc(path, key_node.start_mark))
             if key in explicit:
                 first = explicit[key]
-                raise SpecError(f"duplicate key {key!r} (first at line {first.line + 1}); a key may appear once",
+                raise SpecError(f"duplicate key {key!r} (first at line {first.line + 1}); "
+                                "a key may appear once",
                                 _loc(path, key_node.start_mark))
             explicit[key] = key_node.start_mark
             locations[keypath + (key,)] = _loc(path, key_node.start_mark)
@@ -195,9 +198,8 @@ def _convert(loader, node, keypath: KeyPath, locations, path: str, budget: list[
     if isinstance(node, yaml.SequenceNode):
         if node.tag != _SEQ_TAG:
             raise _tag_error(node.tag, node.start_mark, path)
-        return [
-            _convert(loader, item, keypath + (i,), locations, path, budget) for i, item in enumerate(node.value)
-        ]
+        return [_convert(loader, item, keypath + (i,), locations, path, budget)
+                for i, item in enumerate(node.value)]
     try:
         return loader.construct_object(node, deep=True)
     except yaml.constructor.ConstructorError as exc:
