@@ -29,13 +29,22 @@ _SEQ_TAG = "tag:yaml.org,2002:seq"
 _MERGE_TAG = "tag:yaml.org,2002:merge"
 
 
-class _SpecLoader(yaml.SafeLoader):
-    """SafeLoader that also reads ``2e-5`` as a float, and refuses deep nesting.
+class _SpecResolver(yaml.resolver.Resolver):
+    """Also reads ``2e-5`` as a float.
 
     YAML 1.1 wants a dot (``2.0e-5``); learning rates are written without one so often that reading
     them as strings would surprise every user.
     """
 
+
+_SpecResolver.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+class _DepthLimitedComposer(yaml.composer.Composer):
     _depth = 0
 
     def compose_node(self, parent, index):
@@ -50,11 +59,34 @@ class _SpecLoader(yaml.SafeLoader):
             self._depth -= 1
 
 
-_SpecLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"),
-)
+class _SpecLoader(yaml.reader.Reader, yaml.scanner.Scanner, yaml.parser.Parser, _DepthLimitedComposer,
+                  yaml.constructor.SafeConstructor, _SpecResolver):
+    """The pure-Python safe loader: slower, with PyYAML's most precise error messages."""
+
+    def __init__(self, stream):
+        yaml.reader.Reader.__init__(self, stream)
+        yaml.scanner.Scanner.__init__(self)
+        yaml.parser.Parser.__init__(self)
+        _DepthLimitedComposer.__init__(self)
+        yaml.constructor.SafeConstructor.__init__(self)
+        _SpecResolver.__init__(self)
+
+
+try:
+    from yaml._yaml import CParser
+except ImportError:  # PyYAML built without libyaml
+    _FastSpecLoader = None
+else:
+
+    class _FastSpecLoader(_DepthLimitedComposer, yaml.constructor.SafeConstructor, _SpecResolver, CParser):
+        """libyaml scans and parses (8x faster, which keeps ``validate`` on hundreds of specs instant);
+        composing stays in Python, so the depth limit and safe construction are the same."""
+
+        def __init__(self, stream):
+            CParser.__init__(self, stream)
+            _DepthLimitedComposer.__init__(self)
+            yaml.constructor.SafeConstructor.__init__(self)
+            _SpecResolver.__init__(self)
 
 
 class LocatedDocument:
@@ -100,8 +132,16 @@ def parse_yaml(text: str, path: str) -> LocatedDocument:
     loader = None
     try:
         try:
-            loader = _SpecLoader(text)  # the reader checks for unprintable characters right here
-            node = loader.get_single_node()
+            # libyaml is laxer about control characters than PyYAML's reader: let the reader refuse those.
+            if _FastSpecLoader is not None and not yaml.reader.Reader.NON_PRINTABLE.search(text):
+                try:
+                    loader = _FastSpecLoader(text)
+                    node = loader.get_single_node()
+                except yaml.YAMLError:
+                    loader = None  # parse again in Python below, for PyYAML's exact message and location
+            if loader is None:
+                loader = _SpecLoader(text)  # the reader checks for unprintable characters right here
+                node = loader.get_single_node()
         except yaml.MarkedYAMLError as exc:
             raise _syntax_error(exc, path) from None
         except yaml.reader.ReaderError as exc:
