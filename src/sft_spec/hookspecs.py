@@ -65,7 +65,8 @@ def sft_spec_register_formatters(register) -> None:
 def sft_spec_register_collators(register) -> None:
     """Register collators (loss masks): ``register(name, collator, description="")``.
 
-    A collator has ``mask(formatted, tokenizer, fmt, *, end_of_turn)`` returning
+    A collator has ``mask(formatted, tokenizer, fmt, *, markers)`` (``markers``: the template's
+    ``response_template`` and ``end_of_turn``, derived from the chat template) returning
     :class:`sft_spec.registry.MaskedExample`, and optionally ``validate(fmt) -> str | None``.
     """
 
