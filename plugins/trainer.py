@@ -24,7 +24,11 @@ HARNESS_DEFAULTS: dict[str, Any] = {
     "seed": 42,
 }
 #: Settings a harness run always uses.
-FORCED: dict[str, Any] = {"report_to": "none", "save_strategy": "no", "disable_tqdm": True, "push_to_hub": False}
+FORCED: dict[str, Any] = {
+    "report_to": "none", "save_strategy": "no", "disable_tqdm": True, "push_to_hub": False,
+    # transformers hides NaN/inf losses from the logs by default; a harness must see them to stop the spec.
+    "logging_nan_inf_filter": False,
+}
 
 BNB_OPTIMIZERS = re.compile(r"(8bit|paged|bnb|lion_32bit|ademamix)")
 
@@ -102,11 +106,15 @@ def _wrap_peft(item, run, model):
     if item.spec.method == "qlora":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         run.loaded.info["dirty"] = True  # k-bit preparation changes the base model
+    trainable = {name: p.requires_grad for name, p in model.named_parameters()}
     peft_model = get_peft_model(model, LoraConfig(**settings))
 
     def remove_adapter() -> None:
-        # Give the shared base model back without LoRA layers, for the next spec on it.
-        peft_model.unload()
+        # Give the shared base model back as it came: without LoRA layers, and with the parameters that
+        # peft froze trainable again (a full fine-tune of the same base may come next).
+        base = peft_model.unload()
+        for name, parameter in base.named_parameters():
+            parameter.requires_grad_(trainable.get(name, True))
 
     run.addfinalizer(remove_adapter)
     return peft_model
@@ -126,6 +134,7 @@ def sft_spec_make_trainer(item, run, examples):
         model = _wrap_peft(item, run, model)
     else:
         run.loaded.info["dirty"] = True  # a full fine-tune changes the shared weights
+        model.requires_grad_(True)
     run.model = model
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())

@@ -54,6 +54,10 @@ class UsageError(Exception):
     """Bad command line or missing path: exit code 4, like pytest."""
 
 
+class SpecTimeout(Exception):
+    """A spec ran longer than ``--timeout``: that spec is an error, the run goes on."""
+
+
 class SkipSpec(Exception):
     """Raised by a plugin to skip a spec with a reason (e.g. 4-bit needs a backend this machine lacks)."""
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from . import hookimpl
-from .errors import SkipSpec, SpecError
+from .errors import SkipSpec, SpecError, SpecTimeout
 from .plugins import plugin_name_for_traceback
 from .registry import CheckContext, MaskedExample
 from .reports import CheckReport, ErrorInfo, ExpectationReport, MaskSummary, SpecReport
@@ -129,10 +129,14 @@ def sft_spec_run_spec(item: SpecItem, session: Session) -> SpecReport:
     except PhaseError as exc:
         original = exc.original
         report.outcome = "error"
-        kind = "oom" if _is_oom(original) else "error"
+        kind = "oom" if _is_oom(original) else "timeout" if isinstance(original, SpecTimeout) else "error"
         message = f"{type(original).__name__}: {original}"
         if kind == "oom":
             message = f"out of memory in phase {exc.phase}: {original}"
+        elif kind == "timeout":
+            message = f"timed out in phase {exc.phase}: {original}"
+        elif isinstance(original, FloatingPointError):
+            kind = "nan"
         report.error = ErrorInfo(
             message=message, location=str(item.location), phase=exc.phase,
             plugin=plugin_name_for_traceback(config.pluginmanager, original.__traceback__), kind=kind,

@@ -1,0 +1,117 @@
+"""Faults during a run: each stops its own spec with a clear error, the others run, reports are whole."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from sft_spec import hookimpl
+
+
+class PoisonWeights:
+    """Turns a weight into NaN right before training: the loss becomes NaN at the first step."""
+
+    @hookimpl(wrapper=True)
+    def sft_spec_make_trainer(self, item, run, examples):
+        import torch
+
+        trainer = yield
+        if item.name == "poisoned":
+            with torch.no_grad():
+                next(p for p in run.model.parameters() if p.requires_grad).fill_(float("nan"))
+        return trainer
+
+
+class OutOfMemory:
+    @hookimpl(tryfirst=True)
+    def sft_spec_make_trainer(self, item, run, examples):
+        if item.name == "oom":
+            raise MemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+
+def test_a_nan_loss_stops_the_spec_naming_the_step(sft, write_spec, one_answer_spec, tmp_path):
+    folder = write_spec("poisoned.sft.yaml", one_answer_spec(method="full", lr=3e-3)).parent
+    write_spec("healthy.sft.yaml", one_answer_spec(method="lora", epochs=30))
+    result = sft("run", folder, "--json", tmp_path / "r.json", plugins=[PoisonWeights()])
+    poisoned = result.recorder.by_id("poisoned")
+    assert poisoned.outcome == "error"
+    assert poisoned.error.kind == "nan", poisoned.error
+    assert "the loss became nan at step 1" in poisoned.error.message
+    assert result.recorder.by_id("healthy").outcome == "passed"
+    assert result.code == 1
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert len(data["specs"]) == 2
+
+
+def test_out_of_memory_is_reported_as_such(sft, write_spec, one_answer_spec):
+    folder = write_spec("oom.sft.yaml", one_answer_spec()).parent
+    result = sft("run", folder, plugins=[OutOfMemory()])
+    report = result.recorder.reports[0]
+    assert report.error.kind == "oom"
+    assert report.error.message.startswith("out of memory in phase train")
+    assert report.error.plugin == "OutOfMemory"
+
+
+def test_timeout_ends_a_long_spec_and_the_next_one_runs(sft, write_spec, one_answer_spec, tmp_path):
+    folder = write_spec("a_slow.sft.yaml", one_answer_spec(method="full", epochs=100000, lr=3e-3)).parent
+    write_spec("b_quick.sft.yaml", one_answer_spec(method="lora"))
+    result = sft("run", folder, "--timeout", "20", "--junitxml", tmp_path / "j.xml")
+    slow = result.recorder.by_id("a_slow")
+    assert slow.outcome == "error" and slow.error.kind == "timeout"
+    assert "--timeout=20s" in slow.error.message
+    assert slow.duration < 60
+    assert result.recorder.by_id("b_quick").outcome == "passed"
+    assert (tmp_path / "j.xml").read_text().count("<testcase") == 2
+
+
+def test_ctrl_c_stops_cleanly_with_exit_2_and_reports_what_finished(write_spec, one_answer_spec, tmp_path):
+    folder = write_spec("a_quick.sft.yaml", one_answer_spec(method="lora")).parent
+    write_spec("b_long.sft.yaml", one_answer_spec(method="full", epochs=100000, lr=3e-3))
+    results = tmp_path / "results.json"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sft_spec", "run", str(folder), "--json", str(results), "--html", str(tmp_path / "r.html")],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    lines = []
+    deadline = time.time() + 240
+    for line in proc.stdout:  # wait until the first spec has finished and the second is training
+        lines.append(line)
+        if "a_quick" in line and "%]" in line:
+            break
+        assert time.time() < deadline, "".join(lines)
+    time.sleep(8)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    out = "".join(lines) + out
+    assert proc.returncode == 2, out
+    assert "KeyboardInterrupt" in out
+    data = json.loads(results.read_text())
+    outcomes = {s["name"]: s["outcome"] for s in data["specs"]}
+    assert outcomes == {"a_quick": "passed", "b_long": "interrupted"}
+    assert data["interrupted"] is True
+    assert "b_long" in (tmp_path / "r.html").read_text()
+    assert "Traceback" not in out
+
+
+@pytest.mark.parametrize("kill_after", [0.05, 0.2, 0.5])
+def test_a_process_killed_while_writing_leaves_a_whole_file(tmp_path, kill_after):
+    target = tmp_path / "report.json"
+    writer = (
+        "import json, sys; from pathlib import Path; from sft_spec.fileio import atomic_write_text\n"
+        "i = 0\n"
+        "while True:\n"
+        "    i += 1\n"
+        "    atomic_write_text(Path(sys.argv[1]), json.dumps({'i': i, 'pad': 'x' * 2_000_000}))\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", writer, str(target)])
+    time.sleep(1.0 + kill_after)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    data = json.loads(target.read_text())  # the old file or the new one, never half of one
+    assert data["i"] >= 1 and len(data["pad"]) == 2_000_000
