@@ -75,7 +75,8 @@ def test_ctrl_c_stops_cleanly_with_exit_2_and_reports_what_finished(write_spec, 
     write_spec("b_long.sft.yaml", one_answer_spec(method="full", epochs=100000, lr=3e-3))
     results = tmp_path / "results.json"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "sft_spec", "run", str(folder), "--json", str(results), "--html", str(tmp_path / "r.html")],
+        [sys.executable, "-m", "sft_spec", "run", str(folder), "--json", str(results),
+         "--html", str(tmp_path / "r.html")],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     lines = []
