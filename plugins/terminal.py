@@ -33,6 +33,8 @@ class TerminalReporter:
         self.done = 0
         self.progress_shown = False
         self.start = time.time()
+        self._first_step: dict[str, tuple[int, float]] = {}  # nodeid -> (step, time) of its first step
+        self._deciles: dict[str, int] = {}  # nodeid -> last tenth of the steps printed (plain output)
 
     # -- writing ---------------------------------------------------------------------------------
 
@@ -84,16 +86,45 @@ class TerminalReporter:
 
     @hookimpl
     def sft_spec_run_progress(self, item, phase, step, total, loss):
-        if not self.isatty or self.verbosity < 0:
+        """A tty gets one line, rewritten in place. Elsewhere (CI logs) ``-v`` prints a plain line every
+        10% of the training steps; without ``-v`` nothing, so logs and captured output stay short."""
+        if self.verbosity < 0:
             return
-        text = f"{item.nodeid} {phase}"
-        if total:
-            text += f" {step}/{total}"
+        eta = self._eta(item.nodeid, phase, step, total)
+        if self.isatty:
+            text = f"{item.nodeid} {phase}"
+            if total:
+                text += f" {step}/{total}"
+            if loss is not None:
+                text += f" loss {loss:.4g}"
+            if eta is not None:
+                text += f" eta {_seconds(eta)}"
+            self.file.write("\r\x1b[K" + text[: self.width - 1])
+            self.file.flush()
+            self.progress_shown = True
+            return
+        if self.verbosity < 1 or phase != "train" or not total or step <= 0:
+            return
+        decile = min(10, step * 10 // total)
+        if decile <= self._deciles.get(item.nodeid, 0) and step != total:
+            return
+        self._deciles[item.nodeid] = decile
+        text = f"  {item.nodeid} step {step}/{total}"
         if loss is not None:
             text += f" loss {loss:.4g}"
-        self.file.write("\r\x1b[K" + text[: self.width - 1])
-        self.file.flush()
-        self.progress_shown = True
+        if eta is not None:
+            text += f" eta {_seconds(eta)}"
+        self.write_line(text)
+
+    def _eta(self, nodeid: str, phase: str, step: int, total: int) -> float | None:
+        """Seconds left, from the time per step since the first step this spec reported."""
+        if phase != "train" or not total:
+            return None
+        now = time.perf_counter()
+        first = self._first_step.setdefault(nodeid, (step, now))
+        if step <= first[0]:
+            return None
+        return (now - first[1]) / (step - first[0]) * max(0, total - step)
 
     @hookimpl
     def sft_spec_log_report(self, report: SpecReport, session):
@@ -104,6 +135,8 @@ class TerminalReporter:
         cases = report.cases if report.outcome not in ("error", "interrupted") else []
         letters = "".join(LETTERS.get(c.outcome, "?") for c in cases) or LETTERS.get(report.outcome, "?")
         timing = f" ({report.duration:.1f}s)" if report.duration else ""
+        if report.metrics.get("cached"):  # reused from the result cache: nothing was trained
+            timing = " (cached)"
         if self.verbosity > 0:
             for case in cases:
                 self.write_line(f"{case.nodeid} {case.outcome.upper()}", case.outcome)
@@ -194,6 +227,11 @@ class TerminalReporter:
         for word, nodeid, message in lines:
             self.write_line(f"{word} {nodeid} - {message}" if message else f"{word} {nodeid}",
                             "failed" if word != "XPASS" else "xpassed")
+
+
+def _seconds(value: float) -> str:
+    value = int(round(value))
+    return f"{value}s" if value < 60 else f"{value // 60}m{value % 60:02d}s"
 
 
 def _version(dist: str) -> str:

@@ -1,0 +1,100 @@
+"""Files recorded beside a spec (``__snapshots__/``, ``__baselines__/``) and report-time check results.
+
+Snapshots and loss baselines are reviewable YAML next to the spec file they belong to, keyed by the
+test id without its file part (``regression[lora]::expect[0]``), so a key does not depend on the folder
+``sft-spec`` was started from. Some checks need what only the run knows (the options, the recipe's
+settings, the trained model): they finish in a ``sft_spec_make_report`` wrapper, before the outcome is
+decided, through :func:`set_check_result`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from sft_spec.fileio import atomic_write_text
+from sft_spec.loader import spec_stem
+
+#: Libraries whose versions decide a training result (recorded in baselines and result-cache keys).
+LIBRARIES = ("torch", "transformers", "trl", "peft")
+
+
+def library_versions() -> dict[str, str]:
+    versions = {}
+    for name in LIBRARIES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "missing"
+    return versions
+
+
+def short_id(nodeid: str) -> str:
+    """``specs/x.sft.yaml::x[lora]::expect[0]`` -> ``x[lora]::expect[0]``: the file is the YAML file's name."""
+    return nodeid.split("::", 1)[1] if "::" in nodeid else nodeid
+
+
+def recorded_path(spec_path: Path, folder: str) -> Path:
+    # <stem>.yaml, not <name>.sft.yaml.yaml: never a spec file name, so never collected as one.
+    spec_path = Path(spec_path).resolve()
+    return spec_path.parent / folder / (spec_stem(spec_path) + ".yaml")
+
+
+def sha256(data: Any) -> str:
+    raw = data if isinstance(data, bytes) else json.dumps(data, sort_keys=True, ensure_ascii=False,
+                                                          default=str).encode("utf-8")
+    return hashlib.sha256(raw).hexdigest()
+
+
+class RecordedFile:
+    """One ``__snapshots__``/``__baselines__`` file: read once, rewritten atomically when changed."""
+
+    def __init__(self, path: Path, header: str):
+        self.path = path
+        self.header = header
+        self.entries: dict[str, Any] = {}
+        self.error = ""
+        if path.is_file():
+            try:
+                data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+                if not isinstance(data, dict):
+                    raise ValueError(f"expected a mapping of test ids, got {type(data).__name__}")
+                self.entries = {str(k): v for k, v in data.items()}
+            except (OSError, ValueError, yaml.YAMLError) as exc:
+                self.error = f"cannot read {path}: {exc}"
+        self.changed = False
+
+    def set(self, key: str, value: Any) -> None:
+        if self.entries.get(key) != value:
+            self.entries[key] = value
+            self.changed = True
+
+    def remove(self, key: str) -> None:
+        if key in self.entries:
+            del self.entries[key]
+            self.changed = True
+
+    def save(self) -> None:
+        if not self.changed:
+            return
+        body = yaml.safe_dump(dict(sorted(self.entries.items())), allow_unicode=True, sort_keys=False,
+                              default_flow_style=False, width=100)
+        atomic_write_text(self.path, self.header + body)
+        self.changed = False
+
+
+def set_check_result(report, name: str, passed: bool, message: str, *, nodeid: str | None = None,
+                     expected: str | None = None) -> None:
+    """Replace the result of check ``name`` in the report's cases (all, or the one with ``nodeid``)."""
+    for case in report.cases:
+        if nodeid is not None and case.nodeid != nodeid:
+            continue
+        for check in case.checks:
+            if check.name == name and check.on == "after":
+                check.passed, check.message, check.expected = passed, message, expected
+        case.outcome = "passed" if all(c.passed for c in case.checks) else "failed"

@@ -1,0 +1,239 @@
+"""Result cache: an unchanged spec is not trained again; its recorded report is reused.
+
+The key is a hash of everything that decides a result: the normalised spec (after defaults and matrix),
+its conversations and chat template, the bytes of its data files and of its recorded snapshots and
+baselines, the model's identity and revision (the builder version for ``builtin:`` models, file sizes
+and times for a local folder), the library versions, the code of sft-spec and the plugins loaded, the
+device and ``--deterministic``. Entries live under ``<cache dir>/results`` (``--cache-dir``,
+``$SFT_SPEC_CACHE``); each holds the report as JSON with its own hash and, for LoRA, the trained
+adapter. A damaged entry is discarded and rebuilt. ``--no-cache`` runs everything;
+``sft-spec cache clear`` removes the entries. Specs with snapshot or loss-baseline checks are run afresh
+under ``--update-snapshots`` / ``--update-baselines``, which must see a real answer and curve.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+from sft_spec import hookimpl
+
+from . import recorded as rec
+
+FORMAT = 1  # bump when the entry layout changes: old entries are then simply never found
+CACHEABLE = ("passed", "failed", "xfailed", "xpassed")
+
+
+def results_dir(cache_dir: Path) -> Path:
+    return Path(cache_dir) / "results"
+
+
+@functools.lru_cache(maxsize=1)
+def code_hash() -> str:
+    """The source of sft-spec and its built-in plugins: editing either invalidates every result."""
+    import sft_spec_plugins
+
+    import sft_spec
+
+    parts = []
+    for package in (sft_spec, sft_spec_plugins):
+        root = Path(package.__file__).parent
+        for path in sorted(root.rglob("*.py")):
+            parts.append([str(path.relative_to(root)), rec.sha256(path.read_bytes())])
+    return rec.sha256(parts)
+
+
+def _file_hash(path: Path) -> str | None:
+    try:
+        return rec.sha256(path.read_bytes())
+    except OSError:
+        return None
+
+
+def _model_identity(item) -> Any:
+    model = item.spec.model
+    if model.id.startswith("builtin:"):
+        from .builtin_models import BUILD_VERSION
+
+        return ["builtin", BUILD_VERSION]
+    folder = Path(model.id).expanduser()
+    if folder.exists():  # a local folder or file: its contents may change under the same name
+        files = [folder] if folder.is_file() else sorted(p for p in folder.rglob("*") if p.is_file())
+        return [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+    return ["hub", model.revision]
+
+
+def cache_key(item, config) -> str:
+    from .models import pick_device
+
+    spec = item.spec
+    base = Path(item.path).parent
+    return rec.sha256({
+        "format": FORMAT,
+        "nodeid": item.nodeid,
+        "path": str(Path(item.path).resolve()),
+        "spec": spec.model_dump(mode="json"),
+        "conversations": item.conversations,
+        "chat_template": item.chat_template,
+        "selected": [e.index for e in item.selected_expectations],
+        "data_files": [_file_hash(base / f.path) for f in spec.data.files],
+        "recorded": [_file_hash(rec.recorded_path(item.path, folder)) for folder in ("__snapshots__", "__baselines__")],
+        "model": _model_identity(item),
+        "versions": rec.library_versions(),
+        "python": sys.version.split()[0],
+        "code": code_hash(),
+        # Plugin modules (installed or -p), not objects: reporters registered for --json, --html and the
+        # like do not change a result.
+        "plugins": sorted(f"{name}={p.__name__}" for name, p in config.pluginmanager.list_name_plugin()
+                          if hasattr(p, "__file__")),
+        "device": pick_device(config.getoption("device", "auto")),
+        "deterministic": bool(config.getoption("deterministic")),
+    })
+
+
+def _bypass(item, config) -> bool:
+    checks = {name for exp in item.expectations for name, _ in exp.checks}
+    training = {name for name, _, _ in item.training_checks}
+    return bool((config.getoption("update_snapshots") and "snapshot" in checks)
+                or (config.getoption("update_baselines") and "loss_baseline" in training))
+
+
+class ResultCache:
+    """Registered at configure time unless ``--no-cache``."""
+
+    def __init__(self, config):
+        self.config = config
+        self.root = results_dir(config.cache_dir)
+        self.keys: dict[str, str] = {}
+        self.staged: dict[str, Path] = {}
+        self.reused: list[str] = []
+        self.stored: list[str] = []
+        self.discarded: list[str] = []
+
+    def entry(self, key: str) -> Path:
+        return self.root / key[:2] / key
+
+    def load(self, key: str):
+        from .json_report import report_from_dict
+
+        folder = self.entry(key)
+        path = folder / "report.json"
+        if not path.is_file():
+            return None
+        try:
+            doc = json.loads(path.read_text(encoding="utf-8"))
+            body = json.dumps(doc["report"], sort_keys=True, ensure_ascii=False, default=str)
+            if doc.get("key") != key or doc.get("sha256") != rec.sha256(body.encode("utf-8")):
+                raise ValueError("hash mismatch")
+            return report_from_dict(doc["report"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            self.discarded.append(f"{folder} ({type(exc).__name__}: {exc})"[:300])
+            shutil.rmtree(folder, ignore_errors=True)
+            return None
+
+    def store(self, key: str, report, adapter: Path | None) -> None:
+        from sft_spec.fileio import atomic_write_text
+
+        folder = self.entry(key)
+        data = report.to_dict()
+        body = json.dumps(data, sort_keys=True, ensure_ascii=False, default=str)
+        doc = {"key": key, "sha256": rec.sha256(body.encode("utf-8")), "report": json.loads(body)}
+        if adapter is not None and adapter.is_dir():
+            target = folder / "adapter"
+            shutil.rmtree(target, ignore_errors=True)
+            shutil.copytree(adapter, target)
+        # The report goes last: an entry without it is not an entry.
+        atomic_write_text(folder / "report.json", json.dumps(doc, ensure_ascii=False) + "\n")
+        self.stored.append(report.nodeid)
+
+    @hookimpl(tryfirst=True)
+    def sft_spec_run_spec(self, item, session):
+        if item.spec.skip or _bypass(item, self.config):
+            return None
+        try:
+            key = cache_key(item, self.config)
+        except Exception:  # noqa: BLE001 - e.g. --device cuda without one: the run itself reports it
+            return None
+        self.keys[item.nodeid] = key
+        report = self.load(key)
+        if report is None:
+            return None
+        report.metrics["cached"] = True
+        report.metrics["cached_duration"] = report.duration
+        report.duration = 0.0
+        self.reused.append(item.nodeid)
+        return report
+
+    @hookimpl(wrapper=True, specname="sft_spec_run_spec")
+    def store_result(self, item, session):
+        report = yield
+        key = self.keys.pop(item.nodeid, None)
+        adapter = self.staged.pop(item.nodeid, None)
+        if key and report is not None and not report.metrics.get("cached") and report.outcome in CACHEABLE:
+            try:
+                self.store(key, report, adapter)
+            except OSError as exc:  # a full disk must not fail the run
+                self.discarded.append(f"could not store {item.nodeid}: {exc}")
+        return report
+
+    @hookimpl(wrapper=True)
+    def sft_spec_train(self, item, run, trainer):
+        losses = yield
+        if item.spec.method != "full" and item.nodeid in self.keys and hasattr(run.model, "save_pretrained"):
+            folder = run.config.output_dir / re.sub(r"[^\w.\-\[\]]+", "_", item.nodeid) / "cached-adapter"
+            run.model.save_pretrained(str(folder), safe_serialization=True)
+            self.staged[item.nodeid] = folder
+        return losses
+
+    @hookimpl
+    def sft_spec_terminal_summary(self, session, write_line):
+        if self.reused or self.stored:
+            write_line(f"result cache: {len(self.reused)} reused, {len(self.stored)} stored in {self.root} "
+                       "(--no-cache to retrain)")
+        for problem in self.discarded:
+            write_line(f"result cache: discarded a damaged entry: {problem}")
+
+
+@hookimpl
+def sft_spec_addoption(parser) -> None:
+    parser.add_argument("--no-cache", action="store_true", dest="no_cache",
+                        help="train every spec, even if an unchanged one has a cached result "
+                        "(results are cached in <cache dir>/results)")
+
+
+@hookimpl
+def sft_spec_configure(config) -> None:
+    if config.getoption("command") == "run" and not config.getoption("no_cache") \
+            and not config.getoption("collect_only"):
+        config.pluginmanager.register(ResultCache(config), "result_cache_store")
+
+
+def _add_arguments(parser) -> None:
+    parser.add_argument("action", choices=("clear", "info"), help="clear: remove every cached result; "
+                        "info: where the cache is and how much it holds")
+    parser.add_argument("--cache-dir", type=Path, help="cache folder (default: $SFT_SPEC_CACHE or "
+                        "~/.cache/sft-spec)")
+
+
+def _run_command(options, pluginmanager) -> int:
+    from sft_spec.fileio import default_cache_dir
+
+    root = results_dir(options.cache_dir or default_cache_dir())
+    entries = list(root.glob("*/*/report.json")) if root.is_dir() else []
+    if options.action == "info":
+        size = sum(p.stat().st_size for p in root.rglob("*") if p.is_file()) if root.is_dir() else 0
+        print(f"{root}: {len(entries)} cached results, {size / 1e6:.1f} MB")
+        return 0
+    shutil.rmtree(root, ignore_errors=True)
+    print(f"removed {len(entries)} cached results from {root}")
+    return 0
+
+
+@hookimpl
+def sft_spec_register_commands(register) -> None:
+    register("cache", "manage the result cache (clear, info)", _add_arguments, _run_command)

@@ -1,0 +1,85 @@
+"""Forgetting probes: ``retains: true`` (or ``{similar: 0.8}``) on an expectation.
+
+The answer after training must be the base model's answer before training. Base answers are asked for
+once per base model: they are cached for the run (``config.stash``) by what decides them (the model,
+the device, 4-bit or not, the prompt as formatted text, the generation settings), so ten specs that
+share a base model and a probe generate its base answer once.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from sft_spec import hookimpl
+from sft_spec.registry import Check, CheckContext, CheckResult
+
+from .checks import similarity
+
+STASH_KEY = "retains.base_answers"
+
+
+def _valid(value: Any) -> str | None:
+    if value is True:
+        return None
+    if isinstance(value, dict) and set(value) == {"similar"}:
+        at_least = value["similar"]
+        if not isinstance(at_least, bool) and isinstance(at_least, int | float) and 0 <= at_least <= 1:
+            return None
+        return f"retains.similar: expected a number from 0 to 1, got {at_least!r}"
+    return f"retains: expected true or {{similar: 0.8}}, got {value!r}"
+
+
+def retains(answer: str, argument: Any, ctx: CheckContext) -> CheckResult:
+    base = ctx.base_answer
+    if base is None:
+        return CheckResult(False, "no base answer was generated before training")
+    if argument is True:
+        ok = answer == base
+        return CheckResult(ok, "" if ok else f"forgot the base model's answer {base!r}", expected=base)
+    at_least = argument["similar"]
+    score = similarity(answer, base)
+    ok = score >= at_least
+    return CheckResult(ok, f"similarity to the base answer {score:.2f} (needs {at_least})",
+                       expected=None if ok else base)
+
+
+@hookimpl
+def sft_spec_register_checks(register) -> None:
+    register(Check("retains", retains, "true or {similar: 0.8}: the answer is (close to) the base model's "
+                   "answer before training (a forgetting probe)", _valid, needs_base_answer=True))
+
+
+def _is_base_call(run) -> bool:
+    # The runner asks for base answers right after loading, before any example is formatted or masked.
+    return not run.examples and run.model is run.loaded.model
+
+
+def _key(item, run, text: str) -> str:
+    spec = item.spec
+    return json.dumps([spec.model.model_dump(), run.loaded.device, spec.method == "qlora", spec.quantization,
+                       text, spec.generation.model_dump()], sort_keys=True, default=str)
+
+
+@hookimpl(tryfirst=True)
+def sft_spec_generate(item, run, prompts) -> list[dict] | None:
+    if run.scratch.get("retains.inner") or run.loaded is None or not _is_base_call(run):
+        return None
+    hook = run.config.hook
+    cache: dict[str, dict] = run.config.stash.setdefault(STASH_KEY, {})
+    texts = [hook.sft_spec_format(item=item, run=run, messages=p, add_generation_prompt=True).text for p in prompts]
+    keys = [_key(item, run, t) for t in texts]
+    missing = [i for i, k in enumerate(keys) if k not in cache]
+    if missing:
+        # Ask the other generate implementations for what is not cached yet (this one steps aside).
+        run.scratch["retains.inner"] = True
+        try:
+            fresh = hook.sft_spec_generate(item=item, run=run, prompts=[prompts[i] for i in missing])
+        finally:
+            run.scratch.pop("retains.inner", None)
+        for i, answer in zip(missing, fresh, strict=True):
+            cache[keys[i]] = answer
+    hits = len(prompts) - len(missing)
+    if hits:
+        run.metrics["base_answers_reused"] = run.metrics.get("base_answers_reused", 0) + hits
+    return [dict(cache[k]) for k in keys]

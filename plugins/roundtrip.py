@@ -1,0 +1,120 @@
+"""Adapter round trip: ``checks: {roundtrip: true}`` on LoRA/QLoRA specs.
+
+What a user ships is the saved adapter, not the model in memory. After training, the adapter is saved
+(safetensors) to the spec's output folder, loaded onto a fresh base model (the model loader's own
+load, not the run's shared cached model), and that copy is then merged (``merge_and_unload``). The
+greedy answers of the trained model, the reloaded adapter and the merged model must be identical on
+every expectation prompt; the check names each prompt where they differ.
+
+It runs right after the trained model answered the expectations (wrapping ``sft_spec_generate``),
+while the adapter is still attached: the LoRA finalizer removes it before reports are made.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import re
+from typing import Any
+
+from sft_spec import hookimpl
+from sft_spec.registry import Check, CheckContext, CheckResult
+
+from .recorded import set_check_result
+
+SCRATCH = "roundtrip.result"
+
+
+def _valid(value: Any) -> str | None:
+    return None if value is True else f"roundtrip: expected true, got {value!r}"
+
+
+def roundtrip(_: str, __: Any, ctx: CheckContext) -> CheckResult:
+    # The result is filled in at report time (see sft_spec_make_report); this shows if that never happened.
+    return CheckResult(False, "the adapter round trip did not run")
+
+
+@hookimpl
+def sft_spec_register_checks(register) -> None:
+    register(Check("roundtrip", roundtrip, "true (lora/qlora): the saved adapter, reloaded on a fresh base and "
+                   "merged, gives the same greedy answers as the trained model", _valid, scope="training"))
+
+
+def _wants(item) -> bool:
+    return any(name == "roundtrip" for name, _, _ in item.training_checks)
+
+
+@hookimpl
+def sft_spec_validate_spec(item, session) -> list[str] | None:
+    if not _wants(item):
+        return None
+    problems = []
+    if item.spec.method == "full":
+        problems.append("checks.roundtrip needs method lora or qlora (a full fine-tune has no adapter to save)")
+    if not item.expectations:
+        problems.append("checks.roundtrip compares answers on the expect prompts: add at least one expectation")
+    return problems
+
+
+@hookimpl(wrapper=True)
+def sft_spec_generate(item, run, prompts):
+    answers = yield
+    # The call after training (examples are masked by then), once, and not for our own generations.
+    if (_wants(item) and item.spec.method != "full" and run.examples and answers is not None
+            and SCRATCH not in run.scratch):
+        run.scratch[SCRATCH] = {"running": True}
+        try:
+            run.scratch[SCRATCH] = _round_trip(item, run, prompts, answers)
+        except Exception as exc:  # the check fails with the reason; the spec's other results stand
+            run.scratch[SCRATCH] = {"passed": False, "message": f"round trip failed: {type(exc).__name__}: {exc}"}
+    return answers
+
+
+def _round_trip(item, run, prompts: list, answers: list[dict]) -> dict:
+    from peft import PeftModel
+
+    from .models import pick_device, quantization_config
+
+    config = run.config
+    folder = config.output_dir / re.sub(r"[^\w.\-\[\]]+", "_", item.nodeid) / "adapter"
+    run.model.save_pretrained(str(folder), safe_serialization=True)
+    if not (folder / "adapter_model.safetensors").is_file():
+        return {"passed": False, "message": f"no adapter_model.safetensors was written to {folder}"}
+    named = config.registry.loader_for(item.spec.model)
+    device = pick_device(config.getoption("device", "auto"))
+    quantization = quantization_config(item, device) if item.spec.method == "qlora" else None
+    fresh = named.obj.load(item.spec.model, config, quantization=quantization)
+    try:
+        reloaded = PeftModel.from_pretrained(fresh.model, str(folder))
+        reloaded.eval()
+        hook = config.hook
+        reloaded_answers = hook.sft_spec_generate(item=item, run=dataclasses.replace(run, model=reloaded),
+                                                  prompts=prompts)
+        merged = reloaded.merge_and_unload()  # on the fresh copy: the shared base never holds merged weights
+        merged.eval()
+        merged_answers = hook.sft_spec_generate(item=item, run=dataclasses.replace(run, model=merged),
+                                                prompts=prompts)
+    finally:
+        del fresh
+        gc.collect()
+    differences = []
+    for prompt, trained, again, merged_one in zip(prompts, answers, reloaded_answers, merged_answers, strict=True):
+        if trained["text"] == again["text"] == merged_one["text"]:
+            continue
+        shown = prompt[-1]["content"]
+        differences.append(f"{shown!r}: trained {trained['text']!r}, reloaded {again['text']!r}, "
+                           f"merged {merged_one['text']!r}")
+    if differences:
+        return {"passed": False, "message": f"{len(differences)} of {len(prompts)} prompts differ: "
+                + "; ".join(differences), "adapter": str(folder)}
+    return {"passed": True, "message": f"saved, reloaded and merged adapter agree on {len(prompts)} prompts",
+            "adapter": str(folder)}
+
+
+@hookimpl(wrapper=True)
+def sft_spec_make_report(item, run, report):
+    if _wants(item):
+        result = run.scratch.get(SCRATCH) or {"passed": False, "message": "the adapter round trip did not run "
+                                                "(the trained model answered no prompt)"}
+        set_check_result(report, "roundtrip", bool(result.get("passed")), result.get("message", ""))
+    return (yield)

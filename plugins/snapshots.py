@@ -1,0 +1,158 @@
+"""Snapshot checks: ``snapshot: true`` compares an answer with the one recorded beside the spec.
+
+Answers live in ``__snapshots__/<spec file name>.yaml``, keyed by test id (``name[variant]::expect[i]``),
+so a changed answer shows up as a one-line diff in review. ``--update-snapshots`` records new answers
+and rewrites changed ones (and drops entries no test uses any more); the terminal summary lists what
+was added, changed or is unused.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from sft_spec import hookimpl
+from sft_spec.registry import Check, CheckContext, CheckResult
+
+from .recorded import RecordedFile, recorded_path, set_check_result, short_id
+
+FOLDER = "__snapshots__"
+HEADER = ("# Answers recorded by `sft-spec run --update-snapshots` for `snapshot: true` checks.\n"
+          "# Keyed by test id; review changes like code.\n")
+STASH = "snapshots.state"
+
+
+def snapshot_path(spec_path: Path) -> Path:
+    return recorded_path(spec_path, FOLDER)
+
+
+def _valid(value: Any) -> str | None:
+    return None if value is True else f"snapshot: expected true, got {value!r}"
+
+
+def snapshot(answer: str, _: Any, ctx: CheckContext) -> CheckResult:
+    path = snapshot_path(ctx.item.path)
+    recorded = RecordedFile(path, HEADER)
+    if recorded.error:
+        return CheckResult(False, f"{recorded.error}; rewrite it with --update-snapshots")
+    key = short_id(ctx.expectation.nodeid)
+    if key not in recorded.entries:
+        return CheckResult(False, f"no snapshot recorded for {key} in {path}; record it with --update-snapshots")
+    expected = recorded.entries[key]
+    ok = answer == expected
+    return CheckResult(ok, "" if ok else f"the answer differs from the snapshot in {path} "
+                       "(accept it with --update-snapshots)", expected=None if ok else str(expected))
+
+
+@hookimpl
+def sft_spec_register_checks(register) -> None:
+    register(Check("snapshot", snapshot, "true: the answer equals the one recorded in __snapshots__/ "
+                   "(record with --update-snapshots)", _valid))
+
+
+@hookimpl
+def sft_spec_addoption(parser) -> None:
+    parser.add_argument("--update-snapshots", action="store_true", dest="update_snapshots",
+                        help="record answers of `snapshot: true` checks (new or changed) and drop unused ones")
+
+
+class _State:
+    def __init__(self) -> None:
+        self.files: dict[Path, RecordedFile] = {}
+        self.added: list[str] = []
+        self.changed: list[str] = []
+        self.incomplete: set[Path] = set()  # files with a broken spec: their entries cannot be judged
+        self.unused: dict[Path, list[str]] = {}
+
+    def file(self, spec_path: Path) -> RecordedFile:
+        return self.load(snapshot_path(spec_path))
+
+    def load(self, path: Path) -> RecordedFile:
+        if path not in self.files:
+            self.files[path] = RecordedFile(path, HEADER)
+        return self.files[path]
+
+
+def _state(config) -> _State:
+    return config.stash.setdefault(STASH, _State())
+
+
+def _snapshot_exps(item) -> list:
+    return [e for e in item.expectations if any(name == "snapshot" for name, _ in e.checks)]
+
+
+@hookimpl(wrapper=True)
+def sft_spec_make_report(item, run, report):
+    if run.config.getoption("update_snapshots") and _snapshot_exps(item):
+        _record(_state(run.config), item, report)
+    return (yield)
+
+
+def _record(state: _State, item, report) -> None:
+    recorded = state.file(item.path)
+    for case in report.expectations:
+        if case.answer is None or not any(c.name == "snapshot" for c in case.checks):
+            continue
+        key = short_id(case.nodeid)
+        old = recorded.entries.get(key)
+        if old == case.answer:
+            continue
+        recorded.set(key, case.answer)
+        (state.added if old is None else state.changed).append(case.nodeid)
+        verb = "recorded" if old is None else f"updated (was {old!r})"
+        set_check_result(report, "snapshot", True, f"snapshot {verb}", nodeid=case.nodeid)
+    recorded.save()
+
+
+@hookimpl
+def sft_spec_log_report(report, session) -> None:
+    # A spec that broke has no answers: its file's unused entries cannot be judged.
+    if report.outcome in ("error", "interrupted") and report.path:
+        _state(session.config).incomplete.add(snapshot_path(Path(report.path)))
+
+
+def _unused(session) -> dict[Path, list[str]]:
+    """Recorded entries no test id has any more, in files whose specs all ran with every expectation."""
+    config = session.config
+    if config.getoption("keyword") or config.getoption("markexpr") or session.shouldstop or session.interrupted:
+        return {}
+    state = _state(config)
+    used: dict[Path, set[str]] = {}
+    for item in session.items:
+        path = snapshot_path(item.path)
+        used.setdefault(path, set()).update(short_id(e.nodeid) for e in _snapshot_exps(item))
+    out = {}
+    for path, keys in used.items():
+        if path in state.incomplete or not path.is_file():
+            continue
+        extra = sorted(set(state.load(path).entries) - keys)
+        if extra:
+            out[path] = extra
+    return out
+
+
+@hookimpl
+def sft_spec_session_finish(session, exitstatus) -> None:
+    state = _state(session.config)
+    state.unused = _unused(session)
+    if session.config.getoption("update_snapshots"):
+        for path, keys in state.unused.items():
+            recorded = state.load(path)
+            for key in keys:
+                recorded.remove(key)
+            recorded.save()
+
+
+@hookimpl
+def sft_spec_terminal_summary(session, write_line) -> None:
+    state: _State | None = session.config.stash.get(STASH)
+    if state is None:
+        return
+    updating = session.config.getoption("update_snapshots")
+    if state.added:
+        write_line(f"snapshots: {len(state.added)} added: {', '.join(state.added)}")
+    if state.changed:
+        write_line(f"snapshots: {len(state.changed)} changed: {', '.join(state.changed)}")
+    for path, keys in state.unused.items():
+        verb = "removed" if updating else "unused (remove with --update-snapshots)"
+        write_line(f"snapshots: {len(keys)} {verb} in {path}: {', '.join(keys)}")

@@ -1,0 +1,100 @@
+"""Result cache: a second run of an unchanged suite trains nothing and reports the same outcomes; a changed
+spec, --no-cache and a damaged entry train again; `sft-spec cache clear` empties it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from sft_spec import hookimpl
+
+SPEC = """\
+    model: builtin:tiny-gemma
+    method: {method}
+    lora: {{r: 16, lora_alpha: 32, target_modules: [q_proj, v_proj]}}
+    training: {{num_train_epochs: 2, learning_rate: 1.0e-2}}
+    generation: {{max_new_tokens: 4}}
+    data:
+      conversations:
+        - - {{role: user, content: 微调测试}}
+          - {{role: assistant, content: 我学会了}}
+    expect:
+      - {{prompt: 微调测试, {check}}}
+"""
+
+
+@dataclass
+class CountTraining:
+    trained: list[str] = field(default_factory=list)
+
+    @hookimpl(tryfirst=True)
+    def sft_spec_train(self, item, run, trainer):
+        self.trained.append(item.name)
+
+
+def outcomes(result) -> list[tuple[str, str]]:
+    return [(c.nodeid, c.outcome) for r in result.recorder.reports for c in r.cases]
+
+
+def test_unchanged_suite_is_not_trained_again(sft, write_spec, tmp_path):
+    cache = tmp_path / "cache"
+    folder = write_spec("a.sft.yaml", SPEC.format(method="lora", check="not_equals: 我学会了")).parent
+    write_spec("b.sft.yaml", SPEC.format(method="full", check="equals: 我学会了"))  # fails: 2 epochs
+    counter = CountTraining()
+    first = sft("run", folder, "--cache-dir", cache, plugins=[counter])
+    assert first.code == 1 and counter.trained == ["a", "b"]
+    assert list(cache.glob("results/*/*/adapter/adapter_model.safetensors"))  # a's LoRA adapter is kept
+
+    counter.trained.clear()
+    second = sft("run", folder, "--cache-dir", cache, plugins=[counter])
+    assert counter.trained == []
+    assert outcomes(second) == outcomes(first) and second.code == first.code
+    assert second.out.count("(cached)") == 2
+    assert "result cache: 2 reused, 0 stored" in second.out
+    assert [r.losses for r in second.recorder.reports] == [r.losses for r in first.recorder.reports]
+
+    # A changed spec is trained again; the unchanged one is still reused.
+    write_spec("b.sft.yaml", SPEC.format(method="full", check="not_equals: 我学会了"))
+    third = sft("run", folder, "--cache-dir", cache, plugins=[counter])
+    assert counter.trained == ["b"] and third.code == 0
+
+    counter.trained.clear()
+    sft("run", folder, "--cache-dir", cache, "--no-cache", plugins=[counter])
+    assert counter.trained == ["a", "b"]
+
+
+def test_damaged_entry_is_discarded_and_rebuilt(sft, write_spec, tmp_path):
+    cache = tmp_path / "cache"
+    path = write_spec("a.sft.yaml", SPEC.format(method="lora", check="not_equals: 我学会了"))
+    counter = CountTraining()
+    sft("run", path, "--cache-dir", cache, plugins=[counter])
+    (entry,) = cache.glob("results/*/*/report.json")
+    entry.write_text(entry.read_text(encoding="utf-8").replace('"passed"', '"failed"', 1), encoding="utf-8")
+    again = sft("run", path, "--cache-dir", cache, plugins=[counter])
+    assert counter.trained == ["a", "a"] and again.code == 0
+    assert "discarded a damaged entry" in again.out
+    assert len(list(cache.glob("results/*/*/report.json"))) == 1
+
+    cleared = sft("cache", "clear", "--cache-dir", cache)
+    assert cleared.code == 0 and "removed 1 cached results" in cleared.out
+    assert not list(cache.glob("results/*/*/report.json"))
+
+
+def test_update_flags_bypass_the_cache(sft, write_spec, tmp_path):
+    cache = tmp_path / "cache"
+    path = write_spec("s.sft.yaml", SPEC.format(method="lora", check="snapshot: true"))
+    counter = CountTraining()
+    sft("run", path, "--cache-dir", cache, "--update-snapshots", plugins=[counter])
+    sft("run", path, "--cache-dir", cache, "--update-snapshots", plugins=[counter])
+    assert counter.trained == ["s", "s"]
+
+
+def test_deterministic_runs_repeat_and_say_what_it_costs(sft, write_spec):
+    import torch
+
+    path = write_spec("d.sft.yaml", SPEC.format(method="lora", check="not_equals: 我学会了"))
+    first = sft("run", path, "--deterministic", "--no-cache")
+    second = sft("run", path, "--deterministic", "--no-cache")
+    assert first.recorder.reports[0].losses == second.recorder.reports[0].losses
+    assert "deterministic: torch.use_deterministic_algorithms(True)" in first.out
+    assert "training took" in first.out
+    assert not torch.are_deterministic_algorithms_enabled()  # restored after the run

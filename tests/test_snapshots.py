@@ -1,0 +1,66 @@
+"""Snapshots: recorded with --update-snapshots, a changed answer fails with a diff, a missing one says how
+to record it, and entries no test uses any more are reported."""
+
+from __future__ import annotations
+
+import yaml
+
+SPEC = """\
+    model: builtin:tiny-gemma
+    method: lora
+    lora: {r: 16, lora_alpha: 32, target_modules: [q_proj, v_proj]}
+    training: {num_train_epochs: 2, learning_rate: 1.0e-2}
+    generation: {max_new_tokens: 6}
+    data:
+      conversations:
+        - - {role: user, content: 微调测试}
+          - {role: assistant, content: 我学会了}
+    expect:
+      - prompt: 微调测试
+        snapshot: true
+"""
+
+
+def test_snapshot_record_change_missing_and_unused(sft, write_spec, tmp_path):
+    path = write_spec("snap.sft.yaml", SPEC)
+    recorded = tmp_path / "__snapshots__" / "snap.yaml"
+
+    first = sft("run", path, "--update-snapshots", "--no-cache")
+    assert first.code == 0, first.out
+    assert "snapshots: 1 added" in first.out
+    entries = yaml.safe_load(recorded.read_text(encoding="utf-8"))
+    answer = first.recorder.reports[0].expectations[0].answer
+    assert entries == {"snap::expect[0]": answer}
+
+    # Someone's change altered the answer: simulate it by editing the record, and leave a stale entry.
+    recorded.write_text(yaml.safe_dump({"snap::expect[0]": answer + "变", "gone::expect[3]": "x"},
+                                       allow_unicode=True), encoding="utf-8")
+    changed = sft("run", path, "--no-cache")
+    assert changed.code == 1
+    assert f"expected: {answer}变" in changed.out
+    assert "diff:" in changed.out and "[-变-]" in changed.out
+    assert "snapshots: 1 unused" in changed.out and "gone::expect[3]" in changed.out
+
+    recorded.unlink()
+    missing = sft("run", path, "--no-cache")
+    assert missing.code == 1
+    assert "no snapshot recorded for snap::expect[0]" in missing.out
+    assert "--update-snapshots" in missing.out
+
+
+def test_update_rewrites_a_changed_snapshot_and_drops_unused(sft, write_spec, tmp_path):
+    path = write_spec("snap.sft.yaml", SPEC)
+    recorded = tmp_path / "__snapshots__" / "snap.yaml"
+    recorded.parent.mkdir()
+    recorded.write_text(yaml.safe_dump({"snap::expect[0]": "old", "gone::expect[0]": "x"}), encoding="utf-8")
+    result = sft("run", path, "--update-snapshots")
+    assert result.code == 0, result.out
+    assert "snapshots: 1 changed" in result.out and "snapshots: 1 removed" in result.out
+    entries = yaml.safe_load(recorded.read_text(encoding="utf-8"))
+    assert list(entries) == ["snap::expect[0]"] and entries["snap::expect[0]"] != "old"
+
+
+def test_snapshot_takes_only_true(sft, write_spec):
+    result = sft("validate", write_spec("bad.sft.yaml", SPEC.replace("snapshot: true", "snapshot: yes please")))
+    assert result.code == 1
+    assert "snapshot: expected true" in result.out
