@@ -13,7 +13,7 @@ import time
 from typing import Any
 
 from sft_spec import hookimpl
-from sft_spec.errors import SkipSpec
+from sft_spec.errors import SkipSpec, SpecError
 
 #: Our defaults where TRL's differ from what the reference recipe (transformers' TrainingArguments) used.
 HARNESS_DEFAULTS: dict[str, Any] = {
@@ -41,6 +41,35 @@ def _bitsandbytes_ok() -> str | None:
     return None
 
 
+def unsupported(run, problem: str, nearest: str, apply) -> None:
+    """A setting this device cannot run: fall back, skip or fail, as ``--on-unsupported`` says."""
+    policy = run.config.getoption("on_unsupported", "fallback") or "fallback"
+    if policy == "skip":
+        raise SkipSpec(f"{problem} (--on-unsupported=skip)")
+    if policy == "error":
+        raise SpecError(f"{problem}; pass --on-unsupported=fallback to run with {nearest} instead")
+    apply()
+    run.note(f"{problem}: fell back to {nearest} (--on-unsupported=fallback)")
+
+
+def _cpu_has_native_bf16() -> bool:
+    import torch
+
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+@hookimpl
+def sft_spec_addoption(parser):
+    parser.add_argument(
+        "--on-unsupported", choices=("fallback", "skip", "error"), default="fallback",
+        help="a setting the device cannot run (fp16 or emulated bf16 on CPU, 8-bit optimizers without "
+             "bitsandbytes): fall back to the nearest that works and say so (default), skip the spec, or fail it",
+    )
+
+
 def sft_config_kwargs(item, run, device: str) -> dict[str, Any]:
     """The SFTConfig arguments for this spec on this device, with notes for every change."""
     import torch
@@ -60,25 +89,27 @@ def sft_config_kwargs(item, run, device: str) -> dict[str, Any]:
     if device == "cpu":
         kwargs["use_cpu"] = True
         if user.get("fp16"):
-            kwargs["fp16"] = False
-            run.note("fp16 needs a GPU: fell back to fp32 on CPU")
+            unsupported(run, "fp16 needs a GPU", "fp32", lambda: kwargs.update(fp16=False))
         if user.get("bf16"):
-            run.note("bf16 on CPU: runs with use_cpu=True (bf16 autocast), slower than fp32 on most CPUs")
+            if _cpu_has_native_bf16():
+                run.note("bf16 on CPU: runs with use_cpu=True (bf16 autocast)")
+            else:
+                # Without AVX-512 BF16/AMX, bf16 matmuls are emulated: measured 4x slower than fp32 here.
+                unsupported(run, "bf16 is emulated on this CPU (no native bf16 support)", "fp32",
+                            lambda: kwargs.update(bf16=False))
         elif "bf16" not in user:
             kwargs["bf16"] = False  # TRL defaults bf16 on, which it then refuses on a CPU
     elif on_cuda:
         if user.get("bf16", "bf16" not in user and not user.get("fp16")) and not torch.cuda.is_bf16_supported():
-            kwargs["bf16"] = False
-            kwargs["fp16"] = True
-            run.note("bf16 is not supported by this GPU: fell back to fp16")
+            unsupported(run, "bf16 is not supported by this GPU", "fp16", lambda: kwargs.update(bf16=False, fp16=True))
     elif device == "mps":
         kwargs.setdefault("bf16", False)
     optim = str(kwargs.get("optim", ""))
     if BNB_OPTIMIZERS.search(optim):
         problem = _bitsandbytes_ok()
         if problem:
-            kwargs["optim"] = "adamw_torch"
-            run.note(f"optim={optim} needs bitsandbytes ({problem}): fell back to adamw_torch")
+            unsupported(run, f"optim={optim} needs bitsandbytes ({problem})", "adamw_torch",
+                        lambda: kwargs.update(optim="adamw_torch"))
     return kwargs
 
 

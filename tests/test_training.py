@@ -68,3 +68,16 @@ def test_settings_and_cpu_fallbacks_are_reported(sft, write_spec, one_answer_spe
     # Our deliberate default, visible in the report: TRL's SFTConfig would turn it on.
     training = report.settings["training"]
     assert training.get("activation_checkpointing", training.get("gradient_checkpointing")) is False
+
+
+def test_on_unsupported_chooses_between_fallback_skip_and_error(sft, write_spec, one_answer_spec):
+    text = one_answer_spec(method="lora", epochs=1).replace("batch_size: 8", "batch_size: 8, fp16: true")
+    path = write_spec("fp16.sft.yaml", text)
+    skipped = sft("run", path, "--on-unsupported", "skip", "-v")
+    assert skipped.recorder.reports[0].outcome == "skipped"
+    assert "fp16 needs a GPU (--on-unsupported=skip)" in skipped.out
+    assert skipped.code == 0
+    failed = sft("run", path, "--on-unsupported", "error")
+    assert failed.recorder.reports[0].outcome == "error"
+    assert "pass --on-unsupported=fallback to run with fp32 instead" in failed.out
+    assert failed.code == 1
