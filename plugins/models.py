@@ -16,6 +16,7 @@ from sft_spec.errors import SkipSpec, SpecError
 from sft_spec.runner import LoadedModel
 
 from .builtin_models import BUILTIN_MODELS, builtin_model_dir
+from .gguf import PACKAGED_MODELS  # builtin: names of real models, served by the gguf loader
 
 BUILTIN_PREFIX = "builtin:"
 
@@ -60,14 +61,15 @@ class BuiltinLoader:
     """``builtin:NAME``: tiny random models built offline on first use and cached."""
 
     def claims(self, model_spec) -> bool:
-        return model_spec.id.startswith(BUILTIN_PREFIX)
+        name = model_spec.id[len(BUILTIN_PREFIX):]
+        return model_spec.id.startswith(BUILTIN_PREFIX) and name not in PACKAGED_MODELS
 
     def validate(self, model_spec) -> str | None:
         from sft_spec.errors import did_you_mean
 
         name = model_spec.id[len(BUILTIN_PREFIX):]
         if name not in BUILTIN_MODELS:
-            return did_you_mean(name, list(BUILTIN_MODELS), "builtin model")
+            return did_you_mean(name, [*BUILTIN_MODELS, *PACKAGED_MODELS], "builtin model")
         return None
 
     def load(self, model_spec, config, *, quantization=None) -> LoadedModel:
@@ -112,6 +114,8 @@ def load_pretrained(location: str, model_spec, config, *, quantization=None, sou
         kwargs["device_map"] = {"": device if device != "cuda" else 0}
     kwargs.update(extra_kwargs or {})
     tokenizer_id = model_spec.tokenizer or location
+    if not Path(location).exists() and not _in_local_cache(location, model_spec.revision) and not _hub_reachable():
+        raise SpecError(_explain_load_error(location, OSError("the Hub cannot be reached from this machine"), config))
     try:
         tokenizer = AutoTokenizer.from_pretrained(
             tokenizer_id, revision=model_spec.revision, trust_remote_code=model_spec.trust_remote_code,
@@ -127,6 +131,35 @@ def load_pretrained(location: str, model_spec, config, *, quantization=None, sou
     model.eval()
     return LoadedModel(model=model, tokenizer=tokenizer, device=device, source=source or location,
                        info={"dtype": str(next(model.parameters()).dtype).replace("torch.", "")})
+
+
+def _in_local_cache(repo_id: str, revision: str | None) -> bool:
+    """True when the hub's local cache already holds the model's config (so it loads offline)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(repo_id, "config.json", revision=revision)
+        return isinstance(found, str)
+    except Exception:  # noqa: BLE001 - an invalid repo id is simply not cached
+        return False
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """One quick TCP connect instead of transformers' retries, which take about a minute offline."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return False
+    try:
+        from huggingface_hub import constants
+
+        endpoint = urlparse(constants.ENDPOINT)
+        with socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 def _explain_load_error(location: str, exc: OSError, config) -> str:
