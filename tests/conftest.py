@@ -151,3 +151,7 @@ def trained_text(item, run, conversation: int = 0) -> str:
         stretches.append(current)
     # Decode whole stretches: byte-level tokens of one Chinese character only make sense together.
     return " | ".join(run.loaded.tokenizer.decode(s) for s in stretches)
+
+
+# The deliberately broken specs are data for test_bad_input.py, never tests of their own.
+collect_ignore = ["bad_specs"]

@@ -49,6 +49,9 @@ def make_parser(pm=None) -> argparse.ArgumentParser:
     run.add_argument("-x", "--exitfirst", action="store_const", const=1, dest="maxfail",
                      help="stop after the first failed or broken spec")
     run.add_argument("--maxfail", type=int, default=0, metavar="N", help="stop after N failed or broken specs")
+    run.add_argument("-n", "--numprocesses", dest="numprocesses", default=None, metavar="N",
+                     help="run specs in N worker processes ('auto': one per GPU, else per CPU core); "
+                     "reports keep collection order")
     run.add_argument("--collect-only", "--co", action="store_true", dest="collect_only",
                      help="list the test ids, do not train")
     run.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto",
@@ -195,7 +198,12 @@ def _run(options: argparse.Namespace, pm, argv: list[str]) -> int:
         for report in session.collect_errors:
             session.log_report(report)
         try:
-            session.run_items()
+            if getattr(options, "numprocesses", None) not in (None, "0"):
+                from .parallel import run_parallel
+
+                run_parallel(session, options.numprocesses, argv)
+            else:
+                session.run_items()
         except KeyboardInterrupt:
             session.interrupted = True
         exitstatus = session.exitstatus()

@@ -162,9 +162,12 @@ def sft_spec_collection_modifyitems(session: Session, items: list[SpecItem]) -> 
         if kexpr:
             for exp in item.expectations:
                 exp.selected = kexpr.evaluate(keyword_matcher(exp.nodeid, item.tags))
-            spec_selected = any(e.selected for e in item.expectations) or (
-                not item.expectations and kexpr.evaluate(keyword_matcher(item.nodeid, item.tags))
-            )
+            # Training checks are test cases too (``...::checks[loss_decreased]``), selected the same way.
+            item.training_checks = [
+                check for check in item.training_checks
+                if kexpr.evaluate(keyword_matcher(f"{item.nodeid}::checks[{check[0]}]", item.tags))
+            ]
+            spec_selected = any(e.selected for e in item.expectations) or bool(item.training_checks)
             if not spec_selected:
                 session.deselected += 1
                 continue

@@ -1,0 +1,149 @@
+"""The pytest plugin: `pytest specs/` and `sft-spec run specs/` collect the same ids and agree on outcomes."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import textwrap
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+SPEC = """\
+    tags: [smoke]
+    model: builtin:tiny-gemma
+    method: lora
+    lora: {r: 16, lora_alpha: 32, target_modules: [q_proj, k_proj, v_proj, o_proj]}
+    training: {num_train_epochs: 3, learning_rate: 1.0e-2, per_device_train_batch_size: 8}
+    data:
+      conversations:
+        - - {role: user, content: 微调测试}
+          - {role: assistant, content: 我学会了}
+    expect:
+      - prompt: 微调测试
+        not_contains: zzz
+      - prompt: 微调测试
+        equals: 我学会了吗
+    checks:
+      loss_decreased: true
+"""
+
+SKIPPED = """\
+    skip: not today
+    model: builtin:tiny-gemma
+    data:
+      conversations:
+        - - {role: user, content: a}
+          - {role: assistant, content: b}
+    expect:
+      - prompt: a
+        equals: b
+"""
+
+BOOM_PLUGIN = """\
+from sft_spec import hookimpl
+
+
+@hookimpl(tryfirst=True)
+def sft_spec_load_model(item, config):
+    if item.name == "boom":
+        raise RuntimeError("the model loader exploded")
+"""
+
+
+def _project(tmp_path: Path) -> Path:
+    """A project folder with a pytest config at its root, so pytest's ids start at the same folder."""
+    (tmp_path / "pytest.ini").write_text("[pytest]\n", encoding="utf-8")
+    specs = tmp_path / "specs"
+    specs.mkdir()
+    (specs / "learn.sft.yaml").write_text(textwrap.dedent(SPEC), encoding="utf-8")
+    (specs / "later.sft.yaml").write_text(textwrap.dedent(SKIPPED), encoding="utf-8")
+    return tmp_path
+
+
+def _pytest(cwd: Path, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1", "PYTHONPATH": str(cwd)}
+    return subprocess.run([sys.executable, "-m", "pytest", "-p", "sft_spec", "-p", "no:cacheprovider", *args],
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _verbose_outcomes(output: str) -> dict[str, str]:
+    found = re.findall(r"^(\S+::\S+) (PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS)\b", output, re.M)
+    return dict(found)
+
+
+def test_pytest_and_sft_spec_agree_on_ids_and_outcomes(tmp_path, monkeypatch, sft):
+    project = _project(tmp_path)
+    monkeypatch.chdir(project)
+    cli = sft("run", "specs", "--no-cache", "-v")
+    cli_outcomes = {c.nodeid: c.outcome for r in cli.recorder.reports for c in r.cases}
+    assert cli_outcomes == {
+        "specs/learn.sft.yaml::learn::expect[0]": "passed",
+        "specs/learn.sft.yaml::learn::expect[1]": "failed",
+        "specs/learn.sft.yaml::learn::checks[loss_decreased]": "passed",
+        "specs/later.sft.yaml::later::expect[0]": "skipped",
+    }
+
+    run = _pytest(project, "specs/", "-v", "--junitxml", "junit.xml", "--sft-spec-args=--no-cache")
+    assert run.returncode == 1, run.stdout + run.stderr
+    outcomes = {k: v.lower() for k, v in _verbose_outcomes(run.stdout).items()}
+    assert outcomes == cli_outcomes, run.stdout
+    # The failure reads as in the terminal reporter: the same diff line, no Python traceback.
+    diff = next(line for line in cli.out.splitlines() if line.startswith("diff:"))
+    assert diff in run.stdout
+    assert "Traceback" not in run.stdout
+    assert re.search(r"^FAILED specs/learn.sft.yaml::learn::expect\[1\] - .*equals: expected", run.stdout, re.M)
+    cases = ET.parse(project / "junit.xml").getroot().iter("testcase")
+    assert sorted(c.get("name") for c in cases) == ["checks[loss_decreased]", "expect[0]", "expect[0]", "expect[1]"]
+
+
+def test_collect_only_ids_k_and_m_match_sft_spec(tmp_path, monkeypatch, sft):
+    project = _project(tmp_path)
+    monkeypatch.chdir(project)
+    # (sft-spec's -k keeps the training checks of a selected spec: "-k later" avoids that difference.)
+    for selection in ([], ["-m", "smoke"], ["-k", "later"]):
+        cli = sft("run", "specs", "--co", "-q", *selection)
+        cli_ids = [line for line in cli.out.splitlines() if "::" in line]
+        run = _pytest(project, "specs/", "--co", "-q", *selection)
+        ids = [line for line in run.stdout.splitlines() if "::" in line]
+        assert ids == cli_ids and ids, (selection, run.stdout)
+    assert cli_ids == ["specs/later.sft.yaml::later::expect[0]"]
+
+
+def test_spec_errors_are_located_without_traceback(tmp_path):
+    project = _project(tmp_path)
+    (project / "boom.py").write_text(BOOM_PLUGIN, encoding="utf-8")
+    text = textwrap.dedent(SKIPPED).replace("skip: not today\n", "")
+    (project / "specs" / "boom.sft.yaml").write_text(text, encoding="utf-8")
+    run = _pytest(project, "specs/boom.sft.yaml", "--sft-spec-args=-p boom --no-cache")
+    assert "ERROR at setup of boom::expect[0]" in run.stdout
+    assert "RuntimeError: the model loader exploded" in run.stdout
+    assert "Traceback" not in run.stdout
+
+    (project / "specs" / "broken.sft.yaml").write_text("model: builtin:tiny-gemma\nmodle: x\n", encoding="utf-8")
+    run = _pytest(project, "specs/broken.sft.yaml")
+    assert run.returncode == 2  # pytest: interrupted by a collection error
+    assert "ERROR collecting specs/broken.sft.yaml" in run.stdout
+    assert "specs/broken.sft.yaml:2:1: modle: unknown key 'modle'. Did you mean: model?" in run.stdout
+    assert "Traceback" not in run.stdout
+
+
+def test_plain_pytest_in_the_repo_collects_only_tests():
+    """tests/bad_specs holds broken specs on purpose: a plain `pytest` must not collect them."""
+    env = {**os.environ}
+    run = subprocess.run([sys.executable, "-m", "pytest", "--co", "-q", "-p", "no:cacheprovider"], cwd=REPO,
+                         env=env, capture_output=True, text=True, timeout=300)
+    ids = [line for line in run.stdout.splitlines() if "::" in line]
+    assert ids and all(i.startswith("tests/") and i.split("::")[0].endswith(".py") for i in ids), run.stdout[-2000:]
+
+
+def test_spec_files_need_an_explicit_path_or_the_ini_option(tmp_path):
+    project = _project(tmp_path)
+    plain = _pytest(project, "--co", "-q")
+    assert plain.returncode == 5 and "::" not in plain.stdout, plain.stdout
+    (project / "pytest.ini").write_text("[pytest]\nsft_spec_collect = true\n", encoding="utf-8")
+    listed = _pytest(project, "--co", "-q").stdout
+    assert "specs/learn.sft.yaml::learn::expect[0]" in listed
