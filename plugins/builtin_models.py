@@ -17,10 +17,10 @@ flat that LoRA adapters cannot move them within a few dozen steps.
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, NamedTuple
+
+from sft_spec.fileio import building_directory
 
 # Bump when anything that changes the built files changes: old caches are then ignored.
 BUILD_VERSION = 1
@@ -124,23 +124,8 @@ def builtin_model_dir(name: str, cache_dir: Path) -> Path:
     final = parent / f"{name}-v{BUILD_VERSION}"
     if final.is_dir():
         return final
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=parent))
-    try:
+    with building_directory(final) as tmp:
         _build(_SPECS[name], tmp)
-        # mkdtemp (and the safetensors writer) create owner-only files; a shared cache needs them readable.
-        for path in (tmp, *tmp.iterdir()):
-            path.chmod(0o755 if path.is_dir() else 0o644)
-        try:
-            # rename (not replace): it fails if the target exists, so a finished
-            # directory from a concurrent build is never clobbered.
-            tmp.rename(final)
-        except OSError:
-            if not final.is_dir():
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return final
 
 

@@ -17,10 +17,7 @@ import importlib
 import importlib.metadata
 import importlib.util
 import json
-import os
-import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,6 +25,7 @@ from pathlib import Path
 
 from sft_spec import hookimpl
 from sft_spec.errors import SpecError
+from sft_spec.fileio import building_directory
 from sft_spec.runner import LoadedModel
 
 BUILTIN_PREFIX = "builtin:"
@@ -211,12 +209,10 @@ def convert(gguf_path: Path, final: Path) -> None:
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    final.parent.mkdir(parents=True, exist_ok=True)
     print(f"sft-spec: converting {gguf_path.name} to a plain model directory, once (about a minute)...",
           file=sys.stderr, flush=True)
     start = time.perf_counter()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    try:
+    with building_directory(final) as tmp:
         tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
         model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
         dequantized(model)
@@ -226,17 +222,6 @@ def convert(gguf_path: Path, final: Path) -> None:
         info = {"source": str(gguf_path), "convert_version": CONVERT_VERSION,
                 "seconds": round(time.perf_counter() - start, 1)}
         (tmp / "sft-spec-gguf.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-        # mkdtemp makes an owner-only directory; a shared cache needs it readable.
-        for path in (tmp, *tmp.iterdir()):
-            path.chmod(0o755 if path.is_dir() else 0o644)
-        try:
-            os.rename(tmp, final)  # fails when final exists: a concurrent conversion won, keep it
-        except OSError:
-            if not final.is_dir():
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     print(f"sft-spec: converted in {time.perf_counter() - start:.0f} s: {final}", file=sys.stderr, flush=True)
 
 

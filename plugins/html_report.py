@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sft_spec_plugins.report_files import FileReporter
+
 from sft_spec import hookimpl
-from sft_spec.fileio import atomic_write_text
 from sft_spec.reports import ExpectationReport, SpecReport, case_outcome_counts, diff_segments
 
 OUTCOME_ORDER = ("failed", "error", "interrupted", "xpassed", "passed", "xfailed", "skipped")
@@ -235,30 +236,11 @@ def render_html(reports: list[SpecReport], meta: dict[str, Any]) -> str:
 # -- the reporter ------------------------------------------------------------------------------------
 
 
-class HTMLReporter:
-    def __init__(self, config, path: Path):
-        self.config = config
-        self.path = Path(path)
-        self.written = False
-        self.problem = ""
+class HTMLReporter(FileReporter):
+    label = "HTML report"
 
-    @hookimpl
-    def sft_spec_session_finish(self, session, exitstatus):
-        from sft_spec_plugins.json_report import session_meta
-
-        try:
-            meta = session_meta(session, True, exitstatus)
-            atomic_write_text(self.path, render_html(session.reports, meta))
-            self.written = True
-        except OSError as exc:
-            self.problem = f"{type(exc).__name__}: {exc}"
-
-    @hookimpl
-    def sft_spec_terminal_summary(self, session, write_line):
-        if self.problem:
-            write_line(f"HTML report: could not write {self.path}: {self.problem}")
-        elif self.written:
-            write_line(f"HTML report: {self.path}")
+    def render(self, reports, meta) -> str:
+        return render_html(reports, meta)
 
 
 @hookimpl

@@ -13,8 +13,9 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 
+from sft_spec_plugins.report_files import FileReporter
+
 from sft_spec import hookimpl
-from sft_spec.fileio import atomic_write_text
 from sft_spec.reports import ExpectationReport, SpecReport, char_diff
 
 #: Metrics shown as suite properties, in this order, when a spec has them.
@@ -175,30 +176,11 @@ def render_junitxml(reports: list[SpecReport], meta: dict[str, Any]) -> str:
     return ET.tostring(root, encoding="unicode", xml_declaration=True) + "\n"
 
 
-class JUnitXMLReporter:
-    def __init__(self, config, path: Path):
-        self.config = config
-        self.path = Path(path)
-        self.written = False
-        self.problem = ""
+class JUnitXMLReporter(FileReporter):
+    label = "JUnit XML report"
 
-    @hookimpl
-    def sft_spec_session_finish(self, session, exitstatus):
-        from sft_spec_plugins.json_report import session_meta
-
-        try:
-            meta = session_meta(session, True, exitstatus)
-            atomic_write_text(self.path, render_junitxml(session.reports, meta))
-            self.written = True
-        except OSError as exc:
-            self.problem = f"{type(exc).__name__}: {exc}"
-
-    @hookimpl
-    def sft_spec_terminal_summary(self, session, write_line):
-        if self.problem:
-            write_line(f"JUnit XML report: could not write {self.path}: {self.problem}")
-        elif self.written:
-            write_line(f"JUnit XML report: {self.path}")
+    def render(self, reports, meta) -> str:
+        return render_junitxml(reports, meta)
 
 
 @hookimpl

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -40,3 +43,26 @@ def default_cache_dir() -> Path:
         return Path(env)
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "sft-spec"
+
+
+@contextmanager
+def building_directory(final: Path) -> Iterator[Path]:
+    """A temporary folder beside ``final`` to build into; published with one rename when the block ends.
+
+    A killed build never leaves half a directory; if a concurrent build finished first, its directory
+    is kept. Files are made readable to all, since caches are shared (mkdtemp makes them private).
+    """
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        yield tmp
+        for path in (tmp, *tmp.rglob("*")):
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        try:
+            os.rename(tmp, final)  # rename, not replace: it fails when a concurrent build already won
+        except OSError:
+            if not final.is_dir():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
