@@ -37,6 +37,28 @@ def quiet_libraries(verbosity: int) -> None:
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|trl|peft)\.")
 
 
+def device_without_torch(requested: str) -> str:
+    """The device ``pick_device`` would choose, without importing torch where that can be told.
+
+    A result-cache hit must cost a fraction of a second, and importing torch alone takes two.
+    """
+    import sys
+    from importlib import metadata
+
+    if requested not in ("auto", None):
+        return requested
+    try:
+        build = metadata.version("torch")
+    except metadata.PackageNotFoundError:
+        build = ""
+    if build.endswith("+cpu"):
+        return "cpu"
+    dev = Path("/dev")
+    if sys.platform == "linux" and not any(dev.glob("nvidia[0-9]*")) and not (dev / "kfd").exists():
+        return "cpu"  # no GPU device nodes: torch.cuda.is_available() would be False
+    return pick_device(requested)
+
+
 def pick_device(requested: str) -> str:
     import torch
 

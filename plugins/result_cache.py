@@ -69,7 +69,7 @@ def _model_identity(item) -> Any:
 
 
 def cache_key(item, config) -> str:
-    from .models import pick_device
+    from .models import device_without_torch
 
     spec = item.spec
     base = Path(item.path).parent
@@ -91,7 +91,7 @@ def cache_key(item, config) -> str:
         # like do not change a result.
         "plugins": sorted(f"{name}={p.__name__}" for name, p in config.pluginmanager.list_name_plugin()
                           if hasattr(p, "__file__")),
-        "device": pick_device(config.getoption("device", "auto")),
+        "device": device_without_torch(config.getoption("device", "auto")),
         "deterministic": bool(config.getoption("deterministic")),
     })
 
