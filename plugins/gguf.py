@@ -128,8 +128,7 @@ class GGUFLoader:
             if model_spec.gguf_file:
                 return f"{model_spec.id} is a packaged model: leave out gguf_file"
             return missing_extra_message(model_spec.id, PACKAGED_MODELS[name])
-        if importlib.util.find_spec("gguf") is None:
-            return 'reading GGUF files needs the gguf package: pip install "gguf>=0.10"'
+        # What the spec says first (paths), then what the machine lacks (the gguf package).
         if model_spec.id.endswith(".gguf"):
             if model_spec.gguf_file:
                 return "model.id is already a .gguf file: leave out gguf_file"
@@ -138,6 +137,8 @@ class GGUFLoader:
         elif Path(model_spec.id).expanduser().is_dir():
             if not (Path(model_spec.id).expanduser() / model_spec.gguf_file).is_file():
                 return f"{model_spec.gguf_file!r} not found in the directory {model_spec.id}"
+        if importlib.util.find_spec("gguf") is None:
+            return 'reading GGUF files needs the gguf package: pip install "gguf>=0.10"'
         return None
 
     def load(self, model_spec, config, *, quantization=None) -> LoadedModel:

@@ -108,13 +108,20 @@ def test_packaged_names_go_to_the_gguf_loader_and_typos_get_a_hint():
     assert "Did you mean: gemma3-270m?" in typo.obj.validate(ModelSpec(id="builtin:gemma3-207m"))
 
 
-def test_user_gguf_paths_are_checked_before_loading(tmp_path):
+def test_user_gguf_paths_are_checked_before_loading(tmp_path, monkeypatch):
     loader = gguf.GGUFLoader()
     assert loader.validate(ModelSpec(id=str(tmp_path / "nope.gguf"))) == f"GGUF file not found: {tmp_path}/nope.gguf"
     assert "not found in the directory" in loader.validate(ModelSpec(id=str(tmp_path), gguf_file="m.gguf"))
     (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    # With the gguf package (an extra) present, valid paths pass; without it, the message names it.
+    real_find_spec = gguf.importlib.util.find_spec
+    monkeypatch.setattr(gguf.importlib.util, "find_spec",
+                        lambda name, *a: object() if name == "gguf" else real_find_spec(name, *a))
     assert loader.validate(ModelSpec(id=str(tmp_path), gguf_file="m.gguf")) is None
     assert loader.validate(ModelSpec(id=str(tmp_path / "m.gguf"))) is None
+    monkeypatch.setattr(gguf.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "gguf" else real_find_spec(name, *a))
+    assert 'pip install "gguf>=0.10"' in loader.validate(ModelSpec(id=str(tmp_path / "m.gguf")))
 
 
 def test_a_converted_directory_is_reused_and_keyed_by_content(monkeypatch, tmp_path):
