@@ -17,6 +17,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from sft_spec_plugins.report_files import FileReporter
+
 from sft_spec import __version__, hookimpl
 from sft_spec.errors import UsageError
 from sft_spec.fileio import atomic_write_text
@@ -154,20 +156,13 @@ def load_document(path: Path) -> tuple[dict[str, Any], list[SpecReport]]:
 # -- the reporter ------------------------------------------------------------------------------------
 
 
-class JSONReporter:
-    def __init__(self, config, path: Path):
-        self.config = config
-        self.path = Path(path)
-        self.written = False
-        self.problem = ""
+class JSONReporter(FileReporter):
+    """Rewrites the whole file after every spec, so an interrupted run still leaves what finished."""
+
+    label = "JSON report"
 
     def _write(self, session, complete: bool, exitstatus: int | None) -> None:
-        try:
-            write_document(self.path, results_document(session, complete, exitstatus))
-            self.written = True
-            self.problem = ""
-        except OSError as exc:
-            self.problem = f"{type(exc).__name__}: {exc}"
+        self.attempt(lambda: write_document(self.path, results_document(session, complete, exitstatus)))
 
     @hookimpl
     def sft_spec_session_start(self, session):
@@ -180,13 +175,6 @@ class JSONReporter:
     @hookimpl
     def sft_spec_session_finish(self, session, exitstatus):
         self._write(session, complete=True, exitstatus=exitstatus)
-
-    @hookimpl
-    def sft_spec_terminal_summary(self, session, write_line):
-        if self.problem:
-            write_line(f"JSON report: could not write {self.path}: {self.problem}")
-        elif self.written:
-            write_line(f"JSON report: {self.path}")
 
 
 @hookimpl

@@ -21,16 +21,21 @@ class FileReporter:
     def render(self, reports, meta) -> str:
         raise NotImplementedError
 
+    def attempt(self, write) -> None:
+        """Run ``write()``; an unwritable report path is noted for the summary, never fatal to the run."""
+        try:
+            write()
+            self.written = True
+            self.problem = ""
+        except OSError as exc:
+            self.problem = f"{type(exc).__name__}: {exc}"
+
     @hookimpl
     def sft_spec_session_finish(self, session, exitstatus):
         from sft_spec_plugins.json_report import session_meta
 
-        try:
-            meta = session_meta(session, True, exitstatus)
-            atomic_write_text(self.path, self.render(session.reports, meta))
-            self.written = True
-        except OSError as exc:  # an unwritable report path must not hide the run's results
-            self.problem = f"{type(exc).__name__}: {exc}"
+        self.attempt(lambda: atomic_write_text(
+            self.path, self.render(session.reports, session_meta(session, True, exitstatus))))
 
     @hookimpl
     def sft_spec_terminal_summary(self, session, write_line):
