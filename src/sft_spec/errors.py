@@ -54,8 +54,13 @@ class UsageError(Exception):
     """Bad command line or missing path: exit code 4, like pytest."""
 
 
-class SpecTimeout(Exception):
-    """A spec ran longer than ``--timeout``: that spec is an error, the run goes on."""
+class SpecTimeout(BaseException):
+    """A spec ran longer than ``--timeout``: that spec is an error, the run goes on.
+
+    A BaseException, like pytest's outcome exceptions: the signal raises it wherever the main thread is,
+    and an ``except Exception`` in a library's training loop must not swallow it (one did, once in a
+    full test run, and the spec trained on past its time).
+    """
 
 
 class SkipSpec(Exception):

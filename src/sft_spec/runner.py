@@ -81,7 +81,7 @@ def _phase(report: SpecReport, item: SpecItem, name: str):
         raise
     except (SkipSpec, KeyboardInterrupt, PhaseError):
         raise
-    except Exception as exc:
+    except (Exception, SpecTimeout) as exc:
         raise PhaseError(name, exc) from exc
     finally:
         report.phases[name] = report.phases.get(name, 0.0) + time.perf_counter() - start
@@ -119,6 +119,9 @@ def sft_spec_run_spec(item: SpecItem, session: Session) -> SpecReport:
         report.outcome = "skipped"
         report.skip_reason = str(exc)
         _mark_cases(item, report, "skipped")
+    except SpecTimeout as exc:  # between phases
+        report.outcome = "error"
+        report.error = ErrorInfo(f"timed out: {exc}", location=str(item.location), kind="timeout")
     except KeyboardInterrupt:
         report.outcome = "interrupted"
         report.error = ErrorInfo("interrupted by the user (Ctrl-C)", kind="interrupted")
