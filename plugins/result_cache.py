@@ -93,6 +93,10 @@ def cache_key(item, config) -> str:
                           if hasattr(p, "__file__")),
         "device": device_without_torch(config.getoption("device", "auto")),
         "deterministic": bool(config.getoption("deterministic")),
+        # Options that decide whether a spec may run at all: a result passed under one must not be reused
+        # under a stricter one (--on-unsupported=error, no --allow-remote-code).
+        "permissions": [config.getoption("on_unsupported", "fallback") or "fallback",
+                        bool(config.getoption("allow_pickle")), bool(config.getoption("allow_remote_code"))],
     })
 
 

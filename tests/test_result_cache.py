@@ -98,3 +98,15 @@ def test_deterministic_runs_repeat_and_say_what_it_costs(sft, write_spec):
     assert "deterministic: torch.use_deterministic_algorithms(True)" in first.out
     assert "training took" in first.out
     assert not torch.are_deterministic_algorithms_enabled()  # restored after the run
+
+
+def test_a_result_passed_under_fallback_is_not_reused_under_on_unsupported_error(sft, write_spec, tmp_path):
+    cache = tmp_path / "cache"
+    spec = SPEC.format(method="lora", check="not_equals: 我学会了").replace("learning_rate: 1.0e-2", "fp16: true")
+    path = write_spec("fp16.sft.yaml", spec)
+    counter = CountTraining()
+    fell_back = sft("run", path, "--cache-dir", cache, plugins=[counter])
+    assert fell_back.code == 0 and counter.trained == ["fp16"]
+    strict = sft("run", path, "--cache-dir", cache, "--on-unsupported", "error", plugins=[counter])
+    assert strict.code == 1 and "(cached)" not in strict.out
+    assert "fp16 needs a GPU; pass --on-unsupported=fallback" in strict.out
