@@ -286,7 +286,9 @@ def render_reference() -> str:
         "",
         "## quantization",
         "",
-        "A mapping of `transformers.BitsAndBytesConfig` arguments for `method: qlora` (default: nf4 4-bit).",
+        "A mapping of `transformers.BitsAndBytesConfig` arguments for `method: qlora` (default: nf4 4-bit). "
+        "Where 4-bit loading does not work on the machine, `--on-unsupported` decides: LoRA on the "
+        "unquantized model with a note (default), skip or error.",
         "",
         "## Directory defaults",
         "",

@@ -17,6 +17,7 @@ from sft_spec.runner import LoadedModel
 
 from .builtin_models import BUILTIN_MODELS, builtin_model_dir
 from .gguf import PACKAGED_MODELS  # builtin: names of real models, served by the gguf loader
+from .support import bitsandbytes_problem, dtype_problem, pick_device, session_device, unsupported
 
 BUILTIN_PREFIX = "builtin:"
 
@@ -57,20 +58,6 @@ def device_without_torch(requested: str) -> str:
     if sys.platform == "linux" and not any(dev.glob("nvidia[0-9]*")) and not (dev / "kfd").exists():
         return "cpu"  # no GPU device nodes: torch.cuda.is_available() would be False
     return pick_device(requested)
-
-
-def pick_device(requested: str) -> str:
-    import torch
-
-    if requested in ("auto", None):
-        if torch.cuda.is_available():
-            return "cuda"
-        return "cpu"
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise SkipSpec("--device cuda was asked for, but no CUDA device is available")
-    if requested == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
-        raise SkipSpec("--device mps was asked for, but MPS is not available")
-    return requested
 
 
 def _dtype(name: str):
@@ -123,7 +110,7 @@ def load_pretrained(location: str, model_spec, config, *, quantization=None, sou
     if model_spec.trust_remote_code and not config.getoption("allow_remote_code"):
         raise SpecError(f"model {model_spec.id!r} asks for trust_remote_code: this runs code from the model "
                         "repository; pass --allow-remote-code to allow it")
-    device = pick_device(config.getoption("device", "auto"))
+    device, _ = session_device(config)  # sft_spec_load_model reports a fallback
     kwargs: dict[str, Any] = {
         "revision": model_spec.revision,
         "trust_remote_code": model_spec.trust_remote_code,
@@ -216,15 +203,53 @@ def quantization_config(item, device: str):
     import torch
     from transformers import BitsAndBytesConfig
 
-    try:
-        import bitsandbytes  # noqa: F401
-    except Exception as exc:  # noqa: BLE001 - any import failure means no 4-bit here
-        raise SkipSpec(f"qlora needs bitsandbytes, which cannot be imported here: {exc}") from None
     compute = torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
     settings = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_compute_dtype": compute,
                 "bnb_4bit_use_double_quant": True}
     settings.update(item.spec.quantization)
     return BitsAndBytesConfig(**settings)
+
+
+def _describe(quantization) -> str:
+    from importlib import metadata
+
+    bits = "4-bit" if quantization.load_in_4bit else "8-bit" if quantization.load_in_8bit else "?-bit"
+    kind = f" {quantization.bnb_4bit_quant_type}" if quantization.load_in_4bit else ""
+    compute = str(quantization.bnb_4bit_compute_dtype).replace("torch.", "")
+    return f"{bits}{kind}, compute {compute} (bitsandbytes {metadata.version('bitsandbytes')})"
+
+
+def _load_quantized(named, item, config, device: str, notes: list[str]) -> LoadedModel | None:
+    """qlora's quantized model; None, with the fallback noted, when 4-bit loading does not work here."""
+    problem = bitsandbytes_problem()
+    if problem is None:
+        quantization = quantization_config(item, device)
+        try:
+            loaded = named.obj.load(item.spec.model, config, quantization=quantization)
+        except (SpecError, SkipSpec):
+            raise
+        except Exception as exc:  # noqa: BLE001 - bitsandbytes has no backend for this device, or no kernel
+            problem = f"{type(exc).__name__}: {exc}"
+        else:
+            loaded.info["quantization"] = _describe(quantization)
+            return loaded
+    notes.append(unsupported(config, f"qlora: 4-bit loading does not work on this machine ({device}; {problem})",
+                             "LoRA on the unquantized model"))
+    return None
+
+
+def _train_ready_dtype(loaded: LoadedModel, config, notes: list[str]) -> None:
+    """Weights the device computes in slowly or unsafely (bf16 without native support, fp16 on a CPU)."""
+    import torch
+
+    if loaded.info.get("quantization"):
+        return  # the 4-bit layers' compute dtype was chosen for the device already
+    dtype = next((p.dtype for p in loaded.model.parameters() if p.is_floating_point()), None)
+    problem = dtype_problem(dtype, loaded.device)
+    if problem:
+        notes.append(unsupported(config, f"model {problem}", "float32 weights"))
+        loaded.model.to(torch.float32)
+        loaded.info["dtype"] = "float32"
 
 
 @hookimpl(trylast=True)
@@ -233,7 +258,7 @@ def sft_spec_load_model(item, config) -> LoadedModel:
     named = config.registry.loader_for(item.spec.model)
     if named is None:
         raise SpecError(f"no model loader accepts {item.spec.model.id!r}")
-    device = pick_device(config.getoption("device", "auto"))
+    device, device_note = session_device(config)
     quantized = item.spec.method == "qlora"
     cache: dict[str, LoadedModel] = config.stash.setdefault("models.loaded", {})
     key = _cache_key(item, device, quantized)
@@ -243,16 +268,13 @@ def sft_spec_load_model(item, config) -> LoadedModel:
         return loaded
     # Keep one model in memory at a time: a suite moves from base model to base model.
     cache.clear()
-    quantization = quantization_config(item, device) if quantized else None
-    try:
-        loaded = named.obj.load(item.spec.model, config, quantization=quantization)
-    except (SpecError, SkipSpec):
-        raise
-    except Exception as exc:
-        if quantized:
-            raise SkipSpec(f"4-bit loading (qlora) does not work on this machine ({device}): "
-                           f"{type(exc).__name__}: {exc}") from None
-        raise
+    notes = [device_note] if device_note else []
+    loaded = _load_quantized(named, item, config, device, notes) if quantized else None
+    if loaded is None:
+        loaded = named.obj.load(item.spec.model, config, quantization=None)
+    _train_ready_dtype(loaded, config, notes)
+    # Every spec that shares this model reports what was changed to load it.
+    loaded.notes.extend(n for n in notes if n not in loaded.notes)
     loaded.info["loader"] = named.name
     loaded.info["loads"] = config.stash.setdefault("models.load_count", 0) + 1
     config.stash["models.load_count"] = loaded.info["loads"]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import re
+import warnings
 from typing import Any
 
 from sft_spec import hookimpl
@@ -73,7 +74,7 @@ def sft_spec_generate(item, run, prompts):
 def _round_trip(item, run, prompts: list, answers: list[dict]) -> dict:
     from peft import PeftModel
 
-    from .models import pick_device, quantization_config
+    from .models import quantization_config
 
     config = run.config
     folder = config.output_dir / re.sub(r"[^\w.\-\[\]]+", "_", item.nodeid) / "adapter"
@@ -81,16 +82,23 @@ def _round_trip(item, run, prompts: list, answers: list[dict]) -> dict:
     if not (folder / "adapter_model.safetensors").is_file():
         return {"passed": False, "message": f"no adapter_model.safetensors was written to {folder}"}
     named = config.registry.loader_for(item.spec.model)
-    device = pick_device(config.getoption("device", "auto"))
-    quantization = quantization_config(item, device) if item.spec.method == "qlora" else None
+    # The same device and quantization as the trained model, fallbacks included.
+    quantization = quantization_config(item, run.loaded.device) if run.loaded.info.get("quantization") else None
     fresh = named.obj.load(item.spec.model, config, quantization=quantization)
+    if quantization is None and run.loaded.info.get("dtype"):
+        import torch
+
+        fresh.model.to(getattr(torch, run.loaded.info["dtype"]))  # e.g. bf16 weights the run moved to fp32
     try:
         reloaded = PeftModel.from_pretrained(fresh.model, str(folder))
         reloaded.eval()
         hook = config.hook
         reloaded_answers = hook.sft_spec_generate(item=item, run=dataclasses.replace(run, model=reloaded),
                                                   prompts=prompts)
-        merged = reloaded.merge_and_unload()  # on the fresh copy: the shared base never holds merged weights
+        with warnings.catch_warnings():
+            # peft warns that merging into 4-bit layers rounds; the comparison below shows whether it mattered.
+            warnings.filterwarnings("ignore", message="Merge lora module to 4-bit linear")
+            merged = reloaded.merge_and_unload()  # on the fresh copy: the shared base never holds merged weights
         merged.eval()
         merged_answers = hook.sft_spec_generate(item=item, run=dataclasses.replace(run, model=merged),
                                                 prompts=prompts)

@@ -13,7 +13,9 @@ import time
 from typing import Any
 
 from sft_spec import hookimpl
-from sft_spec.errors import SkipSpec, SpecError
+from sft_spec.errors import SkipSpec
+
+from .support import BITSANDBYTES_OPTIMIZERS, PAGED_TO_UNPAGED, bitsandbytes_problem, cpu_has_native_bf16, unsupported
 
 #: Our defaults where TRL's differ from what the reference recipe (transformers' TrainingArguments) used.
 HARNESS_DEFAULTS: dict[str, Any] = {
@@ -30,43 +32,13 @@ FORCED: dict[str, Any] = {
     "logging_nan_inf_filter": False,
 }
 
-BNB_OPTIMIZERS = re.compile(r"(8bit|paged|bnb|lion_32bit|ademamix)")
-
-
-def _bitsandbytes_ok() -> str | None:
-    try:
-        import bitsandbytes  # noqa: F401
-    except Exception as exc:  # noqa: BLE001
-        return f"{type(exc).__name__}: {exc}"
-    return None
-
-
-def unsupported(run, problem: str, nearest: str, apply) -> None:
-    """A setting this device cannot run: fall back, skip or fail, as ``--on-unsupported`` says."""
-    policy = run.config.getoption("on_unsupported", "fallback") or "fallback"
-    if policy == "skip":
-        raise SkipSpec(f"{problem} (--on-unsupported=skip)")
-    if policy == "error":
-        raise SpecError(f"{problem}; pass --on-unsupported=fallback to run with {nearest} instead")
-    apply()
-    run.note(f"{problem}: fell back to {nearest} (--on-unsupported=fallback)")
-
-
-def _cpu_has_native_bf16() -> bool:
-    import torch
-
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
 @hookimpl
 def sft_spec_addoption(parser):
     parser.add_argument(
         "--on-unsupported", choices=("fallback", "skip", "error"), default="fallback",
-        help="a setting the device cannot run (fp16 or emulated bf16 on CPU, 8-bit optimizers without "
-             "bitsandbytes): fall back to the nearest that works and say so (default), skip the spec, or fail it",
+        help="a setting this machine cannot run (a --device that is not there, fp16 or emulated bf16 on a CPU, "
+             "4-bit qlora or 8-bit/paged optimizers without a bitsandbytes backend): fall back to the nearest "
+             "setting that works and say so in every report (default), skip the spec, or fail it",
     )
 
 
@@ -85,31 +57,45 @@ def sft_config_kwargs(item, run, device: str) -> dict[str, Any]:
         defaults.pop("activation_checkpointing", None)
     kwargs = {**defaults, **user, **FORCED}
     kwargs["output_dir"] = str(run.config.output_dir / re.sub(r"[^\w.\-\[\]]+", "_", item.nodeid))
-    on_cuda = device == "cuda"
+    config = run.config
     if device == "cpu":
         kwargs["use_cpu"] = True
         if user.get("fp16"):
-            unsupported(run, "fp16 needs a GPU", "fp32", lambda: kwargs.update(fp16=False))
+            run.note(unsupported(config, "fp16 needs a GPU", "fp32"))
+            kwargs["fp16"] = False
         if user.get("bf16"):
-            if _cpu_has_native_bf16():
+            if cpu_has_native_bf16():
                 run.note("bf16 on CPU: runs with use_cpu=True (bf16 autocast)")
             else:
                 # Without AVX-512 BF16/AMX, bf16 matmuls are emulated: measured 4x slower than fp32 here.
-                unsupported(run, "bf16 is emulated on this CPU (no native bf16 support)", "fp32",
-                            lambda: kwargs.update(bf16=False))
+                run.note(unsupported(config, "bf16 is emulated on this CPU (no native bf16 support)", "fp32"))
+                kwargs["bf16"] = False
         elif "bf16" not in user:
             kwargs["bf16"] = False  # TRL defaults bf16 on, which it then refuses on a CPU
-    elif on_cuda:
+    elif device == "cuda":
         if user.get("bf16", "bf16" not in user and not user.get("fp16")) and not torch.cuda.is_bf16_supported():
-            unsupported(run, "bf16 is not supported by this GPU", "fp16", lambda: kwargs.update(bf16=False, fp16=True))
+            run.note(unsupported(config, "bf16 is not supported by this GPU", "fp16"))
+            kwargs.update(bf16=False, fp16=True)
     elif device == "mps":
         kwargs.setdefault("bf16", False)
     optim = str(kwargs.get("optim", ""))
-    if BNB_OPTIMIZERS.search(optim):
-        problem = _bitsandbytes_ok()
+    if optim in BITSANDBYTES_OPTIMIZERS:
+        problem = bitsandbytes_problem()
         if problem:
-            unsupported(run, f"optim={optim} needs bitsandbytes ({problem})", "adamw_torch",
-                        lambda: kwargs.update(optim="adamw_torch"))
+            run.note(unsupported(config, f"optim={optim} needs bitsandbytes ({problem})", "adamw_torch"))
+            kwargs["optim"] = optim = "adamw_torch"
+    if optim in PAGED_TO_UNPAGED and device != "cuda":
+        # bitsandbytes would run it unpaged with only a warning on stderr; the reports should say so.
+        nearest = PAGED_TO_UNPAGED[optim]
+        run.note(unsupported(config, f"optim={optim} pages optimizer state through CUDA memory, and this run is "
+                                     f"on {device}", nearest))
+        kwargs["optim"] = nearest
+    wants_checkpointing = kwargs.get("activation_checkpointing", kwargs.get("gradient_checkpointing"))
+    if wants_checkpointing and not getattr(run.model, "supports_gradient_checkpointing", True):
+        name = "activation_checkpointing" if "activation_checkpointing" in kwargs else "gradient_checkpointing"
+        run.note(unsupported(config, f"{name}: {type(run.model).__name__} does not support gradient "
+                                     "checkpointing", f"{name}=False"))
+        kwargs[name] = False
     return kwargs
 
 
@@ -134,7 +120,7 @@ def _wrap_peft(item, run, model):
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     settings = {"task_type": "CAUSAL_LM", **item.spec.lora}
-    if item.spec.method == "qlora":
+    if run.loaded.info.get("quantization"):  # qlora, unless it fell back to an unquantized model
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         run.loaded.info["dirty"] = True  # k-bit preparation changes the base model
     trainable = {name: p.requires_grad for name, p in model.named_parameters()}
@@ -183,6 +169,7 @@ def sft_spec_make_trainer(item, run, examples):
     run.settings = {
         "method": item.spec.method, "device": device, "model": run.loaded.source,
         "dtype": run.loaded.info.get("dtype"),
+        **({"quantization": run.loaded.info["quantization"]} if run.loaded.info.get("quantization") else {}),
         **({"lora": {"task_type": "CAUSAL_LM", **item.spec.lora}} if item.spec.method != "full" else {}),
         "training": {k: v for k, v in kwargs.items() if k != "output_dir"},
         "generation": item.spec.generation.model_dump(),

@@ -36,6 +36,7 @@ class LoadedModel:
     end_of_turn: str | None = None  # e.g. "<end_of_turn>": generation stops there, masks should train it
     stop_token_ids: list[int] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # what loading changed from what was asked, for every report
 
 
 @dataclass
@@ -171,6 +172,8 @@ def _run_phases(item: SpecItem, run: SpecRun, report: SpecReport, hook) -> None:
         if run.loaded is None:
             raise RuntimeError("no plugin loaded the model")
         run.model = run.loaded.model
+        for note in run.loaded.notes:
+            run.note(note)
     needs_base = [e for e in expectations if e.needs_base_answer or _needs_base(e, config)]
     base_answers: dict[int, dict] = {}
     if needs_base:
