@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The CUDA checks, run on a GPU machine from the repo root: the reference recipe's precision and
 # optimizer settings (bf16, adamw_8bit), 4-bit QLoRA and a full fine-tune natively on the GPU, then
-# the default suite. Packages the GPU machine's image lacks (trl, datasets, pydantic, pydantic-core,
+# the default suite, with --on-unsupported error so that no setting silently falls back. Packages the GPU machine's image lacks (trl, datasets, pydantic, pydantic-core,
 # annotated-types, typing-inspection, dill, multiprocess, bitsandbytes) travel as wheels in .whl/
 # (git-ignored), downloaded for its Python 3.12, e.g.:
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -23,5 +23,5 @@ print("torch", torch.__version__, "cuda", torch.version.cuda, "bf16", torch.cuda
 for d in ("transformers", "trl", "peft", "accelerate", "bitsandbytes", "datasets"):
     print(d, m.version(d))
 PY
-sft-spec run examples/cuda -v --device cuda 2>&1 | tee "$out/cuda-examples.txt"
-sft-spec run specs/ -v --device cuda 2>&1 | tee "$out/cuda-specs.txt"
+sft-spec run examples/cuda -v --device cuda --on-unsupported error 2>&1 | tee "$out/cuda-examples.txt"
+sft-spec run specs/ -v --device cuda --on-unsupported error 2>&1 | tee "$out/cuda-specs.txt"
