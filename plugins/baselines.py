@@ -132,10 +132,19 @@ def fingerprint(item, run) -> dict[str, Any]:
         "chat_template": rec.sha256(template)[:16],
         "data": rec.sha256(item.conversations)[:16],
         "settings": settings,
-        "versions": rec.library_versions(),
+        "versions": {**rec.library_versions(), **_bitsandbytes_version(run.settings)},
         "device": run.settings.get("device", loaded.device),
         "dtype": run.settings.get("dtype", loaded.info.get("dtype")),
     }
+
+
+def _bitsandbytes_version(settings: dict[str, Any]) -> dict[str, str]:
+    """Its version, for a recipe whose curve depends on it (an 8-bit optimizer, 4-bit layers) only."""
+    from .support import BITSANDBYTES_OPTIMIZERS
+
+    if settings.get("quantization") or str(settings.get("training", {}).get("optim")) in BITSANDBYTES_OPTIMIZERS:
+        return {"bitsandbytes": rec.optional_version("bitsandbytes")}
+    return {}
 
 
 def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:

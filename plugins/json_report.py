@@ -33,7 +33,8 @@ from sft_spec.reports import (
 
 SCHEMA_VERSION = 1
 #: Distributions whose versions every report carries: they decide what a recipe learns.
-PACKAGES = ("sft-spec", "torch", "transformers", "trl", "peft", "accelerate", "datasets", "tokenizers")
+PACKAGES = ("sft-spec", "torch", "transformers", "trl", "peft", "accelerate", "datasets", "tokenizers",
+            "bitsandbytes")
 
 
 def _version(dist: str) -> str | None:

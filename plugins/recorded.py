@@ -24,14 +24,15 @@ from sft_spec.loader import spec_stem
 LIBRARIES = ("torch", "transformers", "trl", "peft")
 
 
+def optional_version(name: str) -> str:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "missing"
+
+
 def library_versions() -> dict[str, str]:
-    versions = {}
-    for name in LIBRARIES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = "missing"
-    return versions
+    return {name: optional_version(name) for name in LIBRARIES}
 
 
 def short_id(nodeid: str) -> str:

@@ -84,7 +84,7 @@ def cache_key(item, config) -> str:
         "data_files": [_file_hash(base / f.path) for f in spec.data.files],
         "recorded": [_file_hash(rec.recorded_path(item.path, folder)) for folder in ("__snapshots__", "__baselines__")],
         "model": _model_identity(item),
-        "versions": rec.library_versions(),
+        "versions": {**rec.library_versions(), "bitsandbytes": rec.optional_version("bitsandbytes")},
         "python": sys.version.split()[0],
         "code": code_hash(),
         # Plugin modules (installed or -p), not objects: reporters registered for --json, --html and the

@@ -103,3 +103,12 @@ def test_loss_baseline_arguments_are_validated(sft, write_spec):
     result = sft("validate", write_spec("bad.sft.yaml", text))
     assert result.code == 1
     assert "loss_baseline: unknown key(s) tolerance" in result.out
+
+
+def test_bitsandbytes_version_is_fingerprinted_only_for_recipes_that_use_it():
+    from sft_spec_plugins.baselines import _bitsandbytes_version
+
+    assert _bitsandbytes_version({"training": {"optim": "adamw_torch"}}) == {}
+    assert _bitsandbytes_version({"training": {"optim": "adamw_torch_8bit"}}) == {}  # torchao's
+    assert list(_bitsandbytes_version({"training": {"optim": "adamw_8bit"}})) == ["bitsandbytes"]
+    assert list(_bitsandbytes_version({"quantization": "4-bit nf4", "training": {}})) == ["bitsandbytes"]
