@@ -13,7 +13,6 @@ import time
 from typing import Any
 
 from sft_spec import hookimpl
-from sft_spec.errors import SkipSpec
 
 from .support import BITSANDBYTES_OPTIMIZERS, PAGED_TO_UNPAGED, bitsandbytes_problem, cpu_has_native_bf16, unsupported
 
@@ -64,9 +63,7 @@ def sft_config_kwargs(item, run, device: str) -> dict[str, Any]:
             run.note(unsupported(config, "fp16 needs a GPU", "fp32"))
             kwargs["fp16"] = False
         if user.get("bf16"):
-            if cpu_has_native_bf16():
-                run.note("bf16 on CPU: runs with use_cpu=True (bf16 autocast)")
-            else:
+            if not cpu_has_native_bf16():
                 # Without AVX-512 BF16/AMX, bf16 matmuls are emulated: measured 4x slower than fp32 here.
                 run.note(unsupported(config, "bf16 is emulated on this CPU (no native bf16 support)", "fp32"))
                 kwargs["bf16"] = False
@@ -163,9 +160,14 @@ def sft_spec_make_trainer(item, run, examples):
     try:
         args = SFTConfig(**kwargs)
     except (ValueError, ImportError) as exc:
-        if device != "cuda" and ("bf16" in str(exc) or "fp16" in str(exc) or "gpu" in str(exc).lower()):
-            raise SkipSpec(f"the recipe's precision settings need a GPU here: {exc}") from None
-        raise
+        # A precision check of transformers' that the ones above do not foresee (e.g. on MPS).
+        if not (kwargs.get("bf16") or kwargs.get("fp16")) or not re.search(r"bf16|fp16|gpu", str(exc), re.I):
+            raise
+        run.note(unsupported(run.config, f"the recipe's precision settings do not work on {device} ({exc})", "fp32"))
+        kwargs.update(bf16=False, fp16=False)
+        args = SFTConfig(**kwargs)
+    if device == "cpu" and args.bf16:
+        run.note("bf16 on CPU: runs with use_cpu=True (bf16 autocast)")
     run.settings = {
         "method": item.spec.method, "device": device, "model": run.loaded.source,
         "dtype": run.loaded.info.get("dtype"),

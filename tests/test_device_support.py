@@ -141,3 +141,28 @@ def test_checkpointing_a_model_that_cannot_falls_back_to_off(sft, write_spec, on
     assert report.settings["training"]["activation_checkpointing"] is False
     assert any("GemmaForCausalLM does not support gradient checkpointing: fell back to "
                "activation_checkpointing=False" in n for n in report.notes), report.notes
+
+
+def test_precision_transformers_refuses_falls_back_to_fp32(sft, write_spec, one_answer_spec, monkeypatch):
+    # The message SFTConfig gives on a machine without bf16 support (see the field notes).
+    from trl import SFTConfig
+
+    original = SFTConfig.__post_init__
+
+    def refuse_bf16(self):
+        if self.bf16:
+            raise ValueError("Your setup doesn't support bf16/gpu. You need to assign use_cpu if you want to train "
+                             "the model on CPU.")
+        original(self)
+
+    monkeypatch.setattr(SFTConfig, "__post_init__", refuse_bf16)
+    monkeypatch.setattr("sft_spec_plugins.trainer.cpu_has_native_bf16", lambda: True)  # so our own check keeps it
+    text = one_answer_spec(method="lora").replace("per_device_train_batch_size: 8", "bf16: true")
+    result, report = run_one(sft, write_spec, text, "--device", "cpu")
+    assert result.code == 0, result.out
+    assert report.settings["training"]["bf16"] is False
+    (note,) = report.notes  # and no word of bf16 autocast, which did not happen
+    assert note.startswith("the recipe's precision settings do not work on cpu (Your setup doesn't support bf16")
+    assert note.endswith("fell back to fp32 (--on-unsupported=fallback)")
+    skipped, report = run_one(sft, write_spec, text, "--device", "cpu", "--on-unsupported", "skip")
+    assert report.outcome == "skipped"
