@@ -233,6 +233,8 @@ def render_reference() -> str:
         "prompt": "**required**. A string is one user turn; a list of `{role, content}` turns is a chat "
                   "ending with the user turn to answer",
         "before": "a mapping of answer checks applied to the base model's answer (before training)",
+        "xfail": "this expectation is expected to fail (the spec's other checks are not): a reason, `true`, or "
+                 "`{reason, strict}`; reported xfailed, or xpassed when it passes (a failure with `strict: true`)",
     }
     out += [f"| `{key}` | {about.get(key, '')} |" for key in EXPECTATION_KEYS]
     out += ["", "### Answer checks (in `expect[]` and `before:`)", "", *check_table(answer), "",

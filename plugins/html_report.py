@@ -185,6 +185,7 @@ def _case_view(report: SpecReport, case: ExpectationReport) -> dict[str, Any]:
     return {
         "name": case.nodeid[len(prefix):] if case.nodeid.startswith(prefix) else case.nodeid,
         "nodeid": case.nodeid, "outcome": case.outcome, "location": case.location,
+        "xfail_reason": case.xfail_reason,
         "prompt": [{"role": m.get("role", ""), "content": visible(m.get("content", ""))}
                    for m in case.prompt],
         "answer": None if case.answer is None else visible(case.answer),

@@ -97,8 +97,9 @@ def _add_case(suite: ET.Element, report: SpecReport, case: ExpectationReport, se
                       type="sft_spec.skip")
         counts["skipped"] += 1
     elif case.outcome == "xfailed":
+        reason = case.xfail_reason or report.xfail_reason
         ET.SubElement(element, "skipped", type="sft_spec.xfail",
-                      message=xml_text(f"expected failure: {report.xfail_reason}".rstrip(": ")))
+                      message=xml_text(f"expected failure: {reason}".rstrip(": ")))
         counts["skipped"] += 1
     elif case.outcome == "xpassed" and report.metrics.get("xfail_strict"):
         failure = ET.SubElement(element, "failure", type="sft_spec.xpass",

@@ -141,7 +141,9 @@ class TerminalReporter:
             timing = " (cached)"
         if self.verbosity > 0:
             for case in cases:
-                self.write_line(f"{case.nodeid} {case.outcome.upper()}", case.outcome)
+                reason = case.xfail_reason or report.xfail_reason
+                shown = f" ({reason})" if reason and case.outcome in ("xfailed", "xpassed") else ""
+                self.write_line(f"{case.nodeid} {case.outcome.upper()}{shown}", case.outcome)
             if not cases:
                 self.write_line(f"{report.nodeid} {report.outcome.upper()}", report.outcome)
         else:

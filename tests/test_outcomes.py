@@ -56,3 +56,57 @@ def test_defaults_files_merge_under_specs_nearer_ones_win(sft, write_spec, tmp_p
     assert report.settings["training"]["num_train_epochs"] == 30  # merged from the root file
     assert report.tags == ["from-root"]
     assert result.code == 0, result.out
+
+
+XFAIL_CHECKS = """\
+    model: builtin:tiny-gemma
+    method: lora
+    lora: {r: 16, lora_alpha: 32, target_modules: [q_proj, k_proj, v_proj, o_proj]}
+    training: {num_train_epochs: 30, learning_rate: 1.0e-2, per_device_train_batch_size: 8}
+    data:
+      conversations:
+        - - {role: user, content: 微调测试}
+          - {role: assistant, content: 我学会了}
+    expect:
+      - prompt: 微调测试                      # learnt: a real pass
+        equals: 我学会了
+      - prompt: 微调测试
+        equals: 我没学会
+        xfail: "a probe we know fails"
+      - prompt: 微调测试
+        contains: 学会
+        xfail: true
+"""
+
+
+def test_an_expectation_can_be_expected_to_fail_while_the_others_must_pass(sft, write_spec, tmp_path):
+    path = write_spec("probe.sft.yaml", XFAIL_CHECKS)
+    result = sft("run", path, "-v", "--no-cache", "--junitxml", tmp_path / "j.xml")
+    report = result.recorder.reports[0]
+    assert [c.outcome for c in report.expectations] == ["passed", "xfailed", "xpassed"], result.out
+    assert report.outcome == "passed" and result.code == 0
+    assert "probe.sft.yaml::probe::expect[1] XFAILED (a probe we know fails)" in result.out
+    assert "1 passed, 1 xfailed, 1 xpassed" in result.out.splitlines()[-1]
+    assert 'message="expected failure: a probe we know fails"' in (tmp_path / "j.xml").read_text(encoding="utf-8")
+
+    # An expectation-level xfail does not hide the others: when the answer is no longer learnt, the run fails.
+    weak = write_spec("weak.sft.yaml", XFAIL_CHECKS.replace("num_train_epochs: 30", "num_train_epochs: 1"))
+    result = sft("run", weak, "--no-cache")
+    assert [c.outcome for c in result.recorder.reports[0].expectations][0] == "failed"
+    assert result.code == 1
+
+
+def test_a_strict_expectation_xfail_that_passes_fails_the_run(sft, write_spec):
+    text = XFAIL_CHECKS.replace("xfail: true", "xfail: {reason: learnt too well, strict: true}")
+    result = sft("run", write_spec("strict.sft.yaml", text), "--no-cache")
+    case = result.recorder.reports[0].expectations[2]
+    assert case.outcome == "failed" and result.code == 1
+    assert "[XPASS(strict)] learnt too well: the checks passed" in result.out
+
+
+def test_a_bad_expectation_xfail_is_a_located_error(sft, write_spec):
+    text = XFAIL_CHECKS.replace('xfail: "a probe we know fails"', "xfail: [1, 2]")
+    result = sft("validate", write_spec("bad.sft.yaml", text))
+    assert result.code == 1, result.out
+    assert "bad.sft.yaml:14:5: expect[1].xfail: expected a reason (string), true, or a mapping with reason and " \
+           "strict" in result.out

@@ -147,3 +147,18 @@ def test_spec_files_need_an_explicit_path_or_the_ini_option(tmp_path):
     (project / "pytest.ini").write_text("[pytest]\nsft_spec_collect = true\n", encoding="utf-8")
     listed = _pytest(project, "--co", "-q").stdout
     assert "specs/learn.sft.yaml::learn::expect[0]" in listed
+
+
+def test_expectation_xfail_becomes_pytests_xfail_mark(tmp_path):
+    from test_outcomes import XFAIL_CHECKS
+
+    (tmp_path / "pytest.ini").write_text("[pytest]\n", encoding="utf-8")
+    strict = XFAIL_CHECKS.replace("xfail: true", "xfail: {reason: learnt too well, strict: true}")
+    (tmp_path / "probe.sft.yaml").write_text(textwrap.dedent(strict), encoding="utf-8")
+    run = _pytest(tmp_path, "probe.sft.yaml", "-v", "-rxX", "--sft-spec-args=--no-cache")
+    outcomes = _verbose_outcomes(run.stdout)
+    assert outcomes == {"probe.sft.yaml::probe::expect[0]": "PASSED", "probe.sft.yaml::probe::expect[1]": "XFAIL",
+                        "probe.sft.yaml::probe::expect[2]": "FAILED"}, run.stdout
+    assert "[XPASS(strict)] learnt too well" in run.stdout
+    assert "XFAIL probe.sft.yaml::probe::expect[1] - a probe we know fails" in run.stdout
+    assert run.returncode == 1

@@ -191,6 +191,10 @@ def test_gemma3_270m_blog_recipe_learns_the_answer(sft):
 def test_smollm2_forgets_with_the_aggressive_recipe_and_keeps_with_the_gentle_one(sft):
     result = sft("run", REPO / "examples" / "smollm2", "-v")
     assert result.code == 0, result.out
-    outcomes = {r.nodeid.split("::", 1)[1]: r.outcome for r in result.recorder.reports}
-    assert outcomes["forgetting"] == "xfailed", result.out
-    assert outcomes["keeps-knowledge"] == "passed", result.out
+    outcomes = {c.nodeid.split("::", 1)[1]: c.outcome for r in result.recorder.reports for c in r.cases}
+    assert outcomes["forgetting::expect[0]"] == "passed", result.out  # the answer was learnt
+    assert outcomes["forgetting::expect[1]"] == "xfailed", result.out  # and France forgotten, as marked
+    france = result.recorder.by_id("forgetting").expectations[1]
+    assert "Paris" in france.base_answer and "Paris" not in france.answer
+    assert {k: v for k, v in outcomes.items() if k.startswith("keeps-knowledge")} == {
+        "keeps-knowledge::expect[0]": "passed", "keeps-knowledge::expect[1]": "passed"}, result.out

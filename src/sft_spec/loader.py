@@ -26,7 +26,7 @@ from .recipe_fields import (
     recipe_fields,
 )
 from .registry import Check, Registry
-from .spec import DataFile, DataSpec, FormatSpec, GenerationSpec, Message, ModelSpec, Spec, XfailSpec
+from .spec import DataFile, DataSpec, FormatSpec, GenerationSpec, Message, ModelSpec, Spec, XfailSpec, xfail_shorthand
 from .yamlsource import KeyPath, LocatedDocument, load_yaml_file
 
 SPEC_SUFFIXES = (".sft.yaml", ".sft.yml")
@@ -34,7 +34,7 @@ DEFAULTS_NAME = "sft-defaults.yaml"
 #: A data file larger than this is refused: a spec is a test, not a training job.
 MAX_DATA_BYTES = 64 * 1024 * 1024
 ROLES = ("system", "user", "assistant")
-EXPECTATION_KEYS = ("prompt", "before")
+EXPECTATION_KEYS = ("prompt", "before", "xfail")
 
 
 def is_spec_file(path: Path) -> bool:
@@ -57,6 +57,7 @@ class Expectation:
     before: list[tuple[str, Any]]
     location: Location
     selected: bool = True
+    xfail: XfailSpec | None = None  # this check is expected to fail (the spec's other checks are not)
 
     @property
     def needs_base_answer(self) -> bool:
@@ -721,9 +722,23 @@ def _build_expectations(spec: Spec, nodeid: str, doc: LocatedDocument, ctx: Load
         if not checks and not before and not any(k not in EXPECTATION_KEYS for k in entry):
             errors.append(SpecError("an expectation needs at least one check (equals, contains, regex, ...)",
                                     where, key=f"expect[{i}]"))
+        xfail = _parse_xfail(entry["xfail"], doc.locate(keypath + ("xfail",)), f"expect[{i}].xfail", errors) \
+            if "xfail" in entry else None
         if prompt is not None:
-            out.append(Expectation(i, f"{nodeid}::expect[{i}]", prompt, checks, before, where))
+            out.append(Expectation(i, f"{nodeid}::expect[{i}]", prompt, checks, before, where, xfail=xfail))
     return out
+
+
+def _parse_xfail(value: Any, where: Location, dotted: str, errors: list[SpecError]) -> XfailSpec | None:
+    """An expectation's ``xfail``: the same forms as the spec's (a reason, true, or {reason, strict})."""
+    if value is False or value is None:
+        return None
+    try:
+        return XfailSpec.model_validate(xfail_shorthand(value))
+    except pydantic.ValidationError:
+        errors.append(SpecError("expected a reason (string), true, or a mapping with reason and strict",
+                                where, key=dotted))
+        return None
 
 
 def _parse_prompt(value: Any, keypath: KeyPath, doc: LocatedDocument,

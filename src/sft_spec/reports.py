@@ -13,6 +13,10 @@ from typing import Any, Literal
 Outcome = Literal["passed", "failed", "error", "skipped", "xfailed", "xpassed", "interrupted", "deselected"]
 
 
+#: The check a strict expectation-level ``xfail`` adds when its checks pass: the case fails, XPASS(strict).
+XPASS_STRICT = "xfail_strict"
+
+
 @dataclass
 class CheckReport:
     name: str
@@ -34,6 +38,7 @@ class ExpectationReport:
     checks: list[CheckReport] = field(default_factory=list)
     outcome: Outcome = "passed"
     location: str = ""
+    xfail_reason: str = ""  # an expectation's own xfail (a spec's is on the SpecReport)
 
     @property
     def failed_checks(self) -> list[CheckReport]:

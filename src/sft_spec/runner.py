@@ -17,7 +17,7 @@ from . import hookimpl
 from .errors import SkipSpec, SpecError, SpecTimeout
 from .plugins import plugin_name_for_traceback
 from .registry import CheckContext, MaskedExample
-from .reports import CheckReport, ErrorInfo, ExpectationReport, MaskSummary, SpecReport
+from .reports import XPASS_STRICT, CheckReport, ErrorInfo, ExpectationReport, MaskSummary, SpecReport
 
 if TYPE_CHECKING:
     from .config import Config
@@ -302,6 +302,20 @@ def sft_spec_make_report(item: SpecItem, run: SpecRun, report: SpecReport) -> Sp
 
 
 def _decide_outcome(item: SpecItem, report: SpecReport) -> None:
+    expected_to_fail = {e.index: e.xfail for e in item.expectations if e.xfail}
+    for case in report.expectations:
+        xfail = expected_to_fail.get(case.index)
+        if xfail is None or case.outcome not in ("passed", "failed"):
+            continue
+        case.xfail_reason = xfail.reason
+        if case.outcome == "failed":
+            case.outcome = "xfailed"
+        elif xfail.strict:
+            case.outcome = "failed"
+            case.checks.append(CheckReport(XPASS_STRICT, True, False, f"[XPASS(strict)] {xfail.reason}: the "
+                                           "checks passed, and this expectation is marked to fail"))
+        else:
+            case.outcome = "xpassed"
     failed = any(c.outcome == "failed" for c in report.cases)
     if item.spec.xfail:
         # The spec is the unit that is expected to fail: all its cases share its outcome.

@@ -85,6 +85,13 @@ class GenerationSpec(StrictModel):
     batch_size: int = Field(16, gt=0, description="Prompts generated together (left-padded) in one call")
 
 
+def xfail_shorthand(value: Any) -> Any:
+    """``xfail: true`` and ``xfail: "reason"`` as the mapping they stand for."""
+    if value is True:
+        return {"reason": "expected to fail"}
+    return {"reason": value} if isinstance(value, str) else value
+
+
 class XfailSpec(StrictModel):
     reason: str = Field(description="Why the spec is expected to fail, shown in reports")
     strict: bool = Field(False, description="A pass (XPASS) fails the run, as pytest's xfail_strict")
@@ -148,9 +155,7 @@ class Spec(StrictModel):
     @field_validator("xfail", mode="before")
     @classmethod
     def _xfail_shorthand(cls, value: Any) -> Any:
-        if value is True:
-            return {"reason": "expected to fail"}
-        return {"reason": value} if isinstance(value, str) else value
+        return xfail_shorthand(value)
 
     @field_validator("skip", mode="before")
     @classmethod
