@@ -288,8 +288,9 @@ def render_reference() -> str:
         "",
         "## quantization",
         "",
-        "A mapping of `transformers.BitsAndBytesConfig` arguments for `method: qlora` (default: nf4 4-bit). "
-        "Where 4-bit loading does not work on the machine, `--on-unsupported` decides: LoRA on the "
+        "A mapping of `transformers.BitsAndBytesConfig` arguments for `method: qlora` (default: nf4 4-bit "
+        "with double quantization; `{load_in_8bit: true}` trains LoRA on LLM.int8 layers instead). Where "
+        "quantized loading does not work on the machine, `--on-unsupported` decides: LoRA on the "
         "unquantized model with a note (default), skip or error.",
         "",
         "## Directory defaults",

@@ -26,6 +26,7 @@ def quiet_libraries(verbosity: int) -> None:
     """Progress bars and info logs of transformers/datasets would drown the report; -vv shows them."""
     if verbosity >= 2:
         return
+    import logging
     import warnings
 
     import datasets
@@ -36,6 +37,8 @@ def quiet_libraries(verbosity: int) -> None:
     datasets.disable_progress_bars()
     datasets.utils.logging.set_verbosity_error()
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|trl|peft)\.")
+    # bitsandbytes logs this on every 8-bit matmul; the report's settings name the quantization once.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
 def device_without_torch(requested: str) -> str:
@@ -206,6 +209,8 @@ def quantization_config(item, device: str):
     compute = torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
     settings = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_compute_dtype": compute,
                 "bnb_4bit_use_double_quant": True}
+    if item.spec.quantization.get("load_in_8bit"):
+        settings = {}  # 8-bit instead: the 4-bit defaults would contradict it
     settings.update(item.spec.quantization)
     return BitsAndBytesConfig(**settings)
 
@@ -213,14 +218,15 @@ def quantization_config(item, device: str):
 def _describe(quantization) -> str:
     from importlib import metadata
 
-    bits = "4-bit" if quantization.load_in_4bit else "8-bit" if quantization.load_in_8bit else "?-bit"
-    kind = f" {quantization.bnb_4bit_quant_type}" if quantization.load_in_4bit else ""
+    version = f"bitsandbytes {metadata.version('bitsandbytes')}"
+    if quantization.load_in_8bit:
+        return f"8-bit LLM.int8 ({version})"
     compute = str(quantization.bnb_4bit_compute_dtype).replace("torch.", "")
-    return f"{bits}{kind}, compute {compute} (bitsandbytes {metadata.version('bitsandbytes')})"
+    return f"4-bit {quantization.bnb_4bit_quant_type}, compute {compute} ({version})"
 
 
 def _load_quantized(named, item, config, device: str, notes: list[str]) -> LoadedModel | None:
-    """qlora's quantized model; None, with the fallback noted, when 4-bit loading does not work here."""
+    """qlora's quantized model; None, with the fallback noted, when quantized loading does not work here."""
     problem = bitsandbytes_problem()
     if problem is None:
         quantization = quantization_config(item, device)
@@ -233,7 +239,8 @@ def _load_quantized(named, item, config, device: str, notes: list[str]) -> Loade
         else:
             loaded.info["quantization"] = _describe(quantization)
             return loaded
-    notes.append(unsupported(config, f"qlora: 4-bit loading does not work on this machine ({device}; {problem})",
+    bits = "8-bit" if item.spec.quantization.get("load_in_8bit") else "4-bit"
+    notes.append(unsupported(config, f"qlora: {bits} loading does not work on this machine ({device}; {problem})",
                              "LoRA on the unquantized model"))
     return None
 

@@ -96,8 +96,8 @@ def _round_trip(item, run, prompts: list, answers: list[dict]) -> dict:
         reloaded_answers = hook.sft_spec_generate(item=item, run=dataclasses.replace(run, model=reloaded),
                                                   prompts=prompts)
         with warnings.catch_warnings():
-            # peft warns that merging into 4-bit layers rounds; the comparison below shows whether it mattered.
-            warnings.filterwarnings("ignore", message="Merge lora module to 4-bit linear")
+            # peft warns that merging into 4-/8-bit layers rounds; the comparison below shows whether it mattered.
+            warnings.filterwarnings("ignore", message="Merge lora module to [48]-bit linear")
             merged = reloaded.merge_and_unload()  # on the fresh copy: the shared base never holds merged weights
         merged.eval()
         merged_answers = hook.sft_spec_generate(item=item, run=dataclasses.replace(run, model=merged),

@@ -40,14 +40,19 @@ def test_a_missing_device_falls_back_to_the_cpu_skips_or_fails(sft, write_spec, 
     assert "pass --on-unsupported=fallback to run with cpu instead" in report.error.message
 
 
-def test_qlora_trains_4bit_layers_and_learns_the_answer(sft, write_spec, one_answer_spec):
+@pytest.mark.parametrize("quantization,described", [
+    ("", "4-bit nf4, compute float32 (bitsandbytes "),
+    ("quantization: {load_in_8bit: true}\n", "8-bit LLM.int8 (bitsandbytes "),
+], ids=["4bit", "8bit"])
+def test_qlora_trains_quantized_layers_and_learns_the_answer(sft, write_spec, one_answer_spec, quantization,
+                                                              described):
     pytest.importorskip("bitsandbytes")
-    text = one_answer_spec(method="qlora").replace("expect:", "checks: {roundtrip: true}\nexpect:")
+    text = quantization + one_answer_spec(method="qlora").replace("expect:", "checks: {roundtrip: true}\nexpect:")
     result, report = run_one(sft, write_spec, text)
     if not report.settings.get("quantization"):
-        pytest.skip(f"4-bit loading does not work on this machine: {report.notes}")
+        pytest.skip(f"quantized loading does not work on this machine: {report.notes}")
     assert result.code == 0, result.out
-    assert report.settings["quantization"].startswith("4-bit nf4, compute float32 (bitsandbytes ")
+    assert report.settings["quantization"].startswith(described)
     assert report.expectations[0].base_answer != "我学会了"
     assert report.expectations[0].answer == "我学会了"
     # Saved, reloaded onto a fresh 4-bit base and merged: the adapter gives the same answer.
