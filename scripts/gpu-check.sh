@@ -3,7 +3,8 @@
 # optimizer settings (bf16, adamw_8bit), 4-bit QLoRA and a full fine-tune natively on the GPU, then
 # the default suite, with --on-unsupported error so that no setting silently falls back. Packages
 # the GPU machine's image lacks (trl, datasets, pydantic, pydantic-core, annotated-types,
-# typing-inspection, dill, multiprocess, bitsandbytes) travel as wheels in .whl/
+# typing-inspection, dill, multiprocess, bitsandbytes; pytest and iniconfig if it has no pytest) travel
+# as wheels in .whl/
 # (git-ignored), downloaded for its Python 3.12, e.g.:
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform any -d .whl trl==1.16.0 ...
