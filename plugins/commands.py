@@ -73,6 +73,9 @@ def spec_schema(pluginmanager, cache_dir: Path) -> dict[str, Any]:
                            "description": "one user turn, or a chat as a list of {role, content}"},
                 "before": {"type": "object", "properties": answer, "additionalProperties": False,
                            "description": "checks on the base model's answer, before training"},
+                "xfail": {"anyOf": [{"type": "string"}, {"type": "boolean"},
+                                    {"$ref": "#/$defs/XfailSpec"} if "XfailSpec" in defs else {"type": "object"}],
+                          "description": "this expectation is expected to fail: a reason, true, or {reason, strict}"},
                 **answer,
             },
         }

@@ -48,3 +48,37 @@ def test_init_writes_a_spec_that_passes(sft, tmp_path, monkeypatch):
     again = sft("init", "myspecs")
     assert again.code == 4 and "exists; pass --force" in again.err
     assert sft("init", "myspecs", "--force").code == 0
+
+
+def test_every_spec_in_the_repo_validates_against_the_schema(sft):
+    """The editor schema must accept what the loader accepts: every spec shipped in specs/ and examples/."""
+    from pathlib import Path
+
+    import yaml
+    from jsonschema import Draft202012Validator
+
+    schema = json.loads(sft("schema").out)
+    Draft202012Validator.check_schema(schema)
+    validator = Draft202012Validator(schema)
+    repo = Path(__file__).resolve().parents[1]
+    paths = sorted([*repo.glob("specs/**/*.sft.yaml"), *repo.glob("examples/**/*.sft.yaml")])
+    assert len(paths) >= 7
+    problems = []
+    for path in paths:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+        doc.pop("matrix", None)  # entries are partial specs, merged by the loader
+        problems += [f"{path.relative_to(repo)}: {'/'.join(map(str, e.path))}: {e.message}"
+                     for e in validator.iter_errors(doc)]
+    assert problems == []
+
+
+def test_the_schema_rejects_what_the_loader_rejects(sft):
+    from jsonschema import Draft202012Validator
+
+    validator = Draft202012Validator(json.loads(sft("schema").out))
+    good = {"model": "builtin:tiny-gemma", "data": {"conversations": [[{"role": "user", "content": "a"},
+                                                                       {"role": "assistant", "content": "b"}]]},
+            "expect": [{"prompt": "a", "equals": "b", "xfail": "known"}]}
+    assert list(validator.iter_errors(good)) == []
+    typo = {**good, "expect": [{"prompt": "a", "equalz": "b"}]}
+    assert [e.validator for e in validator.iter_errors(typo)] == ["additionalProperties"]
