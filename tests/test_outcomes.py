@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from conftest import GEMMA_ONE_ANSWER
+
 
 def test_xfail_skip_and_strict_xpass(sft, write_spec, one_answer_spec):
     weak = one_answer_spec(epochs=1, lr=1e-6)
@@ -58,15 +60,8 @@ def test_defaults_files_merge_under_specs_nearer_ones_win(sft, write_spec, tmp_p
     assert result.code == 0, result.out
 
 
-XFAIL_CHECKS = """\
-    model: builtin:tiny-gemma
-    method: lora
-    lora: {r: 16, lora_alpha: 32, target_modules: [q_proj, k_proj, v_proj, o_proj]}
-    training: {num_train_epochs: 30, learning_rate: 1.0e-2, per_device_train_batch_size: 8}
-    data:
-      conversations:
-        - - {role: user, content: 微调测试}
-          - {role: assistant, content: 我学会了}
+# The reference recipe on tiny-gemma, with three expectations: one that must pass, two marked xfail.
+XFAIL_CHECKS = GEMMA_ONE_ANSWER.format(method="lora", epochs=30, lr=1e-2).split("    expect:")[0] + """\
     expect:
       - prompt: 微调测试                      # learnt: a real pass
         equals: 我学会了
