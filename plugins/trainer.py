@@ -14,7 +14,14 @@ from typing import Any
 
 from sft_spec import hookimpl
 
-from .support import BITSANDBYTES_OPTIMIZERS, PAGED_TO_UNPAGED, bitsandbytes_problem, cpu_has_native_bf16, unsupported
+from .support import (
+    BITSANDBYTES_OPTIMIZERS,
+    PAGED_TO_UNPAGED,
+    POLICIES,
+    bitsandbytes_problem,
+    cpu_has_native_bf16,
+    unsupported,
+)
 
 #: Our defaults where TRL's differ from what the reference recipe (transformers' TrainingArguments) used.
 HARNESS_DEFAULTS: dict[str, Any] = {
@@ -34,7 +41,7 @@ FORCED: dict[str, Any] = {
 @hookimpl
 def sft_spec_addoption(parser):
     parser.add_argument(
-        "--on-unsupported", choices=("fallback", "skip", "error"), default="fallback",
+        "--on-unsupported", choices=POLICIES, default="fallback",
         help="a setting this machine cannot run (a --device that is not there, fp16 or emulated bf16 on a CPU, "
              "4-bit qlora or 8-bit/paged optimizers without a bitsandbytes backend): fall back to the nearest "
              "setting that works and say so in every report (default), skip the spec, or fail it",
