@@ -73,8 +73,9 @@ class TerminalReporter:
             return
         self.sep("=", "sft-spec session starts", bold=True)
         versions = ", ".join(f"{d} {_version(d)}" for d in ("torch", "transformers", "trl", "peft"))
-        if _version("bitsandbytes") != "missing":  # optional, but it decides what adamw_8bit and qlora do
-            versions += f", bitsandbytes {_version('bitsandbytes')}"
+        bitsandbytes = _version("bitsandbytes")
+        if bitsandbytes != "missing":  # optional, but it decides what adamw_8bit and qlora do
+            versions += f", bitsandbytes {bitsandbytes}"
         self.write_line(f"python {sys.version.split()[0]}, sft-spec {__version__}, {versions}")
         self.write_line(f"rootdir: {self.config.rootdir}")
         checks = sum(len(i.selected_expectations) + len(i.training_checks) for i in session.items)

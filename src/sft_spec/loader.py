@@ -722,8 +722,9 @@ def _build_expectations(spec: Spec, nodeid: str, doc: LocatedDocument, ctx: Load
         if not checks and not before and not any(k not in EXPECTATION_KEYS for k in entry):
             errors.append(SpecError("an expectation needs at least one check (equals, contains, regex, ...)",
                                     where, key=f"expect[{i}]"))
-        xfail = _parse_xfail(entry["xfail"], doc.locate(keypath + ("xfail",)), f"expect[{i}].xfail", errors) \
-            if "xfail" in entry else None
+        xfail = None
+        if "xfail" in entry:
+            xfail = _parse_xfail(entry["xfail"], doc.locate(keypath + ("xfail",)), f"expect[{i}].xfail", errors)
         if prompt is not None:
             out.append(Expectation(i, f"{nodeid}::expect[{i}]", prompt, checks, before, where, xfail=xfail))
     return out
