@@ -6,12 +6,12 @@ import os
 import shutil
 import sys
 import time
-from importlib import metadata
 
 from sft_spec import __version__, hookimpl
 from sft_spec.reports import SpecReport, case_outcome_counts
 
 from .failures import format_failure
+from .recorded import optional_version
 
 LETTERS = {"passed": ".", "failed": "F", "error": "E", "skipped": "s", "xfailed": "x", "xpassed": "X",
            "interrupted": "!"}
@@ -72,8 +72,8 @@ class TerminalReporter:
         if self.verbosity < 0:
             return
         self.sep("=", "sft-spec session starts", bold=True)
-        versions = ", ".join(f"{d} {_version(d)}" for d in ("torch", "transformers", "trl", "peft"))
-        bitsandbytes = _version("bitsandbytes")
+        versions = ", ".join(f"{d} {optional_version(d)}" for d in ("torch", "transformers", "trl", "peft"))
+        bitsandbytes = optional_version("bitsandbytes")
         if bitsandbytes != "missing":  # optional, but it decides what adamw_8bit and qlora do
             versions += f", bitsandbytes {bitsandbytes}"
         self.write_line(f"python {sys.version.split()[0]}, sft-spec {__version__}, {versions}")
@@ -237,13 +237,6 @@ class TerminalReporter:
 def _seconds(value: float) -> str:
     value = int(round(value))
     return f"{value}s" if value < 60 else f"{value // 60}m{value % 60:02d}s"
-
-
-def _version(dist: str) -> str:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return "missing"
 
 
 @hookimpl
