@@ -17,7 +17,14 @@ from sft_spec.runner import LoadedModel
 
 from .builtin_models import BUILTIN_MODELS, builtin_model_dir
 from .gguf import PACKAGED_MODELS  # builtin: names of real models, served by the gguf loader
-from .support import bitsandbytes_problem, dtype_problem, pick_device, session_device, unsupported
+from .support import (
+    bitsandbytes_problem,
+    dtype_problem,
+    keep_standard_4bit_layout,
+    pick_device,
+    session_device,
+    unsupported,
+)
 
 BUILTIN_PREFIX = "builtin:"
 
@@ -237,6 +244,7 @@ def _load_quantized(named, item, config, device: str, notes: list[str]) -> Loade
         except Exception as exc:  # noqa: BLE001 - bitsandbytes has no backend for this device, or no kernel
             problem = f"{type(exc).__name__}: {exc}"
         else:
+            keep_standard_4bit_layout(loaded.model)
             loaded.info["quantization"] = _describe(quantization)
             return loaded
     bits = "8-bit" if item.spec.quantization.get("load_in_8bit") else "4-bit"

@@ -2,9 +2,11 @@
 
 What a user ships is the saved adapter, not the model in memory. After training, the adapter is saved
 (safetensors) to the spec's output folder, loaded onto a fresh base model (the model loader's own
-load, not the run's shared cached model), and that copy is then merged (``merge_and_unload``). The
-greedy answers of the trained model, the reloaded adapter and the merged model must be identical on
-every expectation prompt; the check names each prompt where they differ.
+load, not the run's shared cached model), and that copy is then merged (``merge_and_unload``); a QLoRA
+adapter is merged into the base loaded without quantization instead, which is what is deployed (merging
+into 4-bit weights rounds the sum back to 4 bits). The greedy answers of the trained model, the reloaded
+adapter and the merged model must be identical on every expectation prompt; the check names each prompt
+where they differ.
 
 It runs right after the trained model answered the expectations (wrapping ``sft_spec_generate``),
 while the adapter is still attached: the LoRA finalizer removes it before reports are made.
@@ -15,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import gc
 import re
-import warnings
 from typing import Any
 
 from sft_spec import hookimpl
@@ -71,10 +72,21 @@ def sft_spec_generate(item, run, prompts):
     return answers
 
 
+def _merge_dtype(quantization, device: str):
+    """The dtype a QLoRA user merges into: 4-bit's compute dtype; for 8-bit, fp32 on a CPU, else fp16."""
+    import torch
+
+    if quantization.load_in_4bit:
+        return quantization.bnb_4bit_compute_dtype
+    return torch.float32 if device == "cpu" else torch.float16
+
+
 def _round_trip(item, run, prompts: list, answers: list[dict]) -> dict:
+    import torch
     from peft import PeftModel
 
     from .models import quantization_config
+    from .support import keep_standard_4bit_layout
 
     config = run.config
     folder = config.output_dir / re.sub(r"[^\w.\-\[\]]+", "_", item.nodeid) / "adapter"
@@ -85,9 +97,9 @@ def _round_trip(item, run, prompts: list, answers: list[dict]) -> dict:
     # The same device and quantization as the trained model, fallbacks included.
     quantization = quantization_config(item, run.loaded.device) if run.loaded.info.get("quantization") else None
     fresh = named.obj.load(item.spec.model, config, quantization=quantization)
-    if quantization is None and run.loaded.info.get("dtype"):
-        import torch
-
+    if quantization is not None:
+        keep_standard_4bit_layout(fresh.model)  # as the trained model: the same kernels on every CPU
+    elif run.loaded.info.get("dtype"):
         fresh.model.to(getattr(torch, run.loaded.info["dtype"]))  # e.g. bf16 weights the run moved to fp32
     try:
         reloaded = PeftModel.from_pretrained(fresh.model, str(folder))
@@ -95,10 +107,16 @@ def _round_trip(item, run, prompts: list, answers: list[dict]) -> dict:
         hook = config.hook
         reloaded_answers = hook.sft_spec_generate(item=item, run=dataclasses.replace(run, model=reloaded),
                                                   prompts=prompts)
-        with warnings.catch_warnings():
-            # peft warns that merging into 4-/8-bit layers rounds; the comparison below shows whether it mattered.
-            warnings.filterwarnings("ignore", message="Merge lora module to [48]-bit linear")
+        if quantization is not None:
+            # What a QLoRA user deploys: the adapter merged into the base loaded without quantization
+            # (merging into 4-/8-bit weights rounds the sum back to 4 or 8 bits, and is never shipped).
+            plain = named.obj.load(item.spec.model, config, quantization=None)
+            plain.model.to(_merge_dtype(quantization, run.loaded.device))
+            merged = PeftModel.from_pretrained(plain.model, str(folder)).merge_and_unload()
+            merged_into = "merged into the unquantized base"
+        else:
             merged = reloaded.merge_and_unload()  # on the fresh copy: the shared base never holds merged weights
+            merged_into = "merged"
         merged.eval()
         merged_answers = hook.sft_spec_generate(item=item, run=dataclasses.replace(run, model=merged),
                                                 prompts=prompts)
@@ -111,11 +129,11 @@ def _round_trip(item, run, prompts: list, answers: list[dict]) -> dict:
             continue
         shown = prompt[-1]["content"]
         differences.append(f"{shown!r}: trained {trained['text']!r}, reloaded {again['text']!r}, "
-                           f"merged {merged_one['text']!r}")
+                           f"{merged_into} {merged_one['text']!r}")
     if differences:
         return {"passed": False, "message": f"{len(differences)} of {len(prompts)} prompts differ: "
                 + "; ".join(differences), "adapter": str(folder)}
-    return {"passed": True, "message": f"saved, reloaded and merged adapter agree on {len(prompts)} prompts",
+    return {"passed": True, "message": f"saved, reloaded and {merged_into} adapter agree on {len(prompts)} prompts",
             "adapter": str(folder)}
 
 

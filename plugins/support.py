@@ -8,6 +8,8 @@ every report (the default), skip the spec with the reason, or fail it.
 
 from __future__ import annotations
 
+import logging
+
 from sft_spec.errors import SkipSpec, SpecError
 
 POLICIES = ("fallback", "skip", "error")
@@ -92,6 +94,40 @@ BITSANDBYTES_OPTIMIZERS = frozenset({
     "adamw_bnb_8bit", "adamw_8bit", "ademamix", "ademamix_8bit", "lion_8bit", "lion_32bit",
     "rmsprop_bnb", "rmsprop_bnb_8bit", "rmsprop_bnb_32bit", *PAGED_TO_UNPAGED,
 })
+
+
+class _KernelsHubMessage(logging.Filter):
+    """Drops bitsandbytes' import-time "Failed to load CPU gemm_4bit_forward from kernels-community".
+
+    On CPUs with AVX512-BF16, bitsandbytes 0.50 looks for a fused 4-bit kernel that the optional
+    ``kernels`` package would download from the Hugging Face Hub. sft-spec never uses that kernel (see
+    :func:`keep_standard_4bit_layout`), and no hub is reachable from a CI runner, so the message only
+    misleads. Installed before bitsandbytes is imported: the logger is the one its module asks for.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "kernels-community" not in record.getMessage()
+
+
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_KernelsHubMessage())
+
+
+def keep_standard_4bit_layout(model) -> int:
+    """Keep bitsandbytes' 4-bit layers in their standard layout on every CPU; returns how many were changed.
+
+    On a CPU with AVX512-BF16 (not on one with AVX2 only), bitsandbytes 0.50 repacks a ``Linear4bit``
+    layer's weights in place, at its first forward in eval mode, into a layout for a bf16 inference
+    kernel. The base answers are generated in eval mode before training, so training then backpropagates
+    through that kernel, which has no autograd formula (torch warns "silently incorrect behavior"), and
+    peft's merge dequantizes the repacked bytes as if they were standard ones (garbage). Turned off, the
+    layers compute the same way on every CPU: dequantize, then matmul in the compute dtype.
+    """
+    changed = 0
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+            changed += 1
+    return changed
 
 
 def bitsandbytes_problem() -> str | None:
