@@ -7,24 +7,30 @@ library versions, the device and dtype. Each step must agree within ``atol + rto
 mean loss within ``mean_drift`` (relative). When the fingerprint differs the comparison means nothing:
 the check fails as a *stale* baseline that names what changed ("stale baseline: trl 1.16.0 -> 1.17.0;
 rerun with --update-baselines"), so an upgrade never passes or fails silently.
+
+The check decides wherever the spec runs (under ``--update-baselines`` a recorded curve passes); the
+curve and its fingerprint travel in the report (``report.extra``) and the file is written on the main
+process, before the report is logged (``sft_spec_persist_report``).
 """
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 from sft_spec import hookimpl
 from sft_spec.registry import Check, CheckContext, CheckResult
+from sft_spec.state import StashKey
 
 from . import recorded as rec
-from .recorded import RecordedFile, recorded_path, set_check_result, short_id
+from .recorded import RecordedFile, recorded_path, short_id
 
 FOLDER = "__baselines__"
 HEADER = ("# Loss curves recorded by `sft-spec run --update-baselines` for `loss_baseline` checks,\n"
           "# with the fingerprint of what produced them. Keyed by spec id; review changes like code.\n")
 DEFAULTS = {"rtol": 0.05, "atol": 0.01, "mean_drift": 0.05}
-STASH = "baselines.state"
+EXTRA = "loss_baseline"  # report.extra key: {"fingerprint": ..., "losses": [...]}
 
 
 def baseline_path(spec_path):
@@ -75,9 +81,19 @@ def compare_curves(losses: list[float], recorded: list[float], tol: dict[str, fl
 def loss_baseline(_: str, argument: Any, ctx: CheckContext) -> CheckResult:
     path = baseline_path(ctx.item.path)
     recorded = RecordedFile(path, HEADER)
+    entry = recorded.entries.get(short_id(ctx.item.nodeid))
+    current = {"fingerprint": _plain(fingerprint(ctx.item, ctx.run)), "losses": [float(x) for x in ctx.losses]}
+    ctx.run.stash[CURRENT] = current
+    if ctx.config.getoption("update_baselines"):
+        if entry == current:
+            return CheckResult(True, f"baseline unchanged: {len(ctx.losses)} steps")
+        return CheckResult(True, f"baseline {'updated' if entry else 'recorded'}: {len(ctx.losses)} steps")
     if recorded.error:
         return CheckResult(False, f"{recorded.error}; rewrite it with --update-baselines")
-    entry = recorded.entries.get(short_id(ctx.item.nodeid))
+    if isinstance(entry, dict) and isinstance(entry.get("fingerprint"), dict):
+        changes = fingerprint_changes(entry["fingerprint"], current["fingerprint"])
+        if changes:
+            return CheckResult(False, f"stale baseline: {', '.join(changes)}; rerun with --update-baselines")
     if not isinstance(entry, dict) or not isinstance(entry.get("losses"), list):
         return CheckResult(False, f"no loss baseline recorded for {short_id(ctx.item.nodeid)} in {path}; "
                            "record it with --update-baselines")
@@ -109,15 +125,20 @@ def _model_revision(item) -> str | None:
     return model.revision
 
 
+TOKENIZER_HASH = StashKey[str]()
+#: This spec's curve and fingerprint, as the check computed them, for the report.
+CURRENT = StashKey[dict]()
+
+
 def tokenizer_hash(loaded) -> str:
-    cached = loaded.info.get("tokenizer_sha256")
+    cached = loaded.stash.get(TOKENIZER_HASH, None)
     if cached:
         return cached
     tokenizer = loaded.tokenizer
     backend = getattr(tokenizer, "backend_tokenizer", None)
     body: Any = backend.to_str() if backend is not None else sorted(tokenizer.get_vocab().items())
     digest = rec.sha256([body, tokenizer.all_special_tokens])[:16]
-    loaded.info["tokenizer_sha256"] = digest
+    loaded.stash[TOKENIZER_HASH] = digest
     return digest
 
 
@@ -134,7 +155,7 @@ def fingerprint(item, run) -> dict[str, Any]:
         "settings": settings,
         "versions": {**rec.library_versions(), **_bitsandbytes_version(run.settings)},
         "device": run.settings.get("device", loaded.device),
-        "dtype": run.settings.get("dtype", loaded.info.get("dtype")),
+        "dtype": run.settings.get("dtype", loaded.dtype),
     }
 
 
@@ -168,7 +189,7 @@ def fingerprint_changes(old: dict, new: dict) -> list[str]:
     return changes
 
 
-# -- report time ---------------------------------------------------------------------------------------
+# -- on the main process ------------------------------------------------------------------------------
 
 
 class _State:
@@ -185,33 +206,35 @@ class _State:
         return self.files[path]
 
 
-@hookimpl(wrapper=True)
+STATE = StashKey[_State]()
+
+
+@hookimpl(tryfirst=True)
 def sft_spec_make_report(item, run, report):
-    if any(name == "loss_baseline" for name, _, _ in item.training_checks) and run.settings:
-        _finish(item, run, report)
-    return (yield)
+    current = run.stash.get(CURRENT, None)
+    if current is not None:
+        report.extra[EXTRA] = current  # what --update-baselines writes, on the main process
+    return None
 
 
-def _finish(item, run, report) -> None:
-    state: _State = run.config.stash.setdefault(STASH, _State())
-    recorded = state.file(item.path)
-    key = short_id(item.nodeid)
-    current = {"fingerprint": _plain(fingerprint(item, run)), "losses": [float(x) for x in report.losses]}
-    old = recorded.entries.get(key)
-    if run.config.getoption("update_baselines"):
-        if old != current:
-            recorded.set(key, current)
-            recorded.save()
-            (state.changed if old else state.added).append(item.nodeid)
-            set_check_result(report, "loss_baseline", True,
-                             f"baseline {'updated' if old else 'recorded'}: {len(report.losses)} steps")
+@hookimpl
+def sft_spec_persist_report(report, session) -> None:
+    current = report.extra.get(EXTRA)
+    if current is None or not report.path:
         return
-    if isinstance(old, dict) and isinstance(old.get("fingerprint"), dict):
-        changes = fingerprint_changes(old["fingerprint"], current["fingerprint"])
-        if changes:
-            state.stale.append(item.nodeid)
-            set_check_result(report, "loss_baseline", False,
-                             f"stale baseline: {', '.join(changes)}; rerun with --update-baselines")
+    state = session.config.stash.setdefault(STATE, _State())
+    if any(c.name == "loss_baseline" and "stale baseline" in c.message for case in report.training_checks
+           for c in case.checks):
+        state.stale.append(report.nodeid)
+    if not session.config.getoption("update_baselines"):
+        return
+    recorded = state.file(Path(report.path))
+    key = short_id(report.nodeid)
+    old = recorded.entries.get(key)
+    if old != current:
+        recorded.set(key, current)
+        recorded.save()
+        (state.changed if old else state.added).append(report.nodeid)
 
 
 def _plain(value: Any) -> Any:
@@ -227,7 +250,7 @@ def _plain(value: Any) -> Any:
 
 @hookimpl
 def sft_spec_terminal_summary(session, write_line) -> None:
-    state: _State | None = session.config.stash.get(STASH)
+    state = session.config.stash.get(STATE, None)
     if state is None:
         return
     if state.added:

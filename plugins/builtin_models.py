@@ -20,7 +20,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from sft_spec import hookimpl
+from sft_spec.errors import did_you_mean
 from sft_spec.fileio import building_directory
+from sft_spec.state import LoadedModel
+
+from .gguf import PACKAGED_MODELS  # builtin: names of real models, served by the gguf loader
+from .pretrained import BUILTIN_PREFIX, load_pretrained
 
 # Bump when anything that changes the built files changes: old caches are then ignored.
 BUILD_VERSION = 1
@@ -183,3 +189,29 @@ def _build(spec: _Spec, out_dir: Path) -> None:
 
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
+
+
+class BuiltinLoader:
+    """``builtin:NAME``: tiny random models built offline on first use and cached."""
+
+    def claims(self, model_spec) -> bool:
+        # Other builtin: names are the gguf loader's packaged models, or a typo this loader explains.
+        return model_spec.id.startswith(BUILTIN_PREFIX) and model_spec.id[len(BUILTIN_PREFIX):] not in PACKAGED_MODELS
+
+    def validate(self, model_spec) -> str | None:
+        name = model_spec.id[len(BUILTIN_PREFIX):]
+        if name not in BUILTIN_MODELS:
+            return did_you_mean(name, [*BUILTIN_MODELS, *PACKAGED_MODELS], "builtin model")
+        return None
+
+    def load(self, model_spec, config, *, quantization=None) -> LoadedModel:
+        name = model_spec.id[len(BUILTIN_PREFIX):]
+        directory = builtin_model_dir(name, Path(config.cache_dir))
+        return load_pretrained(str(directory), model_spec, config, quantization=quantization,
+                               source=f"{model_spec.id} ({BUILTIN_MODELS[name]})")
+
+
+@hookimpl(trylast=True)
+def sft_spec_register_model_loaders(register) -> None:
+    register("builtin", BuiltinLoader(), "tiny random models that need no download: " + ", ".join(
+        f"builtin:{n}" for n in BUILTIN_MODELS))

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 from sft_spec import hookimpl
 from sft_spec.errors import SpecError
-from sft_spec.registry import FormattedText, MaskedExample
-
-from .formatters import chat_markers
+from sft_spec.state import FormattedText, MaskedExample
 
 IGNORE_INDEX = -100
+#: Collators removed from TRL, mapped to the sft-spec collator that re-creates them.
+RENAMED_COLLATORS = {"DataCollatorForCompletionOnlyLM": "completion_only"}
 
 
 def tokenize_with_offsets(text: str, tokenizer) -> tuple[list[int], list[tuple[int, int]]]:
@@ -62,7 +62,7 @@ class CompletionOnlyCollator:
         return spans
 
     def mask(self, formatted, tokenizer, fmt, *, markers) -> MaskedExample:
-        response_template = fmt.response_template or markers["response_template"]
+        response_template = fmt.response_template or markers.response_template
         if not response_template:
             raise SpecError("cannot derive the response template from the chat template: set format.response_template")
         return mask_from_spans(formatted, tokenizer, self.spans(formatted, response_template, fmt.instruction_template))
@@ -90,23 +90,33 @@ def sft_spec_register_collators(register) -> None:
     register("full", FullCollator(), "loss on every token")
 
 
+@hookimpl
+def sft_spec_validate_spec(item, config) -> None:
+    fmt = item.spec.format
+    if fmt.collator in RENAMED_COLLATORS:
+        old, fmt.collator = fmt.collator, RENAMED_COLLATORS[fmt.collator]
+        item.notes.append(f"{item.locate('format', 'collator')}: note: {old} was removed from TRL; sft-spec's "
+                          f"{fmt.collator!r} collator does what it did")
+
+
 @hookimpl(trylast=True)
-def sft_spec_make_mask(item, run, formatted) -> MaskedExample:
+def sft_spec_make_mask(item, run, formatted, index) -> MaskedExample:
     fmt = item.spec.format
     collator = run.config.registry.collators[fmt.collator].obj
-    markers = chat_markers(item, run)
-    example = collator.mask(formatted, run.loaded.tokenizer, fmt, markers=markers)
+    markers = run.markers
+    try:
+        example = collator.mask(formatted, run.loaded.tokenizer, fmt, markers=markers)
+    except SpecError as exc:
+        raise SpecError(f"conversation {index}: {exc.message}", exc.location, exc.key) from None
     max_length = item.spec.training.get("max_length", 1024)
     if max_length and len(example.input_ids) > max_length:
         run.note(f"a training conversation has {len(example.input_ids)} tokens; truncated to max_length={max_length}")
         example.input_ids = example.input_ids[:max_length]
         example.labels = example.labels[:max_length]
-    index = len(run.examples) if run.examples else None
     if all(label == IGNORE_INDEX for label in example.labels):
-        which = f" {index}" if index is not None else ""
-        raise SpecError(f"the loss mask of collator {fmt.collator!r} trains no token of conversation{which}: "
+        raise SpecError(f"the loss mask of collator {fmt.collator!r} trains no token of conversation {index}: "
                         f"{formatted.text[:200]!r}")
-    eot = markers.get("end_of_turn")
+    eot = markers.end_of_turn if markers else None
     if eot:
         trained_text = "".join(
             formatted.text[s:e] for (s, e), lab in zip(example.offsets, example.labels, strict=False)

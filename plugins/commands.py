@@ -40,9 +40,10 @@ def _field_schema(info) -> dict[str, Any]:
 
 def spec_schema(pluginmanager, cache_dir: Path) -> dict[str, Any]:
     """The JSON Schema (draft 2020-12) of a ``*.sft.yaml`` file for this installation."""
-    from sft_spec.plugins import build_registry
-    from sft_spec.recipe_fields import RENAMED_TRAINING_KEYS, recipe_fields
+    from sft_spec.pluginmanager import build_registry
     from sft_spec.spec import Spec
+
+    from .recipe_fields import RENAMED_TRAINING_KEYS, recipe_fields
 
     schema = Spec.model_json_schema()
     schema = {"$schema": "https://json-schema.org/draft/2020-12/schema",
@@ -62,6 +63,10 @@ def spec_schema(pluginmanager, cache_dir: Path) -> dict[str, Any]:
         props["skip"]["anyOf"] = [*props["skip"].get("anyOf", [{"type": "string"}]), {"type": "boolean"}]
 
     registry = build_registry(pluginmanager)
+    for name, section in registry.sections.items():  # plugins' own top-level keys
+        sub = section.model.model_json_schema()
+        defs.update(sub.pop("$defs", {}))
+        props[name] = {**sub, "description": section.description or sub.get("description", "")}
     answer = {n: {"description": c.description} for n, c in registry.checks.items() if c.scope == "answer"}
     training = {n: {"description": c.description} for n, c in registry.checks.items() if c.scope == "training"}
     message = {"$ref": "#/$defs/Message"} if "Message" in defs else {"type": "object"}

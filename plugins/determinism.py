@@ -12,8 +12,10 @@ from __future__ import annotations
 import os
 
 from sft_spec import hookimpl
+from sft_spec.state import StashKey
 
-STASH = "determinism.previous"
+#: What --deterministic changed, to put back at the end: (deterministic algorithms on, CUBLAS_WORKSPACE_CONFIG).
+PREVIOUS = StashKey[tuple[bool, str | None]]()
 WORKSPACE = ":4096:8"
 
 
@@ -29,7 +31,7 @@ def sft_spec_configure(config) -> None:
         return
     import torch
 
-    config.stash[STASH] = (torch.are_deterministic_algorithms_enabled(), os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+    config.stash[PREVIOUS] = (torch.are_deterministic_algorithms_enabled(), os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", WORKSPACE)
     torch.use_deterministic_algorithms(True)
 
@@ -37,7 +39,7 @@ def sft_spec_configure(config) -> None:
 @hookimpl
 def sft_spec_unconfigure(config) -> None:
     # Leave the process as it was: runs from Python (tests, notebooks) continue after this one.
-    previous = config.stash.pop(STASH, None)
+    previous = config.stash.get(PREVIOUS, None)
     if previous is None:
         return
     import torch
@@ -50,7 +52,7 @@ def sft_spec_unconfigure(config) -> None:
 
 @hookimpl
 def sft_spec_terminal_summary(session, write_line) -> None:
-    if STASH not in session.config.stash:
+    if PREVIOUS not in session.config.stash:
         return
     trained = [r for r in session.reports if "train_seconds" in r.metrics]
     seconds = sum(r.metrics["train_seconds"] for r in trained)

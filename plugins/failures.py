@@ -1,16 +1,54 @@
 """The text of a failed expectation: prompt, answer, expected text and a character diff.
 
 One function, so that ``sft-spec run`` (the terminal reporter) and ``pytest`` (the pytest plugin)
-show a failure the same way.
+show a failure the same way; the diffs are shared with the JUnit and HTML reports.
 """
 
 from __future__ import annotations
 
-from sft_spec.reports import ExpectationReport, char_diff
+import difflib
+
+from sft_spec.escape import safe
+from sft_spec.reports import ExpectationReport
+
+
+def char_diff(expected: str, actual: str) -> str:
+    """Inline character-level diff: ``我学会[-了-]{+吗+}``. Right for text without spaces (CJK)."""
+    out = []
+    matcher = difflib.SequenceMatcher(a=expected, b=actual, autojunk=False)
+    for op, a0, a1, b0, b1 in matcher.get_opcodes():
+        if op == "equal":
+            out.append(expected[a0:a1])
+        if op in ("delete", "replace"):
+            out.append(f"[-{expected[a0:a1]}-]")
+        if op in ("insert", "replace"):
+            out.append(f"{{+{actual[b0:b1]}+}}")
+    return "".join(out)
+
+
+def diff_segments(expected: str, actual: str) -> list[tuple[str, str]]:
+    """``[(op, text)]`` with op in equal/delete/insert, for reporters that colour a diff."""
+    segments = []
+    matcher = difflib.SequenceMatcher(a=expected, b=actual, autojunk=False)
+    for op, a0, a1, b0, b1 in matcher.get_opcodes():
+        if op == "equal":
+            segments.append(("equal", expected[a0:a1]))
+        if op in ("delete", "replace"):
+            segments.append(("delete", expected[a0:a1]))
+        if op in ("insert", "replace"):
+            segments.append(("insert", actual[b0:b1]))
+    return segments
 
 
 def format_failure(case: ExpectationReport) -> list[tuple[str, str | None]]:
-    """``[(line, style)]``: style ``"failed"`` for lines a colour terminal paints red, else ``None``."""
+    """``[(line, style)]``: style ``"failed"`` for lines a colour terminal paints red, else ``None``.
+
+    Every line is safe to print: control characters from specs and answers are escaped.
+    """
+    return [(safe(line), style) for line, style in _failure_lines(case)]
+
+
+def _failure_lines(case: ExpectationReport) -> list[tuple[str, str | None]]:
     lines: list[tuple[str, str | None]] = [(case.location, None)]
     if case.prompt:
         prompt = case.prompt[-1]["content"] if len(case.prompt) == 1 else case.prompt

@@ -8,11 +8,10 @@ Both report where each assistant turn lies in the text, which the loss masks nee
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Any
 
 from sft_spec import hookimpl
 from sft_spec.errors import SpecError
-from sft_spec.registry import FormattedText
+from sft_spec.state import ChatMarkers, FormattedText
 
 _SENTINEL_USER = "\x00u\x00"
 _SENTINEL_ANSWER = "\x00a\x00"
@@ -78,6 +77,7 @@ def _format_with(render, messages, tokenizer, fmt, add_generation_prompt, templa
         return FormattedText(text=render(messages, tokenizer, template, True))
     text = render(messages, tokenizer, template, False)
     spans: list[tuple[int, int]] = []
+    starts: list[int] = []  # where each assistant turn's prompt part (its template) begins
     search_from = 0
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
@@ -85,6 +85,8 @@ def _format_with(render, messages, tokenizer, fmt, add_generation_prompt, templa
         before = render(messages[:i], tokenizer, template, True)
         upto = render(messages[: i + 1], tokenizer, template, False)
         if text.startswith(upto) and upto.startswith(before) and len(before) >= search_from:
+            without_prompt = render(messages[:i], tokenizer, template, False)
+            starts.append(len(without_prompt) if before.startswith(without_prompt) else len(before))
             spans.append((len(before), len(upto)))
             search_from = len(upto)
             continue
@@ -93,6 +95,7 @@ def _format_with(render, messages, tokenizer, fmt, add_generation_prompt, templa
         if start < 0:
             raise SpecError(f"cannot find assistant turn {i} in the formatted text")
         end = start + len(message["content"])
+        starts.append(search_from)
         spans.append((start, end))
         search_from = end
     eos = tokenizer.eos_token
@@ -102,19 +105,18 @@ def _format_with(render, messages, tokenizer, fmt, add_generation_prompt, templa
         if spans and spans[-1][1] >= len(text) - len(eos) - 2:
             # The final turn's EOS is part of what the model must learn to produce.
             spans[-1] = (spans[-1][0], len(text))
-    return FormattedText(text=text, assistant_spans=spans, prompt_end=spans[-1][0] if spans else 0)
+    return FormattedText(text=text, assistant_spans=spans, assistant_starts=starts,
+                         prompt_end=spans[-1][0] if spans else 0)
 
 
-def chat_markers(item, run) -> dict[str, Any]:
+@hookimpl(trylast=True)
+def sft_spec_chat_markers(item, run) -> ChatMarkers:
     """The response template (``<start_of_turn>model\\n``) and end-of-turn marker of this spec's template.
 
     Derived by rendering sentinel conversations with the spec's formatter, so they are right for any
     template, a user's own included: the response template is what the generation prompt adds to a
     rendered user turn; the end-of-turn marker is the special token right after an answer.
     """
-    cached = run.scratch.get("markers")
-    if cached is not None:
-        return cached
     fmt = item.spec.format
     formatter = run.config.registry.formatters[fmt.formatter].obj
     tokenizer = run.loaded.tokenizer
@@ -136,9 +138,7 @@ def chat_markers(item, run) -> dict[str, Any]:
         response_template = with_prompt.split(_SENTINEL_USER, 1)[-1]
     after_answer = full.split(_SENTINEL_ANSWER, 1)[1] if _SENTINEL_ANSWER in full else ""
     end_of_turn = _first_special(after_answer, tokenizer) or tokenizer.eos_token
-    markers = {"response_template": response_template, "end_of_turn": end_of_turn}
-    run.scratch["markers"] = markers
-    return markers
+    return ChatMarkers(response_template=response_template, end_of_turn=end_of_turn)
 
 
 def _first_special(text: str, tokenizer) -> str | None:

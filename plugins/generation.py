@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 from sft_spec import hookimpl
-
-from .formatters import chat_markers
+from sft_spec.state import Answer
 
 
 def stop_token_ids(tokenizer, model, end_of_turn: str | None) -> list[int]:
@@ -22,8 +21,8 @@ def stop_token_ids(tokenizer, model, end_of_turn: str | None) -> list[int]:
     return list(dict.fromkeys(ids))
 
 
-def generate_answers(model, tokenizer, texts: list[str], *, stop_ids: list[int], settings, device) -> list[dict]:
-    """One answer per prompt text: ``{"text": cleaned, "raw": with special tokens up to the stop}``."""
+def generate_answers(model, tokenizer, texts: list[str], *, stop_ids: list[int], settings, device) -> list[Answer]:
+    """One answer per prompt text: cleaned text, and the raw text with special tokens up to the stop."""
     import torch
 
     kwargs = {
@@ -40,7 +39,7 @@ def generate_answers(model, tokenizer, texts: list[str], *, stop_ids: list[int],
     if not settings.do_sample:
         # Greedy: unset sampling knobs a checkpoint's generation_config may carry, so transformers stays quiet.
         kwargs.update({"temperature": None, "top_p": None, "top_k": None})
-    answers: list[dict] = []
+    answers: list[Answer] = []
     padding_side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # decoder-only models continue from the right edge
     was_training = model.training
@@ -53,7 +52,7 @@ def generate_answers(model, tokenizer, texts: list[str], *, stop_ids: list[int],
                 output = model.generate(**encoded, **kwargs)
             new_tokens = output[:, encoded["input_ids"].shape[1]:]
             for row in new_tokens.tolist():
-                answers.append(_clean(row, tokenizer, stop_ids))
+                answers.append(_clean(row, tokenizer, stop_ids, settings.max_new_tokens))
     finally:
         tokenizer.padding_side = padding_side
         if was_training:
@@ -61,8 +60,8 @@ def generate_answers(model, tokenizer, texts: list[str], *, stop_ids: list[int],
     return answers
 
 
-def _clean(row: list[int], tokenizer, stop_ids: list[int]) -> dict:
-    cut = len(row)
+def _clean(row: list[int], tokenizer, stop_ids: list[int], max_new_tokens: int) -> Answer:
+    cut = None
     for i, token_id in enumerate(row):
         if token_id in stop_ids:
             cut = i + 1
@@ -70,15 +69,14 @@ def _clean(row: list[int], tokenizer, stop_ids: list[int]) -> dict:
     kept = [t for t in row[:cut] if t != tokenizer.pad_token_id or t in stop_ids]
     raw = tokenizer.decode(kept, skip_special_tokens=False)
     text = tokenizer.decode(kept, skip_special_tokens=True).strip()
-    return {"text": text, "raw": raw, "stopped": cut < len(row) or (bool(row) and row[-1] in stop_ids)}
+    return Answer(text=text, raw=raw, stopped=cut is not None, new_tokens=cut if cut is not None else len(kept),
+                  max_new_tokens=max_new_tokens)
 
 
 @hookimpl(trylast=True)
-def sft_spec_generate(item, run, prompts) -> list[dict]:
-    hook = run.config.hook
-    texts = [hook.sft_spec_format(item=item, run=run, messages=p, add_generation_prompt=True).text for p in prompts]
-    markers = chat_markers(item, run)
+def sft_spec_generate(item, run, prompts, when) -> list[Answer]:
     tokenizer = run.loaded.tokenizer
-    stop_ids = stop_token_ids(tokenizer, run.model, markers.get("end_of_turn"))
-    return generate_answers(run.model, tokenizer, texts, stop_ids=stop_ids, settings=item.spec.generation,
+    stop_ids = stop_token_ids(tokenizer, run.model, run.markers.end_of_turn if run.markers else None)
+    return generate_answers(run.model, tokenizer, [p.text for p in prompts], stop_ids=stop_ids,
+                            settings=item.spec.generation,
                             device=run.model.device if hasattr(run.model, "device") else run.loaded.device)

@@ -26,9 +26,9 @@ from pathlib import Path
 from sft_spec import hookimpl
 from sft_spec.errors import SpecError
 from sft_spec.fileio import building_directory
-from sft_spec.runner import LoadedModel
+from sft_spec.state import LoadedModel
 
-BUILTIN_PREFIX = "builtin:"
+from .pretrained import BUILTIN_PREFIX, load_pretrained
 
 # Bump when the conversion writes different files: old converted directories are then ignored.
 CONVERT_VERSION = 1
@@ -142,14 +142,11 @@ class GGUFLoader:
         return None
 
     def load(self, model_spec, config, *, quantization=None) -> LoadedModel:
-        from .models import load_pretrained
-
         directory = converted_dir(model_spec, Path(config.cache_dir))
         # The converted directory is a plain local model: the hub revision and GGUF name no longer apply.
         plain = model_spec.model_copy(update={"revision": None, "gguf_file": None})
         loaded = load_pretrained(str(directory), plain, config, quantization=quantization,
                                  source=f"{model_spec.id} (GGUF converted to {directory})")
-        loaded.info["gguf_converted_dir"] = str(directory)
         return loaded
 
 

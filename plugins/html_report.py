@@ -16,10 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sft_spec_plugins.report_files import FileReporter
-
 from sft_spec import hookimpl
-from sft_spec.reports import ExpectationReport, SpecReport, case_outcome_counts, diff_segments
+from sft_spec.reports import ExpectationReport, SpecReport, case_outcome_counts
+
+from .failures import diff_segments
+from .report_files import FileReporter
 
 OUTCOME_ORDER = ("failed", "error", "interrupted", "xpassed", "passed", "xfailed", "skipped")
 PHASE_LABELS = {"load": "load model", "generate_before": "generate before", "format": "format",
@@ -70,7 +71,7 @@ class TokenRun:
 
 def token_runs(tokens: list[str], trained: list[bool]) -> list[TokenRun]:
     """Tokens grouped for display; "" tokens are bytes of a character that the next token completes
-    (see ``sft_spec.runner.decode_tokens``), so they join it and its hover text names them all."""
+    (see ``sft_spec_plugins.protocol.decode_tokens``), so they join it and its hover text names them all."""
     runs: list[TokenRun] = []
     start = 0
     for i, text in enumerate(tokens):
@@ -253,5 +254,5 @@ def sft_spec_addoption(parser):
 @hookimpl
 def sft_spec_configure(config):
     path = config.getoption("html_path")
-    if path:
+    if path and config.role == "main":
         config.pluginmanager.register(HTMLReporter(config, path), "html_reporter")

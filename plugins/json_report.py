@@ -9,74 +9,15 @@ from __future__ import annotations
 
 import json
 import math
-import platform
-import time
-from dataclasses import fields
-from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from sft_spec_plugins.report_files import FileReporter
-
-from sft_spec import __version__, hookimpl
+from sft_spec import hookimpl
 from sft_spec.errors import UsageError
 from sft_spec.fileio import atomic_write_text
-from sft_spec.reports import (
-    CheckReport,
-    ErrorInfo,
-    ExpectationReport,
-    MaskSummary,
-    SpecReport,
-    case_outcome_counts,
-)
+from sft_spec.reports import SpecReport, report_from_dict
 
-SCHEMA_VERSION = 1
-#: Distributions whose versions every report carries: they decide what a recipe learns.
-PACKAGES = ("sft-spec", "torch", "transformers", "trl", "peft", "accelerate", "datasets", "tokenizers",
-            "bitsandbytes")
-
-
-def _version(dist: str) -> str | None:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return None
-
-
-def environment(reports: list[SpecReport], requested_device: str | None) -> dict[str, Any]:
-    """Versions and device, so a result can be compared with another machine's."""
-    devices = sorted({str(r.settings["device"]) for r in reports if r.settings.get("device")})
-    return {
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "packages": {name: _version(name) for name in PACKAGES},
-        "device": ", ".join(devices) or requested_device or "",
-        "requested_device": requested_device or "",
-    }
-
-
-def session_meta(session, complete: bool, exitstatus: int | None) -> dict[str, Any]:
-    """Everything in the results document except the specs: shared by the JSON, JUnit and HTML reporters."""
-    config = session.config
-    reports = list(session.reports)
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "tool": {"name": "sft-spec", "version": __version__},
-        "created": datetime.fromtimestamp(session.start_time, timezone.utc).isoformat(timespec="seconds"),
-        "complete": complete,
-        "exitstatus": exitstatus,
-        "interrupted": bool(session.interrupted),
-        "command": ["sft-spec", *config.invocation_args],
-        "rootdir": str(config.rootdir),
-        "environment": environment(reports, config.getoption("device")),
-        "summary": {
-            "outcomes": case_outcome_counts(reports),
-            "specs": len(reports),
-            "deselected": session.deselected,
-            "duration": round(time.time() - session.start_time, 3),
-        },
-    }
+from .report_files import SCHEMA_VERSION, FileReporter, session_meta
 
 
 def results_document(session, complete: bool, exitstatus: int | None) -> dict[str, Any]:
@@ -111,26 +52,6 @@ def write_document(path: Path, doc: dict[str, Any]) -> None:
 
 
 # -- reading back ------------------------------------------------------------------------------------
-
-
-def _build(cls, data: dict[str, Any]):
-    """A dataclass from its dict, ignoring keys a newer writer added (forward compatible within a version)."""
-    names = {f.name for f in fields(cls)}
-    return cls(**{k: v for k, v in data.items() if k in names})
-
-
-def report_from_dict(data: dict[str, Any]) -> SpecReport:
-    def case(d: dict[str, Any]) -> ExpectationReport:
-        exp = _build(ExpectationReport, d)
-        exp.checks = [_build(CheckReport, c) for c in d.get("checks", [])]
-        return exp
-
-    report = _build(SpecReport, data)
-    report.expectations = [case(e) for e in data.get("expectations", [])]
-    report.training_checks = [case(e) for e in data.get("training_checks", [])]
-    report.mask = _build(MaskSummary, data["mask"]) if data.get("mask") else None
-    report.error = _build(ErrorInfo, data["error"]) if data.get("error") else None
-    return report
 
 
 def load_document(path: Path) -> tuple[dict[str, Any], list[SpecReport]]:
@@ -188,7 +109,7 @@ def sft_spec_addoption(parser):
 @hookimpl
 def sft_spec_configure(config):
     path = config.getoption("json_path")
-    if path:
+    if path and config.role == "main":
         config.pluginmanager.register(JSONReporter(config, path), "json_reporter")
 
 
@@ -208,12 +129,12 @@ def _run_report(options, pluginmanager) -> int:
         raise UsageError("nothing to write: give --html PATH and/or --junitxml PATH")
     meta, reports = load_document(options.results)
     if options.html_path:
-        from sft_spec_plugins.html_report import render_html
+        from .html_report import render_html
 
         atomic_write_text(options.html_path, render_html(reports, meta))
         print(f"HTML report: {options.html_path}")
     if options.junitxml_path:
-        from sft_spec_plugins.junitxml import render_junitxml
+        from .junitxml import render_junitxml
 
         atomic_write_text(options.junitxml_path, render_junitxml(reports, meta))
         print(f"JUnit XML report: {options.junitxml_path}")

@@ -13,10 +13,11 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 
-from sft_spec_plugins.report_files import FileReporter
-
 from sft_spec import hookimpl
-from sft_spec.reports import ExpectationReport, SpecReport, char_diff
+from sft_spec.reports import ExpectationReport, SpecReport
+
+from .failures import char_diff
+from .report_files import FileReporter
 
 #: Metrics shown as suite properties, in this order, when a spec has them.
 PROPERTY_METRICS = ("final_loss", "train_seconds", "steps", "trainable_parameters", "total_parameters")
@@ -193,5 +194,5 @@ def sft_spec_addoption(parser):
 @hookimpl
 def sft_spec_configure(config):
     path = config.getoption("junitxml_path")
-    if path:
+    if path and config.role == "main":
         config.pluginmanager.register(JUnitXMLReporter(config, path), "junitxml_reporter")

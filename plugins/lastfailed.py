@@ -54,8 +54,7 @@ class LastFailed:
             return
         kept, matched = [], set()
         for item in items:
-            case_ids = [e.nodeid for e in item.expectations] + [
-                f"{item.nodeid}::checks[{name}]" for name, _, _ in item.training_checks]
+            case_ids = [case.nodeid for case in item.cases]
             if item.nodeid in failed:  # the spec broke: all of it again
                 kept.append(item)
                 matched.add(item.nodeid)
@@ -64,9 +63,8 @@ class LastFailed:
             if not hits:
                 continue
             matched.update(hits)
-            for exp in item.expectations:
-                exp.selected = exp.selected and exp.nodeid in failed
-            item.training_checks = [c for c in item.training_checks if f"{item.nodeid}::checks[{c[0]}]" in failed]
+            for case in item.cases:
+                case.selected = case.selected and case.nodeid in failed
             kept.append(item)
         matched.update(i for i in failed if any(r.nodeid == i for r in session.collect_errors))
         if not matched:
@@ -121,4 +119,5 @@ def sft_spec_addoption(parser):
 @hookimpl
 def sft_spec_configure(config):
     # With --collect-only it only selects: the session's finish hooks (which write) do not run then.
-    config.pluginmanager.register(LastFailed(config), "lfplugin")
+    if config.role == "main":
+        config.pluginmanager.register(LastFailed(config), "lfplugin")

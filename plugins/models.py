@@ -1,22 +1,24 @@
-"""Model loaders: ``builtin:`` tiny models and Hugging Face model directories or hub ids.
+"""The model phase: which loader loads a spec's model, and one loaded base model shared by the specs.
 
-Loaded models are kept for the run and shared by the specs that use the same base model: LoRA specs
-remove their adapters afterwards, and a spec that changes the weights (full fine-tune, QLoRA) marks
-the model dirty so the next spec loads it fresh.
+Specs that use the same base model (same id, device and quantization) share one loaded copy: LoRA specs
+remove their adapters afterwards, and a spec that changes the weights (full fine-tune, k-bit
+preparation) marks it dirty so the next spec loads it fresh. What a spec may change without saying so
+(peft's ``modules_to_save`` kept by ``unload()``, PiSSA's rewrite of the base weights, TRL setting the
+tokenizer's chat template or EOS token) is caught by a fingerprint of the weights, buffers, config and
+tokenizer taken at load and compared after every spec: a difference marks the model dirty too.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from sft_spec import hookimpl
 from sft_spec.errors import SkipSpec, SpecError
-from sft_spec.runner import LoadedModel
+from sft_spec.state import LoadedModel, StashKey
 
-from .builtin_models import BUILTIN_MODELS, builtin_model_dir
-from .gguf import PACKAGED_MODELS  # builtin: names of real models, served by the gguf loader
+from .pretrained import quiet_libraries
 from .support import (
     bitsandbytes_problem,
     dtype_problem,
@@ -26,26 +28,19 @@ from .support import (
     unsupported,
 )
 
-BUILTIN_PREFIX = "builtin:"
+
+@dataclass
+class ModelCache:
+    """The base model loaded for this run (one at a time: a suite moves from base model to base model)."""
+
+    key: str = ""
+    loaded: LoadedModel | None = None
+    fingerprint: dict | None = None
+    loads: int = 0
 
 
-def quiet_libraries(verbosity: int) -> None:
-    """Progress bars and info logs of transformers/datasets would drown the report; -vv shows them."""
-    if verbosity >= 2:
-        return
-    import logging
-    import warnings
-
-    import datasets
-    import transformers
-
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    datasets.disable_progress_bars()
-    datasets.utils.logging.set_verbosity_error()
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|trl|peft)\.")
-    # bitsandbytes logs this on every 8-bit matmul; the report's settings name the quantization once.
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+#: The run's shared base model.
+MODEL_CACHE = StashKey[ModelCache]()
 
 
 def device_without_torch(requested: str) -> str:
@@ -70,142 +65,9 @@ def device_without_torch(requested: str) -> str:
     return pick_device(requested)
 
 
-def _dtype(name: str):
-    import torch
-
-    return {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
-
-
-class BuiltinLoader:
-    """``builtin:NAME``: tiny random models built offline on first use and cached."""
-
-    def claims(self, model_spec) -> bool:
-        name = model_spec.id[len(BUILTIN_PREFIX):]
-        return model_spec.id.startswith(BUILTIN_PREFIX) and name not in PACKAGED_MODELS
-
-    def validate(self, model_spec) -> str | None:
-        from sft_spec.errors import did_you_mean
-
-        name = model_spec.id[len(BUILTIN_PREFIX):]
-        if name not in BUILTIN_MODELS:
-            return did_you_mean(name, [*BUILTIN_MODELS, *PACKAGED_MODELS], "builtin model")
-        return None
-
-    def load(self, model_spec, config, *, quantization=None) -> LoadedModel:
-        name = model_spec.id[len(BUILTIN_PREFIX):]
-        directory = builtin_model_dir(name, Path(config.cache_dir))
-        return load_pretrained(str(directory), model_spec, config, quantization=quantization,
-                               source=f"{model_spec.id} ({BUILTIN_MODELS[name]})")
-
-
-class PretrainedLoader:
-    """A local model directory or a Hugging Face Hub id, loaded with ``from_pretrained``."""
-
-    def claims(self, model_spec) -> bool:
-        return not model_spec.id.startswith(BUILTIN_PREFIX) and not model_spec.id.endswith(".gguf") \
-            and not model_spec.gguf_file
-
-    def validate(self, model_spec) -> str | None:
-        return None
-
-    def load(self, model_spec, config, *, quantization=None) -> LoadedModel:
-        return load_pretrained(model_spec.id, model_spec, config, quantization=quantization, source=model_spec.id)
-
-
-def load_pretrained(location: str, model_spec, config, *, quantization=None, source: str = "",
-                    extra_kwargs: dict[str, Any] | None = None) -> LoadedModel:
-    """Load model and tokenizer with the safety rules: no remote code unless allowed, safetensors unless allowed."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if model_spec.trust_remote_code and not config.getoption("allow_remote_code"):
-        raise SpecError(f"model {model_spec.id!r} asks for trust_remote_code: this runs code from the model "
-                        "repository; pass --allow-remote-code to allow it")
-    device, _ = session_device(config)  # sft_spec_load_model reports a fallback
-    kwargs: dict[str, Any] = {
-        "revision": model_spec.revision,
-        "trust_remote_code": model_spec.trust_remote_code,
-        "dtype": _dtype(model_spec.dtype),
-    }
-    if not config.getoption("allow_pickle"):
-        kwargs["use_safetensors"] = True
-    if quantization is not None:
-        kwargs["quantization_config"] = quantization
-        kwargs["device_map"] = {"": device if device != "cuda" else 0}
-    kwargs.update(extra_kwargs or {})
-    tokenizer_id = model_spec.tokenizer or location
-    if not Path(location).exists() and not _in_local_cache(location, model_spec.revision) and not _hub_reachable():
-        raise SpecError(_explain_load_error(location, OSError("the Hub cannot be reached from this machine"), config))
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(
-            tokenizer_id, revision=model_spec.revision, trust_remote_code=model_spec.trust_remote_code,
-            **({"gguf_file": kwargs["gguf_file"]} if "gguf_file" in kwargs and tokenizer_id == location else {}),
-        )
-        model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
-    except OSError as exc:
-        raise SpecError(_explain_load_error(location, exc, config)) from None
-    if quantization is None:
-        model.to(device)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model.eval()
-    return LoadedModel(model=model, tokenizer=tokenizer, device=device, source=source or location,
-                       info={"dtype": str(next(model.parameters()).dtype).replace("torch.", "")})
-
-
-def _in_local_cache(repo_id: str, revision: str | None) -> bool:
-    """True when the hub's local cache already holds the model's config (so it loads offline)."""
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        found = try_to_load_from_cache(repo_id, "config.json", revision=revision)
-        return isinstance(found, str)
-    except Exception:  # noqa: BLE001 - an invalid repo id is simply not cached
-        return False
-
-
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    """One quick TCP connect instead of transformers' retries, which take about a minute offline."""
-    import os
-    import socket
-    from urllib.parse import urlparse
-
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
-        return False
-    try:
-        from huggingface_hub import constants
-
-        endpoint = urlparse(constants.ENDPOINT)
-        with socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
-def _explain_load_error(location: str, exc: OSError, config) -> str:
-    text = str(exc)
-    if Path(location).exists():
-        if "safetensors" in text or "pytorch_model.bin" in text:
-            return (f"cannot load model from {location}: no safetensors weights found; pickle checkpoints "
-                    "(.bin) load only with --allow-pickle")
-        return f"cannot load model from {location}: {text.splitlines()[0]}"
-    looks_local = location.startswith((".", "/", "~")) or location.count("/") > 1
-    if looks_local:
-        return f"model directory not found: {location}"
-    return (f"cannot load model {location!r}: it is not a local directory and the Hugging Face Hub is "
-            f"unreachable or does not have it (offline?). Download it first, or point model.id at a "
-            f"local directory. ({text.splitlines()[0][:200]})")
-
-
 def _cache_key(item, device: str, quantized: bool) -> str:
     spec = item.spec
     return json.dumps([spec.model.model_dump(), device, quantized, spec.quantization], sort_keys=True, default=str)
-
-
-@hookimpl(trylast=True)
-def sft_spec_register_model_loaders(register) -> None:
-    register("builtin", BuiltinLoader(), "tiny random models that need no download: " + ", ".join(
-        f"builtin:{n}" for n in BUILTIN_MODELS))
-    register("pretrained", PretrainedLoader(), "local directories and Hugging Face Hub ids (from_pretrained)")
 
 
 def quantization_config(item, device: str):
@@ -245,7 +107,7 @@ def _load_quantized(named, item, config, device: str, notes: list[str]) -> Loade
             problem = f"{type(exc).__name__}: {exc}"
         else:
             keep_standard_4bit_layout(loaded.model)
-            loaded.info["quantization"] = _describe(quantization)
+            loaded.quantization = _describe(quantization)
             return loaded
     bits = "8-bit" if item.spec.quantization.get("load_in_8bit") else "4-bit"
     notes.append(unsupported(config, f"qlora: {bits} loading does not work on this machine ({device}; {problem})",
@@ -257,14 +119,45 @@ def _train_ready_dtype(loaded: LoadedModel, config, notes: list[str]) -> None:
     """Weights the device computes in slowly or unsafely (bf16 without native support, fp16 on a CPU)."""
     import torch
 
-    if loaded.info.get("quantization"):
+    if loaded.quantization:
         return  # the 4-bit layers' compute dtype was chosen for the device already
     dtype = next((p.dtype for p in loaded.model.parameters() if p.is_floating_point()), None)
     problem = dtype_problem(dtype, loaded.device)
     if problem:
         notes.append(unsupported(config, f"model {problem}", "float32 weights"))
         loaded.model.to(torch.float32)
-        loaded.info["dtype"] = "float32"
+        loaded.dtype = "float32"
+
+
+def fingerprint(loaded: LoadedModel) -> dict:
+    """What a spec must leave as it found it: every weight and buffer (a hash of the bytes), the model's
+    config and generation config, and the tokenizer's template, special tokens and vocabulary size."""
+    import hashlib
+
+    import torch
+
+    model, tokenizer = loaded.model, loaded.tokenizer
+    digest = hashlib.blake2b(digest_size=16)
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        data = tensor.detach()
+        if data.device.type != "cpu":
+            data = data.cpu()
+        data = data.contiguous()
+        if data.dtype in (torch.bfloat16, torch.float16):
+            data = data.view(torch.int16)
+        digest.update(data.numpy().tobytes() if data.dtype != torch.bool else data.to(torch.uint8).numpy().tobytes())
+    config = getattr(model, "config", None)
+    generation = getattr(model, "generation_config", None)
+    return {
+        "weights": digest.hexdigest(),
+        "config": config.to_json_string(use_diff=False) if config is not None else "",
+        "generation_config": generation.to_json_string(use_diff=False) if generation is not None else "",
+        "chat_template": str(getattr(tokenizer, "chat_template", None)),
+        "special_tokens": json.dumps(getattr(tokenizer, "special_tokens_map", {}), sort_keys=True, default=str),
+        "vocabulary": len(tokenizer),
+        "padding_side": getattr(tokenizer, "padding_side", None),
+    }
 
 
 @hookimpl(trylast=True)
@@ -274,24 +167,36 @@ def sft_spec_load_model(item, config) -> LoadedModel:
     if named is None:
         raise SpecError(f"no model loader accepts {item.spec.model.id!r}")
     device, device_note = session_device(config)
-    quantized = item.spec.method == "qlora"
-    cache: dict[str, LoadedModel] = config.stash.setdefault("models.loaded", {})
-    key = _cache_key(item, device, quantized)
-    loaded = cache.get(key)
-    if loaded is not None and not loaded.info.get("dirty"):
-        loaded.info["reused"] = True
-        return loaded
-    # Keep one model in memory at a time: a suite moves from base model to base model.
-    cache.clear()
+    cache = config.stash.setdefault(MODEL_CACHE, ModelCache())
+    key = _cache_key(item, device, item.spec.method == "qlora")
+    if cache.key == key and cache.loaded is not None and not cache.loaded.dirty:
+        return cache.loaded
+    cache.loaded = cache.fingerprint = None  # one model in memory at a time
     notes = [device_note] if device_note else []
-    loaded = _load_quantized(named, item, config, device, notes) if quantized else None
+    loaded = _load_quantized(named, item, config, device, notes) if item.spec.method == "qlora" else None
     if loaded is None:
         loaded = named.obj.load(item.spec.model, config, quantization=None)
     _train_ready_dtype(loaded, config, notes)
     # Every spec that shares this model reports what was changed to load it.
     loaded.notes.extend(n for n in notes if n not in loaded.notes)
-    loaded.info["loader"] = named.name
-    loaded.info["loads"] = config.stash.setdefault("models.load_count", 0) + 1
-    config.stash["models.load_count"] = loaded.info["loads"]
-    cache[key] = loaded
+    loaded.loader = named.name
+    cache.key, cache.loaded, cache.loads = key, loaded, cache.loads + 1
+    cache.fingerprint = fingerprint(loaded)
     return loaded
+
+
+@hookimpl(wrapper=True)
+def sft_spec_run_spec(item, session):
+    """After a spec (its finalizers removed its adapter): a shared model that differs from its load-time
+    fingerprint is marked dirty, so the next spec gets a fresh load instead of what this one left."""
+    report = yield
+    cache = session.config.stash.get(MODEL_CACHE, None)
+    loaded = cache.loaded if cache is not None else None
+    if loaded is not None and not loaded.dirty and cache.fingerprint is not None:
+        now = fingerprint(loaded)
+        changed = [name for name in now if now[name] != cache.fingerprint[name]]
+        if changed:
+            loaded.dirty = True
+            report.notes.append(f"this spec changed the shared base model ({', '.join(changed)}): the next "
+                                "spec loads it fresh")
+    return report

@@ -2,9 +2,7 @@
 
 Snapshots and loss baselines are reviewable YAML next to the spec file they belong to, keyed by the
 test id without its file part (``regression[lora]::expect[0]``), so a key does not depend on the folder
-``sft-spec`` was started from. Some checks need what only the run knows (the options, the recipe's
-settings, the trained model): they finish in a ``sft_spec_make_report`` wrapper, before the outcome is
-decided, through :func:`set_check_result`.
+``sft-spec`` was started from.
 """
 
 from __future__ import annotations
@@ -18,7 +16,7 @@ from typing import Any
 import yaml
 
 from sft_spec.fileio import atomic_write_text
-from sft_spec.loader import spec_stem
+from sft_spec.loading import spec_stem
 
 #: Libraries whose versions decide a training result (recorded in baselines and result-cache keys).
 LIBRARIES = ("torch", "transformers", "trl", "peft")
@@ -87,15 +85,3 @@ class RecordedFile:
                               default_flow_style=False, width=100)
         atomic_write_text(self.path, self.header + body)
         self.changed = False
-
-
-def set_check_result(report, name: str, passed: bool, message: str, *, nodeid: str | None = None,
-                     expected: str | None = None) -> None:
-    """Replace the result of check ``name`` in the report's cases (all, or the one with ``nodeid``)."""
-    for case in report.cases:
-        if nodeid is not None and case.nodeid != nodeid:
-            continue
-        for check in case.checks:
-            if check.name == name and check.on == "after":
-                check.passed, check.message, check.expected = passed, message, expected
-        case.outcome = "passed" if all(c.passed for c in case.checks) else "failed"

@@ -3,10 +3,63 @@ the file (or why it could not be written) in the terminal summary."""
 
 from __future__ import annotations
 
+import platform
+import time
+from datetime import datetime, timezone
+from importlib import metadata
 from pathlib import Path
+from typing import Any
 
-from sft_spec import hookimpl
+from sft_spec import __version__, hookimpl
 from sft_spec.fileio import atomic_write_text
+from sft_spec.reports import SpecReport, case_outcome_counts
+
+SCHEMA_VERSION = 1
+#: Distributions whose versions every report carries: they decide what a recipe learns.
+PACKAGES = ("sft-spec", "torch", "transformers", "trl", "peft", "accelerate", "datasets", "tokenizers",
+            "bitsandbytes")
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def environment(reports: list[SpecReport], requested_device: str | None) -> dict[str, Any]:
+    """Versions and device, so a result can be compared with another machine's."""
+    devices = sorted({str(r.settings["device"]) for r in reports if r.settings.get("device")})
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "packages": {name: _version(name) for name in PACKAGES},
+        "device": ", ".join(devices) or requested_device or "",
+        "requested_device": requested_device or "",
+    }
+
+
+def session_meta(session, complete: bool, exitstatus: int | None) -> dict[str, Any]:
+    """Everything in the results document except the specs: shared by the JSON, JUnit and HTML reporters."""
+    config = session.config
+    reports = list(session.reports)
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "tool": {"name": "sft-spec", "version": __version__},
+        "created": datetime.fromtimestamp(session.start_time, timezone.utc).isoformat(timespec="seconds"),
+        "complete": complete,
+        "exitstatus": exitstatus,
+        "interrupted": bool(session.interrupted),
+        "command": ["sft-spec", *config.invocation_args],
+        "rootdir": str(config.rootdir),
+        "environment": environment(reports, config.getoption("device")),
+        "summary": {
+            "outcomes": case_outcome_counts(reports),
+            "specs": len(reports),
+            "deselected": session.deselected,
+            "duration": round(time.time() - session.start_time, 3),
+        },
+    }
 
 
 class FileReporter:
@@ -32,8 +85,6 @@ class FileReporter:
 
     @hookimpl
     def sft_spec_session_finish(self, session, exitstatus):
-        from sft_spec_plugins.json_report import session_meta
-
         self.attempt(lambda: atomic_write_text(
             self.path, self.render(session.reports, session_meta(session, True, exitstatus))))
 

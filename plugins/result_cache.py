@@ -9,24 +9,31 @@ device and ``--deterministic``. Entries live under ``<cache dir>/results`` (``--
 adapter. A damaged entry is discarded and rebuilt. ``--no-cache`` runs everything;
 ``sft-spec cache clear`` removes the entries. Specs with snapshot or loss-baseline checks are run afresh
 under ``--update-snapshots`` / ``--update-baselines``, which must see a real answer and curve.
+
+Hits are decided on the main process (``sft_spec_reuse_report``), before a spec is run or sent to a
+worker, and results are stored there as their reports are logged, wherever the spec ran.
 """
 
 from __future__ import annotations
 
 import functools
 import json
-import re
 import shutil
 import sys
 from pathlib import Path
 from typing import Any
 
 from sft_spec import hookimpl
+from sft_spec.fileio import spec_output_dir
+from sft_spec.reports import report_from_dict
+from sft_spec.state import StashKey
 
 from . import recorded as rec
 
-FORMAT = 1  # bump when the entry layout changes: old entries are then simply never found
+FORMAT = 2  # bump when the entry layout changes: old entries are then simply never found
 CACHEABLE = ("passed", "failed", "xfailed", "xpassed")
+ADAPTER = "cached_adapter"  # report.extra key: the folder the trained adapter was saved to
+_SAVED = StashKey[str]()
 
 
 def results_dir(cache_dir: Path) -> Path:
@@ -80,7 +87,7 @@ def cache_key(item, config) -> str:
         "spec": spec.model_dump(mode="json"),
         "conversations": item.conversations,
         "chat_template": item.chat_template,
-        "selected": [e.index for e in item.selected_expectations],
+        "selected": [case.nodeid for case in item.selected_cases],
         "data_files": [_file_hash(base / f.path) for f in spec.data.files],
         "recorded": [_file_hash(rec.recorded_path(item.path, folder)) for folder in ("__snapshots__", "__baselines__")],
         "model": _model_identity(item),
@@ -102,7 +109,7 @@ def cache_key(item, config) -> str:
 
 def _bypass(item, config) -> bool:
     checks = {name for exp in item.expectations for name, _ in exp.checks}
-    training = {name for name, _, _ in item.training_checks}
+    training = {check.name for check in item.training_checks}
     return bool((config.getoption("update_snapshots") and "snapshot" in checks)
                 or (config.getoption("update_baselines") and "loss_baseline" in training))
 
@@ -123,8 +130,6 @@ class ResultCache:
         return self.root / key[:2] / key
 
     def load(self, key: str):
-        from .json_report import report_from_dict
-
         folder = self.entry(key)
         path = folder / "report.json"
         if not path.is_file():
@@ -147,7 +152,7 @@ class ResultCache:
         data = report.to_dict()
         body = json.dumps(data, sort_keys=True, ensure_ascii=False, default=str)
         doc = {"key": key, "sha256": rec.sha256(body.encode("utf-8")), "report": json.loads(body)}
-        if adapter is not None and adapter.is_dir():
+        if adapter is not None and adapter.is_dir():  # a worker on this machine saved it; a remote one did not
             target = folder / "adapter"
             shutil.rmtree(target, ignore_errors=True)
             shutil.copytree(adapter, target)
@@ -155,8 +160,8 @@ class ResultCache:
         atomic_write_text(folder / "report.json", json.dumps(doc, ensure_ascii=False) + "\n")
         self.stored.append(report.nodeid)
 
-    @hookimpl(tryfirst=True)
-    def sft_spec_run_spec(self, item, session):
+    @hookimpl
+    def sft_spec_reuse_report(self, item, session):
         if item.spec.skip or _bypass(item, self.config):
             return None
         try:
@@ -173,26 +178,15 @@ class ResultCache:
         self.reused.append(item.nodeid)
         return report
 
-    @hookimpl(wrapper=True, specname="sft_spec_run_spec")
-    def store_result(self, item, session):
-        report = yield
-        key = self.keys.pop(item.nodeid, None)
-        adapter = self.staged.pop(item.nodeid, None)
-        if key and report is not None and not report.metrics.get("cached") and report.outcome in CACHEABLE:
+    @hookimpl
+    def sft_spec_log_report(self, report, session):
+        key = self.keys.pop(report.nodeid, None)
+        if key and not report.metrics.get("cached") and report.outcome in CACHEABLE:
+            adapter = report.extra.get(ADAPTER)
             try:
-                self.store(key, report, adapter)
+                self.store(key, report, Path(adapter) if adapter else None)
             except OSError as exc:  # a full disk must not fail the run
-                self.discarded.append(f"could not store {item.nodeid}: {exc}")
-        return report
-
-    @hookimpl(wrapper=True)
-    def sft_spec_train(self, item, run, trainer):
-        losses = yield
-        if item.spec.method != "full" and item.nodeid in self.keys and hasattr(run.model, "save_pretrained"):
-            folder = run.config.output_dir / re.sub(r"[^\w.\-\[\]]+", "_", item.nodeid) / "cached-adapter"
-            run.model.save_pretrained(str(folder), safe_serialization=True)
-            self.staged[item.nodeid] = folder
-        return losses
+                self.discarded.append(f"could not store {report.nodeid}: {exc}")
 
     @hookimpl
     def sft_spec_terminal_summary(self, session, write_line):
@@ -212,9 +206,25 @@ def sft_spec_addoption(parser) -> None:
 
 @hookimpl
 def sft_spec_configure(config) -> None:
-    if config.getoption("command") == "run" and not config.getoption("no_cache") \
-            and not config.getoption("collect_only"):
+    if config.role == "main" and not config.getoption("no_cache") and not config.getoption("collect_only"):
         config.pluginmanager.register(ResultCache(config), "result_cache_store")
+
+
+@hookimpl
+def sft_spec_after_training(item, run) -> None:
+    """Save a LoRA adapter while it is attached, so a stored result keeps what was trained."""
+    if item.spec.method == "full" or not hasattr(run.model, "save_pretrained") or run.config.getoption("no_cache"):
+        return
+    folder = spec_output_dir(run.config, item) / "cached-adapter"
+    run.model.save_pretrained(str(folder), safe_serialization=True)
+    run.stash[_SAVED] = str(folder)
+
+
+@hookimpl(tryfirst=True)
+def sft_spec_make_report(item, run, report):
+    if _SAVED in run.stash:
+        report.extra[ADAPTER] = run.stash[_SAVED]
+    return None
 
 
 def _add_arguments(parser) -> None:

@@ -8,15 +8,18 @@ share a base model and a probe generate its base answer once.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any
 
 from sft_spec import hookimpl
 from sft_spec.registry import Check, CheckContext, CheckResult
+from sft_spec.state import Answer, StashKey
 
 from .checks import similarity
 
-STASH_KEY = "retains.base_answers"
+#: Base answers of this run, by what decides them.
+BASE_ANSWERS = StashKey[dict[str, Answer]]()
 
 
 def _valid(value: Any) -> str | None:
@@ -50,11 +53,6 @@ def sft_spec_register_checks(register) -> None:
                    "answer before training (a forgetting probe)", _valid, needs_base_answer=True))
 
 
-def _is_base_call(run) -> bool:
-    # The runner asks for base answers right after loading, before any example is formatted or masked.
-    return not run.examples and run.model is run.loaded.model
-
-
 def _key(item, run, text: str) -> str:
     spec = item.spec
     return json.dumps([spec.model.model_dump(), run.loaded.device, spec.method == "qlora", spec.quantization,
@@ -62,24 +60,26 @@ def _key(item, run, text: str) -> str:
 
 
 @hookimpl(tryfirst=True)
-def sft_spec_generate(item, run, prompts) -> list[dict] | None:
-    if run.scratch.get("retains.inner") or run.loaded is None or not _is_base_call(run):
+def sft_spec_generate(item, run, prompts, when):
+    """Base answers seen before in this run come from the cache; only the others reach the model."""
+    if when != "before":
         return None
-    hook = run.config.hook
-    cache: dict[str, dict] = run.config.stash.setdefault(STASH_KEY, {})
-    texts = [hook.sft_spec_format(item=item, run=run, messages=p, add_generation_prompt=True).text for p in prompts]
-    keys = [_key(item, run, t) for t in texts]
+    cache = run.config.stash.setdefault(BASE_ANSWERS, {})
+    keys = [_key(item, run, p.text) for p in prompts]
     missing = [i for i, k in enumerate(keys) if k not in cache]
+    if len(missing) == len(keys):
+        return None  # nothing cached: the generator answers them all (and record_base_answers keeps them)
     if missing:
-        # Ask the other generate implementations for what is not cached yet (this one steps aside).
-        run.scratch["retains.inner"] = True
-        try:
-            fresh = hook.sft_spec_generate(item=item, run=run, prompts=[prompts[i] for i in missing])
-        finally:
-            run.scratch.pop("retains.inner", None)
-        for i, answer in zip(missing, fresh, strict=True):
-            cache[keys[i]] = answer
-    hits = len(prompts) - len(missing)
-    if hits:
-        run.metrics["base_answers_reused"] = run.metrics.get("base_answers_reused", 0) + hits
-    return [dict(cache[k]) for k in keys]
+        run.config.hook.sft_spec_generate(item=item, run=run, prompts=[prompts[i] for i in missing], when=when)
+    run.metrics["base_answers_reused"] = run.metrics.get("base_answers_reused", 0) + len(keys) - len(missing)
+    return [dataclasses.replace(cache[k]) for k in keys]
+
+
+@hookimpl(wrapper=True, specname="sft_spec_generate")
+def record_base_answers(item, run, prompts, when):
+    answers = yield
+    if when == "before" and answers is not None:
+        cache = run.config.stash.setdefault(BASE_ANSWERS, {})
+        for prompt, answer in zip(prompts, answers, strict=True):
+            cache.setdefault(_key(item, run, prompt.text), dataclasses.replace(answer))
+    return answers

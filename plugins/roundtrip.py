@@ -8,23 +8,23 @@ into 4-bit weights rounds the sum back to 4 bits). The greedy answers of the tra
 adapter and the merged model must be identical on every expectation prompt; the check names each prompt
 where they differ.
 
-It runs right after the trained model answered the expectations (wrapping ``sft_spec_generate``),
-while the adapter is still attached: the LoRA finalizer removes it before reports are made.
+The work happens in ``sft_spec_after_training``, while the adapter is still attached (the LoRA finalizer
+removes it later); the check reads that result when the check phase asks for it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import gc
-import re
 from typing import Any
 
 from sft_spec import hookimpl
+from sft_spec.fileio import spec_output_dir
 from sft_spec.registry import Check, CheckContext, CheckResult
+from sft_spec.state import StashKey
 
-from .recorded import set_check_result
-
-SCRATCH = "roundtrip.result"
+#: The round trip's verdict for the spec that runs: passed, and the message that says why.
+RESULT = StashKey[CheckResult]()
 
 
 def _valid(value: Any) -> str | None:
@@ -32,8 +32,8 @@ def _valid(value: Any) -> str | None:
 
 
 def roundtrip(_: str, __: Any, ctx: CheckContext) -> CheckResult:
-    # The result is filled in at report time (see sft_spec_make_report); this shows if that never happened.
-    return CheckResult(False, "the adapter round trip did not run")
+    result = ctx.run.stash.get(RESULT, None) if ctx.run is not None else None
+    return result or CheckResult(False, "the adapter round trip did not run (the trained model answered no prompt)")
 
 
 @hookimpl
@@ -43,33 +43,29 @@ def sft_spec_register_checks(register) -> None:
 
 
 def _wants(item) -> bool:
-    return any(name == "roundtrip" for name, _, _ in item.training_checks)
+    return any(check.name == "roundtrip" for check in item.selected_training_checks)
 
 
 @hookimpl
-def sft_spec_validate_spec(item, session) -> list[str] | None:
-    if not _wants(item):
+def sft_spec_validate_spec(item, config) -> list[str] | None:
+    if "roundtrip" not in item.spec.checks:
         return None
     problems = []
     if item.spec.method == "full":
         problems.append("checks.roundtrip needs method lora or qlora (a full fine-tune has no adapter to save)")
-    if not item.expectations:
+    if not item.spec.expect:
         problems.append("checks.roundtrip compares answers on the expect prompts: add at least one expectation")
     return problems
 
 
-@hookimpl(wrapper=True)
-def sft_spec_generate(item, run, prompts):
-    answers = yield
-    # The call after training (examples are masked by then), once, and not for our own generations.
-    if (_wants(item) and item.spec.method != "full" and run.examples and answers is not None
-            and SCRATCH not in run.scratch):
-        run.scratch[SCRATCH] = {"running": True}
-        try:
-            run.scratch[SCRATCH] = _round_trip(item, run, prompts, answers)
-        except Exception as exc:  # the check fails with the reason; the spec's other results stand
-            run.scratch[SCRATCH] = {"passed": False, "message": f"round trip failed: {type(exc).__name__}: {exc}"}
-    return answers
+@hookimpl
+def sft_spec_after_training(item, run) -> None:
+    if not _wants(item) or item.spec.method == "full" or not run.answers:
+        return
+    try:
+        run.stash[RESULT] = _round_trip(item, run)
+    except Exception as exc:  # noqa: BLE001 - the check fails with the reason; the spec's other results stand
+        run.stash[RESULT] = CheckResult(False, f"round trip failed: {type(exc).__name__}: {exc}")
 
 
 def _merge_dtype(quantization, device: str):
@@ -81,7 +77,7 @@ def _merge_dtype(quantization, device: str):
     return torch.float32 if device == "cpu" else torch.float16
 
 
-def _round_trip(item, run, prompts: list, answers: list[dict]) -> dict:
+def _round_trip(item, run) -> CheckResult:
     import torch
     from peft import PeftModel
 
@@ -89,24 +85,26 @@ def _round_trip(item, run, prompts: list, answers: list[dict]) -> dict:
     from .support import keep_standard_4bit_layout
 
     config = run.config
-    folder = config.output_dir / re.sub(r"[^\w.\-\[\]]+", "_", item.nodeid) / "adapter"
+    expectations = item.selected_expectations
+    answers = [run.answers[e.index] for e in expectations]
+    folder = spec_output_dir(config, item) / "adapter"
     run.model.save_pretrained(str(folder), safe_serialization=True)
     if not (folder / "adapter_model.safetensors").is_file():
-        return {"passed": False, "message": f"no adapter_model.safetensors was written to {folder}"}
+        return CheckResult(False, f"no adapter_model.safetensors was written to {folder}")
     named = config.registry.loader_for(item.spec.model)
     # The same device and quantization as the trained model, fallbacks included.
-    quantization = quantization_config(item, run.loaded.device) if run.loaded.info.get("quantization") else None
+    quantization = quantization_config(item, run.loaded.device) if run.loaded.quantization else None
     fresh = named.obj.load(item.spec.model, config, quantization=quantization)
     if quantization is not None:
         keep_standard_4bit_layout(fresh.model)  # as the trained model: the same kernels on every CPU
-    elif run.loaded.info.get("dtype"):
-        fresh.model.to(getattr(torch, run.loaded.info["dtype"]))  # e.g. bf16 weights the run moved to fp32
+    elif run.loaded.dtype:
+        fresh.model.to(getattr(torch, run.loaded.dtype))  # e.g. bf16 weights the run moved to fp32
     try:
         reloaded = PeftModel.from_pretrained(fresh.model, str(folder))
         reloaded.eval()
         hook = config.hook
         reloaded_answers = hook.sft_spec_generate(item=item, run=dataclasses.replace(run, model=reloaded),
-                                                  prompts=prompts)
+                                                  prompts=run.prompts, when="after")
         if quantization is not None:
             # What a QLoRA user deploys: the adapter merged into the base loaded without quantization
             # (merging into 4-/8-bit weights rounds the sum back to 4 or 8 bits, and is never shipped).
@@ -119,28 +117,17 @@ def _round_trip(item, run, prompts: list, answers: list[dict]) -> dict:
             merged_into = "merged"
         merged.eval()
         merged_answers = hook.sft_spec_generate(item=item, run=dataclasses.replace(run, model=merged),
-                                                prompts=prompts)
+                                                prompts=run.prompts, when="after")
     finally:
         del fresh
         gc.collect()
     differences = []
-    for prompt, trained, again, merged_one in zip(prompts, answers, reloaded_answers, merged_answers, strict=True):
-        if trained["text"] == again["text"] == merged_one["text"]:
+    for exp, trained, again, merged_one in zip(expectations, answers, reloaded_answers, merged_answers, strict=True):
+        if trained.text == again.text == merged_one.text:
             continue
-        shown = prompt[-1]["content"]
-        differences.append(f"{shown!r}: trained {trained['text']!r}, reloaded {again['text']!r}, "
-                           f"{merged_into} {merged_one['text']!r}")
+        shown = exp.prompt[-1]["content"]
+        differences.append(f"{shown!r}: trained {trained.text!r}, reloaded {again.text!r}, "
+                           f"{merged_into} {merged_one.text!r}")
     if differences:
-        return {"passed": False, "message": f"{len(differences)} of {len(prompts)} prompts differ: "
-                + "; ".join(differences), "adapter": str(folder)}
-    return {"passed": True, "message": f"saved, reloaded and {merged_into} adapter agree on {len(prompts)} prompts",
-            "adapter": str(folder)}
-
-
-@hookimpl(wrapper=True)
-def sft_spec_make_report(item, run, report):
-    if _wants(item):
-        result = run.scratch.get(SCRATCH) or {"passed": False, "message": "the adapter round trip did not run "
-                                                "(the trained model answered no prompt)"}
-        set_check_result(report, "roundtrip", bool(result.get("passed")), result.get("message", ""))
-    return (yield)
+        return CheckResult(False, f"{len(differences)} of {len(answers)} prompts differ: " + "; ".join(differences))
+    return CheckResult(True, f"saved, reloaded and {merged_into} adapter agree on {len(answers)} prompts")

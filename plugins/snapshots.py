@@ -3,7 +3,8 @@
 Answers live in ``__snapshots__/<spec file name>.yaml``, keyed by test id (``name[variant]::expect[i]``),
 so a changed answer shows up as a one-line diff in review. ``--update-snapshots`` records new answers
 and rewrites changed ones (and drops entries no test uses any more); the terminal summary lists what
-was added, changed or is unused.
+was added, changed or is unused. The check decides (a recorded answer passes) wherever the spec runs;
+the file is written on the main process, before the report is logged (``sft_spec_persist_report``).
 """
 
 from __future__ import annotations
@@ -13,13 +14,13 @@ from typing import Any
 
 from sft_spec import hookimpl
 from sft_spec.registry import Check, CheckContext, CheckResult
+from sft_spec.state import StashKey
 
-from .recorded import RecordedFile, recorded_path, set_check_result, short_id
+from .recorded import RecordedFile, recorded_path, short_id
 
 FOLDER = "__snapshots__"
 HEADER = ("# Answers recorded by `sft-spec run --update-snapshots` for `snapshot: true` checks.\n"
           "# Keyed by test id; review changes like code.\n")
-STASH = "snapshots.state"
 
 
 def snapshot_path(spec_path: Path) -> Path:
@@ -33,9 +34,14 @@ def _valid(value: Any) -> str | None:
 def snapshot(answer: str, _: Any, ctx: CheckContext) -> CheckResult:
     path = snapshot_path(ctx.item.path)
     recorded = RecordedFile(path, HEADER)
+    key = short_id(ctx.case.nodeid)
+    if ctx.config is not None and ctx.config.getoption("update_snapshots"):
+        old = None if recorded.error else recorded.entries.get(key)
+        if old == answer:
+            return CheckResult(True, "")
+        return CheckResult(True, "snapshot recorded" if old is None else f"snapshot updated (was {old!r})")
     if recorded.error:
         return CheckResult(False, f"{recorded.error}; rewrite it with --update-snapshots")
-    key = short_id(ctx.expectation.nodeid)
     if key not in recorded.entries:
         return CheckResult(False, f"no snapshot recorded for {key} in {path}; record it with --update-snapshots")
     expected = recorded.entries[key]
@@ -64,43 +70,39 @@ class _State:
         self.incomplete: set[Path] = set()  # files with a broken spec: their entries cannot be judged
         self.unused: dict[Path, list[str]] = {}
 
-    def file(self, spec_path: Path) -> RecordedFile:
-        return self.load(snapshot_path(spec_path))
-
     def load(self, path: Path) -> RecordedFile:
         if path not in self.files:
             self.files[path] = RecordedFile(path, HEADER)
         return self.files[path]
 
 
+STATE = StashKey[_State]()
+
+
 def _state(config) -> _State:
-    return config.stash.setdefault(STASH, _State())
+    return config.stash.setdefault(STATE, _State())
 
 
 def _snapshot_exps(item) -> list:
     return [e for e in item.expectations if any(name == "snapshot" for name, _ in e.checks)]
 
 
-@hookimpl(wrapper=True)
-def sft_spec_make_report(item, run, report):
-    if run.config.getoption("update_snapshots") and _snapshot_exps(item):
-        _record(_state(run.config), item, report)
-    return (yield)
-
-
-def _record(state: _State, item, report) -> None:
-    recorded = state.file(item.path)
-    for case in report.expectations:
-        if case.answer is None or not any(c.name == "snapshot" for c in case.checks):
-            continue
+@hookimpl
+def sft_spec_persist_report(report, session) -> None:
+    """``--update-snapshots``: the answers of this spec's snapshot checks go into its snapshot file."""
+    if not session.config.getoption("update_snapshots") or not report.path:
+        return
+    state = _state(session.config)
+    cases = [c for c in report.expectations if c.answer is not None and any(ch.name == "snapshot" for ch in c.checks)]
+    if not cases:
+        return
+    recorded = state.load(snapshot_path(Path(report.path)))
+    for case in cases:
         key = short_id(case.nodeid)
         old = recorded.entries.get(key)
-        if old == case.answer:
-            continue
-        recorded.set(key, case.answer)
-        (state.added if old is None else state.changed).append(case.nodeid)
-        verb = "recorded" if old is None else f"updated (was {old!r})"
-        set_check_result(report, "snapshot", True, f"snapshot {verb}", nodeid=case.nodeid)
+        if old != case.answer:
+            recorded.set(key, case.answer)
+            (state.added if old is None else state.changed).append(case.nodeid)
     recorded.save()
 
 
@@ -140,12 +142,15 @@ def sft_spec_session_finish(session, exitstatus) -> None:
             recorded = state.load(path)
             for key in keys:
                 recorded.remove(key)
-            recorded.save()
+            try:
+                recorded.save()
+            except OSError as exc:
+                state.unused[path] = [f"could not remove them: {exc}"]
 
 
 @hookimpl
 def sft_spec_terminal_summary(session, write_line) -> None:
-    state: _State | None = session.config.stash.get(STASH)
+    state = session.config.stash.get(STATE, None)
     if state is None:
         return
     updating = session.config.getoption("update_snapshots")

@@ -1,4 +1,8 @@
-"""The terminal reporter: pytest-style progress, failures with diffs, and a closing summary line."""
+"""The terminal reporter: pytest-style progress, failures with diffs, and a closing summary line.
+
+Everything printed goes through :func:`sft_spec.escape.safe` before the reporter adds its own colours:
+a spec name, an answer or an error cannot move the cursor, erase a CI log line or write one of its own.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import sys
 import time
 
 from sft_spec import __version__, hookimpl
+from sft_spec.escape import safe
 from sft_spec.reports import SpecReport, case_outcome_counts
 
 from .failures import format_failure
@@ -46,11 +51,21 @@ class TerminalReporter:
         return f"\x1b[{codes}m{text}\x1b[0m" if codes else text
 
     def write_line(self, text: str = "", outcome: str | None = None, bold: bool = False) -> None:
+        """One line: control characters in ``text`` are escaped, then it is coloured."""
+        self.write_parts((text, outcome), bold=bold)
+
+    def write_parts(self, *parts: str | tuple[str, str | None], bold: bool = False) -> None:
+        """One line from parts, each escaped and then coloured by its outcome: ``(text, "failed")``."""
         self._clear_progress()
-        print(self.paint(text, outcome, bold), file=self.file, flush=True)
+        out = []
+        for part in parts:
+            text, outcome = (part, None) if isinstance(part, str) else part
+            out.append(self.paint(safe(text), outcome, bold))
+        print("".join(out), file=self.file, flush=True)
 
     def sep(self, char: str, title: str = "", outcome: str | None = None, bold: bool = False) -> None:
         width = min(self.width, 100)
+        title = safe(title)
         if title:
             side = max(3, (width - len(title) - 2) // 2)
             line = f"{char * side} {title} {char * side}"
@@ -78,7 +93,9 @@ class TerminalReporter:
             versions += f", bitsandbytes {bitsandbytes}"
         self.write_line(f"python {sys.version.split()[0]}, sft-spec {__version__}, {versions}")
         self.write_line(f"rootdir: {self.config.rootdir}")
-        checks = sum(len(i.selected_expectations) + len(i.training_checks) for i in session.items)
+        for shadowed in self.config.registry.shadowed:  # a plugin's name that another plugin's took over
+            self.write_line(f"note: {shadowed}")
+        checks = sum(len(i.selected_cases) for i in session.items)
         line = f"collected {len(session.items)} spec{'s' if len(session.items) != 1 else ''} ({checks} checks)"
         if session.collect_errors:
             line += f" / {len(session.collect_errors)} error{'s' if len(session.collect_errors) > 1 else ''}"
@@ -102,7 +119,7 @@ class TerminalReporter:
                 text += f" loss {loss:.4g}"
             if eta is not None:
                 text += f" eta {_seconds(eta)}"
-            self.file.write("\r\x1b[K" + text[: self.width - 1])
+            self.file.write("\r\x1b[K" + safe(text)[: self.width - 1])
             self.file.flush()
             self.progress_shown = True
             return
@@ -148,7 +165,7 @@ class TerminalReporter:
             if not cases:
                 self.write_line(f"{report.nodeid} {report.outcome.upper()}", report.outcome)
         else:
-            self.write_line(f"{report.nodeid} {self.paint(letters, report.outcome)}{timing} {percent}")
+            self.write_parts(f"{report.nodeid} ", (letters, report.outcome), f"{timing} {percent}")
         losses = report.losses
         if losses and self.verbosity > 0:
             self.write_line(f"    loss {losses[0]:.4g} -> {losses[-1]:.4g} over {len(losses)} steps"
@@ -204,7 +221,8 @@ class TerminalReporter:
         if error.plugin:
             self.write_line(f"(raised in plugin {error.plugin!r}, phase {error.phase})")
         if error.traceback and self.tb == "long":
-            self.write_line(error.traceback.rstrip())
+            for line in error.traceback.rstrip().splitlines():
+                self.write_line(line)
         elif error.traceback and self.tb != "no":
             self.write_line("(use --tb=long for the traceback)")
 
@@ -241,4 +259,5 @@ def _seconds(value: float) -> str:
 
 @hookimpl
 def sft_spec_configure(config):
-    config.pluginmanager.register(TerminalReporter(config), "terminalreporter")
+    if config.role == "main":
+        config.pluginmanager.register(TerminalReporter(config), "terminalreporter")

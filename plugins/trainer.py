@@ -13,6 +13,8 @@ import time
 from typing import Any
 
 from sft_spec import hookimpl
+from sft_spec.fileio import spec_output_dir
+from sft_spec.state import StashKey
 
 from .support import (
     BITSANDBYTES_OPTIMIZERS,
@@ -37,6 +39,8 @@ FORCED: dict[str, Any] = {
     # transformers hides NaN/inf losses from the logs by default; a harness must see them to stop the spec.
     "logging_nan_inf_filter": False,
 }
+#: The losses the trainer's callback records while it trains.
+LOSSES = StashKey[list[float]]()
 
 @hookimpl
 def sft_spec_addoption(parser):
@@ -62,7 +66,7 @@ def sft_config_kwargs(item, run, device: str) -> dict[str, Any]:
         defaults.pop("gradient_checkpointing", None)
         defaults.pop("activation_checkpointing", None)
     kwargs = {**defaults, **user, **FORCED}
-    kwargs["output_dir"] = str(run.config.output_dir / re.sub(r"[^\w.\-\[\]]+", "_", item.nodeid))
+    kwargs["output_dir"] = str(spec_output_dir(run.config, item))
     config = run.config
     if device == "cpu":
         kwargs["use_cpu"] = True
@@ -124,9 +128,9 @@ def _wrap_peft(item, run, model):
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     settings = {"task_type": "CAUSAL_LM", **item.spec.lora}
-    if run.loaded.info.get("quantization"):  # qlora, unless it fell back to an unquantized model
+    if run.loaded.quantization:  # qlora, unless it fell back to an unquantized model
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-        run.loaded.info["dirty"] = True  # k-bit preparation changes the base model
+        run.loaded.dirty = True  # k-bit preparation changes the base model
     trainable = {name: p.requires_grad for name, p in model.named_parameters()}
     peft_model = get_peft_model(model, LoraConfig(**settings))
 
@@ -154,7 +158,7 @@ def sft_spec_make_trainer(item, run, examples):
     if item.spec.method in ("lora", "qlora"):
         model = _wrap_peft(item, run, model)
     else:
-        run.loaded.info["dirty"] = True  # a full fine-tune changes the shared weights
+        run.loaded.dirty = True  # a full fine-tune changes the shared weights
         model.requires_grad_(True)
     run.model = model
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -177,15 +181,20 @@ def sft_spec_make_trainer(item, run, examples):
         run.note("bf16 on CPU: runs with use_cpu=True (bf16 autocast)")
     run.settings = {
         "method": item.spec.method, "device": device, "model": run.loaded.source,
-        "dtype": run.loaded.info.get("dtype"),
-        **({"quantization": run.loaded.info["quantization"]} if run.loaded.info.get("quantization") else {}),
+        "dtype": run.loaded.dtype,
+        **({"quantization": run.loaded.quantization} if run.loaded.quantization else {}),
         **({"lora": {"task_type": "CAUSAL_LM", **item.spec.lora}} if item.spec.method != "full" else {}),
         "training": {k: v for k, v in kwargs.items() if k != "output_dir"},
         "generation": item.spec.generation.model_dump(),
         "format": item.spec.format.model_dump(exclude={"template"}),
     }
-    losses: list[float] = []
-    run.scratch["losses"] = losses
+    losses = run.stash.setdefault(LOSSES, [])
+    base_config = getattr(run.loaded.model, "config", None)
+    if base_config is not None and hasattr(base_config, "use_cache"):
+        # transformers' Trainer sets model.config.use_cache to TrainingArguments.use_cache (False): give the
+        # shared base model its own value back, as a later spec expects to find it.
+        use_cache = base_config.use_cache
+        run.addfinalizer(lambda: setattr(base_config, "use_cache", use_cache))
     trainer = SFTTrainer(
         model=model, args=args, train_dataset=dataset, processing_class=run.loaded.tokenizer,
         callbacks=[_make_callback(item, run.config.hook, losses)],
@@ -202,7 +211,7 @@ def sft_spec_train(item, run, trainer) -> list[float]:
     trainer.train()
     run.model = trainer.model
     run.model.eval()
-    losses = run.scratch.get("losses", [])
+    losses = run.stash.get(LOSSES, [])
     run.metrics["train_seconds"] = round(time.perf_counter() - start, 3)
     run.metrics["steps"] = trainer.state.global_step
     if losses:

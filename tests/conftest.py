@@ -110,28 +110,30 @@ def one_answer_spec():
 @pytest.fixture
 def prepare(tmp_path, write_spec):
     """Load a spec and its model the way a run does, without training: ``item, run = prepare(yaml)``."""
-    import argparse
+    from sft_spec.bootstrap import prepare_config
+    from sft_spec.loading import LoadContext, load_spec_file
+    from sft_spec.state import SpecRun
 
-    from sft_spec.config import Config
-    from sft_spec.fileio import default_cache_dir
-    from sft_spec.loader import LoadContext, load_spec_file
-    from sft_spec.plugins import build_registry, make_plugin_manager
-    from sft_spec.runner import SpecRun
-
-    def make(text: str, name: str = "prepared.sft.yaml"):
+    def make(text: str, name: str = "prepared.sft.yaml", plugins=()):
         path = write_spec(name, text)
-        pm = make_plugin_manager()
-        registry = build_registry(pm)
-        options = argparse.Namespace(device="cpu", verbose=0, quiet=0, allow_pickle=False, allow_remote_code=False)
-        config = Config(options, pm, registry, rootdir=tmp_path, cache_dir=default_cache_dir(),
-                        output_dir=tmp_path / "out")
-        item = load_spec_file(path, LoadContext(registry, config.cache_dir, tmp_path))[0]
+        config = prepare_config(["run", str(path), "--device", "cpu"], plugins=plugins,
+                                output_dir=tmp_path / "out").config
+        item = load_spec_file(path, LoadContext(config))[0]
         run = SpecRun(item=item, config=config)
-        run.loaded = pm.hook.sft_spec_load_model(item=item, config=config)
+        run.loaded = config.hook.sft_spec_load_model(item=item, config=config)
         run.model = run.loaded.model
+        run.markers = config.hook.sft_spec_chat_markers(item=item, run=run)
         return item, run
 
     return make
+
+
+def load_context(folder: Path, plugins=()):
+    """A LoadContext the way `sft-spec validate FOLDER` builds one: ``load_spec_file(path, load_context(f))``."""
+    from sft_spec.bootstrap import prepare_config
+    from sft_spec.loading import LoadContext
+
+    return LoadContext(prepare_config(["validate", str(folder)], plugins=plugins, output_dir=folder).config)
 
 
 def trained_text(item, run, conversation: int = 0) -> str:
@@ -139,7 +141,7 @@ def trained_text(item, run, conversation: int = 0) -> str:
     hook = run.config.hook
     formatted = hook.sft_spec_format(item=item, run=run, messages=item.conversations[conversation],
                                      add_generation_prompt=False)
-    example = hook.sft_spec_make_mask(item=item, run=run, formatted=formatted)
+    example = hook.sft_spec_make_mask(item=item, run=run, formatted=formatted, index=conversation)
     stretches, current = [], []
     for token, label in zip(example.input_ids, example.labels, strict=True):
         if label != -100:

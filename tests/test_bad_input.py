@@ -11,8 +11,8 @@ import shutil
 from pathlib import Path
 
 import pytest
+from sft_spec_plugins import data as data_reader
 
-from sft_spec import loader
 from sft_spec.cli import main
 
 BAD = Path(__file__).parent / "bad_specs"
@@ -203,15 +203,15 @@ CASES: dict[str, tuple[str, str]] = {
     ),
     # paths that leave the spec directory
     "data_file_escapes.sft.yaml": (
-        "path '../../README.md' is outside the spec directory",
+        "data.files[0].path: data file '../../README.md' is outside the spec directory",
         "data_file_escapes.sft.yaml:4:7",
     ),
     "data_file_absolute.sft.yaml": (
-        "path '/etc/passwd' is outside the spec directory",
+        "data file '/etc/passwd' is an absolute path: files a spec names must lie inside the spec directory",
         "data_file_absolute.sft.yaml:4:7",
     ),
     "template_escapes.sft.yaml": (
-        "format.template: path '../../pyproject.toml' is outside the spec directory",
+        "format.template: template '../../pyproject.toml' is outside the spec directory",
         "template_escapes.sft.yaml:4:3",
     ),
 }
@@ -220,7 +220,7 @@ CASES: dict[str, tuple[str, str]] = {
 @pytest.fixture(autouse=True)
 def small_data_limit(monkeypatch):
     # data_file_too_large: a 1 KiB limit stands in for the real one, so no test writes 64 MiB.
-    monkeypatch.setattr(loader, "MAX_DATA_BYTES", 1024)
+    monkeypatch.setattr(data_reader, "MAX_DATA_BYTES", 1024)
 
 
 @pytest.fixture(autouse=True)

@@ -47,7 +47,7 @@ def test_spec_reference_follows_field_descriptions(monkeypatch):
 
 
 def test_spec_reference_lists_every_key_and_check():
-    from sft_spec.plugins import build_registry
+    from sft_spec.pluginmanager import build_registry
     from sft_spec.spec import Spec
 
     generator = load_generator()

@@ -22,9 +22,9 @@ def test_batched_generation_gives_the_same_greedy_answers_as_one_by_one(prepare)
     stop = stop_token_ids(tokenizer, model, "<|im_end|>")
     batched = generate_answers(model, tokenizer, texts, stop_ids=stop, settings=_settings(12), device="cpu")
     single = generate_answers(model, tokenizer, texts, stop_ids=stop, settings=_settings(1), device="cpu")
-    assert [a["raw"] for a in batched] == [a["raw"] for a in single]
-    assert len({a["raw"] for a in single}) > 1  # different prompts, different answers: the check can fail
-    assert tokenizer.padding_side == "right" or tokenizer.padding_side == "left"
+    assert [a.raw for a in batched] == [a.raw for a in single]
+    assert len({a.raw for a in single}) > 1  # different prompts, different answers: the check can fail
+    assert tokenizer.padding_side == "right"  # generation pads on the left, and gives the tokenizer back as it was
 
 
 def test_lora_spec_leaves_the_shared_base_weights_unchanged(sft, write_spec, one_answer_spec):
@@ -37,15 +37,15 @@ def test_lora_spec_leaves_the_shared_base_weights_unchanged(sft, write_spec, one
     class Watch:
         @hookimpl
         def sft_spec_log_report(self, report, session):
-            cache = session.config.stash.get("models.loaded", {})
-            for loaded in cache.values():
-                state = loaded.model.state_dict()
-                snapshots.append({k: v.clone() for k, v in state.items()})
+            from sft_spec_plugins.models import MODEL_CACHE
+
+            loaded = session.config.stash[MODEL_CACHE].loaded
+            snapshots.append({k: v.clone() for k, v in loaded.model.state_dict().items()})
 
     folder = write_spec("a.sft.yaml", one_answer_spec(method="lora", epochs=5)).parent
     write_spec("b.sft.yaml", one_answer_spec(method="lora", epochs=5))
-    result = sft("run", folder, plugins=[Watch()])
-    assert result.code in (0, 1)
+    result = sft("run", folder, "--no-cache", plugins=[Watch()])
+    assert [r.outcome for r in result.recorder.reports] == ["failed", "failed"]  # 5 epochs: trained, not learnt
     first, second = snapshots
     assert not any("lora" in k for k in first), "the adapter was not removed from the shared base"
     assert first.keys() == second.keys()

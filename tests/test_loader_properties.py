@@ -15,13 +15,13 @@ from typing import Any
 
 import pytest
 import yaml
+from conftest import load_context
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sft_spec.errors import SpecError, SpecErrors
-from sft_spec.fileio import default_cache_dir
-from sft_spec.loader import LoadContext, SpecItem, load_spec_file
-from sft_spec.plugins import build_registry, make_plugin_manager
+from sft_spec.loading import LoadContext, load_spec_file
+from sft_spec.state import SpecItem
 
 VALID: dict[str, Any] = {
     "name": "prop",
@@ -140,8 +140,7 @@ def env() -> Iterator[tuple[Path, LoadContext]]:
             '{"messages": [{"role": "human", "content": "hi"}, {"role": "assistant", "content": "hello"}]}\n',
             encoding="utf-8",
         )
-        registry = build_registry(make_plugin_manager())
-        yield root, LoadContext(registry, default_cache_dir(), root)
+        yield root, load_context(root)
 
 
 def _check_outcome(path: Path, ctx: LoadContext) -> list[SpecItem] | SpecError:
@@ -174,7 +173,7 @@ def test_the_valid_spec_loads(env):
 @given(text=spec_texts())
 def test_any_spec_loads_or_fails_with_located_errors(env, text):
     root, ctx = env
-    ctx._defaults.clear()
+    ctx.defaults.clear()
     path = root / "prop.sft.yaml"
     path.write_text(text, encoding="utf-8", errors="surrogatepass")
     _check_outcome(path, ctx)

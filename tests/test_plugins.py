@@ -61,20 +61,18 @@ class ShoutingFormatter:
 def test_a_user_formatter_overrides_the_builtin_of_the_same_name(prepare, sft):
     from conftest import trained_text
 
-    from sft_spec.plugins import build_registry, make_plugin_manager
-
-    pm = make_plugin_manager([ShoutingFormatter()])
-    registry = build_registry(pm)
-    assert registry.formatters["chat_template"].obj.__class__.__name__ == "Upper"
     item, run = prepare("model: builtin:tiny-gemma\nchecks: {loss_decreased: true}\n"
-                        "data: {conversations: [[{role: user, content: a}, {role: assistant, content: b}]]}\n")
-    run.config.registry.formatters["chat_template"] = registry.formatters["chat_template"]
-    run.scratch.clear()
+                        "data: {conversations: [[{role: user, content: a}, {role: assistant, content: b}]]}\n",
+                        plugins=[ShoutingFormatter()])
+    registry = run.config.registry
+    assert registry.formatters["chat_template"].obj.__class__.__name__ == "Upper"
+    # The built-in registered under the same name is listed as shadowed, not dropped without a word.
+    assert [(s.kind, s.name, s.loser) for s in registry.shadowed] == [("formatter", "chat_template", "formatters")]
     # The derived response template follows the user's formatter.
+    assert run.markers.response_template == "<start_of_turn>MODEL\n"
     assert trained_text(item, run) == "b<end_of_turn>\n<eos>"
-    from sft_spec_plugins.formatters import chat_markers
-
-    assert chat_markers(item, run)["response_template"] == "<start_of_turn>MODEL\n"
+    assert "note: formatter 'chat_template' of plugin 'formatters' is shadowed by plugin 'ShoutingFormatter'" \
+        in sft("plugins", plugins=[ShoutingFormatter()]).out
 
 
 class BrokenTrainer:

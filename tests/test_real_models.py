@@ -94,7 +94,7 @@ def test_a_package_without_a_gguf_file_is_a_clear_error(monkeypatch, tmp_path):
 
 
 def test_packaged_names_go_to_the_gguf_loader_and_typos_get_a_hint():
-    from sft_spec.plugins import build_registry, make_plugin_manager
+    from sft_spec.pluginmanager import build_registry, make_plugin_manager
 
     registry = build_registry(make_plugin_manager())
     assert registry.loader_for(ModelSpec(id="builtin:gemma3-270m")).name == "gguf"

@@ -31,7 +31,7 @@ class TouchTheBase:
         import torch
 
         losses = yield
-        run.loaded.info["dirty"] = True  # reload the base for later specs
+        run.loaded.dirty = True  # reload the base for later specs
         with torch.no_grad():
             run.model.get_base_model().lm_head.weight.mul_(-1.0)
         return losses

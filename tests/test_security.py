@@ -12,13 +12,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from conftest import load_context
 
 from sft_spec import hookimpl
 from sft_spec.cli import main
 from sft_spec.errors import SpecError, SpecErrors
-from sft_spec.fileio import default_cache_dir
-from sft_spec.loader import LoadContext, load_spec_file
-from sft_spec.plugins import build_registry, make_plugin_manager
+from sft_spec.loading import load_spec_file
 
 CONVERSATION = """\
 data:
@@ -97,7 +96,7 @@ def write(folder: Path, name: str, text: str) -> Path:
 
 
 def load_errors(path: Path, root: Path) -> list[SpecError]:
-    ctx = LoadContext(build_registry(make_plugin_manager()), default_cache_dir(), root)
+    ctx = load_context(root)
     with pytest.raises(SpecError) as info:
         load_spec_file(path, ctx)
     return info.value.errors if isinstance(info.value, SpecErrors) else [info.value]

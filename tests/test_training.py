@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from sft_spec_plugins.models import MODEL_CACHE
 
 
 @pytest.mark.parametrize("model", ["builtin:tiny-gemma", "builtin:tiny-chatml"])
@@ -36,7 +37,7 @@ def test_lora_specs_share_one_base_model_and_leave_it_unchanged(sft, write_spec,
     assert result.code == 0, result.out
     a, b = result.recorder.reports
     # The base model was loaded once; b's "before" answer shows it started from the untouched base.
-    assert result.recorder.session.config.stash["models.load_count"] == 1
+    assert result.recorder.session.config.stash[MODEL_CACHE].loads == 1
     assert a.expectations[0].base_answer == b.expectations[0].base_answer != "我学会了"
 
 
@@ -46,7 +47,7 @@ def test_full_fine_tune_reloads_the_base_for_the_next_spec(sft, write_spec, one_
     result = sft("run", folder)
     assert result.code == 0, result.out
     a, b = result.recorder.reports
-    assert result.recorder.session.config.stash["models.load_count"] == 2
+    assert result.recorder.session.config.stash[MODEL_CACHE].loads == 2
     assert b.expectations[0].base_answer == a.expectations[0].base_answer
 
 

@@ -1,4 +1,4 @@
-"""The run's configuration: parsed options, the plugin manager, the registry, folders."""
+"""The run's configuration: parsed options, the plugin manager, the registry, folders, plugin state."""
 
 from __future__ import annotations
 
@@ -7,12 +7,13 @@ import shlex
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pluggy
 
 from .errors import UsageError
 from .registry import Registry
+from .state import Stash
 
 
 @dataclass
@@ -24,19 +25,25 @@ class Config:
     cache_dir: Path
     output_dir: Path
     invocation_args: list[str] = field(default_factory=list)
-    #: Per-plugin state, keyed by the plugin's own names (pytest's stash).
-    stash: dict[str, Any] = field(default_factory=dict)
+    #: "main" prints and writes reports; a "worker" (``-n``, a launcher, a cluster) only runs specs.
+    role: Literal["main", "worker"] = "main"
+    #: Per-plugin state under typed keys (pytest's stash).
+    stash: Stash = field(default_factory=Stash)
 
     @property
     def hook(self):
         return self.pluginmanager.hook
 
     def getoption(self, name: str, default: Any = None) -> Any:
-        return getattr(self.options, name, default)
+        """The option's value; an unknown name raises, as pytest's does (a typo must not read as unset)."""
+        if not hasattr(self.options, name):
+            raise ValueError(f"no option named {name!r}")
+        value = getattr(self.options, name)
+        return default if value is None and default is not None else value
 
 
 def find_pyproject(start: Path) -> Path | None:
-    for directory in [start, *start.parents]:
+    for directory in [start.resolve(), *start.resolve().parents]:
         candidate = directory / "pyproject.toml"
         if candidate.is_file():
             return candidate

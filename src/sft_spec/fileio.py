@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -36,6 +38,19 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+#: Files and folders that mark a project's root, as pytest's rootdir and conftest lookup know it.
+PROJECT_MARKERS = ("pyproject.toml", ".git", "setup.cfg", "tox.ini", "pytest.ini")
+
+
+def project_root(start: Path) -> Path | None:
+    """The nearest folder at or above ``start`` holding a project marker (pyproject.toml, .git, ...)."""
+    start = Path(start).resolve()
+    for directory in [start, *start.parents]:
+        if any((directory / marker).exists() for marker in PROJECT_MARKERS):
+            return directory
+    return None
+
+
 def default_cache_dir() -> Path:
     """``$SFT_SPEC_CACHE``, else ``$XDG_CACHE_HOME/sft-spec``, else ``~/.cache/sft-spec``."""
     env = os.environ.get("SFT_SPEC_CACHE")
@@ -66,3 +81,10 @@ def building_directory(final: Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def spec_output_dir(config, item) -> Path:
+    """The spec's own folder under the run's output folder: a readable, file-safe start of its id and a
+    hash of the whole id (a file name holds 255 bytes, a spec name can be longer; two ids never share)."""
+    readable = re.sub(r"[^\w.\-\[\]]+", "_", item.nodeid, flags=re.ASCII).strip("._")[-60:]
+    return Path(config.output_dir) / f"{readable}-{hashlib.sha256(item.nodeid.encode()).hexdigest()[:12]}"

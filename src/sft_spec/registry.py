@@ -1,38 +1,25 @@
-"""Named things plugins provide: formatters, collators, model loaders and checks.
+"""Named things plugins provide: formatters, collators, model loaders, checks and spec sections.
 
 Plugins fill these through the ``sft_spec_register_*`` hooks, llm/datasette style: the host passes a
 ``register`` callback and the plugin calls it. Specs then pick them by name, and an unknown name is a
-located error with a did-you-mean hint.
+located error with a did-you-mean hint. A name registered twice keeps the first registration (user
+plugins register before the ``trylast`` built-ins) and the shadowed one is listed, never dropped silently.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
+# Re-exported: plugins written for sft-spec 0.1 import these from here.
+from .state import FormattedText, MaskedExample  # noqa: F401
 
-@dataclass
-class FormattedText:
-    """A conversation rendered as the model sees it.
+if TYPE_CHECKING:
+    from .config import Config
+    from .state import Answer, Case, SpecItem, SpecRun
 
-    ``assistant_spans`` are character ranges of each assistant turn's text including its end-of-turn
-    marker: what a multi-turn loss mask trains on.
-    """
-
-    text: str
-    assistant_spans: list[tuple[int, int]] = field(default_factory=list)
-    prompt_end: int = 0  # where the last assistant turn starts
-
-
-@dataclass
-class MaskedExample:
-    """Token ids and labels (-100 where no loss) of one training conversation."""
-
-    input_ids: list[int]
-    labels: list[int]
-    formatted: FormattedText
-    offsets: list[tuple[int, int]] = field(default_factory=list)
+T = TypeVar("T")
 
 
 @dataclass
@@ -40,25 +27,27 @@ class CheckResult:
     passed: bool
     message: str = ""
     expected: str | None = None  # text to diff the answer against, when the check has one
+    score: float | None = None  # a metric's value, for reports and thresholds
 
 
 @dataclass
 class CheckContext:
     """What a check may look at besides the answer."""
 
-    expectation: Any = None
+    item: SpecItem
+    run: SpecRun | None = None
+    case: Case | None = None
+    answer: Answer | None = None
     base_answer: str | None = None
     losses: list[float] = field(default_factory=list)
-    item: Any = None
 
+    @property
+    def config(self) -> Config | None:
+        return self.run.config if self.run is not None else None
 
-class Formatter(Protocol):
-    def format(self, messages: list[dict], tokenizer: Any, fmt: Any, *, add_generation_prompt: bool = False,
-               template: str | None = None) -> FormattedText: ...
-
-
-class Collator(Protocol):
-    def mask(self, formatted: FormattedText, tokenizer: Any, fmt: Any, *, end_of_turn: str | None) -> MaskedExample: ...
+    @property
+    def expectation(self) -> Any:  # the case, under its older name
+        return self.case
 
 
 @dataclass
@@ -71,6 +60,7 @@ class Check:
     validate: Callable[[Any], str | None] | None = None
     scope: Literal["answer", "training"] = "answer"
     needs_base_answer: bool = False
+    plugin: str = ""
 
 
 @dataclass
@@ -83,32 +73,70 @@ class Named:
     description: str = ""
 
 
+@dataclass(frozen=True)
+class SpecSection(Generic[T]):
+    """A top-level spec key a plugin owns (``launcher:``), validated with a pydantic model.
+
+    ``shorthand`` turns other accepted forms into the mapping the model reads (``resources: 2`` ...).
+    Read it back with ``item.section(LAUNCHER)``, typed as the model.
+    """
+
+    name: str
+    model: type[T]
+    description: str = ""
+    shorthand: Callable[[Any], Any] | None = None
+    plugin: str = ""
+
+
+@dataclass(frozen=True)
+class Shadowed:
+    """A registration that lost to an earlier one of the same name."""
+
+    kind: str
+    name: str
+    winner: str
+    loser: str
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.name!r} of plugin {self.loser!r} is shadowed by plugin {self.winner!r}'s"
+
+
 class Registry:
-    """Formatters, collators, model loaders and checks, by name."""
+    """Formatters, collators, model loaders, checks and spec sections, by name."""
 
     def __init__(self) -> None:
         self.formatters: dict[str, Named] = {}
         self.collators: dict[str, Named] = {}
         self.model_loaders: dict[str, Named] = {}
         self.checks: dict[str, Check] = {}
+        self.sections: dict[str, SpecSection[Any]] = {}
+        self.shadowed: list[Shadowed] = []
 
-    def _add(self, table: dict, name: str, value: Any, what: str) -> None:
+    def _add(self, table: dict, kind: str, name: str, value: Any, plugin: str) -> None:
         if name in table:
-            # The first registration wins; built-ins register last (trylast) so user plugins override them.
+            winner = getattr(table[name], "plugin", "")
+            self.shadowed.append(Shadowed(kind, name, winner, plugin))
             return
         table[name] = value
 
     def register_formatter(self, name: str, formatter: Any, description: str = "", plugin: str = "") -> None:
-        self._add(self.formatters, name, Named(name, formatter, plugin, description), "formatter")
+        self._add(self.formatters, "formatter", name, Named(name, formatter, plugin, description), plugin)
 
     def register_collator(self, name: str, collator: Any, description: str = "", plugin: str = "") -> None:
-        self._add(self.collators, name, Named(name, collator, plugin, description), "collator")
+        self._add(self.collators, "collator", name, Named(name, collator, plugin, description), plugin)
 
     def register_model_loader(self, name: str, loader: Any, description: str = "", plugin: str = "") -> None:
-        self._add(self.model_loaders, name, Named(name, loader, plugin, description), "model loader")
+        self._add(self.model_loaders, "model loader", name, Named(name, loader, plugin, description), plugin)
 
-    def register_check(self, check: Check) -> None:
-        self._add(self.checks, check.name, check, "check")
+    def register_check(self, check: Check, plugin: str = "") -> None:
+        if plugin and not check.plugin:
+            check.plugin = plugin
+        self._add(self.checks, "check", check.name, check, check.plugin)
+
+    def register_section(self, section: SpecSection[Any], plugin: str = "") -> None:
+        if plugin and not section.plugin:
+            object.__setattr__(section, "plugin", plugin)
+        self._add(self.sections, "spec section", section.name, section, section.plugin)
 
     def loader_for(self, model_spec: Any) -> Named | None:
         """The first model loader that claims this model (registration order: user plugins first)."""

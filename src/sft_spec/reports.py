@@ -1,14 +1,17 @@
 """Report objects: what a spec run produced, in a form every reporter (terminal, JSON, JUnit, HTML) reads.
 
-Reports are plain dataclasses so that they serialise to JSON and back (``sft-spec report`` re-renders
-from a results file without training).
+Reports are plain dataclasses so that they serialise to JSON and back: ``sft-spec report`` re-renders
+from a results file without training, and worker processes (``-n``, a launcher, a cluster) send their
+reports to the main process as :func:`report_to_dict` / :func:`report_from_dict`.
 """
 
 from __future__ import annotations
 
-import difflib
-from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from dataclasses import asdict, dataclass, field, fields
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from .state import SpecItem
 
 Outcome = Literal["passed", "failed", "error", "skipped", "xfailed", "xpassed", "interrupted", "deselected"]
 
@@ -25,6 +28,7 @@ class CheckReport:
     message: str = ""
     on: Literal["after", "before"] = "after"
     expected: str | None = None
+    score: float | None = None
 
 
 @dataclass
@@ -39,6 +43,8 @@ class ExpectationReport:
     outcome: Outcome = "passed"
     location: str = ""
     xfail_reason: str = ""  # an expectation's own xfail (a spec's is on the SpecReport)
+    stopped: bool | None = None  # the answer ended its turn (False: cut at max_new_tokens)
+    max_new_tokens: int | None = None
 
     @property
     def failed_checks(self) -> list[CheckReport]:
@@ -89,6 +95,8 @@ class SpecReport:
     tags: list[str] = field(default_factory=list)
     model: str = ""
     method: str = ""
+    #: What plugins add for the main process (a loss baseline's fingerprint, ...), JSON-serialisable.
+    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def cases(self) -> list[ExpectationReport]:
@@ -97,6 +105,55 @@ class SpecReport:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def new_report(item: SpecItem, outcome: Outcome = "passed") -> SpecReport:
+    """An empty report for ``item``: what every protocol (in process, launched, remote) starts from."""
+    spec = item.spec
+    return SpecReport(
+        nodeid=item.nodeid, path=str(item.location.path), name=item.name, variant=item.variant, outcome=outcome,
+        tags=list(spec.tags), model=spec.model.id, method=spec.method, notes=list(item.notes),
+        xfail_reason=spec.xfail.reason if spec.xfail else "",
+    )
+
+
+def skipped_report(item: SpecItem, reason: str) -> SpecReport:
+    """A spec that did not run: every selected case skipped, training checks included."""
+    report = new_report(item, "skipped")
+    report.skip_reason = reason
+    for exp in item.selected_expectations:
+        report.expectations.append(ExpectationReport(nodeid=exp.nodeid, index=exp.index, prompt=exp.prompt,
+                                                     outcome="skipped", location=str(exp.location)))
+    for check in item.selected_training_checks:
+        report.training_checks.append(ExpectationReport(nodeid=check.nodeid, index=-1, prompt=[],
+                                                        outcome="skipped", location=str(check.location)))
+    return report
+
+
+def report_to_dict(report: SpecReport) -> dict[str, Any]:
+    return report.to_dict()
+
+
+def _build(cls, data: dict[str, Any]):
+    """A dataclass from its dict, ignoring keys a newer writer added (forward compatible within a version)."""
+    names = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def report_from_dict(data: dict[str, Any]) -> SpecReport:
+    """The inverse of :func:`report_to_dict`; raises TypeError/KeyError on malformed data."""
+
+    def case(d: dict[str, Any]) -> ExpectationReport:
+        exp = _build(ExpectationReport, d)
+        exp.checks = [_build(CheckReport, c) for c in d.get("checks", [])]
+        return exp
+
+    report = _build(SpecReport, data)
+    report.expectations = [case(e) for e in data.get("expectations", [])]
+    report.training_checks = [case(e) for e in data.get("training_checks", [])]
+    report.mask = _build(MaskSummary, data["mask"]) if data.get("mask") else None
+    report.error = _build(ErrorInfo, data["error"]) if data.get("error") else None
+    return report
 
 
 def case_outcome_counts(reports: list[SpecReport]) -> dict[str, int]:
@@ -110,31 +167,3 @@ def case_outcome_counts(reports: list[SpecReport]) -> dict[str, int]:
         for case in report.cases:
             counts[case.outcome] = counts.get(case.outcome, 0) + 1
     return counts
-
-
-def char_diff(expected: str, actual: str) -> str:
-    """Inline character-level diff: ``我学会[-了-]{+吗+}``. Right for text without spaces (CJK)."""
-    out = []
-    matcher = difflib.SequenceMatcher(a=expected, b=actual, autojunk=False)
-    for op, a0, a1, b0, b1 in matcher.get_opcodes():
-        if op == "equal":
-            out.append(expected[a0:a1])
-        if op in ("delete", "replace"):
-            out.append(f"[-{expected[a0:a1]}-]")
-        if op in ("insert", "replace"):
-            out.append(f"{{+{actual[b0:b1]}+}}")
-    return "".join(out)
-
-
-def diff_segments(expected: str, actual: str) -> list[tuple[str, str]]:
-    """``[(op, text)]`` with op in equal/delete/insert, for reporters that colour a diff."""
-    segments = []
-    matcher = difflib.SequenceMatcher(a=expected, b=actual, autojunk=False)
-    for op, a0, a1, b0, b1 in matcher.get_opcodes():
-        if op == "equal":
-            segments.append(("equal", expected[a0:a1]))
-        if op in ("delete", "replace"):
-            segments.append(("delete", expected[a0:a1]))
-        if op in ("insert", "replace"):
-            segments.append(("insert", actual[b0:b1]))
-    return segments

@@ -1,6 +1,7 @@
-"""The session: collect spec files, select, run each spec through the hooks, decide the exit code.
+"""The session: collect spec files, select, run every item through the loop hook, decide the exit code.
 
-This module is also the internal plugin that collects ``*.sft.yaml`` files and applies ``-k``/``-m``.
+This module is also the internal plugin that collects ``*.sft.yaml`` files, applies ``-k``/``-m`` and
+runs the items one after another (the built-in ``sft_spec_runtestloop``; ``-n`` answers it first).
 """
 
 from __future__ import annotations
@@ -11,10 +12,12 @@ from pathlib import Path
 
 from . import hookimpl
 from .config import Config
-from .errors import SpecError, SpecErrors, UsageError
-from .loader import LoadContext, SpecItem, is_spec_file, load_spec_file
+from .errors import SpecError, SpecErrors, UsageError, relpath
+from .loading import LoadContext, is_spec_file, load_spec_file
+from .pluginmanager import PluginProblem
 from .reports import ErrorInfo, SpecReport
 from .selection import Expression, keyword_matcher, tag_matcher
+from .state import SpecItem
 
 
 class ExitCode(enum.IntEnum):
@@ -29,16 +32,18 @@ class ExitCode(enum.IntEnum):
 
 
 class Session:
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, problems: list[PluginProblem] | None = None):
         self.config = config
         self.items: list[SpecItem] = []
-        self.collect_errors: list[SpecReport] = []
+        #: Files that did not load and plugins that are broken: errors of their own, logged first.
+        self.collect_errors: list[SpecReport] = [plugin_error_report(p) for p in problems or []]
         self.reports: list[SpecReport] = []
         self.deselected: int = 0
         self.start_time = time.time()
         self.shouldstop: str = ""
         self.interrupted = False
-        self.load_context = LoadContext(config.registry, config.cache_dir, config.rootdir)
+        self.failures = 0
+        self.load_context = LoadContext(config)
 
     @property
     def hook(self):
@@ -52,11 +57,7 @@ class Session:
                 raise UsageError(f"file or directory not found: {path}")
         files: list[Path] = []
         for path in paths:
-            if path.is_dir():
-                files.extend(p for p in sorted(path.rglob("*")) if p.is_file() and is_spec_file(p)
-                             and not _ignored(p, path))
-            else:
-                files.append(path)
+            files.extend(_spec_files(path) if path.is_dir() else [path])
         seen = set()
         for file in files:
             key = file.resolve()
@@ -64,60 +65,65 @@ class Session:
                 continue
             seen.add(key)
             try:
-                for items in self.hook.sft_spec_collect_file(path=file, session=self):
-                    self.items.extend(items or [])
+                self.items.extend(self.hook.sft_spec_collect_file(path=file, session=self) or [])
             except SpecError as exc:
                 self.collect_errors.append(collect_error_report(file, exc))
         self.hook.sft_spec_collection_modifyitems(session=self, items=self.items)
 
     # -- running ---------------------------------------------------------------------------------
 
-    def run_items(self) -> None:
-        maxfail = self.config.getoption("maxfail") or 0
-        failures = len(self.collect_errors)
-        for item in self.items:
-            if self.shouldstop:
-                break
-            report = self.hook.sft_spec_run_spec(item=item, session=self)
-            self.log_report(report)
-            if report.outcome == "interrupted":
-                self.interrupted = True
-                break
-            if report.outcome in ("failed", "error") or (report.outcome == "xpassed" and _strict(item)):
-                failures += 1
-                if maxfail and failures >= maxfail:
-                    self.shouldstop = f"stopping after {failures} failure{'s' if failures > 1 else ''}"
+    def run_item(self, item: SpecItem) -> SpecReport:
+        """A reused report (result cache) or a fresh run, in this process."""
+        report = self.hook.sft_spec_reuse_report(item=item, session=self)
+        return report if report is not None else self.hook.sft_spec_run_spec(item=item, session=self)
 
     def log_report(self, report: SpecReport) -> None:
+        """Persist what the report records (on this, the main process), log it, count it for ``--maxfail``."""
+        try:
+            self.hook.sft_spec_persist_report(report=report, session=self)
+        except Exception as exc:  # noqa: BLE001 - a full disk fails this spec, not the session
+            report.outcome = "error"
+            report.error = ErrorInfo(f"could not save the files this spec records: {type(exc).__name__}: {exc}",
+                                     location=report.path, phase="persist")
         self.reports.append(report)
         self.hook.sft_spec_log_report(report=report, session=self)
+        if report.outcome == "interrupted":
+            self.interrupted = True
+        if _is_failure(report):
+            self.failures += 1
+            maxfail = self.config.getoption("maxfail") or 0
+            if maxfail and self.failures >= maxfail and not self.shouldstop:
+                self.shouldstop = f"stopping after {self.failures} failure{'s' if self.failures > 1 else ''}"
 
     def exitstatus(self) -> ExitCode:
         if self.interrupted:
             return ExitCode.INTERRUPTED
         if not self.reports and not self.items:
             return ExitCode.NO_TESTS_COLLECTED
-        for report in self.reports:
-            if report.outcome in ("failed", "error", "interrupted"):
-                return ExitCode.TESTS_FAILED
-            if report.outcome == "xpassed" and report.metrics.get("xfail_strict"):
-                return ExitCode.TESTS_FAILED
+        if any(_is_failure(r) for r in self.reports):
+            return ExitCode.TESTS_FAILED
         return ExitCode.OK
 
 
-def _strict(item: SpecItem) -> bool:
-    return bool(item.spec.xfail and item.spec.xfail.strict)
+def _is_failure(report: SpecReport) -> bool:
+    return report.outcome in ("failed", "error", "interrupted") or (
+        report.outcome == "xpassed" and bool(report.metrics.get("xfail_strict")))
 
 
-def _ignored(file: Path, root: Path) -> bool:
-    """Skip hidden folders, virtualenvs and snapshot folders, as pytest's norecursedirs does."""
-    parts = file.relative_to(root).parts[:-1]
-    return any(p.startswith(".") or p in ("node_modules", "__pycache__", "__snapshots__", "venv") for p in parts)
+def _spec_files(root: Path) -> list[Path]:
+    """Spec files below ``root``, sorted; hidden folders, virtualenvs and recorded files are skipped, as
+    pytest's norecursedirs does, and a symlink loop or an unreadable folder does not stop the walk."""
+    import os
+
+    found = []
+    for folder, dirs, files in os.walk(root, onerror=lambda _: None, followlinks=False):
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d not in (
+            "node_modules", "__pycache__", "__snapshots__", "__baselines__", "venv"))
+        found.extend(Path(folder) / f for f in files if is_spec_file(Path(f)))
+    return sorted(found)
 
 
 def collect_error_report(file: Path, exc: SpecError) -> SpecReport:
-    from .errors import relpath
-
     shown = relpath(file)
     errors = exc.errors if isinstance(exc, SpecErrors) else [exc]
     message = "\n".join(str(e) for e in errors)
@@ -129,21 +135,21 @@ def collect_error_report(file: Path, exc: SpecError) -> SpecReport:
     )
 
 
-# -- the built-in collection plugin ----------------------------------------------------------------
+def plugin_error_report(problem: PluginProblem) -> SpecReport:
+    nodeid = f"plugin:{problem.name}"
+    return SpecReport(nodeid=nodeid, path="", name=nodeid, variant=None, outcome="error",
+                      error=ErrorInfo(message=f"plugin {problem.name!r} is broken: {problem.message}",
+                                      location=nodeid, phase="plugin"))
+
+
+# -- the built-in collection plugin and loop -------------------------------------------------------
 
 
 @hookimpl(trylast=True)
 def sft_spec_collect_file(path: Path, session: Session) -> list[SpecItem] | None:
     if not is_spec_file(path):
         return None
-    items = load_spec_file(path, session.load_context)
-    extra: list[SpecError] = []
-    for item in items:
-        for results in session.hook.sft_spec_validate_spec(item=item, session=session):
-            extra.extend(SpecError(message, item.location) for message in results or [])
-    if extra:
-        raise SpecErrors(extra)
-    return items
+    return load_spec_file(path, session.load_context)
 
 
 @hookimpl(trylast=True)
@@ -160,16 +166,20 @@ def sft_spec_collection_modifyitems(session: Session, items: list[SpecItem]) -> 
             session.deselected += 1
             continue
         if kexpr:
-            for exp in item.expectations:
-                exp.selected = kexpr.evaluate(keyword_matcher(exp.nodeid, item.tags))
-            # Training checks are test cases too (``...::checks[loss_decreased]``), selected the same way.
-            item.training_checks = [
-                check for check in item.training_checks
-                if kexpr.evaluate(keyword_matcher(f"{item.nodeid}::checks[{check[0]}]", item.tags))
-            ]
-            spec_selected = any(e.selected for e in item.expectations) or bool(item.training_checks)
-            if not spec_selected:
+            # Expectations and training checks are test cases alike (``...::checks[loss_decreased]``).
+            for case in item.cases:
+                case.selected = kexpr.evaluate(keyword_matcher(case.nodeid, item.tags))
+            if not item.selected_cases:
                 session.deselected += 1
                 continue
         kept.append(item)
     items[:] = kept
+
+
+@hookimpl(trylast=True)
+def sft_spec_runtestloop(session: Session) -> bool:
+    for item in session.items:
+        if session.shouldstop or session.interrupted:
+            break
+        session.log_report(session.run_item(item))
+    return True

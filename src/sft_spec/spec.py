@@ -2,7 +2,8 @@
 
 Every model forbids unknown keys so that a typo is an error with a location, never a silent default.
 Settings that belong to TRL and peft (``training``, ``lora``) stay plain mappings here and are checked
-against ``SFTConfig`` and ``LoraConfig`` field lists by the loader.
+against ``SFTConfig`` and ``LoraConfig`` by the trainer's plugin; plugins add top-level keys of their own
+(``launcher:``) through ``sft_spec_register_spec_sections``.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ class Message(StrictModel):
 
 
 class DataFile(StrictModel):
-    path: str = Field(description="JSON Lines file, relative to the spec file")
+    path: str = Field(description="A data file inside the spec's folder, relative to the spec file")
     conversation_key: str = Field("messages", description="Key holding the list of turns in each line")
     role_key: str = Field("role", description="Key of a turn's role")
     content_key: str = Field("content", description="Key of a turn's text")
@@ -95,14 +96,6 @@ def xfail_shorthand(value: Any) -> Any:
 class XfailSpec(StrictModel):
     reason: str = Field(description="Why the spec is expected to fail, shown in reports")
     strict: bool = Field(False, description="A pass (XPASS) fails the run, as pytest's xfail_strict")
-
-
-class LauncherSpec(StrictModel):
-    """Train one spec in several processes (DDP) instead of in the sft-spec process."""
-
-    type: Literal["accelerate"] = Field("accelerate", description="How the processes start: accelerate launch")
-    num_processes: int = Field(2, ge=1, description="Training processes (one per GPU; gloo DDP on a CPU)")
-    config_file: str | None = Field(None, description="An accelerate config file, relative to the spec file")
 
 
 class MatrixEntry(BaseModel):
@@ -142,9 +135,6 @@ class Spec(StrictModel):
     )
     matrix: list[MatrixEntry] = Field(
         default_factory=list, description="Variants, each deep-merged over the spec"
-    )
-    launcher: LauncherSpec | None = Field(
-        None, description="Train in several processes: {type: accelerate, num_processes: 2, config_file: PATH}"
     )
 
     @field_validator("model", mode="before")

@@ -9,7 +9,8 @@ from __future__ import annotations
 from typing import Any
 
 from sft_spec import hookimpl
-from sft_spec.registry import Check, CheckContext, CheckResult, FormattedText
+from sft_spec.registry import Check, CheckContext, CheckResult
+from sft_spec.state import FormattedText
 
 # -- the check ---------------------------------------------------------------------------------------
 

@@ -1,40 +1,40 @@
 """``sft-spec run -n N``: specs run in N worker processes, reports come back in collection order.
 
-Workers are fresh Python processes (multiprocessing's ``spawn``: no forked torch or CUDA state).
-Each rebuilds the plugin manager from the same command line (entry points and ``-p`` modules; plugin
-*objects* passed to ``cli.main(plugins=...)`` stay in the main process, where every report is logged),
-collects the same paths and runs the specs it is sent through ``sft_spec_run_spec``, the same hook a
-serial run calls. The main process logs each report in collection order, so reporters (terminal,
-JUnit, JSON, HTML) see what a serial run would show. With GPUs each worker gets its own device
-(``CUDA_VISIBLE_DEVICES``); on a CPU the cores are shared out (``OMP_NUM_THREADS``). A worker that
-dies (out of memory, a segfault) is reported as an error of the spec it ran ("worker crashed: exit
-code -9"), a new worker takes over, and the other specs still run. With ``--update-snapshots`` or
-``--update-baselines`` the specs run serially: those files are written per spec file while a spec
-runs. Under pytest, pytest-xdist does this job (``pytest -n 4 --dist loadscope specs/``).
+This plugin answers ``sft_spec_runtestloop`` when ``-n`` is given, as pytest-xdist answers pytest's.
+Workers are fresh Python processes (multiprocessing's ``spawn``: no forked torch or CUDA state), each
+bootstrapped like the main process (``sft_spec.bootstrap.prepare_config``, role ``worker``: entry
+points and ``-p`` modules; plugin *objects* passed to ``cli.main(plugins=...)`` stay in the main
+process, where every report is logged). A worker collects the same paths and runs the specs it is
+sent through ``sft_spec_run_spec``, the same hook a serial run calls; result-cache hits are decided
+here, before a spec is sent. The main process logs each report in collection order, so reporters
+(terminal, JUnit, JSON, HTML) and the files recorded beside specs (snapshots, baselines) see what a
+serial run would. With GPUs each worker gets its own device (``CUDA_VISIBLE_DEVICES``); on a CPU the
+cores are shared out (``OMP_NUM_THREADS``). A worker that dies (out of memory, a segfault) is reported
+as an error of the spec it ran ("worker crashed: exit code -9"), a new worker takes over, and the
+other specs still run. Under pytest, pytest-xdist does this job (``pytest -n 4 --dist loadscope specs/``).
 """
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
-import pickle
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from . import hookimpl
-from .errors import UsageError
-from .reports import ErrorInfo, SpecReport
+from sft_spec import hookimpl
+from sft_spec.bootstrap import prepare_config
+from sft_spec.errors import UsageError
+from sft_spec.reports import ErrorInfo, SpecReport, new_report, report_from_dict, report_to_dict
+from sft_spec.session import Session
 
 if TYPE_CHECKING:
-    from .loader import SpecItem
-    from .session import Session
+    from sft_spec.state import SpecItem
 
 #: Set in every worker (like pytest-xdist's PYTEST_XDIST_WORKER): ``gw0``, ``gw1``, ...
 WORKER_ENV = "SFT_SPEC_WORKER"
-#: Plugin objects that print or record in the main process only.
-_MAIN_ONLY = ("terminalreporter", "lfplugin", "json_reporter", "junitxml_reporter", "html_reporter")
 
 
 @dataclass
@@ -77,18 +77,11 @@ def worker_count(value: str | int, n_items: int, gpus: list[str]) -> int:
     return max(1, min(n, n_items))
 
 
-def _selection(item: SpecItem) -> tuple[list[int], list[str]]:
-    return [e.index for e in item.selected_expectations], [name for name, _, _ in item.training_checks]
-
-
 def crash_report(item: SpecItem, exitcode: int | None, message: str = "") -> SpecReport:
-    spec = item.spec
-    return SpecReport(
-        nodeid=item.nodeid, path=str(item.location.path), name=item.name, variant=item.variant, outcome="error",
-        tags=list(spec.tags), model=spec.model.id, method=spec.method,
-        error=ErrorInfo(message or f"worker crashed: exit code {exitcode}", location=str(item.location),
-                        phase="run", kind="crash"),
-    )
+    report = new_report(item, "error")
+    report.error = ErrorInfo(message or f"worker crashed: exit code {exitcode}", location=str(item.location),
+                             phase="run", kind="crash")
+    return report
 
 
 class _Worker:
@@ -108,25 +101,36 @@ class _Worker:
             pass  # it died: its sentinel tells the main loop
 
 
+@hookimpl
+def sft_spec_addoption(parser):
+    parser.add_argument("-n", "--numprocesses", dest="numprocesses", default=None, metavar="N",
+                        help="run specs in N worker processes ('auto': one per GPU, else per CPU core); "
+                        "reports keep collection order")
+
+
+@hookimpl(tryfirst=True)
+def sft_spec_runtestloop(session: Session) -> bool | None:
+    config = session.config
+    if config.role != "main" or config.getoption("numprocesses") in (None, "0"):
+        return None
+    run_parallel(session, config.getoption("numprocesses"), list(config.invocation_args))
+    return True
+
+
 def run_parallel(session: Session, numprocesses: str | int, argv: list[str]) -> None:
     """Run ``session.items`` in worker processes; log reports in collection order."""
     config = session.config
-    items = session.items
-    if not items:
-        return
     device = config.getoption("device", "auto") or "auto"
     gpus = visible_gpus(device)
-    n = worker_count(numprocesses, len(items), gpus)
-    updating = [flag for flag, dest in (("--update-snapshots", "update_snapshots"),
-                                        ("--update-baselines", "update_baselines")) if config.getoption(dest)]
-    if updating:
-        # Recorded answers and curves are saved per spec file while a spec runs: workers writing the
-        # same file would lose each other's entries.
-        reporter = config.pluginmanager.get_plugin("terminalreporter")
-        if reporter is not None:
-            reporter.write_line(f"-n: {updating[0]} records files, so the specs run one after another")
-        session.run_items()
+    # Result-cache hits are decided here, before a worker is started or a spec sent.
+    reused = {i: session.hook.sft_spec_reuse_report(item=item, session=session) for i, item in enumerate(session.items)}
+    items = session.items
+    todo = [i for i in range(len(items)) if reused[i] is None]
+    if not todo:
+        for i in range(len(items)):
+            session.log_report(reused[i])
         return
+    n = worker_count(numprocesses, len(todo), gpus)
     threads = max(1, (os.cpu_count() or 1) // n)
     ctx = multiprocessing.get_context("spawn")
 
@@ -139,11 +143,9 @@ def run_parallel(session: Session, numprocesses: str | int, argv: list[str]) -> 
                            rootdir=str(config.rootdir), cache_dir=str(config.cache_dir),
                            output_dir=str(config.output_dir), env=env)
 
-    pending = deque(range(len(items)))
-    results: dict[int, SpecReport] = {}
+    pending = deque(todo)
+    results: dict[int, SpecReport] = {i: r for i, r in reused.items() if r is not None}
     logged = 0
-    maxfail = config.getoption("maxfail") or 0
-    failures = len(session.collect_errors)
     workers: list[_Worker] = []
     next_slot = n
 
@@ -151,27 +153,19 @@ def run_parallel(session: Session, numprocesses: str | int, argv: list[str]) -> 
         if pending and not session.shouldstop:
             index = pending.popleft()
             worker.current = index
-            worker.send(("run", index, items[index].nodeid, _selection(items[index])))
+            worker.send(("run", index, items[index].nodeid, [c.nodeid for c in items[index].selected_cases]))
         else:
             worker.current = None
             worker.stopped = True
             worker.send(("stop",))
 
     def flush(final: bool = False) -> None:
-        nonlocal logged, failures
+        nonlocal logged
         while logged < len(items) and (logged in results or final):
             report = results.pop(logged, None)
             logged += 1
-            if report is None:
-                continue
-            session.log_report(report)
-            if report.outcome == "interrupted":
-                session.interrupted = True
-            if report.outcome in ("failed", "error") or (report.outcome == "xpassed"
-                                                        and report.metrics.get("xfail_strict")):
-                failures += 1
-                if maxfail and failures >= maxfail and not session.shouldstop:
-                    session.shouldstop = f"stopping after {failures} failure{'s' if failures > 1 else ''}"
+            if report is not None:
+                session.log_report(report)  # counts failures for --maxfail and notes an interrupt
 
     try:
         for slot in range(n):
@@ -238,16 +232,8 @@ def _handle(session: Session, items: list[SpecItem], worker: _Worker, message: t
         session.hook.sft_spec_run_progress(item=items[index], phase=phase, step=step, total=total, loss=loss)
     elif kind == "report":
         _, index, payload = message
-        results[index] = payload if isinstance(payload, SpecReport) else _from_json(payload)
+        results[index] = report_from_dict(payload)
         worker.current = None
-
-
-def _from_json(text: str) -> SpecReport:
-    import json
-
-    from sft_spec_plugins.json_report import report_from_dict
-
-    return report_from_dict(json.loads(text))
 
 
 # -- the worker side -------------------------------------------------------------------------------
@@ -265,29 +251,17 @@ class _Forward:
         self.conn.send(("progress", self.index, phase, step, total, loss))
 
 
-def _worker_session(setup: WorkerSetup, also_unregister: tuple[str, ...] = ()) -> Session:
-    from .cli import _disabled, make_parser
-    from .config import Config
-    from .plugins import build_registry, make_plugin_manager
-    from .session import Session
-
-    disabled, extra_modules = _disabled(setup.argv)
-    problems: list[Any] = []
-    pm = make_plugin_manager(extra_modules, disabled, problems)
-    if problems:
-        raise RuntimeError("; ".join(f"plugin {p.name!r}: {p.message}" for p in problems))
-    options = make_parser(pm).parse_args(setup.argv)
-    options.paths = [Path(p) for p in setup.paths]
-    options.numprocesses = None
-    config = Config(options=options, pluginmanager=pm, registry=build_registry(pm), rootdir=Path(setup.rootdir),
-                    cache_dir=Path(setup.cache_dir), output_dir=Path(setup.output_dir), invocation_args=setup.argv)
-    pm.hook.sft_spec_configure(config=config)
-    for name in _MAIN_ONLY + also_unregister:
-        plugin = pm.get_plugin(name)
-        if plugin is not None:
-            pm.unregister(plugin)
+def _worker_session(setup: WorkerSetup) -> Session:
+    """The same bootstrap as the main process, as a worker: no reporters, no result cache."""
+    prepared = prepare_config(setup.argv, role="worker", paths=[Path(p) for p in setup.paths],
+                              rootdir=Path(setup.rootdir), cache_dir=Path(setup.cache_dir),
+                              output_dir=Path(setup.output_dir))
+    if prepared.problems:
+        raise RuntimeError("; ".join(f"plugin {p.name!r}: {p.message}" for p in prepared.problems))
+    config = prepared.config
+    config.hook.sft_spec_configure(config=config)
     session = Session(config)
-    session.collect(options.paths)
+    session.collect(list(config.options.paths))
     return session
 
 
@@ -303,7 +277,6 @@ def worker_main(conn, setup: WorkerSetup) -> None:
     forward = _Forward(conn)
     session.config.pluginmanager.register(forward, "sft-spec-worker-progress")
     by_id = {item.nodeid: item for item in session.items}
-    all_checks = {item.nodeid: list(item.training_checks) for item in session.items}
     while True:
         try:
             message = conn.recv()
@@ -311,20 +284,13 @@ def worker_main(conn, setup: WorkerSetup) -> None:
             return
         if message[0] != "run":
             return
-        _, index, nodeid, (expectations, checks) = message
+        _, index, nodeid, selected = message
         forward.index = index
         item = by_id.get(nodeid)
         if item is None:
             raise RuntimeError(f"{nodeid} was not collected in the worker")  # reported as a crash
-        for exp in item.expectations:
-            exp.selected = exp.index in expectations
-        item.training_checks = [c for c in all_checks[nodeid] if c[0] in checks]
+        for case in item.cases:
+            case.selected = case.nodeid in selected
         report = session.hook.sft_spec_run_spec(item=item, session=session)
-        payload: Any = report
-        try:
-            pickle.dumps(report)
-        except Exception:  # a plugin put something unpicklable in the report: send its JSON form
-            import json
-
-            payload = json.dumps(report.to_dict(), default=str)
-        conn.send(("report", index, payload))
+        # As JSON-safe data: a plugin's object in the report must not break the pipe.
+        conn.send(("report", index, json.loads(json.dumps(report_to_dict(report), default=str))))

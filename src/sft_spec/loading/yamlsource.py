@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from .errors import Location, SpecError
+from ..errors import Location, SpecError
 
 KeyPath = tuple[str | int, ...]
 

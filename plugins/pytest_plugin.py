@@ -12,7 +12,9 @@ spec through the hook ``sft_spec_run_spec``. A spec trains once: the first of it
 it (in that test's setup) and the report is kept on the spec node; every test then reads its own
 expectation's result. A spec error (broken YAML, unknown key, failing load) is a collection error or
 a setup error carrying the located message, without a Python traceback. A failed expectation shows
-the same text as the terminal reporter (:func:`sft_spec_plugins.failures.format_failure`). Tags become
+the same text as the terminal reporter (:func:`sft_spec_plugins.failures.format_failure`). The bridge is
+bootstrapped like ``sft-spec run`` (:func:`sft_spec.bootstrap.prepare_config`), so data paths, defaults
+files and plugins follow the same rules under both. Tags become
 markers (``-m smoke``); ``xfail:`` and ``skip:`` become pytest's xfail and skip marks.
 
 When are spec files collected? Not by accident: a project's plain ``pytest`` run (``testpaths``) must
@@ -34,19 +36,19 @@ use ``--dist loadfile`` when recording snapshots or baselines, which are written
 from __future__ import annotations
 
 import shlex
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from .loader import is_spec_file
+from sft_spec.loading import is_spec_file
 
 if TYPE_CHECKING:
-    from .loader import SpecItem
-    from .reports import ExpectationReport, SpecReport
-    from .session import Session
+    from sft_spec.bootstrap import Prepared
+    from sft_spec.reports import ExpectationReport, SpecReport
+    from sft_spec.session import Session
+    from sft_spec.state import SpecItem
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -64,7 +66,7 @@ class _Bridge:
     def __init__(self, config: pytest.Config):
         self.pytest_config = config
         self._session: Session | None = None
-        self._tmp: tempfile.TemporaryDirectory | None = None
+        self._prepared: Prepared | None = None
         self.started = False
         self.configured = False
 
@@ -75,33 +77,17 @@ class _Bridge:
         return self._session
 
     def _build(self) -> Session:
-        from .cli import _disabled, make_parser
-        from .config import Config, pyproject_defaults
-        from .errors import UsageError
-        from .fileio import default_cache_dir
-        from .plugins import PluginProblem, build_registry, make_plugin_manager
-        from .session import Session
+        from sft_spec.bootstrap import prepare_config
+        from sft_spec.session import Session
 
         rootdir = Path(self.pytest_config.rootpath)
-        addopts, _ = pyproject_defaults(rootdir)
-        argv = ["run", *addopts, *shlex.split(self.pytest_config.getoption("sft_spec_args") or "")]
-        disabled, extra_modules = _disabled(argv)
-        disabled.add("terminal")  # pytest's own terminal reporter prints
-        problems: list[PluginProblem] = []
-        pm = make_plugin_manager(extra_modules, disabled, problems)
-        if problems:
-            raise UsageError("; ".join(f"plugin {p.name!r} could not be loaded: {p.message}" for p in problems))
-        options = make_parser(pm).parse_args(argv)
-        options.paths = [Path(a) for a in self.pytest_config.args]
-        output_dir = options.output_dir
-        if output_dir is None:
-            self._tmp = tempfile.TemporaryDirectory(prefix="sft-spec-")
-            output_dir = Path(self._tmp.name)
-        config = Config(options=options, pluginmanager=pm, registry=build_registry(pm), rootdir=rootdir.resolve(),
-                        cache_dir=options.cache_dir or default_cache_dir(), output_dir=output_dir,
-                        invocation_args=argv)
-        session = Session(config)
-        pm.hook.sft_spec_configure(config=config)
+        argv = ["run", *shlex.split(self.pytest_config.getoption("sft_spec_args") or "")]
+        # pytest's own terminal reporter prints; pytest's paths and rootdir are the run's.
+        self._prepared = prepare_config(argv, disable=["terminal"], paths=[Path(a) for a in self.pytest_config.args],
+                                        rootdir=rootdir, addopts_from=rootdir)
+        config = self._prepared.config
+        session = Session(config, self._prepared.problems)
+        config.hook.sft_spec_configure(config=config)
         self.configured = True
         return session
 
@@ -109,6 +95,9 @@ class _Bridge:
         if not self.started:
             self.started = True
             self.session.hook.sft_spec_session_start(session=self.session)
+            for report in self.session.collect_errors:  # broken plugins
+                if report.nodeid.startswith("plugin:"):
+                    self.session.log_report(report)
 
     def finish(self, exitstatus: int) -> None:
         if self._session is not None and self.started:
@@ -121,8 +110,8 @@ class _Bridge:
     def close(self) -> None:
         if self._session is not None and self.configured:
             self._session.hook.sft_spec_unconfigure(config=self._session.config)
-        if self._tmp is not None:
-            self._tmp.cleanup()
+        if self._prepared is not None:
+            self._prepared.close()
         self._session = None
 
 
@@ -159,7 +148,7 @@ class SpecFile(pytest.File):
     """One ``*.sft.yaml`` file: its spec items (one per matrix entry) are its children."""
 
     def collect(self) -> Iterator[SpecNode]:
-        from .errors import UsageError
+        from sft_spec.errors import UsageError
 
         try:
             session = _bridge(self.config).session
@@ -200,16 +189,16 @@ class SpecNode(pytest.Collector):
             if exp.xfail:
                 case.add_marker(pytest.mark.xfail(reason=exp.xfail.reason, strict=exp.xfail.strict))
             yield case
-        for check, _, location in item.training_checks:
-            yield CaseItem.from_parent(self, name=f"checks[{check}]", case_id=f"{item.nodeid}::checks[{check}]",
-                                       line=location.line)
+        for check in item.selected_training_checks:
+            yield CaseItem.from_parent(self, name=f"checks[{check.name}]", case_id=check.nodeid,
+                                       line=check.location.line)
 
     def run_once(self) -> SpecReport:
         if self.report is None:
             bridge = _bridge(self.config)
             bridge.start()
             session = bridge.session
-            self.report = session.hook.sft_spec_run_spec(item=self.spec_item, session=session)
+            self.report = session.run_item(self.spec_item)
             session.log_report(self.report)
         return self.report
 
@@ -252,9 +241,9 @@ class CaseItem(pytest.Item):
         if case.outcome == "skipped":
             pytest.skip("skipped")
         if case.outcome in ("failed", "xfailed"):
-            from sft_spec_plugins.failures import format_failure
+            from sft_spec.reports import XPASS_STRICT
 
-            from .reports import XPASS_STRICT
+            from .failures import format_failure
 
             # The first line is what pytest's short summary shows: say which check failed and why.
             first = next((c for c in case.checks if not c.passed), None)
@@ -293,11 +282,8 @@ def pytest_collection_finish(session: pytest.Session) -> None:
         if isinstance(item, CaseItem):
             kept.setdefault(item.spec_node, set()).add(item.case_id)
     for node, ids in kept.items():
-        spec_item = node.spec_item
-        for exp in spec_item.expectations:
-            exp.selected = exp.selected and exp.nodeid in ids
-        spec_item.training_checks = [c for c in spec_item.training_checks
-                                     if f"{spec_item.nodeid}::checks[{c[0]}]" in ids]
+        for case in node.spec_item.cases:
+            case.selected = case.selected and case.nodeid in ids
     bridge = session.config.stash.get(_BRIDGE, None)
     if bridge is not None and bridge._session is not None:
         sft_session = bridge._session

@@ -1,7 +1,8 @@
-"""The field lists of ``trl.SFTConfig`` and ``peft.LoraConfig``, for validating specs without torch.
+"""``training:``, ``lora:`` and ``quantization:`` checked against the installed TRL, peft and transformers.
 
-Importing trl and peft takes seconds; validation must stay instant. The lists are computed once per
-installed version of trl/transformers/peft and cached as JSON in the cache folder.
+Importing trl and peft takes seconds; validation must stay instant. The field lists of ``SFTConfig``,
+``LoraConfig`` and ``BitsAndBytesConfig`` are computed once per installed version and cached as JSON in
+the cache folder. Every problem is an error located at its own key, with a did-you-mean hint.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from .fileio import atomic_write_text
+from sft_spec import hookimpl
+from sft_spec.errors import SpecError, did_you_mean
+from sft_spec.fileio import atomic_write_text
 
 #: Old names users bring from older TRL scripts, mapped to today's names.
 #: A key is renamed only where the installed TRL has the new name.
@@ -38,9 +41,6 @@ MANAGED_TRAINING_KEYS = {
     "hub_private_repo": "a spec may not publish models",
     "resume_from_checkpoint": "each run trains from the base model",
 }
-
-#: Collators removed from TRL, mapped to the sft-spec collator that re-creates them.
-RENAMED_COLLATORS = {"DataCollatorForCompletionOnlyLM": "completion_only"}
 
 # Fields of LoraConfig that sft-spec sets from the spec's method.
 MANAGED_LORA_KEYS = {"task_type": "sft-spec trains causal language models (CAUSAL_LM)"}
@@ -159,7 +159,57 @@ def check_value(info: FieldInfo, value: Any) -> str | None:
         wanted = " or ".join(t if t != "none" else "null" for t in info.types)
         return f"expected {wanted}, got {kind if kind != 'none' else 'null'} {value!r}"
     if kind == "str" and info.choices and value not in info.choices:
-        from .errors import did_you_mean
-
         return did_you_mean(value, info.choices, f"value for {info.name}:").replace("unknown value", "invalid value")
     return None
+
+
+# -- the validation hook -------------------------------------------------------------------------------
+
+
+def _rename_old_keys(item, known: dict[str, FieldInfo]) -> list[SpecError]:
+    """``max_seq_length`` and other old names, read as today's where the installed TRL has them."""
+    training, errors = item.spec.training, []
+    for old, new in RENAMED_TRAINING_KEYS.items():
+        if old not in training or new not in known:
+            continue
+        where = item.locate("training", old)
+        if new in training:
+            errors.append(SpecError(f"both {old!r} and its new name {new!r} are set; keep {new!r}", where,
+                                    key=f"training.{old}"))
+            continue
+        training[new] = training.pop(old)  # the item's own copy of the spec
+        item.doc.locations[("training", new)] = where
+        item.notes.append(f"{where}: note: training.{old} is now {new} in TRL/transformers; read as {new}")
+    return errors
+
+
+def _check_section(item, section: str, values: dict, known: dict, managed: dict, what: str) -> list[SpecError]:
+    errors = []
+    for key, value in values.items():
+        where = item.locate(section, key)
+        if key in managed:
+            errors.append(SpecError(f"{key!r} cannot be set in a spec: {managed[key]}", where, key=f"{section}.{key}"))
+        elif key not in known:
+            errors.append(SpecError(did_you_mean(str(key), list(known), f"{what} field"), where,
+                                    key=f"{section}.{key}"))
+        else:
+            problem = check_value(known[key], value)
+            if problem:
+                errors.append(SpecError(problem, where, key=f"{section}.{key}"))
+    return errors
+
+
+@hookimpl
+def sft_spec_validate_spec(item, config) -> list[SpecError]:
+    spec = item.spec
+    if not spec.training and not spec.lora and not spec.quantization:
+        return []
+    fields = recipe_fields(config.cache_dir)
+    errors = _rename_old_keys(item, fields["training"]) if spec.training else []
+    errors += _check_section(item, "training", spec.training, fields["training"], MANAGED_TRAINING_KEYS,
+                             "trl.SFTConfig")
+    errors += _check_section(item, "lora", spec.lora, fields["lora"], MANAGED_LORA_KEYS, "peft.LoraConfig")
+    if spec.quantization and "quantization" in fields:
+        errors += _check_section(item, "quantization", spec.quantization, fields["quantization"], {},
+                                 "transformers.BitsAndBytesConfig")
+    return errors

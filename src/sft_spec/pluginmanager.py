@@ -1,7 +1,8 @@
 """The plugin manager: built-in and outside plugins come from one entry-point group, ``sft_spec``.
 
-A plugin that fails to import is reported and left out (tox-style) instead of crashing the run; a
-missing built-in is an error that says how to repair the install.
+A plugin that fails to import (any exception, a syntax error included) or implements a hook that does
+not exist (a typo: ``check_pending``) is reported as broken and left out, tox-style, and the run goes
+on; a missing or disabled essential built-in is an error that says how to repair the install.
 """
 
 from __future__ import annotations
@@ -9,17 +10,18 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import dataclass, field
+from difflib import get_close_matches
 from importlib import import_module, metadata
 from typing import Any
 
 import pluggy
 
 from . import hookspecs
-from .registry import Check, Registry
+from .registry import Registry
 
 ENTRY_POINT_GROUP = "sft_spec"
 #: Built-in plugins a run cannot do without.
-ESSENTIAL_PLUGINS = ("models", "formatters", "collators", "trainer", "generation", "checks", "terminal")
+ESSENTIAL_PLUGINS = ("protocol", "models", "formatters", "collators", "trainer", "generation", "checks", "terminal")
 
 
 @dataclass
@@ -36,18 +38,39 @@ class PluginInfo:
     hooks: list[str] = field(default_factory=list)
 
 
+def _register(pm: pluggy.PluginManager, plugin: Any, name: str, problems: list[PluginProblem]) -> None:
+    """Register one plugin; a misspelled hook unregisters it and names the plugin and the hook."""
+    try:
+        pm.register(plugin, name=name)
+    except ValueError as exc:  # pluggy: this object, or another under this name, is registered already
+        problems.append(PluginProblem(name, f"not registered: {exc}"))
+        return
+    except pluggy.PluginValidationError as exc:  # a hookimpl whose signature does not fit its spec
+        problems.append(PluginProblem(name, str(exc)))
+        return
+    known = [n for n in dir(pm.hook) if n.startswith("sft_spec_")]
+    unknown = []
+    for caller in pm.get_hookcallers(plugin) or []:
+        if caller.spec is None:
+            close = get_close_matches(caller.name, known, n=1)
+            unknown.append(f"{caller.name}" + (f" (did you mean {close[0]}?)" if close else ""))
+    if unknown:
+        pm.unregister(plugin)
+        problems.append(PluginProblem(name, f"implements no such hook: {', '.join(unknown)}"))
+
+
 def make_plugin_manager(extra_plugins: list[Any] | None = None, disabled: set[str] | None = None,
                         problems: list[PluginProblem] | None = None) -> pluggy.PluginManager:
+    """Entry-point plugins, then ``-p`` modules and plugin objects; broken ones go to ``problems``."""
     pm = pluggy.PluginManager("sft_spec")
     pm.add_hookspecs(hookspecs)
     if os.environ.get("SFT_SPEC_TRACE"):
         # Every hook call, its arguments and results, on stderr.
         pm.trace.root.setwriter(sys.stderr.write)
         pm.enable_tracing()
-    from . import runner, session
+    from . import session
 
     pm.register(session, name="sft_spec.session")
-    pm.register(runner, name="sft_spec.runner")
     disabled = disabled or set()
     problems = problems if problems is not None else []
     for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
@@ -55,21 +78,22 @@ def make_plugin_manager(extra_plugins: list[Any] | None = None, disabled: set[st
             continue
         try:
             plugin = ep.load()
-            pm.register(plugin, name=ep.name)
-        except Exception as exc:  # a broken plugin must not take the run down
-            problems.append(PluginProblem(ep.name, f"{type(exc).__name__}: {exc}"))
+        except Exception as exc:  # noqa: BLE001 - a broken plugin must not take the run down
+            problems.append(PluginProblem(ep.name, f"cannot be imported: {type(exc).__name__}: {exc}"))
+            continue
+        _register(pm, plugin, ep.name, problems)
     for plugin in extra_plugins or []:
         if isinstance(plugin, str):
+            module_name = plugin
             try:
-                plugin = import_module(plugin)
-            except ImportError as exc:
-                problems.append(PluginProblem(plugin, f"cannot import: {exc}"))
+                plugin = import_module(module_name)
+            except Exception as exc:  # noqa: BLE001 - as above, for -p NAME
+                problems.append(PluginProblem(module_name, f"cannot be imported: {type(exc).__name__}: {exc}"))
                 continue
+        if pm.is_registered(plugin):
+            continue  # -p of a module that an entry point (or an earlier -p) registered already
         name = getattr(plugin, "__name__", None) or type(plugin).__name__
-        pm.register(plugin, name=name if pm.get_plugin(name) is None else None)
-    for name in ESSENTIAL_PLUGINS:
-        if name not in disabled and pm.get_plugin(name) is None and not any(p.name == name for p in problems):
-            problems.append(PluginProblem(name, "built-in plugin is not installed: reinstall sft-spec"))
+        _register(pm, plugin, name if pm.get_plugin(name) is None else f"{name}-{id(plugin):x}", problems)
     return pm
 
 
@@ -86,11 +110,10 @@ def build_registry(pm: pluggy.PluginManager) -> Registry:
                 _add(name, obj, description=description, plugin=_plugin)
 
             impl.function(register=register)
-    for impl in reversed(pm.hook.sft_spec_register_checks.get_hookimpls()):
-        def register_check(check: Check, _plugin=impl.plugin_name) -> None:
-            registry.register_check(check)
-
-        impl.function(register=register_check)
+    for hook_name, add in (("sft_spec_register_checks", registry.register_check),
+                           ("sft_spec_register_spec_sections", registry.register_section)):
+        for impl in reversed(getattr(pm.hook, hook_name).get_hookimpls()):
+            impl.function(register=lambda obj, _add=add, _plugin=impl.plugin_name: _add(obj, plugin=_plugin))
     return registry
 
 

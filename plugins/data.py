@@ -1,0 +1,97 @@
+"""The built-in reader of ``data.files``: JSON Lines conversations, keys mapped as the spec says.
+
+Errors name the data file and line (``data/weibo.jsonl:3:7: not valid JSON: ...``); every file a spec
+names must lie inside the spec's folder.
+"""
+
+from __future__ import annotations
+
+import json
+
+from sft_spec import hookimpl
+from sft_spec.errors import Location, SpecError, did_you_mean, relpath
+from sft_spec.loading.data import check_conversation
+from sft_spec.loading.paths import check_inside
+from sft_spec.loading.wording import kind_of
+
+#: A data file larger than this is refused: a spec is a test, not a training job.
+MAX_DATA_BYTES = 64 * 1024 * 1024
+
+
+def _size(n: float) -> str:
+    for unit in ("bytes", "KiB", "MiB"):
+        if n < 1024 or unit == "MiB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def read_jsonl_conversations(item, source) -> list[list[dict]]:
+    """Conversations from a JSON Lines file; errors name file and line."""
+    target = check_inside(item.folder, source.path, "data file")
+    shown = relpath(target)
+    if not target.is_file():
+        raise SpecError(f"data file not found: {source.path} (paths are relative to the spec file's folder)")
+    try:
+        size = target.stat().st_size
+        if size > MAX_DATA_BYTES:
+            raise SpecError(f"data file {source.path} is {_size(size)}; the limit is {_size(MAX_DATA_BYTES)} "
+                            "(a spec is a test, not a training job)")
+        raw = target.read_bytes()
+    except OSError as exc:
+        raise SpecError(f"cannot read data file {source.path}: {exc.strerror or exc}") from None
+    conversations = []
+    for lineno, line in enumerate(raw.split(b"\n"), start=1):
+        if not line.strip():
+            continue
+        where = Location(shown, lineno)
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            column = len(line[: exc.start].decode("utf-8", "replace")) + 1
+            raise SpecError(f"line is not valid UTF-8 (byte 0x{line[exc.start]:02x})",
+                            Location(shown, lineno, column)) from None
+        try:
+            record = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise SpecError(f"not valid JSON: {exc.msg}", Location(shown, lineno, exc.colno)) from None
+        except (ValueError, RecursionError) as exc:  # huge integers, nesting deeper than Python recurses
+            raise SpecError(f"not valid JSON: {type(exc).__name__}: {str(exc)[:100]}", where) from None
+        conversations.append(_conversation(record, source, where))
+    if not conversations:
+        # No line to point at in the data file: point at the spec's path key instead.
+        raise SpecError(f"data file {source.path} holds no conversations (each line: one JSON object with "
+                        f"{source.conversation_key!r})")
+    return conversations
+
+
+def _conversation(record, source, where: Location) -> list[dict]:
+    if not isinstance(record, dict):
+        raise SpecError(f"each line must be a JSON object, got {kind_of(record)}", where)
+    if source.conversation_key not in record:
+        raise SpecError(did_you_mean(source.conversation_key, list(record), "conversation_key")
+                        .replace("unknown conversation_key", "no conversation_key"), where)
+    turns_raw = record[source.conversation_key]
+    if not isinstance(turns_raw, list):
+        raise SpecError(f"{source.conversation_key!r} must be a list of turns", where)
+    turns = []
+    for t, turn in enumerate(turns_raw):
+        if not isinstance(turn, dict):
+            raise SpecError(f"turn {t} must be an object", where)
+        for key in (source.role_key, source.content_key):
+            if key not in turn:
+                raise SpecError(f"turn {t} has no {key!r} key (keys: {', '.join(map(str, turn))}); "
+                                "set role_key/content_key", where)
+        role, content = turn[source.role_key], turn[source.content_key]
+        if not isinstance(content, str) or not isinstance(role, str):
+            raise SpecError(f"turn {t}: role and content must be strings", where)
+        turns.append({"role": source.role_map.get(role, role), "content": content})
+    problem = check_conversation(turns)
+    if problem:
+        raise SpecError(problem, where)
+    return turns
+
+
+@hookimpl(trylast=True)
+def sft_spec_load_data(source, item, config):
+    return read_jsonl_conversations(item, source)

@@ -1,0 +1,265 @@
+"""The run protocol of one spec; each arrow is a hook, each phase fills its fields of the ``SpecRun``:
+
+load (+ chat markers) -> format -> generate before -> mask -> train -> generate after -> after training
+-> check -> make report. No phase reaches back into an earlier one: generation says ``when``, checks
+are final when the check hook returns them. This built-in plugin implements ``sft_spec_run_spec``,
+``sft_spec_check`` and ``sft_spec_make_report``; it imports no torch itself.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+from sft_spec import hookimpl
+from sft_spec.errors import SkipSpec, SpecError, SpecTimeout
+from sft_spec.pluginmanager import plugin_name_for_traceback
+from sft_spec.registry import CheckContext
+from sft_spec.reports import (
+    XPASS_STRICT,
+    CheckReport,
+    ErrorInfo,
+    ExpectationReport,
+    MaskSummary,
+    SpecReport,
+    new_report,
+    skipped_report,
+)
+from sft_spec.state import Answer, Case, Expectation, SpecItem, SpecRun
+
+if TYPE_CHECKING:
+    from sft_spec.config import Config
+    from sft_spec.session import Session
+
+
+class PhaseError(Exception):
+    def __init__(self, phase: str, original: BaseException):
+        super().__init__(str(original))
+        self.phase = phase
+        self.original = original
+
+
+#: The spec key each phase's problems most likely come from, for error locations.
+_PHASE_KEYS = {"load": ("model",), "format": ("format",), "mask": ("format", "collator"), "train": ("training",)}
+
+
+@contextmanager
+def _phase(report: SpecReport, item: SpecItem, name: str):
+    start = time.perf_counter()
+    try:
+        yield
+    except SpecError as exc:
+        exc.phase = getattr(exc, "phase", None) or name
+        if exc.location is None:
+            exc.location = item.locate(*_PHASE_KEYS.get(name, ()))
+        raise
+    except (SkipSpec, KeyboardInterrupt, PhaseError):
+        raise
+    except (Exception, SpecTimeout) as exc:
+        raise PhaseError(name, exc) from exc
+    finally:
+        report.phases[name] = report.phases.get(name, 0.0) + time.perf_counter() - start
+
+
+@hookimpl(trylast=True)
+def sft_spec_run_spec(item: SpecItem, session: Session) -> SpecReport:
+    if item.spec.skip:
+        return skipped_report(item, item.spec.skip)
+    report = new_report(item)
+    start = time.perf_counter()
+    config = session.config
+    run = SpecRun(item=item, config=config)
+    try:
+        _run_phases(item, run, report, config.hook)
+    except SkipSpec as exc:
+        report = skipped_report(item, str(exc))
+    except SpecTimeout as exc:  # between phases
+        report.outcome = "error"
+        report.error = ErrorInfo(f"timed out: {exc}", location=str(item.location), kind="timeout")
+    except KeyboardInterrupt:
+        report.outcome = "interrupted"
+        report.error = ErrorInfo("interrupted by the user (Ctrl-C)", kind="interrupted")
+    except SpecError as exc:
+        report.outcome = "error"
+        report.error = ErrorInfo(exc.message, location=str(exc.location or item.location),
+                                 phase=getattr(exc, "phase", None) or "validate")
+    except PhaseError as exc:
+        report.outcome = "error"
+        report.error = _error_info(item, config, exc)
+    finally:
+        for fn in reversed(run.finalizers):
+            try:
+                fn()
+            except Exception as exc:  # noqa: BLE001 - cleanup must not hide the spec's own result
+                run.note(f"cleanup failed: {type(exc).__name__}: {exc}")
+        report.duration = time.perf_counter() - start
+        report.notes.extend(n for n in run.notes if n not in report.notes)
+        report.settings = run.settings
+        report.metrics.update(run.metrics)
+        if item.spec.xfail:
+            report.metrics["xfail_strict"] = item.spec.xfail.strict
+    if report.outcome not in ("error", "skipped", "interrupted"):
+        report = config.hook.sft_spec_make_report(item=item, run=run, report=report)
+    return report
+
+
+def _error_info(item: SpecItem, config: Config, exc: PhaseError) -> ErrorInfo:
+    original = exc.original
+    kind = "oom" if _is_oom(original) else "timeout" if isinstance(original, SpecTimeout) else "error"
+    message = f"{type(original).__name__}: {original}"
+    if kind == "oom":
+        message = f"out of memory in phase {exc.phase}: {original}"
+    elif kind == "timeout":
+        message = f"timed out in phase {exc.phase}: {original}"
+    elif isinstance(original, FloatingPointError):
+        kind = "nan"
+    return ErrorInfo(message=message, location=str(item.location), phase=exc.phase,
+                     plugin=plugin_name_for_traceback(config.pluginmanager, original.__traceback__), kind=kind,
+                     traceback="".join(traceback.format_exception(original)))
+
+
+def _run_phases(item: SpecItem, run: SpecRun, report: SpecReport, hook) -> None:
+    expectations = item.selected_expectations
+    with _phase(report, item, "load"):
+        hook.sft_spec_run_progress(item=item, phase="load", step=0, total=0, loss=None)
+        run.loaded = hook.sft_spec_load_model(item=item, config=run.config)
+        if run.loaded is None:
+            raise RuntimeError("no plugin loaded the model")
+        run.model = run.loaded.model
+        for note in run.loaded.notes:
+            run.note(note)
+    with _phase(report, item, "format"):
+        run.markers = hook.sft_spec_chat_markers(item=item, run=run)
+        run.formatted = [hook.sft_spec_format(item=item, run=run, messages=conv, add_generation_prompt=False)
+                         for conv in item.conversations]
+        run.prompts = [hook.sft_spec_format(item=item, run=run, messages=exp.prompt, add_generation_prompt=True)
+                       for exp in expectations]
+    prompts = dict(zip((e.index for e in expectations), run.prompts, strict=True))
+    needs_base = [e for e in expectations if e.needs_base_answer or _needs_base(e, run.config)]
+    if needs_base:
+        with _phase(report, item, "generate_before"):
+            hook.sft_spec_run_progress(item=item, phase="generate before", step=0, total=0, loss=None)
+            answers = hook.sft_spec_generate(item=item, run=run, prompts=[prompts[e.index] for e in needs_base],
+                                             when="before")
+            run.base_answers = {e.index: a for e, a in zip(needs_base, answers, strict=True)}
+    with _phase(report, item, "mask"):
+        run.examples = [hook.sft_spec_make_mask(item=item, run=run, formatted=f, index=i)
+                        for i, f in enumerate(run.formatted)]
+        report.mask = _mask_summary(run)
+    with _phase(report, item, "train"):
+        trainer = hook.sft_spec_make_trainer(item=item, run=run, examples=run.examples)
+        run.losses = list(hook.sft_spec_train(item=item, run=run, trainer=trainer) or [])
+        report.losses = list(run.losses)
+    with _phase(report, item, "generate"):
+        hook.sft_spec_run_progress(item=item, phase="generate", step=0, total=0, loss=None)
+        answers = hook.sft_spec_generate(item=item, run=run, prompts=run.prompts, when="after") if expectations \
+            else []
+        run.answers = {e.index: a for e, a in zip(expectations, answers, strict=True)}
+    with _phase(report, item, "after_training"):
+        hook.sft_spec_after_training(item=item, run=run)
+    with _phase(report, item, "check"):
+        for exp in expectations:
+            report.expectations.append(hook.sft_spec_check(item=item, run=run, case=exp, answer=run.answers[exp.index],
+                                                           base_answer=run.base_answers.get(exp.index)))
+        for check in item.selected_training_checks:
+            report.training_checks.append(hook.sft_spec_check(item=item, run=run, case=check, answer=None,
+                                                              base_answer=None))
+
+
+def _needs_base(exp: Expectation, config: Config) -> bool:
+    registry = config.registry
+    return any(registry.checks[name].needs_base_answer for name, _ in exp.checks if name in registry.checks)
+
+
+def _is_oom(exc: BaseException) -> bool:
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return True
+    return "out of memory" in str(exc).lower()
+
+
+def _mask_summary(run: SpecRun) -> MaskSummary | None:
+    if not run.examples:
+        return None
+    first = run.examples[0]
+    tokens = decode_tokens(run.loaded.tokenizer, first.input_ids)
+    trained = [label != -100 for label in first.labels]
+    return MaskSummary(
+        tokens=tokens, trained=trained,
+        trained_text="".join(t for t, on in zip(tokens, trained, strict=True) if on),
+        examples=len(run.examples),
+        trained_tokens=sum(sum(1 for lab in ex.labels if lab != -100) for ex in run.examples),
+        total_tokens=sum(len(ex.input_ids) for ex in run.examples),
+    )
+
+
+def decode_tokens(tokenizer, ids: list[int]) -> list[str]:
+    """One string per token, for review. Byte-level tokenizers split a CJK character over several
+    tokens that decode alone to U+FFFD; such a group decodes together and its text goes to its last
+    token (the others get ""), so the strings still join to the text the model saw."""
+    tokens: list[str] = []
+    start = 0
+    for i in range(len(ids)):
+        text = tokenizer.decode(ids[start:i + 1])
+        # A UTF-8 character is at most 4 bytes: a longer run is not a split character.
+        if text.endswith("\ufffd") and i + 1 - start < 4 and i + 1 < len(ids):
+            tokens.append("")
+            continue
+        tokens.append(text)
+        start = i + 1
+    return tokens
+
+
+# -- the built-in check and report phases ------------------------------------------------------------
+
+
+def _apply(ctx: CheckContext, name: str, argument: Any, answer: str, on: str) -> CheckReport:
+    check = ctx.run.config.registry.checks[name]
+    result = check.func(answer, argument, ctx)
+    return CheckReport(name=name, argument=argument, passed=result.passed, message=result.message, on=on,
+                       expected=result.expected, score=result.score)
+
+
+@hookimpl(trylast=True)
+def sft_spec_check(item: SpecItem, run: SpecRun, case: Case, answer: Answer | None,
+                   base_answer: Answer | None) -> ExpectationReport:
+    base_text = base_answer.text if base_answer is not None else None
+    ctx = CheckContext(item=item, run=run, case=case, answer=answer, base_answer=base_text, losses=run.losses)
+    if isinstance(case, Expectation):
+        report = ExpectationReport(
+            nodeid=case.nodeid, index=case.index, prompt=case.prompt, location=str(case.location),
+            answer=answer.text if answer else None, raw_answer=answer.raw if answer else None, base_answer=base_text,
+            stopped=answer.stopped if answer else None, max_new_tokens=answer.max_new_tokens if answer else None,
+        )
+        report.checks += [_apply(ctx, name, arg, base_text or "", "before") for name, arg in case.before]
+        report.checks += [_apply(ctx, name, arg, answer.text if answer else "", "after") for name, arg in case.checks]
+    else:
+        report = ExpectationReport(nodeid=case.nodeid, index=-1, prompt=[], location=str(case.location),
+                                   checks=[_apply(ctx, case.name, case.argument, "", "after")])
+    report.outcome = "passed" if all(c.passed for c in report.checks) else "failed"
+    xfail = case.xfail
+    if xfail is not None:
+        report.xfail_reason = xfail.reason
+        if report.outcome == "failed":
+            report.outcome = "xfailed"
+        elif xfail.strict:
+            report.outcome = "failed"
+            report.checks.append(CheckReport(XPASS_STRICT, True, False, f"[XPASS(strict)] {xfail.reason}: the "
+                                             "checks passed, and this expectation is marked to fail"))
+        else:
+            report.outcome = "xpassed"
+    return report
+
+
+@hookimpl(trylast=True)
+def sft_spec_make_report(item: SpecItem, run: SpecRun, report: SpecReport) -> SpecReport:
+    failed = any(c.outcome == "failed" for c in report.cases)
+    if item.spec.xfail:
+        # The spec is the unit that is expected to fail: all its cases share its outcome.
+        for case in report.cases:
+            case.outcome = "xfailed" if failed else "xpassed"
+        report.outcome = "xfailed" if failed else "xpassed"
+    else:
+        report.outcome = "failed" if failed else "passed"
+    return report

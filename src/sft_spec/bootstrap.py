@@ -1,0 +1,191 @@
+"""One bootstrap: the plugin manager, the command line and the Config, built the same way everywhere.
+
+The CLI, the ``-n`` workers, the pytest bridge and launched training processes all call
+:func:`prepare_config` (pytest builds its Config in one place, ``_prepareconfig``, for the same reason):
+``[tool.sft-spec] addopts``, ``-p MODULE`` and ``-p no:NAME``, broken and misspelled plugins, essential
+built-ins, option parsing and defaults are decided here once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from . import __version__
+from .config import Config, pyproject_defaults
+from .errors import UsageError
+from .fileio import default_cache_dir, project_root
+from .pluginmanager import ESSENTIAL_PLUGINS, PluginProblem, build_registry, make_plugin_manager
+
+#: Subcommands the core implements; plugins add the others (report, schema, init, cache, ...).
+CORE_COMMANDS = ("run", "validate", "plugins")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse exits 2 on bad options; pytest (and so CI scripts) expect 4 for a usage error."""
+
+    def error(self, message: str):
+        raise UsageError(f"{self.prog}: error: {message}")
+
+
+def _add_collection_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("paths", nargs="*", type=Path, metavar="PATH",
+                   help="spec files or folders (default: specs/ if it exists, else .)")
+    p.add_argument("-k", dest="keyword", metavar="EXPR",
+                   help="only run checks whose id matches EXPR (substrings; and/or/not, like pytest -k)")
+    p.add_argument("-m", dest="markexpr", metavar="TAGEXPR", help="only run specs whose tags match TAGEXPR")
+    p.add_argument("-p", dest="plugins", action="append", default=[], metavar="NAME",
+                   help="load a plugin module by import name; -p no:NAME disables an installed one")
+    p.add_argument("--rootdir", type=Path, help="the project folder shown in reports and where sft-defaults.yaml "
+                   "lookup stops (default: the nearest folder above PATHs with pyproject.toml or .git)")
+    p.add_argument("--cache-dir", type=Path, help="cache folder (default: $SFT_SPEC_CACHE or ~/.cache/sft-spec)")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="one line per check")
+    p.add_argument("-q", "--quiet", action="count", default=0, help="less output")
+    p.add_argument("--tb", choices=("auto", "short", "long", "no"), default="auto",
+                   help="traceback print mode for errors (default: auto = no traceback, message and location only)")
+
+
+def make_parser(pm) -> argparse.ArgumentParser:
+    parser = _Parser(prog="sft-spec", description="Train fine-tuning recipes from spec files and check what "
+                     "the model learnt.")
+    parser.add_argument("--version", action="version", version=f"sft-spec {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    run = sub.add_parser("run", help="collect specs, train, generate and check")
+    _add_collection_options(run)
+    run.add_argument("-x", "--exitfirst", action="store_const", const=1, dest="maxfail",
+                     help="stop after the first failed or broken spec")
+    run.add_argument("--maxfail", type=int, default=0, metavar="N", help="stop after N failed or broken specs")
+    run.add_argument("--collect-only", "--co", action="store_true", dest="collect_only",
+                     help="list the test ids, do not train")
+    run.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto",
+                     help="where to train (default: cuda when present, else cpu)")
+    run.add_argument("--allow-remote-code", action="store_true",
+                     help="let specs that ask for trust_remote_code run the model repository's code")
+    run.add_argument("--allow-pickle", action="store_true",
+                     help="allow pickle-based checkpoints (.bin); safetensors only by default")
+    run.add_argument("--output-dir", type=Path, default=None,
+                     help="folder for trainer files (default: a fresh temporary folder, removed after the run)")
+    pm.hook.sft_spec_addoption(parser=run.add_argument_group("plugin options"))
+    validate = sub.add_parser("validate", help="check spec files without training (quick)")
+    _add_collection_options(validate)
+    sub.add_parser("plugins", help="list installed plugins, their versions and hooks")
+    for name, (help_text, add_arguments, _) in plugin_commands(pm).items():
+        add_arguments(sub.add_parser(name, help=help_text))
+    return parser
+
+
+def plugin_commands(pm) -> dict[str, tuple[str, Any, Any]]:
+    """Subcommands that plugins add (``sft-spec report``, ``sft-spec schema``, ...)."""
+    commands: dict[str, tuple[str, Any, Any]] = {}
+
+    def register(name: str, help: str, add_arguments, run) -> None:
+        if name not in CORE_COMMANDS:
+            commands.setdefault(name, (help, add_arguments, run))
+
+    pm.hook.sft_spec_register_commands(register=register)
+    return commands
+
+
+def split_plugin_args(argv: Sequence[str]) -> tuple[set[str], list[str]]:
+    """``-p no:NAME`` (disabled) and ``-p MODULE`` (to import) from a command line."""
+    disabled, extra = set(), []
+    for i, arg in enumerate(argv):
+        value = None
+        if arg == "-p" and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif arg.startswith("-p") and len(arg) > 2:
+            value = arg[2:]
+        if value:
+            (disabled.add(value[3:]) if value.startswith("no:") else extra.append(value))
+    return disabled, extra
+
+
+def _run_defaults(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """Every ``run`` option at its default: other commands see the same option names (getoption is strict)."""
+    return parser.parse_args(["run"])
+
+
+def _common_folder(paths: list[Path]) -> Path:
+    import os
+
+    folders = [str((p if p.is_dir() else p.parent).resolve()) for p in paths]
+    return Path(os.path.commonpath(folders)) if folders else Path.cwd()
+
+
+@dataclass
+class Prepared:
+    """What :func:`prepare_config` built; ``config`` is None for commands that need none (``plugins``)."""
+
+    command: str | None
+    options: argparse.Namespace
+    pluginmanager: Any
+    parser: argparse.ArgumentParser
+    problems: list[PluginProblem] = field(default_factory=list)
+    config: Config | None = None
+    argv: list[str] = field(default_factory=list)
+    _tmp: tempfile.TemporaryDirectory | None = None
+
+    def close(self) -> None:
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+
+def prepare_config(args: Sequence[str], *, plugins: Sequence[Any] = (), role: Literal["main", "worker"] = "main",
+                   disable: Sequence[str] = (), paths: Sequence[Path] | None = None, rootdir: Path | None = None,
+                   cache_dir: Path | None = None, output_dir: Path | None = None, addopts_from: Path | None = None
+                   ) -> Prepared:
+    """Build the plugin manager, parse ``args`` and make the Config (for ``run`` and ``validate``).
+
+    Raises :class:`UsageError` for a bad command line or a disabled essential plugin. Broken plugins
+    are in ``problems``. The caller calls ``sft_spec_configure`` and, at the end, ``close()``.
+    ``paths``, ``rootdir``, ``cache_dir`` and ``output_dir`` override the command line (workers get the
+    main process's; the pytest bridge gets pytest's own paths and rootdir).
+    """
+    argv = list(args)
+    addopts, _ = pyproject_defaults(addopts_from or Path.cwd())
+    if argv and argv[0] == "run" and addopts:
+        argv = argv[:1] + addopts + argv[1:]
+    asked_off, modules = split_plugin_args(argv)
+    disabled = asked_off | set(disable)
+    problems: list[PluginProblem] = []
+    pm = make_plugin_manager([*plugins, *modules], disabled, problems)
+    off = [name for name in ESSENTIAL_PLUGINS if name in asked_off]
+    absent = [name for name in ESSENTIAL_PLUGINS if name not in disabled and pm.get_plugin(name) is None]
+    if off:
+        raise UsageError(f"-p no:{off[0]}: {off[0]!r} is an essential built-in plugin; without it nothing would "
+                         "be " + ("trained" if off[0] == "trainer" else "run") + " (disable a reporter instead)")
+    problems += [PluginProblem(name, "built-in plugin is not installed: reinstall sft-spec") for name in absent
+                 if not any(p.name == name for p in problems)]
+    parser = make_parser(pm)
+    options = parser.parse_args(argv)  # --help and --version print and raise SystemExit, as argparse does
+    prepared = Prepared(options.command, options, pm, parser, problems, argv=argv)
+    if options.command not in ("run", "validate"):
+        return prepared
+    for name, value in vars(_run_defaults(parser)).items():
+        if not hasattr(options, name):
+            setattr(options, name, value)
+    if options.command == "validate":
+        options.collect_only = True
+    chosen = list(paths) if paths is not None else options.paths
+    if not chosen:
+        chosen = [Path("specs") if Path("specs").is_dir() else Path(".")]
+    options.paths = chosen
+    missing = [p for p in chosen if not Path(p).exists()]
+    if missing:
+        raise UsageError(f"file or directory not found: {missing[0]}")
+    if output_dir is None and options.output_dir is None:
+        prepared._tmp = tempfile.TemporaryDirectory(prefix="sft-spec-")
+        output_dir = Path(prepared._tmp.name)
+    start = _common_folder([Path(p) for p in chosen])
+    root = rootdir or options.rootdir or project_root(start) or start
+    prepared.config = Config(
+        options=options, pluginmanager=pm, registry=build_registry(pm), rootdir=Path(root).resolve(),
+        cache_dir=Path(cache_dir or options.cache_dir or default_cache_dir()),
+        output_dir=Path(output_dir or options.output_dir), invocation_args=argv, role=role,
+    )
+    return prepared

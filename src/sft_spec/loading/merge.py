@@ -1,0 +1,73 @@
+"""Merging: ``sft-defaults.yaml`` files under a spec, and matrix entries over it.
+
+Every merge returns fresh containers: a spec never shares a nested mapping with the cached defaults
+or with a sibling matrix entry, so what one spec's loading does to its own copy (renaming an old key)
+cannot leak into the next.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+from ..errors import SpecError, relpath
+from ..fileio import project_root
+from .paths import check_inside
+from .yamlsource import LocatedDocument, load_yaml_file
+
+DEFAULTS_NAME = "sft-defaults.yaml"
+
+
+def deep_merge(base: Any, over: Any) -> Any:
+    """Mappings merge key by key; anything else in ``over`` replaces ``base`` (lists included). Deep copies."""
+    if isinstance(base, dict) and isinstance(over, dict):
+        out = {key: copy.deepcopy(value) for key, value in base.items() if key not in over}
+        for key, value in over.items():
+            out[key] = deep_merge(base[key], value) if key in base else copy.deepcopy(value)
+        return out
+    return copy.deepcopy(over)
+
+
+def merge_docs(base: LocatedDocument, over: LocatedDocument) -> LocatedDocument:
+    locations = dict(base.locations)
+    locations.update(over.locations)
+    return LocatedDocument(deep_merge(base.data, over.data), locations, over.path)
+
+
+def defaults_chain(spec_path: Path, memo: dict[Path, LocatedDocument | None]) -> list[LocatedDocument]:
+    """``sft-defaults.yaml`` files from the project root down to the spec's folder (nearer ones merge last).
+
+    The project root is the nearest folder above the spec with pyproject.toml, .git, ... (without one,
+    the file system's root), so the same files apply whatever path the run was started with, and under
+    pytest too, as pytest finds conftest files. A defaults file that is a symlink out of its folder is
+    an error.
+    """
+    found = []
+    directory = spec_path.resolve().parent
+    root = project_root(directory) or Path(directory.anchor)
+    while True:
+        if directory not in memo:
+            memo[directory] = _read_defaults(directory / DEFAULTS_NAME)
+        if memo[directory] is not None:
+            found.append(memo[directory])
+        if directory == root:
+            break
+        directory = directory.parent
+    return list(reversed(found))
+
+
+def _read_defaults(candidate: Path) -> LocatedDocument | None:
+    if not candidate.is_file():
+        return None
+    shown = relpath(candidate)
+    try:
+        check_inside(candidate.parent, DEFAULTS_NAME, what="sft-defaults.yaml")
+    except ValueError as exc:
+        raise SpecError(str(exc), LocatedDocument(None, {}, shown).locate(())) from None
+    doc = load_yaml_file(candidate, shown)
+    if doc.data is None:
+        return None
+    if not isinstance(doc.data, dict):
+        raise SpecError("sft-defaults.yaml must hold a mapping of spec keys", doc.locate(()))
+    return doc

@@ -1,0 +1,28 @@
+"""The one rule for every file a spec names: it lies inside the spec file's own folder.
+
+Data files, templates, TRL's config files (``deepspeed``, ``fsdp_config``, ``chat_template_path``, ...)
+and a launcher's config: each goes through :func:`check_inside` against the spec's folder, whatever
+folder the run was started from and whether ``sft-spec run`` or ``pytest`` runs it. No ``..``, no
+absolute path, no symlink that resolves outside.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import relpath
+
+
+def check_inside(folder: Path, relative: str, what: str = "path") -> Path:
+    """``relative`` resolved against ``folder``; ValueError when it is absolute or lands outside it."""
+    folder = Path(folder).resolve()
+    if not isinstance(relative, str) or not relative:
+        raise ValueError(f"{what}: expected a file path relative to the spec file, got {relative!r}")
+    if Path(relative).expanduser().is_absolute() or relative.startswith("~"):
+        raise ValueError(f"{what} {relative!r} is an absolute path: files a spec names must lie inside the spec "
+                         f"directory {relpath(folder)} (give a path relative to the spec file)")
+    target = (folder / relative).resolve()
+    if target != folder and folder not in target.parents:
+        link = " (through a symlink)" if ".." not in Path(relative).parts else ""
+        raise ValueError(f"{what} {relative!r} is outside the spec directory {relpath(folder)}{link}")
+    return target
