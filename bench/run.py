@@ -82,7 +82,7 @@ def bench_overhead(work: Path, reps: int, env: dict) -> None:
     print("overhead: one LoRA spec (tiny-gemma, 30 epochs), whole process, sft-spec vs plain TRL script")
     from sft_spec_plugins.builtin_models import builtin_model_dir
 
-    from sft_spec.fileio import default_cache_dir
+    from sft_spec.config import default_cache_dir
 
     model_dir = builtin_model_dir("tiny-gemma", default_cache_dir())
     spec = write_specs(work / "overhead", 1)
@@ -137,7 +137,7 @@ def bench_generation(work: Path, reps: int, env: dict) -> None:
     from sft_spec_plugins.generation import generate_answers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from sft_spec.fileio import default_cache_dir
+    from sft_spec.config import default_cache_dir
 
     model_dir = builtin_model_dir("tiny-gemma", default_cache_dir())
     tokenizer = AutoTokenizer.from_pretrained(model_dir)

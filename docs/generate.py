@@ -205,19 +205,20 @@ def render_reference() -> str:
         if path in notes:
             out += [notes[path], ""]
         out += [*model_table(model, f"{path}."), ""]
-        if path == "format":
+        if path == "model":
+            out += ["Model loaders (the first that claims `model.id` loads it):", "",
+                    *named_table(registry.model_loaders), ""]
+
+    for name, section in sorted(registry.sections.items()):
+        out += [f"## {name}", "", f"{cell(section.description)} (a key of plugin `{section.plugin}`; "
+                + ("optional, defaults as below" if section.default else "optional") + ").", "",
+                *model_table(section.model, f"{name}."), ""]
+        if name == "format":
             out += ["Formatters (`format.formatter`):", "", *named_table(registry.formatters), "",
                     "Collators (`format.collator`):", "", *named_table(registry.collators), ""]
             if RENAMED_COLLATORS:
                 out += ["Old collator names read as today's, with a note: "
                         + ", ".join(f"`{old}` -> `{new}`" for old, new in RENAMED_COLLATORS.items()) + ".", ""]
-        if path == "model":
-            out += ["Model loaders (the first that claims `model.id` loads it):", "",
-                    *named_table(registry.model_loaders), ""]
-
-    for name, section in registry.sections.items():
-        out += [f"## {name}", "", f"{cell(section.description)} (plugin `{section.plugin}`)", "",
-                *model_table(section.model, f"{name}."), ""]
 
     answer = [(p, c) for p, c in checks if c.scope == "answer"]
     training = [(p, c) for p, c in checks if c.scope == "training"]

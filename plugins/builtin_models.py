@@ -22,9 +22,9 @@ from typing import Any, NamedTuple
 
 from sft_spec import hookimpl
 from sft_spec.errors import did_you_mean
-from sft_spec.fileio import building_directory
 from sft_spec.state import LoadedModel
 
+from .files import building_directory
 from .gguf import PACKAGED_MODELS  # builtin: names of real models, served by the gguf loader
 from .pretrained import BUILTIN_PREFIX, load_pretrained
 

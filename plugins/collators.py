@@ -13,8 +13,11 @@ of the removed ``DataCollatorForCompletionOnlyLM``).
 from __future__ import annotations
 
 from sft_spec import hookimpl
-from sft_spec.errors import SpecError
+from sft_spec.errors import SpecError, did_you_mean
+from sft_spec.loading.expectations import plugin_validate
 from sft_spec.state import FormattedText, MaskedExample
+
+from .formatters import FORMAT
 
 IGNORE_INDEX = -100
 #: Collators removed from TRL, mapped to the sft-spec collator that re-creates them.
@@ -91,17 +94,22 @@ def sft_spec_register_collators(register) -> None:
 
 
 @hookimpl
-def sft_spec_validate_spec(item, config) -> None:
-    fmt = item.spec.format
+def sft_spec_validate_spec(item, config) -> list[SpecError]:
+    """Old TRL collator names read as today's, with a note; the collator exists and accepts ``format:``."""
+    fmt, table, where = item.section(FORMAT), config.registry.collators, item.locate("format", "collator")
     if fmt.collator in RENAMED_COLLATORS:
         old, fmt.collator = fmt.collator, RENAMED_COLLATORS[fmt.collator]
-        item.notes.append(f"{item.locate('format', 'collator')}: note: {old} was removed from TRL; sft-spec's "
-                          f"{fmt.collator!r} collator does what it did")
+        item.notes.append(f"{where}: note: {old} was removed from TRL; sft-spec's {fmt.collator!r} collator does "
+                          "what it did")
+    if fmt.collator not in table:
+        return [SpecError(did_you_mean(fmt.collator, list(table), "collator"), where, key="format.collator")]
+    problem = plugin_validate(getattr(table[fmt.collator].obj, "validate", None), fmt, f"collator {fmt.collator!r}")
+    return [SpecError(problem, where, key="format.collator")] if problem else []
 
 
 @hookimpl(trylast=True)
 def sft_spec_make_mask(item, run, formatted, index) -> MaskedExample:
-    fmt = item.spec.format
+    fmt = item.section(FORMAT)
     collator = run.config.registry.collators[fmt.collator].obj
     markers = run.markers
     try:

@@ -1,4 +1,5 @@
-"""``sft-spec schema`` (a JSON Schema of the spec format, for editors) and ``sft-spec init`` (a first spec).
+"""``sft-spec plugins`` (what is installed), ``sft-spec schema`` (a JSON Schema of the spec format, for
+editors) and ``sft-spec init`` (a first spec).
 
 The schema comes from the pydantic models in ``sft_spec.spec``, completed with what only the running
 installation knows: the checks plugins registered (keys of ``expect`` entries and ``checks``) and the
@@ -15,8 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from sft_spec import hookimpl
+from sft_spec.config import default_cache_dir
 from sft_spec.errors import UsageError
-from sft_spec.fileio import atomic_write_text, default_cache_dir
+
+from .files import atomic_write_text
 
 _JSON_TYPES = {"bool": "boolean", "int": "integer", "float": "number", "str": "string", "list": "array",
                "dict": "object", "none": "null"}
@@ -194,8 +197,42 @@ def _run_init(options, pluginmanager) -> int:
     return 0
 
 
+# -- plugins -----------------------------------------------------------------------------------------
+
+
+def _run_plugins(options, pluginmanager) -> int:
+    """Every plugin with its version, its hooks and what it registered; broken ones last (exit 3)."""
+    from importlib import metadata
+
+    from sft_spec.pluginmanager import ENTRY_POINT_GROUP, build_registry
+
+    registry = build_registry(pluginmanager)
+    versions = {ep.name: dist.version for dist in metadata.distributions() for ep in dist.entry_points
+                if ep.group == ENTRY_POINT_GROUP}
+    for name, plugin in pluginmanager.list_name_plugin():
+        if plugin is None:  # a blocked name
+            continue
+        module = getattr(plugin, "__name__", type(plugin).__module__)
+        version = versions.get(name) or (metadata.version("sft-spec") if module.startswith("sft_spec") else "")
+        print(f"{name} {version}".rstrip() + f"  ({module})")
+        print("    hooks: " + (", ".join(sorted(c.name for c in pluginmanager.get_hookcallers(plugin) or [])) or "-"))
+        for kind, table in (("formatters", registry.formatters), ("collators", registry.collators),
+                            ("model loaders", registry.model_loaders), ("checks", registry.checks),
+                            ("spec sections", registry.sections)):
+            names = [n for n, v in table.items() if v.plugin == name]
+            if names:
+                print(f"    {kind}: {', '.join(names)}")
+    for shadowed in registry.shadowed:
+        print(f"note: {shadowed}")
+    for problem in pluginmanager.problems:
+        print(f"BROKEN {problem.name}: {problem.message}")
+    return 3 if pluginmanager.problems else 0
+
+
 @hookimpl
 def sft_spec_register_commands(register):
+    register("plugins", "list installed plugins, their versions, hooks and what they registered",
+             lambda parser: None, _run_plugins)
     register("schema", "print the JSON Schema of spec files (for editor completion and validation)",
              _schema_arguments, _run_schema)
     register("init", "write a first spec, its data file and a README into a folder", _init_arguments, _run_init)

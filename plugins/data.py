@@ -1,4 +1,5 @@
-"""The built-in reader of ``data.files``: JSON Lines conversations, keys mapped as the spec says.
+"""The data phase of loading: a spec's inline conversations and its ``data.files``, each file read
+through ``sft_spec_load_data`` (the built-in reads JSON Lines, keys mapped as the spec says).
 
 Errors name the data file and line (``data/weibo.jsonl:3:7: not valid JSON: ...``); every file a spec
 names must lie inside the spec's folder.
@@ -95,3 +96,33 @@ def _conversation(record, source, where: Location) -> list[dict]:
 @hookimpl(trylast=True)
 def sft_spec_load_data(source, item, config):
     return read_jsonl_conversations(item, source)
+
+
+@hookimpl
+def sft_spec_validate_spec(item, config) -> list[SpecError]:
+    """``item.conversations``: the inline ones, then each file's; every problem located."""
+    errors: list[SpecError] = []
+    for i, conv in enumerate(item.spec.data.conversations):
+        turns = [m.model_dump() for m in conv]
+        problem = check_conversation(turns)
+        if problem:
+            errors.append(SpecError(problem, item.locate("data", "conversations", i), key=f"data.conversations[{i}]"))
+        item.conversations.append(turns)
+    for i, source in enumerate(item.spec.data.files):
+        where, key = item.locate("data", "files", i, "path"), f"data.files[{i}].path"
+        try:
+            loaded = config.hook.sft_spec_load_data(source=source, item=item, config=config)
+        except SpecError as exc:
+            errors.append(SpecError(exc.message, exc.location or where, exc.key or key))
+            continue
+        except ValueError as exc:  # the path rule
+            errors.append(SpecError(str(exc), where, key=key))
+            continue
+        if loaded is None:
+            errors.append(SpecError(f"no plugin reads the data file {source.path!r}", where, key=key))
+            continue
+        item.conversations.extend(loaded)
+    if not item.conversations and not errors:
+        errors.append(SpecError("no training conversations: add data.conversations or data.files",
+                                item.locate("data"), key="data"))
+    return errors

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import difflib
 
-from sft_spec.escape import safe
 from sft_spec.reports import ExpectationReport
+
+from .escape import safe
 
 
 def char_diff(expected: str, actual: str) -> str:

@@ -9,9 +9,48 @@ from __future__ import annotations
 
 from functools import lru_cache
 
+from pydantic import BaseModel, ConfigDict, Field
+
 from sft_spec import hookimpl
-from sft_spec.errors import SpecError
+from sft_spec.errors import SpecError, did_you_mean
+from sft_spec.loading.expectations import plugin_validate
+from sft_spec.loading.paths import check_inside
+from sft_spec.registry import SpecSection
 from sft_spec.state import ChatMarkers, FormattedText
+
+
+class FormatSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    formatter: str = Field("chat_template", description="Plugin that turns a conversation into text")
+    template: str | None = Field(
+        None, description="Jinja2 chat template (inline, or a file path) for formatter: template"
+    )
+    collator: str = Field("completion_only", description="Plugin that decides which tokens carry the loss")
+    response_template: str | None = Field(
+        None,
+        description="completion_only: the loss starts after the last occurrence; derived from the chat "
+        "template when left out",
+    )
+    instruction_template: str | None = Field(
+        None,
+        description="completion_only: with it, every response between instruction templates carries the loss "
+        "(multi-turn)",
+    )
+    add_eos: bool = Field(
+        True,
+        description="Append the tokenizer's EOS token to each training text, as the reference recipe does",
+    )
+
+
+FORMAT = SpecSection("format", FormatSpec, "How conversations become text; which tokens carry the loss",
+                     default=True)
+
+
+@hookimpl
+def sft_spec_register_spec_sections(register) -> None:
+    register(FORMAT)
+
 
 _SENTINEL_USER = "\x00u\x00"
 _SENTINEL_ANSWER = "\x00a\x00"
@@ -117,7 +156,7 @@ def sft_spec_chat_markers(item, run) -> ChatMarkers:
     template, a user's own included: the response template is what the generation prompt adds to a
     rendered user turn; the end-of-turn marker is the special token right after an answer.
     """
-    fmt = item.spec.format
+    fmt = item.section(FORMAT)
     formatter = run.config.registry.formatters[fmt.formatter].obj
     tokenizer = run.loaded.tokenizer
     render = getattr(formatter, "render", None)
@@ -152,6 +191,38 @@ def _first_special(text: str, tokenizer) -> str | None:
     return None
 
 
+def _template(item) -> str | None:
+    """``format.template``: inline Jinja2, or a file inside the spec's folder."""
+    template = item.section(FORMAT).template
+    if template is None or "{{" in template or "{%" in template or "\n" in template:
+        return template
+    path = check_inside(item.folder, template, "template")  # ValueError: outside the spec's folder
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ValueError(f"cannot read template file {template!r}: {exc.strerror or exc}") from None
+
+
+@hookimpl
+def sft_spec_validate_spec(item, config) -> list[SpecError]:
+    """The spec's formatter exists and accepts its ``format:``; a template file is read here."""
+    fmt, table = item.section(FORMAT), config.registry.formatters
+    errors = []
+    if fmt.formatter not in table:
+        errors.append(SpecError(did_you_mean(fmt.formatter, list(table), "formatter"),
+                                item.locate("format", "formatter"), key="format.formatter"))
+    else:
+        problem = plugin_validate(getattr(table[fmt.formatter].obj, "validate", None), fmt,
+                                  f"formatter {fmt.formatter!r}")
+        if problem:
+            errors.append(SpecError(problem, item.locate("format", "formatter"), key="format.formatter"))
+    try:
+        item.chat_template = _template(item)
+    except ValueError as exc:
+        errors.append(SpecError(str(exc), item.locate("format", "template"), key="format.template"))
+    return errors
+
+
 @hookimpl(trylast=True)
 def sft_spec_register_formatters(register) -> None:
     register("chat_template", ChatTemplateFormatter(), "the tokenizer's chat template (format.template overrides it)")
@@ -160,7 +231,7 @@ def sft_spec_register_formatters(register) -> None:
 
 @hookimpl(trylast=True)
 def sft_spec_format(item, run, messages, add_generation_prompt) -> FormattedText:
-    fmt = item.spec.format
+    fmt = item.section(FORMAT)
     formatter = run.config.registry.formatters[fmt.formatter].obj
     try:
         return formatter.format(messages, run.loaded.tokenizer, fmt, add_generation_prompt=add_generation_prompt,

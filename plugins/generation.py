@@ -2,8 +2,32 @@
 
 from __future__ import annotations
 
+from pydantic import BaseModel, ConfigDict, Field
+
 from sft_spec import hookimpl
+from sft_spec.registry import SpecSection
 from sft_spec.state import Answer
+
+
+class GenerationSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    max_new_tokens: int = Field(32, gt=0, description="Tokens to generate per expectation")
+    do_sample: bool = Field(False, description="Greedy by default, so results are reproducible")
+    temperature: float | None = Field(None, description="Sampling temperature (with do_sample)")
+    top_p: float | None = Field(None, description="Nucleus sampling probability mass (with do_sample)")
+    top_k: int | None = Field(None, description="Sample from the k likeliest tokens (with do_sample)")
+    num_beams: int = Field(1, gt=0, description="Beam search width; 1 is greedy")
+    repetition_penalty: float | None = Field(None, description="Penalty above 1.0 discourages repeats")
+    batch_size: int = Field(16, gt=0, description="Prompts generated together (left-padded) in one call")
+
+
+GENERATION = SpecSection("generation", GenerationSpec, "How answers are generated for expect", default=True)
+
+
+@hookimpl
+def sft_spec_register_spec_sections(register) -> None:
+    register(GENERATION)
 
 
 def stop_token_ids(tokenizer, model, end_of_turn: str | None) -> list[int]:
@@ -78,5 +102,5 @@ def sft_spec_generate(item, run, prompts, when) -> list[Answer]:
     tokenizer = run.loaded.tokenizer
     stop_ids = stop_token_ids(tokenizer, run.model, run.markers.end_of_turn if run.markers else None)
     return generate_answers(run.model, tokenizer, [p.text for p in prompts], stop_ids=stop_ids,
-                            settings=item.spec.generation,
+                            settings=item.section(GENERATION),
                             device=run.model.device if hasattr(run.model, "device") else run.loaded.device)

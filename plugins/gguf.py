@@ -25,9 +25,9 @@ from pathlib import Path
 
 from sft_spec import hookimpl
 from sft_spec.errors import SpecError
-from sft_spec.fileio import building_directory
 from sft_spec.state import LoadedModel
 
+from .files import building_directory
 from .pretrained import BUILTIN_PREFIX, load_pretrained
 
 # Bump when the conversion writes different files: old converted directories are then ignored.

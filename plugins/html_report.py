@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from sft_spec import hookimpl
-from sft_spec.reports import ExpectationReport, SpecReport, case_outcome_counts
+from sft_spec.reports import ExpectationReport, SpecReport
 
 from .failures import diff_segments
-from .report_files import FileReporter
+from .report_files import FileReporter, case_outcome_counts
 
 OUTCOME_ORDER = ("failed", "error", "interrupted", "xpassed", "passed", "xfailed", "skipped")
 PHASE_LABELS = {"load": "load model", "generate_before": "generate before", "format": "format",

@@ -14,9 +14,9 @@ from typing import Any
 
 from sft_spec import hookimpl
 from sft_spec.errors import UsageError
-from sft_spec.fileio import atomic_write_text
 from sft_spec.reports import SpecReport, report_from_dict
 
+from .files import atomic_write_text
 from .report_files import SCHEMA_VERSION, FileReporter, session_meta
 
 

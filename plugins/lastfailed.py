@@ -15,7 +15,8 @@ import json
 from pathlib import Path
 
 from sft_spec import hookimpl
-from sft_spec.fileio import atomic_write_text
+
+from .files import atomic_write_text
 
 
 def lastfailed_path(cache_dir: Path, cwd: Path | None = None) -> Path:

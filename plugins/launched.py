@@ -32,11 +32,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from sft_spec import hookimpl
 from sft_spec.bootstrap import prepare_config
 from sft_spec.errors import SpecError
-from sft_spec.fileio import atomic_write_text, spec_output_dir
 from sft_spec.loading.paths import check_inside
 from sft_spec.registry import SpecSection
 from sft_spec.reports import ErrorInfo, SpecReport, new_report, report_from_dict, report_to_dict
 from sft_spec.session import Session
+
+from .files import atomic_write_text, spec_output_dir
 
 #: Set in the launched processes, so that their run does not launch again.
 LAUNCHED_ENV = "SFT_SPEC_LAUNCHED"

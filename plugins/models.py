@@ -16,6 +16,7 @@ from pathlib import Path
 
 from sft_spec import hookimpl
 from sft_spec.errors import SkipSpec, SpecError
+from sft_spec.loading.expectations import plugin_validate
 from sft_spec.state import LoadedModel, StashKey
 
 from .pretrained import quiet_libraries
@@ -41,6 +42,29 @@ class ModelCache:
 
 #: The run's shared base model.
 MODEL_CACHE = StashKey[ModelCache]()
+
+
+@hookimpl
+def sft_spec_addoption(parser) -> None:
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto",
+                        help="where to train (default: cuda when present, else cpu)")
+    parser.add_argument("--allow-remote-code", action="store_true",
+                        help="let specs that ask for trust_remote_code run the model repository's code")
+    parser.add_argument("--allow-pickle", action="store_true",
+                        help="allow pickle-based checkpoints (.bin); safetensors only by default")
+
+
+@hookimpl
+def sft_spec_validate_spec(item, config) -> list[SpecError]:
+    """A registered loader claims ``model.id`` and accepts it (cheap: no torch, no download)."""
+    model = item.spec.model
+    written_as_mapping = isinstance((item.doc.data if item.doc else {}).get("model"), dict)
+    where = item.locate("model", "id") if written_as_mapping else item.locate("model")
+    loader = config.registry.loader_for(model)
+    if loader is None:
+        return [SpecError(f"no model loader accepts {model.id!r}", where, key="model")]
+    problem = plugin_validate(getattr(loader.obj, "validate", None), model, "the model loader")
+    return [SpecError(problem, where, key="model")] if problem else []
 
 
 def device_without_torch(requested: str) -> str:

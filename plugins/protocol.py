@@ -13,9 +13,10 @@ import traceback
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
+import pluggy
+
 from sft_spec import hookimpl
 from sft_spec.errors import SkipSpec, SpecError, SpecTimeout
-from sft_spec.pluginmanager import plugin_name_for_traceback
 from sft_spec.registry import CheckContext
 from sft_spec.reports import (
     XPASS_STRICT,
@@ -25,7 +26,6 @@ from sft_spec.reports import (
     MaskSummary,
     SpecReport,
     new_report,
-    skipped_report,
 )
 from sft_spec.state import Answer, Case, Expectation, SpecItem, SpecRun
 
@@ -118,6 +118,39 @@ def _error_info(item: SpecItem, config: Config, exc: PhaseError) -> ErrorInfo:
     return ErrorInfo(message=message, location=str(item.location), phase=exc.phase,
                      plugin=plugin_name_for_traceback(config.pluginmanager, original.__traceback__), kind=kind,
                      traceback="".join(traceback.format_exception(original)))
+
+
+def skipped_report(item: SpecItem, reason: str) -> SpecReport:
+    """A spec that did not run: every selected case skipped, training checks included."""
+    report = new_report(item, "skipped")
+    report.skip_reason = reason
+    for exp in item.selected_expectations:
+        report.expectations.append(ExpectationReport(nodeid=exp.nodeid, index=exp.index, prompt=exp.prompt,
+                                                     outcome="skipped", location=str(exp.location)))
+    for check in item.selected_training_checks:
+        report.training_checks.append(ExpectationReport(nodeid=check.nodeid, index=-1, prompt=[],
+                                                        outcome="skipped", location=str(check.location)))
+    return report
+
+
+def plugin_name_for_traceback(pm: pluggy.PluginManager, tb) -> str:
+    """The plugin whose code raised: the innermost traceback frame in a plugin module or plugin object."""
+    modules, objects = {}, {}
+    for name, plugin in pm.list_name_plugin():
+        if plugin is None:
+            continue
+        if hasattr(plugin, "__file__"):
+            modules[plugin.__name__] = name
+        else:
+            objects[id(plugin)] = name
+    found = ""
+    while tb is not None:
+        frame = tb.tb_frame
+        owner = objects.get(id(frame.f_locals.get("self")))
+        module = modules.get(frame.f_globals.get("__name__", ""))
+        found = owner or module or found
+        tb = tb.tb_next
+    return found
 
 
 def _run_phases(item: SpecItem, run: SpecRun, report: SpecReport, hook) -> None:

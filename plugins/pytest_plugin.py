@@ -86,7 +86,7 @@ class _Bridge:
         self._prepared = prepare_config(argv, disable=["terminal"], paths=[Path(a) for a in self.pytest_config.args],
                                         rootdir=rootdir, addopts_from=rootdir)
         config = self._prepared.config
-        session = Session(config, self._prepared.problems)
+        session = Session(config)
         config.hook.sft_spec_configure(config=config)
         self.configured = True
         return session

@@ -19,7 +19,8 @@ from typing import Any
 
 from sft_spec import hookimpl
 from sft_spec.errors import SpecError, did_you_mean
-from sft_spec.fileio import atomic_write_text
+
+from .files import atomic_write_text
 
 #: Old names users bring from older TRL scripts, mapped to today's names.
 #: A key is renamed only where the installed TRL has the new name.

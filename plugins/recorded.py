@@ -15,8 +15,9 @@ from typing import Any
 
 import yaml
 
-from sft_spec.fileio import atomic_write_text
 from sft_spec.loading import spec_stem
+
+from .files import atomic_write_text
 
 #: Libraries whose versions decide a training result (recorded in baselines and result-cache keys).
 LIBRARIES = ("torch", "transformers", "trl", "peft")

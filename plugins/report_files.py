@@ -11,13 +11,27 @@ from pathlib import Path
 from typing import Any
 
 from sft_spec import __version__, hookimpl
-from sft_spec.fileio import atomic_write_text
-from sft_spec.reports import SpecReport, case_outcome_counts
+from sft_spec.reports import SpecReport
+
+from .files import atomic_write_text
 
 SCHEMA_VERSION = 1
 #: Distributions whose versions every report carries: they decide what a recipe learns.
 PACKAGES = ("sft-spec", "torch", "transformers", "trl", "peft", "accelerate", "datasets", "tokenizers",
             "bitsandbytes")
+
+
+def case_outcome_counts(reports: list[SpecReport]) -> dict[str, int]:
+    """Counts as pytest shows them: one per expectation, one per errored spec."""
+    counts: dict[str, int] = {}
+    for report in reports:
+        if report.outcome in ("error", "interrupted") or not report.cases:
+            key = report.outcome if report.outcome != "interrupted" else "interrupted"
+            counts[key] = counts.get(key, 0) + 1
+            continue
+        for case in report.cases:
+            counts[case.outcome] = counts.get(case.outcome, 0) + 1
+    return counts
 
 
 def _version(dist: str) -> str | None:

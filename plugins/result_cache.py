@@ -24,11 +24,11 @@ from pathlib import Path
 from typing import Any
 
 from sft_spec import hookimpl
-from sft_spec.fileio import spec_output_dir
 from sft_spec.reports import report_from_dict
 from sft_spec.state import StashKey
 
 from . import recorded as rec
+from .files import spec_output_dir
 
 FORMAT = 2  # bump when the entry layout changes: old entries are then simply never found
 CACHEABLE = ("passed", "failed", "xfailed", "xpassed")
@@ -85,6 +85,7 @@ def cache_key(item, config) -> str:
         "nodeid": item.nodeid,
         "path": str(Path(item.path).resolve()),
         "spec": spec.model_dump(mode="json"),
+        "sections": {name: section.model_dump(mode="json") for name, section in sorted(item.sections.items())},
         "conversations": item.conversations,
         "chat_template": item.chat_template,
         "selected": [case.nodeid for case in item.selected_cases],
@@ -146,7 +147,7 @@ class ResultCache:
             return None
 
     def store(self, key: str, report, adapter: Path | None) -> None:
-        from sft_spec.fileio import atomic_write_text
+        from .files import atomic_write_text
 
         folder = self.entry(key)
         data = report.to_dict()
@@ -235,7 +236,7 @@ def _add_arguments(parser) -> None:
 
 
 def _run_command(options, pluginmanager) -> int:
-    from sft_spec.fileio import default_cache_dir
+    from sft_spec.config import default_cache_dir
 
     root = results_dir(options.cache_dir or default_cache_dir())
     entries = list(root.glob("*/*/report.json")) if root.is_dir() else []

@@ -17,6 +17,7 @@ from sft_spec.registry import Check, CheckContext, CheckResult
 from sft_spec.state import Answer, StashKey
 
 from .checks import similarity
+from .generation import GENERATION
 
 #: Base answers of this run, by what decides them.
 BASE_ANSWERS = StashKey[dict[str, Answer]]()
@@ -56,7 +57,7 @@ def sft_spec_register_checks(register) -> None:
 def _key(item, run, text: str) -> str:
     spec = item.spec
     return json.dumps([spec.model.model_dump(), run.loaded.device, spec.method == "qlora", spec.quantization,
-                       text, spec.generation.model_dump()], sort_keys=True, default=str)
+                       text, item.section(GENERATION).model_dump()], sort_keys=True, default=str)
 
 
 @hookimpl(tryfirst=True)

@@ -19,9 +19,10 @@ import gc
 from typing import Any
 
 from sft_spec import hookimpl
-from sft_spec.fileio import spec_output_dir
 from sft_spec.registry import Check, CheckContext, CheckResult
 from sft_spec.state import StashKey
+
+from .files import spec_output_dir
 
 #: The round trip's verdict for the spec that runs: passed, and the message that says why.
 RESULT = StashKey[CheckResult]()

@@ -12,11 +12,12 @@ import sys
 import time
 
 from sft_spec import __version__, hookimpl
-from sft_spec.escape import safe
-from sft_spec.reports import SpecReport, case_outcome_counts
+from sft_spec.reports import SpecReport
 
+from .escape import safe
 from .failures import format_failure
 from .recorded import optional_version
+from .report_files import case_outcome_counts
 
 LETTERS = {"passed": ".", "failed": "F", "error": "E", "skipped": "s", "xfailed": "x", "xpassed": "X",
            "interrupted": "!"}
@@ -79,6 +80,40 @@ class TerminalReporter:
             self.progress_shown = False
 
     # -- hooks -----------------------------------------------------------------------------------
+
+    @hookimpl
+    def sft_spec_collection_finish(self, session):
+        """``--collect-only`` and ``validate``: the ids (``-q``) or the items with their checks."""
+        options = self.config.options
+        if not options.collect_only:
+            return
+        for item in session.items:
+            if options.quiet:
+                for case in item.selected_cases:
+                    self.write_line(case.nodeid)
+                continue
+            self.write_line(f"<Spec {item.nodeid}>" + (f"  tags: {', '.join(item.tags)}" if item.tags else ""))
+            for note in item.notes:
+                self.write_line(f"  {note}")
+            for exp in item.selected_expectations:
+                prompt = exp.prompt[0]["content"] if len(exp.prompt) == 1 else " | ".join(
+                    f"{m['role']}: {m['content']}" for m in exp.prompt)
+                checks = [f"{name} {arg!r}" for name, arg in exp.checks]
+                checks += ["before: " + ", ".join(f"{n} {a!r}" for n, a in exp.before)] if exp.before else []
+                self.write_line(f"  <Expectation {exp.nodeid.rsplit('::', 1)[1]}> {prompt!r}: {'; '.join(checks)}")
+            for check in item.selected_training_checks:
+                self.write_line(f"  <Check checks[{check.name}]> {check.argument!r}")
+        errors = session.collect_errors
+        for report in errors:
+            for i, line in enumerate((report.error.message if report.error else "").splitlines() or [""]):
+                self.write_line(("ERROR " if i == 0 else "      ") + line)
+        summary = f"{len(session.items)} specs, {sum(len(i.selected_cases) for i in session.items)} checks"
+        if session.deselected:
+            summary += f" ({session.deselected} deselected)"
+        if errors:
+            summary += f", {len(errors)} error{'s' if len(errors) > 1 else ''}"
+        verb = "valid" if options.command == "validate" and not errors else "collected"
+        self.write_line(f"{summary} {verb}")
 
     @hookimpl
     def sft_spec_session_start(self, session):

@@ -13,9 +13,11 @@ import time
 from typing import Any
 
 from sft_spec import hookimpl
-from sft_spec.fileio import spec_output_dir
 from sft_spec.state import StashKey
 
+from .files import spec_output_dir
+from .formatters import FORMAT
+from .generation import GENERATION
 from .support import (
     BITSANDBYTES_OPTIMIZERS,
     PAGED_TO_UNPAGED,
@@ -185,8 +187,8 @@ def sft_spec_make_trainer(item, run, examples):
         **({"quantization": run.loaded.quantization} if run.loaded.quantization else {}),
         **({"lora": {"task_type": "CAUSAL_LM", **item.spec.lora}} if item.spec.method != "full" else {}),
         "training": {k: v for k, v in kwargs.items() if k != "output_dir"},
-        "generation": item.spec.generation.model_dump(),
-        "format": item.spec.format.model_dump(exclude={"template"}),
+        "generation": item.section(GENERATION).model_dump(),
+        "format": item.section(FORMAT).model_dump(exclude={"template"}),
     }
     losses = run.stash.setdefault(LOSSES, [])
     base_config = getattr(run.loaded.model, "config", None)

@@ -256,8 +256,8 @@ def _worker_session(setup: WorkerSetup) -> Session:
     prepared = prepare_config(setup.argv, role="worker", paths=[Path(p) for p in setup.paths],
                               rootdir=Path(setup.rootdir), cache_dir=Path(setup.cache_dir),
                               output_dir=Path(setup.output_dir))
-    if prepared.problems:
-        raise RuntimeError("; ".join(f"plugin {p.name!r}: {p.message}" for p in prepared.problems))
+    if prepared.pluginmanager.problems:
+        raise RuntimeError("; ".join(f"plugin {p.name!r}: {p.message}" for p in prepared.pluginmanager.problems))
     config = prepared.config
     config.hook.sft_spec_configure(config=config)
     session = Session(config)

@@ -101,3 +101,23 @@ def test_prompts_end_with_the_generation_prompt(prepare):
     prompt = run.config.hook.sft_spec_format(item=item, run=run, messages=[{"role": "user", "content": "微调测试"}],
                                              add_generation_prompt=True)
     assert prompt.text == "<bos><start_of_turn>user\n微调测试<end_of_turn>\n<start_of_turn>model\n"
+
+
+def test_a_mask_error_names_the_conversation(sft, write_spec):
+    """Before, the conversation's index was always None: with many conversations, which one is broken?"""
+    template = '"{% for m in messages %}{{ m.content }}\\n{% endfor %}"'
+    text = f"""\
+model: builtin:tiny-gemma
+format: {{formatter: template, template: {template}, response_template: "R:"}}
+checks: {{loss_decreased: true}}
+data:
+  conversations:
+    - - {{role: user, content: "question R:"}}
+      - {{role: assistant, content: answer}}
+    - - {{role: user, content: question}}
+      - {{role: assistant, content: answer}}
+"""
+    result = sft("run", write_spec("two.sft.yaml", text), "--no-cache")
+    report = result.recorder.reports[0]
+    assert report.outcome == "error" and report.error.phase == "mask"
+    assert report.error.message.startswith("conversation 1: response_template 'R:' does not occur")

@@ -38,7 +38,7 @@ def test_spec_reference_is_generated_from_the_code():
 
 
 def test_spec_reference_follows_field_descriptions(monkeypatch):
-    from sft_spec.spec import GenerationSpec
+    from sft_spec_plugins.generation import GenerationSpec
 
     field = GenerationSpec.model_fields["max_new_tokens"]
     monkeypatch.setattr(field, "description", "A description only this test writes")
@@ -55,11 +55,14 @@ def test_spec_reference_lists_every_key_and_check():
     for name in Spec.model_fields:
         assert f"| `{name}` |" in text
     nested = dict(generator.nested_models(Spec))
-    assert {"model", "format", "data.files[]", "data.conversations[][]", "generation", "matrix[]"} <= set(nested)
-    for path, model in nested.items():
+    assert {"model", "data.files[]", "data.conversations[][]", "matrix[]"} <= set(nested)
+    registry = build_registry(generator.own_plugin_manager())
+    sections = {name: section.model for name, section in registry.sections.items()}
+    assert {"format", "generation", "launcher"} <= set(sections)  # plugins' own top-level keys
+    for path, model in [*nested.items(), *sections.items()]:
         for name in model.model_fields:
             assert f"| `{path}.{name}` |" in text
-    for name in build_registry(generator.own_plugin_manager()).checks:
+    for name in registry.checks:
         assert f"| `{name}` |" in text
     assert "| `max_seq_length` | `max_length` |" in text
     assert "| `output_dir` |" in text and "| `task_type` |" in text

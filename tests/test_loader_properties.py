@@ -177,3 +177,19 @@ def test_any_spec_loads_or_fails_with_located_errors(env, text):
     path = root / "prop.sft.yaml"
     path.write_text(text, encoding="utf-8", errors="surrogatepass")
     _check_outcome(path, ctx)
+
+
+def test_specs_never_share_nested_values_with_defaults_or_matrix_siblings(sft, write_spec, tmp_path):
+    """The old name read as the new one in one spec's copy must not change the next spec's: before, a
+    shallow merge shared ``training`` with the cached defaults and with the sibling matrix entry."""
+    write_spec("sft-defaults.yaml", "training: {max_seq_length: 256}\n", folder=tmp_path)
+    common = ("model: builtin:tiny-gemma\nchecks: {loss_decreased: true}\n"
+              "data: {conversations: [[{role: user, content: a}, {role: assistant, content: b}]]}\n")
+    write_spec("a.sft.yaml", common)
+    write_spec("b.sft.yaml", common + "training: {max_seq_length: 128}\n")
+    write_spec("m.sft.yaml", common + "matrix:\n  - {id: one}\n  - {id: two}\n")
+    result = sft("run", "--co", tmp_path)
+    assert result.code == 0, result.out
+    assert "both 'max_seq_length' and its new name" not in result.out
+    notes = [line for line in result.out.splitlines() if "training.max_seq_length is now max_length" in line]
+    assert len(notes) == 4, result.out  # a, b and both matrix entries each read the old name, each with its note

@@ -105,3 +105,19 @@ def test_a_bad_expectation_xfail_is_a_located_error(sft, write_spec):
     assert result.code == 1, result.out
     assert "bad.sft.yaml:14:5: expect[1].xfail: expected a reason (string), true, or a mapping with reason and " \
            "strict" in result.out
+
+
+def test_a_skipped_spec_counts_every_case_as_pytest_does(sft, write_spec, one_answer_spec, tmp_path):
+    """Before, a skipped spec reported its expectations skipped and dropped its training checks, so the CLI,
+    JSON and JUnit counted fewer cases than `pytest specs/`."""
+    import json
+    import xml.etree.ElementTree as ET
+
+    text = 'skip: "not today"\n' + one_answer_spec() + "checks: {loss_decreased: true}\n"
+    result = sft("run", write_spec("later.sft.yaml", text), "--json", tmp_path / "r.json",
+                 "--junitxml", tmp_path / "j.xml")
+    assert result.code == 0
+    assert "2 skipped" in result.out.splitlines()[-1]
+    assert json.loads((tmp_path / "r.json").read_text())["summary"]["outcomes"] == {"skipped": 2}
+    suite = ET.parse(tmp_path / "j.xml").getroot()
+    assert (suite.get("tests"), suite.get("skipped")) == ("2", "2")

@@ -110,3 +110,17 @@ def test_a_result_passed_under_fallback_is_not_reused_under_on_unsupported_error
     strict = sft("run", path, "--cache-dir", cache, "--on-unsupported", "error", plugins=[counter])
     assert strict.code == 1 and "(cached)" not in strict.out
     assert "fp16 needs a GPU; pass --on-unsupported=fallback" in strict.out
+
+
+def test_the_key_knows_which_training_checks_were_selected(sft, write_spec, tmp_path):
+    """Before, ``run -k expect`` stored a report without the training checks and a plain ``run`` reused it:
+    the spec's checks[loss_decreased] silently disappeared."""
+    cache = tmp_path / "cache"
+    path = write_spec("k.sft.yaml", SPEC.format(method="lora", check="not_equals: 我学会了")
+                      + "    checks: {loss_decreased: true}\n")
+    only_expect = sft("run", path, "--cache-dir", cache, "-k", "expect")
+    assert [c.nodeid.rsplit("::", 1)[1] for c in only_expect.recorder.reports[0].cases] == ["expect[0]"]
+    everything = sft("run", path, "--cache-dir", cache)
+    assert [c.nodeid.rsplit("::", 1)[1] for c in everything.recorder.reports[0].cases] == [
+        "expect[0]", "checks[loss_decreased]"]
+    assert "(cached)" not in everything.out

@@ -237,3 +237,25 @@ def test_template_loops_are_bounded_by_the_sandbox(tmp_path, capsys):
     report = recorder.outcome("loop")
     assert code == 1 and report.outcome == "error"
     assert "format.template failed" in report.error.message and "range" in report.error.message.lower()
+
+
+def test_paths_stay_inside_the_spec_folder_whatever_folder_the_run_starts_from(tmp_path, monkeypatch, sft):
+    """One rule for `sft-spec run` and `pytest`: before, `../` data was accepted when the run started from a
+    higher folder (the common folder of the paths), and pytest used its rootdir instead."""
+    import subprocess
+    import sys
+
+    (tmp_path / "pytest.ini").write_text("[pytest]\n", encoding="utf-8")
+    write(tmp_path, "specs/shared/data.jsonl",
+          '{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}\n')
+    write(tmp_path, "specs/team/up.sft.yaml", GOOD.replace(
+        "data:\n  conversations:", "data:\n  files: [{path: ../shared/data.jsonl}]\n  conversations:"))
+    monkeypatch.chdir(tmp_path)
+    message = "data.files[0].path: data file '../shared/data.jsonl' is outside the spec directory specs/team"
+    for start in ("specs", "specs/team", "."):
+        result = sft("validate", start)
+        assert result.code == 1 and message in result.out, (start, result.out)
+    env = {**__import__("os").environ, "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"}
+    run = subprocess.run([sys.executable, "-m", "pytest", "-p", "sft_spec", "-p", "no:cacheprovider", "specs/",
+                          "--co"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert message in run.stdout, run.stdout

@@ -4,8 +4,7 @@ to record it, and entries no test uses any more are reported."""
 from __future__ import annotations
 
 import yaml
-
-from sft_spec.escape import safe
+from sft_spec_plugins.escape import safe
 
 SPEC = """\
     model: builtin:tiny-gemma
@@ -66,3 +65,17 @@ def test_snapshot_takes_only_true(sft, write_spec):
     result = sft("validate", write_spec("bad.sft.yaml", SPEC.replace("snapshot: true", "snapshot: yes please")))
     assert result.code == 1
     assert "snapshot: expected true" in result.out
+
+
+def test_a_snapshot_file_that_cannot_be_written_errors_its_spec_only(sft, write_spec, tmp_path, one_answer_spec):
+    """Before, an OSError while saving ended the whole session with a traceback."""
+    write_spec("snap.sft.yaml", SPEC)
+    write_spec("other.sft.yaml", one_answer_spec())
+    (tmp_path / "__snapshots__").write_text("a file where the folder should be", encoding="utf-8")
+    result = sft("run", tmp_path, "--update-snapshots", "--no-cache")
+    assert result.code == 1
+    assert "Traceback" not in result.out + result.err
+    snap, other = result.recorder.by_id("snap"), result.recorder.by_id("other")
+    assert snap.outcome == "error" and snap.error.phase == "persist"
+    assert "could not save the files this spec records" in snap.error.message
+    assert other.outcome == "passed"

@@ -17,7 +17,8 @@ def test_training_teaches_the_answer(sft, write_spec, one_answer_spec, model, me
     assert case.base_answer != "我学会了"  # it could not answer before
     assert case.answer == "我学会了"  # and can after
     assert report.losses[-1] < report.losses[0] / 10
-    assert report.metrics["trainable_parameters"] < report.metrics["total_parameters"] or method == "full"
+    trainable, total = report.metrics["trainable_parameters"], report.metrics["total_parameters"]
+    assert trainable == total if method == "full" else trainable < total / 10
 
 
 def test_too_little_training_fails_with_a_diff(sft, write_spec, one_answer_spec):

@@ -1,28 +1,22 @@
-"""One bootstrap: the plugin manager, the command line and the Config, built the same way everywhere.
-
-The CLI, the ``-n`` workers, the pytest bridge and launched training processes all call
-:func:`prepare_config` (pytest builds its Config in one place, ``_prepareconfig``, for the same reason):
-``[tool.sft-spec] addopts``, ``-p MODULE`` and ``-p no:NAME``, broken and misspelled plugins, essential
-built-ins, option parsing and defaults are decided here once.
-"""
+"""One bootstrap for the CLI, ``-n`` workers, the pytest bridge and launched processes, as pytest's
+``_prepareconfig``: addopts, ``-p``/``-p no:``, broken plugins, essentials and options, decided once."""
 
 from __future__ import annotations
 
 import argparse
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from . import __version__
-from .config import Config, pyproject_defaults
+from .config import Config, default_cache_dir, project_root, pyproject_defaults
 from .errors import UsageError
-from .fileio import default_cache_dir, project_root
-from .pluginmanager import ESSENTIAL_PLUGINS, PluginProblem, build_registry, make_plugin_manager
+from .pluginmanager import ESSENTIAL_PLUGINS, PluginManager, build_registry, make_plugin_manager
 
-#: Subcommands the core implements; plugins add the others (report, schema, init, cache, ...).
-CORE_COMMANDS = ("run", "validate", "plugins")
+#: Subcommands the core implements; plugins add the others (plugins, report, schema, init, cache, ...).
+CORE_COMMANDS = ("run", "validate")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -61,18 +55,11 @@ def make_parser(pm) -> argparse.ArgumentParser:
     run.add_argument("--maxfail", type=int, default=0, metavar="N", help="stop after N failed or broken specs")
     run.add_argument("--collect-only", "--co", action="store_true", dest="collect_only",
                      help="list the test ids, do not train")
-    run.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto",
-                     help="where to train (default: cuda when present, else cpu)")
-    run.add_argument("--allow-remote-code", action="store_true",
-                     help="let specs that ask for trust_remote_code run the model repository's code")
-    run.add_argument("--allow-pickle", action="store_true",
-                     help="allow pickle-based checkpoints (.bin); safetensors only by default")
     run.add_argument("--output-dir", type=Path, default=None,
                      help="folder for trainer files (default: a fresh temporary folder, removed after the run)")
     pm.hook.sft_spec_addoption(parser=run.add_argument_group("plugin options"))
     validate = sub.add_parser("validate", help="check spec files without training (quick)")
     _add_collection_options(validate)
-    sub.add_parser("plugins", help="list installed plugins, their versions and hooks")
     for name, (help_text, add_arguments, _) in plugin_commands(pm).items():
         add_arguments(sub.add_parser(name, help=help_text))
     return parser
@@ -122,11 +109,9 @@ class Prepared:
 
     command: str | None
     options: argparse.Namespace
-    pluginmanager: Any
+    pluginmanager: PluginManager
     parser: argparse.ArgumentParser
-    problems: list[PluginProblem] = field(default_factory=list)
     config: Config | None = None
-    argv: list[str] = field(default_factory=list)
     _tmp: tempfile.TemporaryDirectory | None = None
 
     def close(self) -> None:
@@ -151,19 +136,14 @@ def prepare_config(args: Sequence[str], *, plugins: Sequence[Any] = (), role: Li
     if argv and argv[0] == "run" and addopts:
         argv = argv[:1] + addopts + argv[1:]
     asked_off, modules = split_plugin_args(argv)
-    disabled = asked_off | set(disable)
-    problems: list[PluginProblem] = []
-    pm = make_plugin_manager([*plugins, *modules], disabled, problems)
     off = [name for name in ESSENTIAL_PLUGINS if name in asked_off]
-    absent = [name for name in ESSENTIAL_PLUGINS if name not in disabled and pm.get_plugin(name) is None]
     if off:
         raise UsageError(f"-p no:{off[0]}: {off[0]!r} is an essential built-in plugin; without it nothing would "
                          "be " + ("trained" if off[0] == "trainer" else "run") + " (disable a reporter instead)")
-    problems += [PluginProblem(name, "built-in plugin is not installed: reinstall sft-spec") for name in absent
-                 if not any(p.name == name for p in problems)]
+    pm = make_plugin_manager([*plugins, *modules], asked_off | set(disable))
     parser = make_parser(pm)
     options = parser.parse_args(argv)  # --help and --version print and raise SystemExit, as argparse does
-    prepared = Prepared(options.command, options, pm, parser, problems, argv=argv)
+    prepared = Prepared(options.command, options, pm, parser)
     if options.command not in ("run", "validate"):
         return prepared
     for name, value in vars(_run_defaults(parser)).items():

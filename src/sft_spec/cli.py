@@ -7,8 +7,7 @@ from typing import Any
 
 from .bootstrap import Prepared, plugin_commands, prepare_config
 from .errors import UsageError
-from .escape import safe
-from .pluginmanager import ESSENTIAL_PLUGINS, PluginProblem, build_registry, plugin_infos
+from .pluginmanager import ESSENTIAL_PLUGINS
 from .session import ExitCode, Session
 
 
@@ -36,34 +35,14 @@ def _dispatch(prepared: Prepared) -> int:
     if command is None:
         prepared.parser.print_help()
         return ExitCode.USAGE_ERROR
-    if command == "plugins":
-        return _list_plugins(prepared.pluginmanager, prepared.problems)
     commands = plugin_commands(prepared.pluginmanager)
     if command in commands:
         return commands[command][2](prepared.options, prepared.pluginmanager)
-    if any(p.name in ESSENTIAL_PLUGINS for p in prepared.problems):
-        for problem in prepared.problems:
+    if any(p.name in ESSENTIAL_PLUGINS for p in prepared.pluginmanager.problems):
+        for problem in prepared.pluginmanager.problems:
             print(f"ERROR: plugin {problem.name!r} could not be loaded: {problem.message}", file=sys.stderr)
         return ExitCode.INTERNAL_ERROR
     return run_session(prepared)
-
-
-def _list_plugins(pm, problems: list[PluginProblem]) -> int:
-    registry = build_registry(pm)
-    for info in plugin_infos(pm):
-        print(f"{info.name} {info.version}".rstrip() + f"  ({info.module})")
-        print("    hooks: " + (", ".join(info.hooks) or "-"))
-        for kind, table in (("formatters", registry.formatters), ("collators", registry.collators),
-                            ("model loaders", registry.model_loaders), ("checks", registry.checks),
-                            ("spec sections", registry.sections)):
-            names = [n for n, v in table.items() if v.plugin == info.name]
-            if names:
-                print(f"    {kind}: {', '.join(names)}")
-    for shadowed in registry.shadowed:
-        print(f"note: {shadowed}")
-    for problem in problems:
-        print(f"BROKEN {problem.name}: {problem.message}")
-    return ExitCode.INTERNAL_ERROR if problems else ExitCode.OK
 
 
 def run_session(prepared: Prepared) -> int:
@@ -71,15 +50,16 @@ def run_session(prepared: Prepared) -> int:
     config = prepared.config
     assert config is not None
     options, pm = config.options, config.pluginmanager
-    session = Session(config, prepared.problems)
+    session = Session(config)
     exitstatus: int = ExitCode.INTERNAL_ERROR
     configured = False
     try:
         pm.hook.sft_spec_configure(config=config)
         configured = True
         session.collect(list(options.paths))
+        pm.hook.sft_spec_collection_finish(session=session)
         if options.collect_only:
-            exitstatus = _report_collection(session, options)
+            exitstatus = _collection_exitstatus(session)
             return exitstatus
         pm.hook.sft_spec_session_start(session=session)
         for report in session.collect_errors:
@@ -104,31 +84,7 @@ def run_session(prepared: Prepared) -> int:
             pm.hook.sft_spec_unconfigure(config=config)
 
 
-def _report_collection(session: Session, options) -> int:
-    quiet = options.quiet
-    for item in session.items:
-        if quiet:
-            for case in item.selected_cases:
-                print(safe(case.nodeid))
-            continue
-        print(safe(f"<Spec {item.nodeid}>" + (f"  tags: {', '.join(item.tags)}" if item.tags else "")))
-        for note in item.notes:
-            print(f"  {safe(note)}")
-        for exp in item.selected_expectations:
-            print(safe(f"  <Expectation {exp.nodeid.rsplit('::', 1)[1]}> {exp.prompt_text!r}: {exp.describe()}"))
-        for check in item.selected_training_checks:
-            print(safe(f"  <Check checks[{check.name}]> {check.argument!r}"))
-    for report in session.collect_errors:
-        message = report.error.message if report.error else ""
-        print(safe("ERROR " + message.replace("\n", "\n      ")))
-    n_checks = sum(len(i.selected_cases) for i in session.items)
-    summary = f"{len(session.items)} specs, {n_checks} checks"
-    if session.deselected:
-        summary += f" ({session.deselected} deselected)"
-    if session.collect_errors:
-        summary += f", {len(session.collect_errors)} error{'s' if len(session.collect_errors) > 1 else ''}"
-    verb = "valid" if options.command == "validate" and not session.collect_errors else "collected"
-    print(f"{summary} {verb}")
+def _collection_exitstatus(session: Session) -> int:
     if session.collect_errors:
         return ExitCode.TESTS_FAILED
     return ExitCode.OK if session.items else ExitCode.NO_TESTS_COLLECTED

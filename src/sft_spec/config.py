@@ -1,8 +1,10 @@
-"""The run's configuration: parsed options, the plugin manager, the registry, folders, plugin state."""
+"""The run's configuration: parsed options, the plugin manager, the registry, folders, plugin state; and
+where sft-spec keeps files (the cache folder, the project root that bounds defaults lookup)."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 from dataclasses import dataclass, field
@@ -73,3 +75,25 @@ def pyproject_defaults(start: Path) -> tuple[list[str], Path | None]:
     if isinstance(addopts, str):
         addopts = shlex.split(addopts)
     return [str(a) for a in addopts], path
+
+
+#: Files and folders that mark a project's root, as pytest's rootdir and conftest lookup know it.
+PROJECT_MARKERS = ("pyproject.toml", ".git", "setup.cfg", "tox.ini", "pytest.ini")
+
+
+def project_root(start: Path) -> Path | None:
+    """The nearest folder at or above ``start`` holding a project marker (pyproject.toml, .git, ...)."""
+    start = Path(start).resolve()
+    for directory in [start, *start.parents]:
+        if any((directory / marker).exists() for marker in PROJECT_MARKERS):
+            return directory
+    return None
+
+
+def default_cache_dir() -> Path:
+    """``$SFT_SPEC_CACHE``, else ``$XDG_CACHE_HOME/sft-spec``, else ``~/.cache/sft-spec``."""
+    env = os.environ.get("SFT_SPEC_CACHE")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "sft-spec"

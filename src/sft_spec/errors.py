@@ -50,17 +50,21 @@ class SpecErrors(SpecError):
         return "\n".join(str(e) for e in self.errors)
 
 
+@dataclass(frozen=True)
+class PluginProblem:
+    """A plugin that could not be imported or registered: reported as an error, the run goes on."""
+
+    name: str
+    message: str
+
+
 class UsageError(Exception):
     """Bad command line or missing path: exit code 4, like pytest."""
 
 
 class SpecTimeout(BaseException):
-    """A spec ran longer than ``--timeout``: that spec is an error, the run goes on.
-
-    A BaseException, like pytest's outcome exceptions: the signal raises it wherever the main thread is,
-    and an ``except Exception`` in a library's training loop must not swallow it (one did, once in a
-    full test run, and the spec trained on past its time).
-    """
+    """A spec ran longer than ``--timeout``: that spec is an error, the run goes on. A BaseException, as
+    pytest's outcomes are: an ``except Exception`` in a library's training loop once swallowed it."""
 
 
 class SkipSpec(Exception):

@@ -1,10 +1,8 @@
-"""Hook specifications: every phase of a run is a hook, grouped as the run flows.
+"""Hook specifications, grouped as the run flows (docs/hooks.md has each with an example).
 
-collect -> validate -> load model -> format -> generate before -> mask -> train -> generate after
--> after training -> check -> make report -> persist -> log. Each phase reads what earlier phases left
-on the :class:`~sft_spec.state.SpecRun` and adds its own; none reaches back. An implementation may
-accept fewer arguments than its spec, so specs can grow without breaking plugins. Built-in
-implementations are ``trylast``: a user's plugin that answers first wins.
+collect -> validate -> load -> format -> generate before -> mask -> train -> generate after -> after
+training -> check -> make report -> persist -> log; no phase reaches back. Implementations may take
+fewer arguments than their spec; built-ins are ``trylast``, so a user's plugin answers first.
 """
 
 from __future__ import annotations
@@ -47,8 +45,7 @@ def sft_spec_addoption(parser: argparse.ArgumentParser) -> None:
 
 @hookspec
 def sft_spec_configure(config: Config) -> None:
-    """Called after options are parsed; reporters register themselves here only when enabled (and only
-    in the main process: ``config.role == "main"``)."""
+    """Options are parsed: reporters register here when enabled, on the main process (``config.role``)."""
 
 
 @hookspec
@@ -58,39 +55,25 @@ def sft_spec_unconfigure(config: Config) -> None:
 
 @hookspec
 def sft_spec_register_commands(register) -> None:
-    """Add ``sft-spec`` subcommands: ``register(name, help, add_arguments, run)``.
-
-    ``add_arguments(parser)`` declares its options; ``run(options, pluginmanager) -> int`` returns the
-    exit code. Called before the command line is parsed.
-    """
+    """Add subcommands: ``register(name, help, add_arguments(parser), run(options, pluginmanager) -> int)``."""
 
 
 @hookspec
 def sft_spec_register_formatters(register) -> None:
-    """Register formatters: ``register(name, formatter, description="")``.
-
-    A formatter has ``format(messages, tokenizer, fmt, *, add_generation_prompt=False, template=None)``
-    returning :class:`sft_spec.state.FormattedText`.
-    """
+    """Register formatters: ``register(name, formatter, description="")``; ``formatter.format(messages,
+    tokenizer, fmt, *, add_generation_prompt=False, template=None)`` returns a ``FormattedText``."""
 
 
 @hookspec
 def sft_spec_register_collators(register) -> None:
-    """Register collators (loss masks): ``register(name, collator, description="")``.
-
-    A collator has ``mask(formatted, tokenizer, fmt, *, markers)`` (``markers``: the spec's
-    :class:`~sft_spec.state.ChatMarkers`) returning :class:`sft_spec.state.MaskedExample`, and optionally
-    ``validate(fmt) -> str | None``.
-    """
+    """Register collators (loss masks): ``register(name, collator, description="")``; ``collator.mask(
+    formatted, tokenizer, fmt, *, markers)`` returns a ``MaskedExample``."""
 
 
 @hookspec
 def sft_spec_register_model_loaders(register) -> None:
-    """Register model loaders: ``register(name, loader, description="")``.
-
-    A loader has ``claims(model_spec) -> bool``, ``validate(model_spec) -> str | None`` (cheap, no
-    torch) and ``load(model_spec, config, *, quantization=None) -> LoadedModel``.
-    """
+    """Register model loaders: ``register(name, loader, description="")``; a loader has ``claims(model_spec)``,
+    ``validate(model_spec)`` (cheap, no torch) and ``load(model_spec, config, *, quantization=None)``."""
 
 
 @hookspec
@@ -100,11 +83,8 @@ def sft_spec_register_checks(register) -> None:
 
 @hookspec
 def sft_spec_register_spec_sections(register) -> None:
-    """Register top-level spec keys a plugin owns: ``register(SpecSection(name, model, description))``.
-
-    The loader validates the key with the pydantic ``model`` (located errors, did-you-mean hints), in
-    ``sft-defaults.yaml`` and matrix entries too; read it with ``item.section(SECTION)``.
-    """
+    """Register top-level spec keys a plugin owns: ``register(SpecSection(name, pydantic_model, ...))``,
+    validated like the spec's own; read back with ``item.section(SECTION)``."""
 
 
 # -- collection --------------------------------------------------------------------------------------
@@ -112,35 +92,29 @@ def sft_spec_register_spec_sections(register) -> None:
 
 @hookspec(firstresult=True)
 def sft_spec_collect_file(path: Path, session: Session) -> list[SpecItem] | None:
-    """Turn one file into spec items (one per matrix entry); ``None`` when the file is not a spec.
-
-    Broken files raise :class:`sft_spec.errors.SpecError`; the session reports them and goes on.
-    """
+    """One file's spec items (one per matrix entry), or None; a broken file raises ``SpecError``."""
 
 
 @hookspec
 def sft_spec_validate_spec(item: SpecItem, config: Config) -> list[Any] | None:
-    """Check one loaded spec item (each matrix entry) beyond its schema; called while its file loads.
-
-    Return problems: a :class:`~sft_spec.errors.SpecError` located at its key (``item.locate("training",
-    key)``), or a plain message (located at the spec). A plugin may normalise the item here (rename an
-    old key, with a note in ``item.notes``): the item is the spec's own copy.
-    """
+    """Check (and normalise: it is the spec's own copy) each item while its file loads; return problems,
+    ``SpecError`` objects located at their key (``item.locate("training", key)``) or plain messages."""
 
 
 @hookspec(firstresult=True)
 def sft_spec_load_data(source: DataFile, item: SpecItem, config: Config) -> list[Conversation] | None:
-    """Read one ``data.files`` entry of a spec into conversations, while its file loads.
-
-    Paths go through :func:`sft_spec.loading.paths.check_inside` against ``item.folder``. A problem is a
-    :class:`~sft_spec.errors.SpecError` located in the data file (``data/train.jsonl:17``). Return None
-    for a source this plugin does not read; the built-in reader is ``trylast``.
-    """
+    """One ``data.files`` entry as conversations (paths inside ``item.folder``: ``check_inside``), or None
+    for a source this plugin does not read; a problem is a ``SpecError`` located in the data file."""
 
 
 @hookspec
 def sft_spec_collection_modifyitems(session: Session, items: list[SpecItem]) -> None:
     """Filter or reorder the collected items in place (``-k`` and ``-m`` are implemented here)."""
+
+
+@hookspec
+def sft_spec_collection_finish(session: Session) -> None:
+    """Collected and selected (``session.items``, ``session.collect_errors``); ``--co`` lists them here."""
 
 
 # -- running -----------------------------------------------------------------------------------------
@@ -153,20 +127,13 @@ def sft_spec_session_start(session: Session) -> None:
 
 @hookspec(firstresult=True)
 def sft_spec_runtestloop(session: Session) -> bool | None:
-    """Run every collected item and log each report (``session.log_report``), in collection order.
-
-    The built-in runs them one after another in this process; ``-n`` answers it with worker processes.
-    An implementation asks :func:`sft_spec_reuse_report` first for each item (on this process), and
-    runs the others through :func:`sft_spec_run_spec` (here or elsewhere). Return True when done.
-    """
+    """Run every item (``sft_spec_reuse_report`` first, on this process, then ``sft_spec_run_spec`` here or
+    elsewhere) and ``session.log_report`` each, in collection order; True when done."""
 
 
 @hookspec(firstresult=True)
 def sft_spec_reuse_report(item: SpecItem, session: Session) -> SpecReport | None:
-    """A report for ``item`` without running it (a result-cache hit), or None to run it.
-
-    Called on the main process before the item is run or sent anywhere, so a hit costs no worker time.
-    """
+    """A report for ``item`` without running it (a result-cache hit), on the main process, or None."""
 
 
 @hookspec(firstresult=True)
@@ -181,10 +148,7 @@ def sft_spec_load_model(item: SpecItem, config: Config) -> LoadedModel | None:
 
 @hookspec(firstresult=True)
 def sft_spec_chat_markers(item: SpecItem, run: SpecRun) -> ChatMarkers | None:
-    """The response template and end-of-turn marker of the spec's chat format, once after load.
-
-    Masks and generation read ``run.markers`` instead of asking the formatter again.
-    """
+    """The spec's response template and end-of-turn marker, once after load (``run.markers``)."""
 
 
 @hookspec(firstresult=True)
@@ -196,11 +160,7 @@ def sft_spec_format(item: SpecItem, run: SpecRun, messages: list[dict], add_gene
 @hookspec(firstresult=True)
 def sft_spec_generate(item: SpecItem, run: SpecRun, prompts: list[FormattedText], when: When
                       ) -> list[Answer] | None:
-    """Greedy-generate one :class:`~sft_spec.state.Answer` per formatted prompt.
-
-    ``when`` is ``"before"`` (the base model, for ``before:`` and ``retains`` checks) or ``"after"``
-    (the trained model), so a plugin never has to guess the phase from the model's state.
-    """
+    """One ``Answer`` per formatted prompt; ``when``: ``"before"`` (the base model) or ``"after"`` training."""
 
 
 @hookspec(firstresult=True)
@@ -221,29 +181,20 @@ def sft_spec_train(item: SpecItem, run: SpecRun, trainer: Any) -> list[float] | 
 
 @hookspec
 def sft_spec_after_training(item: SpecItem, run: SpecRun) -> None:
-    """The trained model has answered (``run.answers``) and still holds its adapter: save or probe it.
-
-    Called before the checks and before the finalizers (which remove a LoRA adapter from a shared base):
-    the adapter round trip and the result cache work here.
-    """
+    """The trained model has answered (``run.answers``) and still holds its adapter: save or probe it,
+    before the checks and the finalizers (the adapter round trip, the result cache's adapter)."""
 
 
 @hookspec(firstresult=True)
 def sft_spec_check(item: SpecItem, run: SpecRun, case: Case, answer: Answer | None, base_answer: Answer | None
                    ) -> ExpectationReport | None:
-    """Apply a case's checks and return its report; its results are final when this returns.
-
-    ``case`` is an expectation (``answer``: the trained model's, ``base_answer``: the base model's when a
-    check needs it) or a training check (both None; the run's losses are on ``run``).
-    """
+    """A case's report, final when returned: an expectation's checks on ``answer`` (and ``base_answer``), or
+    a training check's (answers None, ``run.losses``)."""
 
 
 @hookspec(firstresult=True)
 def sft_spec_make_report(item: SpecItem, run: SpecRun, report: SpecReport) -> SpecReport | None:
-    """Complete a spec's report once its phases ran: decide its outcome (a spec-level xfail), add metrics.
-
-    Not called for specs that were skipped, broken or interrupted. Stops at the first non-None result.
-    """
+    """Decide the outcome (a spec-level xfail) of a spec that ran, and add what the main process needs."""
 
 
 # -- reporting ---------------------------------------------------------------------------------------
@@ -251,11 +202,8 @@ def sft_spec_make_report(item: SpecItem, run: SpecRun, report: SpecReport) -> Sp
 
 @hookspec
 def sft_spec_persist_report(report: SpecReport, session: Session) -> None:
-    """On the main process, before a report is logged: write the files it records (snapshots, baselines).
-
-    Wherever the spec ran (here, a worker, a cluster), files beside the specs are written here. An
-    exception makes that spec an error, with the message; the other specs' files are still written.
-    """
+    """On the main process, before logging: write what the report records (snapshots, baselines), wherever
+    the spec ran; an exception makes that spec an error, and the others' files are still written."""
 
 
 @hookspec

@@ -1,10 +1,6 @@
-"""Named things plugins provide: formatters, collators, model loaders, checks and spec sections.
-
-Plugins fill these through the ``sft_spec_register_*`` hooks, llm/datasette style: the host passes a
-``register`` callback and the plugin calls it. Specs then pick them by name, and an unknown name is a
-located error with a did-you-mean hint. A name registered twice keeps the first registration (user
-plugins register before the ``trylast`` built-ins) and the shadowed one is listed, never dropped silently.
-"""
+"""Named things plugins register (``sft_spec_register_*``, llm/datasette style): formatters, collators,
+model loaders, checks, spec sections. A name registered twice keeps the first (user plugins register
+before the ``trylast`` built-ins); the shadowed one is listed, never dropped silently."""
 
 from __future__ import annotations
 
@@ -77,14 +73,16 @@ class Named:
 class SpecSection(Generic[T]):
     """A top-level spec key a plugin owns (``launcher:``), validated with a pydantic model.
 
-    ``shorthand`` turns other accepted forms into the mapping the model reads (``resources: 2`` ...).
-    Read it back with ``item.section(LAUNCHER)``, typed as the model.
+    ``shorthand`` turns other accepted forms into the mapping the model reads (``resources: 2`` ...);
+    with ``default``, a spec that leaves the key out gets the model's defaults. Read it back with
+    ``item.section(LAUNCHER)``, typed as the model.
     """
 
     name: str
     model: type[T]
     description: str = ""
     shorthand: Callable[[Any], Any] | None = None
+    default: bool = False
     plugin: str = ""
 
 

@@ -1,9 +1,5 @@
-"""Report objects: what a spec run produced, in a form every reporter (terminal, JSON, JUnit, HTML) reads.
-
-Reports are plain dataclasses so that they serialise to JSON and back: ``sft-spec report`` re-renders
-from a results file without training, and worker processes (``-n``, a launcher, a cluster) send their
-reports to the main process as :func:`report_to_dict` / :func:`report_from_dict`.
-"""
+"""Report objects, read by every reporter; plain dataclasses, so they go to JSON and back (``sft-spec
+report``, and workers sending theirs to the main process: :func:`report_to_dict`, :func:`report_from_dict`)."""
 
 from __future__ import annotations
 
@@ -117,19 +113,6 @@ def new_report(item: SpecItem, outcome: Outcome = "passed") -> SpecReport:
     )
 
 
-def skipped_report(item: SpecItem, reason: str) -> SpecReport:
-    """A spec that did not run: every selected case skipped, training checks included."""
-    report = new_report(item, "skipped")
-    report.skip_reason = reason
-    for exp in item.selected_expectations:
-        report.expectations.append(ExpectationReport(nodeid=exp.nodeid, index=exp.index, prompt=exp.prompt,
-                                                     outcome="skipped", location=str(exp.location)))
-    for check in item.selected_training_checks:
-        report.training_checks.append(ExpectationReport(nodeid=check.nodeid, index=-1, prompt=[],
-                                                        outcome="skipped", location=str(check.location)))
-    return report
-
-
 def report_to_dict(report: SpecReport) -> dict[str, Any]:
     return report.to_dict()
 
@@ -154,16 +137,3 @@ def report_from_dict(data: dict[str, Any]) -> SpecReport:
     report.mask = _build(MaskSummary, data["mask"]) if data.get("mask") else None
     report.error = _build(ErrorInfo, data["error"]) if data.get("error") else None
     return report
-
-
-def case_outcome_counts(reports: list[SpecReport]) -> dict[str, int]:
-    """Counts as pytest shows them: one per expectation, one per errored spec."""
-    counts: dict[str, int] = {}
-    for report in reports:
-        if report.outcome in ("error", "interrupted") or not report.cases:
-            key = report.outcome if report.outcome != "interrupted" else "interrupted"
-            counts[key] = counts.get(key, 0) + 1
-            continue
-        for case in report.cases:
-            counts[case.outcome] = counts.get(case.outcome, 0) + 1
-    return counts

@@ -1,22 +1,18 @@
-"""The session: collect spec files, select, run every item through the loop hook, decide the exit code.
-
-This module is also the internal plugin that collects ``*.sft.yaml`` files, applies ``-k``/``-m`` and
-runs the items one after another (the built-in ``sft_spec_runtestloop``; ``-n`` answers it first).
-"""
+"""The session: collect spec files, run every item through the loop hook, decide the exit code; also the
+internal plugin that collects ``*.sft.yaml`` files and runs items one after another (``-n`` answers first)."""
 
 from __future__ import annotations
 
 import enum
+import os
 import time
 from pathlib import Path
 
 from . import hookimpl
 from .config import Config
-from .errors import SpecError, SpecErrors, UsageError, relpath
+from .errors import PluginProblem, SpecError, SpecErrors, UsageError, relpath
 from .loading import LoadContext, is_spec_file, load_spec_file
-from .pluginmanager import PluginProblem
 from .reports import ErrorInfo, SpecReport
-from .selection import Expression, keyword_matcher, tag_matcher
 from .state import SpecItem
 
 
@@ -32,11 +28,11 @@ class ExitCode(enum.IntEnum):
 
 
 class Session:
-    def __init__(self, config: Config, problems: list[PluginProblem] | None = None):
+    def __init__(self, config: Config):
         self.config = config
         self.items: list[SpecItem] = []
         #: Files that did not load and plugins that are broken: errors of their own, logged first.
-        self.collect_errors: list[SpecReport] = [plugin_error_report(p) for p in problems or []]
+        self.collect_errors = [plugin_error_report(p) for p in getattr(config.pluginmanager, "problems", [])]
         self.reports: list[SpecReport] = []
         self.deselected: int = 0
         self.start_time = time.time()
@@ -48,8 +44,6 @@ class Session:
     @property
     def hook(self):
         return self.config.pluginmanager.hook
-
-    # -- collection ------------------------------------------------------------------------------
 
     def collect(self, paths: list[Path]) -> None:
         for path in paths:
@@ -69,8 +63,6 @@ class Session:
             except SpecError as exc:
                 self.collect_errors.append(collect_error_report(file, exc))
         self.hook.sft_spec_collection_modifyitems(session=self, items=self.items)
-
-    # -- running ---------------------------------------------------------------------------------
 
     def run_item(self, item: SpecItem) -> SpecReport:
         """A reused report (result cache) or a fresh run, in this process."""
@@ -111,10 +103,7 @@ def _is_failure(report: SpecReport) -> bool:
 
 
 def _spec_files(root: Path) -> list[Path]:
-    """Spec files below ``root``, sorted; hidden folders, virtualenvs and recorded files are skipped, as
-    pytest's norecursedirs does, and a symlink loop or an unreadable folder does not stop the walk."""
-    import os
-
+    """Spec files below ``root``, sorted; skips folders as pytest's norecursedirs, survives symlink loops."""
     found = []
     for folder, dirs, files in os.walk(root, onerror=lambda _: None, followlinks=False):
         dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d not in (
@@ -150,30 +139,6 @@ def sft_spec_collect_file(path: Path, session: Session) -> list[SpecItem] | None
     if not is_spec_file(path):
         return None
     return load_spec_file(path, session.load_context)
-
-
-@hookimpl(trylast=True)
-def sft_spec_collection_modifyitems(session: Session, items: list[SpecItem]) -> None:
-    keyword = session.config.getoption("keyword")
-    markexpr = session.config.getoption("markexpr")
-    if not keyword and not markexpr:
-        return
-    kexpr = Expression(keyword) if keyword else None
-    mexpr = Expression(markexpr) if markexpr else None
-    kept = []
-    for item in items:
-        if mexpr and not mexpr.evaluate(tag_matcher(item.tags)):
-            session.deselected += 1
-            continue
-        if kexpr:
-            # Expectations and training checks are test cases alike (``...::checks[loss_decreased]``).
-            for case in item.cases:
-                case.selected = kexpr.evaluate(keyword_matcher(case.nodeid, item.tags))
-            if not item.selected_cases:
-                session.deselected += 1
-                continue
-        kept.append(item)
-    items[:] = kept
 
 
 @hookimpl(trylast=True)

@@ -2,8 +2,9 @@
 
 Every model forbids unknown keys so that a typo is an error with a location, never a silent default.
 Settings that belong to TRL and peft (``training``, ``lora``) stay plain mappings here and are checked
-against ``SFTConfig`` and ``LoraConfig`` by the trainer's plugin; plugins add top-level keys of their own
-(``launcher:``) through ``sft_spec_register_spec_sections``.
+against ``SFTConfig`` and ``LoraConfig`` by the trainer's plugin. Plugins own the other top-level keys
+(``format:`` the formatters', ``generation:`` the generator's, ``launcher:``) and register their models
+through ``sft_spec_register_spec_sections``.
 """
 
 from __future__ import annotations
@@ -23,34 +24,9 @@ class ModelSpec(StrictModel):
     gguf_file: str | None = Field(None, description="GGUF file inside a directory or hub repo")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit)")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="Weights dtype when loading; auto follows the checkpoint"
-    )
+        "auto", description="Weights dtype when loading; auto follows the checkpoint")
     trust_remote_code: bool = Field(
-        False,
-        description="Run the model repository's own code; refused unless the run passes --allow-remote-code",
-    )
-
-
-class FormatSpec(StrictModel):
-    formatter: str = Field("chat_template", description="Plugin that turns a conversation into text")
-    template: str | None = Field(
-        None, description="Jinja2 chat template (inline, or a file path) for formatter: template"
-    )
-    collator: str = Field("completion_only", description="Plugin that decides which tokens carry the loss")
-    response_template: str | None = Field(
-        None,
-        description="completion_only: the loss starts after the last occurrence; derived from the chat "
-        "template when left out",
-    )
-    instruction_template: str | None = Field(
-        None,
-        description="completion_only: with it, every response between instruction templates carries the loss "
-        "(multi-turn)",
-    )
-    add_eos: bool = Field(
-        True,
-        description="Append the tokenizer's EOS token to each training text, as the reference recipe does",
-    )
+        False, description="Run the model repository's own code; refused unless the run passes --allow-remote-code")
 
 
 class Message(StrictModel):
@@ -63,27 +39,12 @@ class DataFile(StrictModel):
     conversation_key: str = Field("messages", description="Key holding the list of turns in each line")
     role_key: str = Field("role", description="Key of a turn's role")
     content_key: str = Field("content", description="Key of a turn's text")
-    role_map: dict[str, str] = Field(
-        default_factory=dict, description="Rename roles, e.g. {human: user, gpt: assistant}"
-    )
+    role_map: dict[str, str] = Field(default_factory=dict, description="Rename roles: {human: user, gpt: assistant}")
 
 
 class DataSpec(StrictModel):
-    conversations: list[list[Message]] = Field(
-        default_factory=list, description="Inline training conversations"
-    )
+    conversations: list[list[Message]] = Field(default_factory=list, description="Inline training conversations")
     files: list[DataFile] = Field(default_factory=list, description="JSON Lines files of conversations")
-
-
-class GenerationSpec(StrictModel):
-    max_new_tokens: int = Field(32, gt=0, description="Tokens to generate per expectation")
-    do_sample: bool = Field(False, description="Greedy by default, so results are reproducible")
-    temperature: float | None = Field(None, description="Sampling temperature (with do_sample)")
-    top_p: float | None = Field(None, description="Nucleus sampling probability mass (with do_sample)")
-    top_k: int | None = Field(None, description="Sample from the k likeliest tokens (with do_sample)")
-    num_beams: int = Field(1, gt=0, description="Beam search width; 1 is greedy")
-    repetition_penalty: float | None = Field(None, description="Penalty above 1.0 discourages repeats")
-    batch_size: int = Field(16, gt=0, description="Prompts generated together (left-padded) in one call")
 
 
 def xfail_shorthand(value: Any) -> Any:
@@ -115,27 +76,13 @@ class Spec(StrictModel):
     method: Literal["full", "lora", "qlora"] = Field("full", description="What is trained")
     lora: dict[str, Any] = Field(default_factory=dict, description="peft.LoraConfig fields (lora and qlora)")
     quantization: dict[str, Any] = Field(
-        default_factory=dict,
-        description="transformers.BitsAndBytesConfig fields for qlora (default nf4 4-bit)",
-    )
-    format: FormatSpec = Field(
-        default_factory=FormatSpec, description="How conversations become text; which tokens carry the loss"
-    )
+        default_factory=dict, description="transformers.BitsAndBytesConfig fields for qlora (default nf4 4-bit)")
     training: dict[str, Any] = Field(default_factory=dict, description="trl.SFTConfig fields")
     data: DataSpec = Field(description="The training conversations")
-    generation: GenerationSpec = Field(
-        default_factory=GenerationSpec, description="How answers are generated for expect"
-    )
     expect: list[dict[str, Any]] = Field(
-        default_factory=list,
-        description="Prompts and checks on the answers; a spec needs expect, checks, or both",
-    )
-    checks: dict[str, Any] = Field(
-        default_factory=dict, description="Training-level checks, e.g. final_loss_below"
-    )
-    matrix: list[MatrixEntry] = Field(
-        default_factory=list, description="Variants, each deep-merged over the spec"
-    )
+        default_factory=list, description="Prompts and checks on the answers; a spec needs expect, checks, or both")
+    checks: dict[str, Any] = Field(default_factory=dict, description="Training-level checks, e.g. final_loss_below")
+    matrix: list[MatrixEntry] = Field(default_factory=list, description="Variants, each deep-merged over the spec")
 
     @field_validator("model", mode="before")
     @classmethod
@@ -158,7 +105,3 @@ class Spec(StrictModel):
     @classmethod
     def _tag_shorthand(cls, value: Any) -> Any:
         return [value] if isinstance(value, str) else value
-
-
-# Top-level keys, for did-you-mean hints on typos.
-SPEC_KEYS = tuple(Spec.model_fields)

@@ -1,9 +1,6 @@
-"""The types every phase shares: what a spec item is, what a run of it holds, and typed stash keys.
-
-A phase reads what earlier phases produced from these fields and adds its own; nothing here imports
-torch. Plugins keep their own state in a :class:`Stash` under a :class:`StashKey` they own, as pytest's
-plugins do: the key says the value's type, a typo is a NameError, and ``grep`` finds every use.
-"""
+"""The types every phase shares: a spec item, a run of it (each phase fills its fields, later ones read
+them), and typed stash keys for plugins' own state, as pytest's: the key says the value's type, a typo
+is a NameError, ``grep`` finds every use. Nothing here imports torch."""
 
 from __future__ import annotations
 
@@ -54,14 +51,8 @@ class Stash:
     def setdefault(self, key: StashKey[T], default: T) -> T:
         return cast(T, self._data.setdefault(key, default))
 
-    def __delitem__(self, key: StashKey[T]) -> None:
-        del self._data[key]
-
     def __contains__(self, key: StashKey[T]) -> bool:
         return key in self._data
-
-    def __len__(self) -> int:
-        return len(self._data)
 
 
 @dataclass
@@ -124,19 +115,6 @@ class Expectation:
     @property
     def needs_base_answer(self) -> bool:
         return bool(self.before)
-
-    def describe(self) -> str:
-        """``equals '我学会了'; before: not_equals '我学会了'``"""
-        parts = [f"{name} {arg!r}" for name, arg in self.checks]
-        if self.before:
-            parts.append("before: " + ", ".join(f"{n} {a!r}" for n, a in self.before))
-        return "; ".join(parts)
-
-    @property
-    def prompt_text(self) -> str:
-        if len(self.prompt) == 1:
-            return self.prompt[0]["content"]
-        return " | ".join(f"{m['role']}: {m['content']}" for m in self.prompt)
 
 
 @dataclass

@@ -1,10 +1,8 @@
-"""From a ``*.sft.yaml`` file to validated spec items, or to errors that name ``file:line:column``.
+"""From a ``*.sft.yaml`` file to spec items, or to every error in it, each naming ``file:line:column``.
 
-One room per job: ``yamlsource`` (located, safe YAML), ``merge`` (``sft-defaults.yaml`` and deep
-merges), ``matrix`` (variants), ``build`` (one item: schema, plugins' checks, names, files),
-``wording`` (pydantic's errors in the format's words), ``expectations`` (test cases), ``data``
-(conversations), ``paths`` (the one path rule). Every problem in a file is collected, so one run
-shows them all.
+One room per job: ``yamlsource`` (safe, located YAML), ``merge`` (``sft-defaults.yaml``), ``matrix``,
+``build`` (one item: schema, plugins' keys and checks), ``wording`` (pydantic's errors in the format's
+words), ``expectations`` (test cases), ``data`` (what a conversation is), ``paths`` (the one path rule).
 """
 
 from __future__ import annotations
@@ -25,7 +23,6 @@ if TYPE_CHECKING:
     from ..config import Config
 
 SPEC_SUFFIXES = (".sft.yaml", ".sft.yml")
-
 __all__ = ["DEFAULTS_NAME", "SPEC_SUFFIXES", "LoadContext", "is_spec_file", "load_spec_file", "spec_stem"]
 
 

@@ -1,4 +1,4 @@
-"""One spec item from one variant's merged document: schema, plugins' checks, names, files, cases."""
+"""One spec item from one variant's merged document: the schema, plugins' sections and checks, cases."""
 
 from __future__ import annotations
 
@@ -8,12 +8,10 @@ from typing import TYPE_CHECKING, Any
 
 import pydantic
 
-from ..errors import SpecError, SpecErrors, did_you_mean
+from ..errors import SpecError, SpecErrors
 from ..spec import Spec
 from ..state import SpecItem
-from .data import resolve_conversations
-from .expectations import build_expectations, build_training_checks, plugin_validate
-from .paths import check_inside
+from .expectations import build_expectations, build_training_checks
 from .wording import pydantic_errors
 from .yamlsource import LocatedDocument
 
@@ -26,6 +24,8 @@ def _sections(data: dict, doc: LocatedDocument, ctx: LoadContext, errors: list[S
     out: dict[str, Any] = {}
     for name, section in ctx.config.registry.sections.items():
         if name not in data:
+            if section.default:
+                out[name] = section.model()  # type: ignore[call-arg]
             continue
         value = data.pop(name)
         if section.shorthand is not None:
@@ -37,6 +37,8 @@ def _sections(data: dict, doc: LocatedDocument, ctx: LoadContext, errors: list[S
             out[name] = section.model.model_validate(value)  # type: ignore[attr-defined]
         except pydantic.ValidationError as exc:
             errors.extend(pydantic_errors(exc, doc, {(name,): section.model}, prefix=(name,)))
+            if section.default:  # the other checks still run, on the defaults, so one pass shows every problem
+                out[name] = section.model()  # type: ignore[call-arg]
     return out
 
 
@@ -48,50 +50,6 @@ def _validate_by_plugins(item: SpecItem, ctx: LoadContext) -> list[SpecError]:
     return errors
 
 
-def _check_names(item: SpecItem, ctx: LoadContext) -> list[SpecError]:
-    """The formatter, collator and model loader a spec names exist, and accept what the spec says."""
-    registry = ctx.config.registry
-    spec, errors = item.spec, []
-    fmt = spec.format
-    for key, name, table in (("formatter", fmt.formatter, registry.formatters),
-                             ("collator", fmt.collator, registry.collators)):
-        where = item.locate("format", key)
-        if name not in table:
-            errors.append(SpecError(did_you_mean(name, list(table), key), where, key=f"format.{key}"))
-            continue
-        problem = plugin_validate(getattr(table[name].obj, "validate", None), fmt, f"{key} {name!r}")
-        if problem:
-            errors.append(SpecError(problem, where, key=f"format.{key}"))
-    loader = registry.loader_for(spec.model)
-    where = item.locate("model", "id") if isinstance((item.doc.data if item.doc else {}).get("model"), dict) \
-        else item.locate("model")
-    if loader is None:
-        errors.append(SpecError(f"no model loader accepts {spec.model.id!r}", where, key="model"))
-    else:
-        problem = plugin_validate(getattr(loader.obj, "validate", None), spec.model, "the model loader")
-        if problem:
-            errors.append(SpecError(problem, where, key="model"))
-    return errors
-
-
-def _template(item: SpecItem, errors: list[SpecError]) -> str | None:
-    """``format.template``: inline Jinja2, or a file inside the spec's folder."""
-    template = item.spec.format.template
-    if template is None:
-        return None
-    if "{{" in template or "{%" in template or "\n" in template:
-        return template
-    where = item.locate("format", "template")
-    try:
-        return check_inside(item.folder, template, "template").read_text(encoding="utf-8")
-    except ValueError as exc:
-        errors.append(SpecError(str(exc), where, key="format.template"))
-    except OSError as exc:
-        errors.append(SpecError(f"cannot read template file {template!r}: {exc.strerror}", where,
-                                key="format.template"))
-    return None
-
-
 def build_item(path: Path, nodeid: str, name: str, variant: str | None, doc: LocatedDocument,
                ctx: LoadContext) -> SpecItem:
     errors: list[SpecError] = []
@@ -101,14 +59,13 @@ def build_item(path: Path, nodeid: str, name: str, variant: str | None, doc: Loc
     try:
         spec = Spec.model_validate(data)
     except pydantic.ValidationError as exc:
-        raise SpecErrors(errors + pydantic_errors(exc, doc)) from None
+        raise SpecErrors(errors + pydantic_errors(exc, doc, also_known=list(ctx.config.registry.sections))) from None
     spec.name = name
     item = SpecItem(nodeid=nodeid, path=path, name=name, variant=variant, spec=spec, conversations=[],
                     expectations=[], training_checks=[], location=doc.locate(()), doc=doc, sections=sections)
-    errors += _validate_by_plugins(item, ctx)  # may normalise (old names) before names are looked up
-    errors += _check_names(item, ctx)
-    item.chat_template = _template(item, errors)
-    item.conversations = resolve_conversations(item, ctx, errors)
+    # Plugins check what they own (names of formatters, collators and model loaders, TRL's fields) and
+    # fill what they read (the conversations from data:, the chat template from format.template).
+    errors += _validate_by_plugins(item, ctx)
     item.expectations = build_expectations(spec, nodeid, doc, ctx, errors)
     item.training_checks = build_training_checks(spec, nodeid, doc, ctx, errors)
     if not spec.expect and not spec.checks:

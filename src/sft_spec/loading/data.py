@@ -1,18 +1,7 @@
-"""Training conversations: the spec's inline ones, and its ``data.files`` read through ``sft_spec_load_data``.
-
-What a conversation may be is the spec format's rule (an optional system turn, then user and assistant
-turns alternating, ending with an assistant turn), checked here for every source.
-"""
+"""What a conversation may be, the spec format's rule for every source of data and every prompt: an
+optional system turn, then user and assistant turns alternating, ending with an assistant turn."""
 
 from __future__ import annotations
-
-from typing import TYPE_CHECKING
-
-from ..errors import SpecError
-from ..state import Conversation, SpecItem
-
-if TYPE_CHECKING:
-    from . import LoadContext
 
 ROLES = ("system", "user", "assistant")
 
@@ -38,33 +27,3 @@ def check_conversation(turns: list[dict]) -> str | None:
     if not body or body[-1] != "assistant":
         return "a training conversation must end with an assistant turn (it is what the model learns)"
     return None
-
-
-def resolve_conversations(item: SpecItem, ctx: LoadContext, errors: list[SpecError]) -> list[Conversation]:
-    conversations: list[Conversation] = []
-    for i, conv in enumerate(item.spec.data.conversations):
-        turns = [m.model_dump() for m in conv]
-        problem = check_conversation(turns)
-        if problem:
-            errors.append(SpecError(problem, item.locate("data", "conversations", i),
-                                    key=f"data.conversations[{i}]"))
-        conversations.append(turns)
-    for i, source in enumerate(item.spec.data.files):
-        where = item.locate("data", "files", i, "path")
-        try:
-            loaded = ctx.config.hook.sft_spec_load_data(source=source, item=item, config=ctx.config)
-        except SpecError as exc:
-            errors.append(SpecError(exc.message, exc.location or where, exc.key or f"data.files[{i}].path"))
-            continue
-        except ValueError as exc:  # the path rule
-            errors.append(SpecError(str(exc), where, key=f"data.files[{i}].path"))
-            continue
-        if loaded is None:
-            errors.append(SpecError(f"no plugin reads the data file {source.path!r}", where,
-                                    key=f"data.files[{i}].path"))
-            continue
-        conversations.extend(loaded)
-    if not conversations and not errors:
-        errors.append(SpecError("no training conversations: add data.conversations or data.files",
-                                item.locate("data"), key="data"))
-    return conversations

@@ -1,9 +1,6 @@
-"""Merging: ``sft-defaults.yaml`` files under a spec, and matrix entries over it.
-
-Every merge returns fresh containers: a spec never shares a nested mapping with the cached defaults
-or with a sibling matrix entry, so what one spec's loading does to its own copy (renaming an old key)
-cannot leak into the next.
-"""
+"""``sft-defaults.yaml`` files merged under a spec, matrix entries over it; every merge makes fresh
+containers, so what one spec's loading does to its own copy cannot leak into the cached defaults or a
+sibling matrix entry."""
 
 from __future__ import annotations
 
@@ -11,8 +8,8 @@ import copy
 from pathlib import Path
 from typing import Any
 
+from ..config import project_root
 from ..errors import SpecError, relpath
-from ..fileio import project_root
 from .paths import check_inside
 from .yamlsource import LocatedDocument, load_yaml_file
 

@@ -1,10 +1,6 @@
-"""The one rule for every file a spec names: it lies inside the spec file's own folder.
-
-Data files, templates, TRL's config files (``deepspeed``, ``fsdp_config``, ``chat_template_path``, ...)
-and a launcher's config: each goes through :func:`check_inside` against the spec's folder, whatever
-folder the run was started from and whether ``sft-spec run`` or ``pytest`` runs it. No ``..``, no
-absolute path, no symlink that resolves outside.
-"""
+"""The one rule for every file a spec names (data, templates, TRL's config files, a launcher's config):
+it lies inside the spec file's own folder, however the run was started. No ``..``, no absolute path, no
+symlink out."""
 
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ from typing import Any
 import pydantic
 
 from ..errors import SpecError, did_you_mean
-from ..spec import DataFile, DataSpec, FormatSpec, GenerationSpec, Message, ModelSpec, Spec, XfailSpec
+from ..spec import DataFile, DataSpec, Message, ModelSpec, Spec, XfailSpec
 from .yamlsource import KeyPath, LocatedDocument
 
 
@@ -32,11 +32,9 @@ def keypath_str(keypath: KeyPath) -> str:
 _MODELS_AT: dict[tuple[str, ...], type[pydantic.BaseModel]] = {
     (): Spec,
     ("model",): ModelSpec,
-    ("format",): FormatSpec,
     ("data",): DataSpec,
     ("data", "files"): DataFile,
     ("data", "conversations"): Message,
-    ("generation",): GenerationSpec,
     ("xfail",): XfailSpec,
 }
 
@@ -88,11 +86,12 @@ def short_repr(value: Any, limit: int = 60) -> str:
 ModelsAt = dict[tuple[str, ...], type[pydantic.BaseModel]]
 
 
-def pydantic_errors(exc: pydantic.ValidationError, doc: LocatedDocument,
-                    model_at: ModelsAt | None = None, prefix: KeyPath = ()) -> list[SpecError]:
+def pydantic_errors(exc: pydantic.ValidationError, doc: LocatedDocument, model_at: ModelsAt | None = None,
+                    prefix: KeyPath = (), also_known: list[str] = ()) -> list[SpecError]:
     """Pydantic's errors as located spec errors, in the spec format's words (not pydantic's class names).
 
-    ``prefix`` is where the validated value sits in the document (a plugin's section: ``("launcher",)``).
+    ``prefix`` is where the validated value sits in the document (a plugin's section: ``("launcher",)``);
+    ``also_known`` are keys valid beside the model's at that level (plugins' top-level keys).
     """
     model_at = _MODELS_AT if model_at is None else model_at
     data: Any = doc.data
@@ -107,7 +106,7 @@ def pydantic_errors(exc: pydantic.ValidationError, doc: LocatedDocument,
         if kind == "extra_forbidden":
             key = keypath[-1] if keypath else err["loc"][-1]
             parent = tuple(p for p in keypath[:-1] if not isinstance(p, int))
-            known = list(model_at[parent].model_fields) if parent in model_at else []
+            known = [*model_at[parent].model_fields, *(also_known if not parent else [])] if parent in model_at else []
             message = did_you_mean(str(key), known, "key") if known else f"unknown key {key!r}"
         elif kind == "missing":
             message = f"missing required key {err['loc'][-1]!r}"

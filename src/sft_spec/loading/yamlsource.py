@@ -8,6 +8,7 @@ validation errors point at the offending line, like a compiler.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -89,13 +90,13 @@ else:
             _SpecResolver.__init__(self)
 
 
+@dataclass
 class LocatedDocument:
     """Plain data (dicts, lists, scalars) plus where each key path was written."""
 
-    def __init__(self, data: Any, locations: dict[KeyPath, Location], path: str):
-        self.data = data
-        self.locations = locations
-        self.path = path
+    data: Any
+    locations: dict[KeyPath, Location]
+    path: str
 
     def locate(self, keypath: KeyPath) -> Location:
         """The location of ``keypath``, or of its nearest located parent."""

@@ -1,6 +1,8 @@
-"""``-k`` and ``-m`` expressions, with pytest's grammar: ``and``, ``or``, ``not``, parentheses.
+"""``-k`` and ``-m``: select test cases by id and specs by tag, with pytest's grammar (``and``, ``or``,
+``not``, parentheses).
 
-``-k`` names match as case-insensitive substrings of a test id; ``-m`` names match tags exactly.
+``-k`` names match as case-insensitive substrings of a test id (expectations and training checks
+alike); ``-m`` names match tags exactly. A spec none of whose cases is selected is deselected.
 """
 
 from __future__ import annotations
@@ -8,7 +10,8 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
-from .errors import UsageError
+from sft_spec import hookimpl
+from sft_spec.errors import UsageError
 
 _TOKEN = re.compile(r"\s*(\(|\)|[^\s()]+)")
 
@@ -83,3 +86,26 @@ def keyword_matcher(nodeid: str, tags: list[str]) -> Callable[[str], bool]:
 
 def tag_matcher(tags: list[str]) -> Callable[[str], bool]:
     return lambda name: name in tags
+
+
+@hookimpl(trylast=True)
+def sft_spec_collection_modifyitems(session, items) -> None:
+    keyword = session.config.getoption("keyword")
+    markexpr = session.config.getoption("markexpr")
+    if not keyword and not markexpr:
+        return
+    kexpr = Expression(keyword) if keyword else None
+    mexpr = Expression(markexpr) if markexpr else None
+    kept = []
+    for item in items:
+        if mexpr and not mexpr.evaluate(tag_matcher(item.tags)):
+            session.deselected += 1
+            continue
+        if kexpr:
+            for case in item.cases:
+                case.selected = kexpr.evaluate(keyword_matcher(case.nodeid, item.tags))
+            if not item.selected_cases:
+                session.deselected += 1
+                continue
+        kept.append(item)
+    items[:] = kept

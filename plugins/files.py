@@ -1,4 +1,5 @@
-"""Writing files so that a run killed at any moment leaves the old file or the new one, never half."""
+"""Files plugins write: atomically (a run killed at any moment leaves the old file or the new one,
+never half), model folders built beside their final place, and each spec's own output folder."""
 
 from __future__ import annotations
 
@@ -36,28 +37,6 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
-
-
-#: Files and folders that mark a project's root, as pytest's rootdir and conftest lookup know it.
-PROJECT_MARKERS = ("pyproject.toml", ".git", "setup.cfg", "tox.ini", "pytest.ini")
-
-
-def project_root(start: Path) -> Path | None:
-    """The nearest folder at or above ``start`` holding a project marker (pyproject.toml, .git, ...)."""
-    start = Path(start).resolve()
-    for directory in [start, *start.parents]:
-        if any((directory / marker).exists() for marker in PROJECT_MARKERS):
-            return directory
-    return None
-
-
-def default_cache_dir() -> Path:
-    """``$SFT_SPEC_CACHE``, else ``$XDG_CACHE_HOME/sft-spec``, else ``~/.cache/sft-spec``."""
-    env = os.environ.get("SFT_SPEC_CACHE")
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "sft-spec"
 
 
 @contextmanager

@@ -1,0 +1,63 @@
+"""The layering written down: the core never imports the plugins, no modules import each other in a
+cycle (import-linter's contracts in pyproject.toml), and plugins use only the core's public names."""
+
+from __future__ import annotations
+
+import ast
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+PLUGIN_SOURCES = sorted((REPO / "plugins").glob("*.py")) + sorted((REPO / "examples" / "plugins").rglob("*.py"))
+
+
+def test_the_import_contracts_hold(capsys):
+    from importlinter.cli import lint_imports
+
+    cwd = os.getcwd()
+    os.chdir(REPO)  # the contracts live in pyproject.toml
+    try:
+        code = lint_imports(no_cache=True, no_logo=True)
+    finally:
+        os.chdir(cwd)
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert out.count(" KEPT") == 2, out  # both contracts were checked, not skipped
+
+
+def private_uses(source: str) -> list[str]:
+    """``from sft_spec.x import _name``, ``import sft_spec._x`` and ``sft_spec.x._name`` in ``source``."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "sft_spec":
+            module = node.module or ""
+            found += [f"{module}.{a.name}" for a in node.names if a.name.startswith("_") and a.name != "__version__"]
+            found += [module] if any(part.startswith("_") for part in module.split(".")) else []
+        elif isinstance(node, ast.Import):
+            found += [a.name for a in node.names if a.name.split(".")[0] == "sft_spec"
+                      and any(part.startswith("_") for part in a.name.split("."))]
+        elif isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+            root = node.value
+            while isinstance(root, ast.Attribute):
+                root = root.value
+            if isinstance(root, ast.Name) and root.id == "sft_spec":
+                found.append(ast.unparse(node))
+    return found
+
+
+@pytest.mark.parametrize("path", PLUGIN_SOURCES, ids=lambda p: str(p.relative_to(REPO)))
+def test_plugins_use_only_the_cores_public_names(path):
+    assert private_uses(path.read_text(encoding="utf-8")) == []
+
+
+def test_the_check_sees_private_uses():
+    source = ("from sft_spec.runner import _new_report\nimport sft_spec._private\n"
+              "import sft_spec\nsft_spec.bootstrap._Parser\nfrom sft_spec import __version__, hookimpl\n")
+    assert private_uses(source) == ["sft_spec.runner._new_report", "sft_spec._private", "sft_spec.bootstrap._Parser"]
+
+
+def test_the_core_stays_small():
+    lines = sum(len(p.read_text(encoding="utf-8").splitlines()) for p in (REPO / "src" / "sft_spec").rglob("*.py"))
+    assert lines < 2500, f"src/sft_spec/ has {lines} lines: move feature code into a plugin"
