@@ -250,7 +250,7 @@ class TerminalReporter:
         if error is None:
             return
         for line in error.message.splitlines():
-            located = line.startswith(error.location or "\0") or error.phase == "collect"
+            located = line.startswith(error.location or "\0") or error.phase in ("collect", "plugin")
             prefix = "" if located else f"{error.location}: "
             self.write_line(f"{prefix}{line}", "error")
         if error.plugin:

@@ -93,3 +93,65 @@ def test_an_exception_in_a_plugin_names_the_plugin_and_phase(sft, write_spec, on
     assert result.code == 1
     long = sft("run", "--tb=long", folder, plugins=[BrokenTrainer()])
     assert "Traceback" in long.out
+
+
+class MisspelledHook:
+    @hookimpl
+    def sft_spec_lod_model(self, item, config):  # a typo: pluggy would never call it
+        return None
+
+
+def test_a_misspelled_hook_is_an_error_naming_the_plugin_and_the_hook(sft, write_spec, one_answer_spec, tmp_path):
+    import json
+
+    path = write_spec("one.sft.yaml", one_answer_spec())
+    result = sft("run", path, "--json", tmp_path / "r.json", plugins=[MisspelledHook()])
+    assert result.code == 1
+    assert ("plugin 'MisspelledHook' is broken: implements no such hook: sft_spec_lod_model (did you mean "
+            "sft_spec_load_model?)") in result.out
+    assert result.recorder.by_id("one").outcome == "passed"  # the other specs still ran
+    doc = json.loads((tmp_path / "r.json").read_text())
+    assert doc["exitstatus"] == 1 and [s["nodeid"] for s in doc["specs"]][0] == "plugin:MisspelledHook"
+
+
+def test_getoption_of_an_unknown_name_raises(prepare):
+    import pytest
+
+    _, run = prepare("model: builtin:tiny-gemma\nchecks: {loss_decreased: true}\n"
+                     "data: {conversations: [[{role: user, content: a}, {role: assistant, content: b}]]}\n")
+    assert run.config.getoption("device") == "cpu"
+    with pytest.raises(ValueError, match="no option named 'devcie'"):
+        run.config.getoption("devcie")
+
+
+def test_an_essential_plugin_cannot_be_disabled(sft, write_spec, one_answer_spec):
+    result = sft("run", write_spec("one.sft.yaml", one_answer_spec()), "-p", "no:trainer")
+    assert result.code == 4
+    assert "'trainer' is an essential built-in plugin; without it nothing would be trained" in result.err
+    assert sft("run", write_spec("one.sft.yaml", one_answer_spec()), "-p", "no:html_report", "--co").code == 0
+
+
+BROKEN_PLUGINS = {
+    "raises_at_import.py": "raise RuntimeError('this plugin needs a GPU')\n",
+    "syntax_error.py": "def broken(:\n",
+}
+
+
+def test_broken_plugins_are_reported_and_the_specs_still_run(sft, write_spec, one_answer_spec, tmp_path,
+                                                              monkeypatch):
+    import json
+
+    for name, text in BROKEN_PLUGINS.items():
+        (tmp_path / name).write_text(text, encoding="utf-8")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    path = write_spec("one.sft.yaml", one_answer_spec())
+    # -p of a module that is registered already (the built-in checks plugin) is no error at all.
+    result = sft("run", path, "-p", "raises_at_import", "-p", "syntax_error", "-p", "sft_spec_plugins.checks",
+                 "--json", tmp_path / "r.json")
+    assert result.code == 1
+    assert "plugin 'raises_at_import' is broken: cannot be imported: RuntimeError: this plugin needs a GPU" in result.out
+    assert "plugin 'syntax_error' is broken: cannot be imported: SyntaxError" in result.out
+    assert result.recorder.by_id("one").outcome == "passed"
+    doc = json.loads((tmp_path / "r.json").read_text())
+    assert doc["exitstatus"] == result.code == 1
+    assert doc["summary"]["outcomes"] == {"error": 2, "passed": 1}

@@ -38,7 +38,7 @@ class PluginManager(pluggy.PluginManager):
         except (ValueError, pluggy.PluginValidationError) as exc:  # already registered; a bad signature
             self.problems.append(PluginProblem(name, str(exc)))
             return
-        known = [n for n in dir(self.hook) if n.startswith("sft_spec_")]
+        known = [n for n in dir(self.hook) if n.startswith("sft_spec_") and getattr(self.hook, n).spec is not None]
         unknown = [caller.name + "".join(f" (did you mean {m}?)" for m in get_close_matches(caller.name, known, n=1))
                    for caller in self.get_hookcallers(plugin) or [] if caller.spec is None]
         if unknown:
