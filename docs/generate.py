@@ -158,8 +158,9 @@ def checks_by_plugin(pm) -> list[tuple[str, Any]]:
 
 
 def render_reference() -> str:
+    from sft_spec_plugins import recipe_policy
     from sft_spec_plugins.collators import RENAMED_COLLATORS
-    from sft_spec_plugins.recipe_fields import MANAGED_LORA_KEYS, MANAGED_TRAINING_KEYS, RENAMED_TRAINING_KEYS
+    from sft_spec_plugins.recipe_fields import RENAMED_TRAINING_KEYS
     from sft_spec_plugins.trainer import FORCED, HARNESS_DEFAULTS
 
     from sft_spec.loading import DEFAULTS_NAME, SPEC_SUFFIXES
@@ -249,9 +250,12 @@ def render_reference() -> str:
     out += [
         "## training",
         "",
-        "A mapping of `trl.SFTConfig` (and so `transformers.TrainingArguments`) fields, passed to "
-        "`SFTConfig` as written. Names and value types are checked against the installed TRL, so a typo "
-        "is an error with a did-you-mean hint.",
+        "A mapping of `trl.SFTConfig` (and so `transformers.TrainingArguments`) fields. Names and value types "
+        "are checked against the installed TRL, so a typo is an error with a did-you-mean hint; values TRL "
+        "would accept and then fail on (a batch size of 0, a NaN learning rate, `max_length: 1`) are errors "
+        "at their key. Every field is classified once (`plugins/recipe_policy.py`): passed to `SFTConfig` as "
+        "written, a path (inside the spec's folder), honoured by sft-spec itself, managed (sft-spec's value "
+        "is used, and a spec that sets another gets a note in every report saying so), or refused.",
         "",
         "Defaults the harness uses where a spec does not say otherwise:",
         "",
@@ -267,12 +271,7 @@ def render_reference() -> str:
         "| --- | --- |",
         *[f"| `{k}` | {yaml_value(v)} |" for k, v in FORCED.items()],
         "",
-        "Refused in a spec (an error):",
-        "",
-        "| field | why |",
-        "| --- | --- |",
-        *[f"| `{k}` | {cell(v)} |" for k, v in MANAGED_TRAINING_KEYS.items()],
-        "",
+        *policy_tables(recipe_policy.TRAINING),
         "Old names, read as the new name with a note where the installed TRL has it:",
         "",
         "| old name | new name |",
@@ -282,12 +281,9 @@ def render_reference() -> str:
         "## lora",
         "",
         "A mapping of `peft.LoraConfig` fields (for `method: lora` and `qlora`), checked against the "
-        "installed peft. Refused in a spec:",
+        "installed peft and classified like `training`:",
         "",
-        "| field | why |",
-        "| --- | --- |",
-        *[f"| `{k}` | {cell(v)} |" for k, v in MANAGED_LORA_KEYS.items()],
-        "",
+        *policy_tables(recipe_policy.LORA),
         "## quantization",
         "",
         "A mapping of `transformers.BitsAndBytesConfig` arguments for `method: qlora` (default: nf4 4-bit "
@@ -304,6 +300,21 @@ def render_reference() -> str:
         "",
     ]
     return "\n".join(out)
+
+
+def policy_tables(table: dict[str, tuple[str, str]]) -> list[str]:
+    """The policy table of training or lora, one table per kind (passed fields as one line)."""
+    titles = {"path": "Paths (inside the spec's folder), then passed:", "sft-spec": "Honoured by sft-spec itself:",
+              "managed": "Managed by sft-spec (a spec's value is replaced, with a note):",
+              "refused": "Refused (an error at the key):"}
+    passed = sorted(name for name, (kind, _) in table.items() if kind == "passed")
+    out = ["Passed as written: " + ", ".join(f"`{name}`" for name in passed) + ".", ""]
+    for kind, title in titles.items():
+        rows = sorted((name, why) for name, (k, why) in table.items() if k == kind)
+        if rows:
+            out += [title, "", "| field | how / why |", "| --- | --- |",
+                    *[f"| `{n}` | {cell(w)} |" for n, w in rows], ""]
+    return out
 
 
 def named_table(table: dict) -> list[str]:

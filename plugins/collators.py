@@ -2,10 +2,14 @@
 
 The mask is computed on characters and mapped to tokens through the tokenizer's offsets, so it does
 not depend on how a tokenizer happens to split the response template in context (the classic failure
-of the removed ``DataCollatorForCompletionOnlyLM``).
+of the removed ``DataCollatorForCompletionOnlyLM``). The mask phase then truncates to ``max_length``
+(``truncation_mode: keep_start`` or ``keep_end``); a text far longer than that is cut at a character
+bound first, so a 50 MB line is never tokenized whole.
 
-- ``completion_only``: loss after the last ``response_template`` (with ``instruction_template``: every
-  response between instructions), as ``DataCollatorForCompletionOnlyLM`` did.
+- ``completion_only``: loss after the ``response_template`` before the last answer (with
+  ``instruction_template``: before every answer), as ``DataCollatorForCompletionOnlyLM`` did; the template
+  is looked for in the prompt before each answer only (the formatter says where answers lie), so an
+  answer that quotes the template is trained whole, with a warning.
 - ``assistant_only``: every assistant turn of a multi-turn chat, end-of-turn marker included.
 - ``full``: every token.
 """
@@ -15,7 +19,7 @@ from __future__ import annotations
 from sft_spec import hookimpl
 from sft_spec.errors import SpecError, did_you_mean
 from sft_spec.loading.expectations import plugin_validate
-from sft_spec.state import FormattedText, MaskedExample
+from sft_spec.state import FormattedText, MaskedExample, StashKey
 
 from .formatters import FORMAT
 
@@ -31,44 +35,57 @@ def tokenize_with_offsets(text: str, tokenizer) -> tuple[list[int], list[tuple[i
 
 
 def mask_from_spans(formatted: FormattedText, tokenizer, spans: list[tuple[int, int]]) -> MaskedExample:
-    """Train every token that overlaps one of the character spans."""
+    """Train every token that overlaps one of the character spans; warn of a token across a span's start."""
     ids, offsets = tokenize_with_offsets(formatted.text, tokenizer)
-    labels = []
+    labels, notes = [], []
     for token_id, (start, end) in zip(ids, offsets, strict=True):
         inside = any(start < s_end and max(end, start + 1) > s_start for s_start, s_end in spans)
         labels.append(token_id if inside else IGNORE_INDEX)
-    return MaskedExample(input_ids=ids, labels=labels, formatted=formatted, offsets=offsets)
+        straddles = [s for s, _ in spans if start < s < end]
+        if straddles and not notes:  # TRL warns of the same: the prompt's end is trained with the answer
+            notes.append(f"warning: the token {formatted.text[start:end]!r} spans the end of the prompt and the "
+                         "start of the answer: its prompt part carries the loss too")
+    return MaskedExample(input_ids=ids, labels=labels, formatted=formatted, offsets=offsets, notes=notes)
 
 
 class CompletionOnlyCollator:
     """Loss only after the response template: what ``DataCollatorForCompletionOnlyLM`` did, on characters."""
 
-    def spans(self, formatted: FormattedText, response_template: str, instruction_template: str | None) -> list:
-        text = formatted.text
-        starts = []
-        pos = text.find(response_template)
-        while pos >= 0:
-            starts.append(pos + len(response_template))
-            pos = text.find(response_template, pos + 1)
-        if not starts:
-            shown = text if len(text) < 300 else text[:300] + "..."
-            raise SpecError(
-                f"response_template {response_template!r} does not occur in the formatted text {shown!r}: "
-                "nothing would be trained (set format.response_template to the text before each answer)"
-            )
+    def spans(self, formatted: FormattedText, response_template: str, instruction_template: str | None,
+              notes: list[str]) -> list:
+        text, answers = formatted.text, formatted.assistant_spans
+        if not answers:  # a formatter that does not say where answers lie: search the whole text, as TRL did
+            answers = [(len(text), len(text))]
+            regions = [(0, len(text))]
+        else:  # the prompt before each answer: from the previous answer's end to this answer's start
+            regions = [(answers[k - 1][1] if k else 0, start) for k, (start, _) in enumerate(answers)]
+        chosen = range(len(answers)) if instruction_template else [len(answers) - 1]
+        out = []
+        for k in chosen:
+            found = text.rfind(response_template, *regions[k])
+            if found < 0:
+                shown = text if len(text) < 300 else text[:300] + "..."
+                raise SpecError(
+                    f"response_template {response_template!r} does not occur in the formatted text {shown!r}: "
+                    "nothing would be trained (set format.response_template to the text before each answer)")
+            out.append((found + len(response_template), max(answers[k][1], found + len(response_template))))
         if not instruction_template:
-            return [(starts[-1], len(text))]
-        spans = []
-        for start in starts:
-            following = text.find(instruction_template, start)
-            spans.append((start, following if following >= 0 else len(text)))
-        return spans
+            out = [(out[0][0], len(text))]
+        quoted = [k for k, (start, end) in enumerate(formatted.assistant_spans) if response_template in text[start:end]]
+        if quoted:
+            notes.append(f"warning: answer {quoted[0]} quotes the response_template {response_template!r}: the loss "
+                         "starts at the template before the answer, not at the quote")
+        return out
 
     def mask(self, formatted, tokenizer, fmt, *, markers) -> MaskedExample:
         response_template = fmt.response_template or markers.response_template
         if not response_template:
             raise SpecError("cannot derive the response template from the chat template: set format.response_template")
-        return mask_from_spans(formatted, tokenizer, self.spans(formatted, response_template, fmt.instruction_template))
+        notes: list[str] = []
+        example = mask_from_spans(formatted, tokenizer,
+                                  self.spans(formatted, response_template, fmt.instruction_template, notes))
+        example.notes[:0] = notes
+        return example
 
 
 class AssistantOnlyCollator:
@@ -88,7 +105,7 @@ class FullCollator:
 @hookimpl(trylast=True)
 def sft_spec_register_collators(register) -> None:
     register("completion_only", CompletionOnlyCollator(),
-             "loss after the last response_template (DataCollatorForCompletionOnlyLM's behaviour)")
+             "loss after the response_template before the last answer (DataCollatorForCompletionOnlyLM's behaviour)")
     register("assistant_only", AssistantOnlyCollator(), "loss on every assistant turn of a multi-turn chat")
     register("full", FullCollator(), "loss on every token")
 
@@ -107,20 +124,51 @@ def sft_spec_validate_spec(item, config) -> list[SpecError]:
     return [SpecError(problem, where, key="format.collator")] if problem else []
 
 
+#: The longest token of a tokenizer, in characters (an upper bound, from its vocabulary's strings).
+LONGEST_TOKEN = StashKey[int]()
+
+
+def _cut(formatted: FormattedText, keep_end: bool, bound: int) -> FormattedText:
+    """The text cut to ``bound`` characters (its start, or its end), spans moved and clipped with it."""
+    if len(formatted.text) <= bound:
+        return formatted
+    offset = len(formatted.text) - bound if keep_end else 0
+    clip = [(max(s - offset, 0), min(e - offset, bound)) for s, e in formatted.assistant_spans]
+    clip = [(s, e) for s, e in clip if s < e]
+    return FormattedText(text=formatted.text[offset:offset + bound], assistant_spans=clip,
+                         prompt_end=max(formatted.prompt_end - offset, 0))
+
+
 @hookimpl(trylast=True)
 def sft_spec_make_mask(item, run, formatted, index) -> MaskedExample:
     fmt = item.section(FORMAT)
     collator = run.config.registry.collators[fmt.collator].obj
-    markers = run.markers
+    markers, tokenizer = run.markers, run.loaded.tokenizer
+    max_length = item.spec.training.get("max_length", 1024)
+    keep_end = item.spec.training.get("truncation_mode", "keep_start") == "keep_end"
+    if max_length:
+        # Tokens of max_length tokens span at most this many characters: a longer text is cut before it is
+        # tokenized, so memory stays bounded whatever a data line holds.
+        longest = run.loaded.stash.get(LONGEST_TOKEN, None)
+        if longest is None:
+            longest = run.loaded.stash[LONGEST_TOKEN] = max(map(len, tokenizer.get_vocab()), default=1)
+        bound = max_length * longest + 64
+        if len(formatted.text) > bound:
+            run.note(f"conversation {index} has {len(formatted.text)} characters; cut to {bound} before "
+                     f"tokenizing ({'keep_end' if keep_end else 'keep_start'}, max_length={max_length})")
+            formatted = _cut(formatted, keep_end, bound)
     try:
-        example = collator.mask(formatted, run.loaded.tokenizer, fmt, markers=markers)
+        example = collator.mask(formatted, tokenizer, fmt, markers=markers)
     except SpecError as exc:
         raise SpecError(f"conversation {index}: {exc.message}", exc.location, exc.key) from None
-    max_length = item.spec.training.get("max_length", 1024)
+    for note in example.notes:
+        run.note(f"conversation {index}: {note}")
     if max_length and len(example.input_ids) > max_length:
-        run.note(f"a training conversation has {len(example.input_ids)} tokens; truncated to max_length={max_length}")
-        example.input_ids = example.input_ids[:max_length]
-        example.labels = example.labels[:max_length]
+        run.note(f"a training conversation has {len(example.input_ids)} tokens; truncated to max_length={max_length}"
+                 + (" (keep_end: its end is kept)" if keep_end else ""))
+        kept = slice(-max_length, None) if keep_end else slice(None, max_length)
+        example.input_ids, example.labels, example.offsets = (example.input_ids[kept], example.labels[kept],
+                                                              example.offsets[kept])
     if all(label == IGNORE_INDEX for label in example.labels):
         raise SpecError(f"the loss mask of collator {fmt.collator!r} trains no token of conversation {index}: "
                         f"{formatted.text[:200]!r}")

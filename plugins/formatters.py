@@ -111,12 +111,50 @@ def _compile(source: str):
         raise SpecError(f"format.template: Jinja2 syntax error on template line {exc.lineno}: {exc.message}") from None
 
 
-def _format_with(render, messages, tokenizer, fmt, add_generation_prompt, template) -> FormattedText:
-    if add_generation_prompt:
-        return FormattedText(text=render(messages, tokenizer, template, True))
-    text = render(messages, tokenizer, template, False)
+def _placeholder_spans(render, messages, tokenizer, template, text) -> list[tuple[int, int]] | None:
+    """Where each assistant answer lies in ``text``, from two more renders whatever the number of turns.
+
+    The conversation is rendered once more with a placeholder for each content: what lies between the
+    placeholders is the template's own text, found again in ``text`` around the real contents. None when the
+    template treats contents in a way placeholders cannot show (then the exact per-turn method runs).
+    """
+    marks = [f"\x00{i}\x00" for i in range(len(messages))]
+    fake = [{**m, "content": mark} for m, mark in zip(messages, marks, strict=True)]
+    try:
+        skeleton = render(fake, tokenizer, template, False)
+        first = next(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        upto = render(fake[:first + 1], tokenizer, template, False)  # what follows an answer: its turn's end
+    except (SpecError, StopIteration):
+        return None
+    pieces, pos = [], 0
+    for mark in marks:
+        at = skeleton.find(mark, pos)
+        if at < 0:
+            return None
+        pieces.append(skeleton[pos:at])
+        pos = at + len(mark)
+    pieces.append(skeleton[pos:])
+    end_of_turn = upto[upto.find(marks[first]) + len(marks[first]):]
+    if not text.startswith(pieces[0]):
+        return None
+    pos, spans = len(pieces[0]), []
+    for k, message in enumerate(messages):
+        after = pieces[k + 1]
+        end = text.find(after, pos) if k + 1 < len(messages) else len(text) - len(after)
+        if end < pos or text[end:end + len(after)] != after or text[pos:end].strip() != message["content"].strip():
+            return None
+        if message["role"] == "assistant":
+            if not after.startswith(end_of_turn):
+                return None
+            spans.append((pos, end + len(end_of_turn)))
+        pos = end + len(after)
+    return spans
+
+
+def _prefix_spans(render, messages, tokenizer, template, text) -> list[tuple[int, int]]:
+    """The exact method: each answer lies between the prompt rendered up to it and the turn rendered with it
+    (two renders per answer, so quadratic in the number of turns; only for templates placeholders miss)."""
     spans: list[tuple[int, int]] = []
-    starts: list[int] = []  # where each assistant turn's prompt part (its template) begins
     search_from = 0
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
@@ -124,8 +162,6 @@ def _format_with(render, messages, tokenizer, fmt, add_generation_prompt, templa
         before = render(messages[:i], tokenizer, template, True)
         upto = render(messages[: i + 1], tokenizer, template, False)
         if text.startswith(upto) and upto.startswith(before) and len(before) >= search_from:
-            without_prompt = render(messages[:i], tokenizer, template, False)
-            starts.append(len(without_prompt) if before.startswith(without_prompt) else len(before))
             spans.append((len(before), len(upto)))
             search_from = len(upto)
             continue
@@ -133,10 +169,18 @@ def _format_with(render, messages, tokenizer, fmt, add_generation_prompt, templa
         start = text.find(message["content"], search_from)
         if start < 0:
             raise SpecError(f"cannot find assistant turn {i} in the formatted text")
-        end = start + len(message["content"])
-        starts.append(search_from)
-        spans.append((start, end))
-        search_from = end
+        spans.append((start, start + len(message["content"])))
+        search_from = start + len(message["content"])
+    return spans
+
+
+def _format_with(render, messages, tokenizer, fmt, add_generation_prompt, template) -> FormattedText:
+    if add_generation_prompt:
+        return FormattedText(text=render(messages, tokenizer, template, True))
+    text = render(messages, tokenizer, template, False)
+    spans = _placeholder_spans(render, messages, tokenizer, template, text)
+    if spans is None:
+        spans = _prefix_spans(render, messages, tokenizer, template, text)
     eos = tokenizer.eos_token
     # ChatML-style templates already end each turn with the EOS token: do not add a second one.
     if fmt.add_eos and eos and not text.rstrip().endswith(eos):
@@ -144,8 +188,7 @@ def _format_with(render, messages, tokenizer, fmt, add_generation_prompt, templa
         if spans and spans[-1][1] >= len(text) - len(eos) - 2:
             # The final turn's EOS is part of what the model must learn to produce.
             spans[-1] = (spans[-1][0], len(text))
-    return FormattedText(text=text, assistant_spans=spans, assistant_starts=starts,
-                         prompt_end=spans[-1][0] if spans else 0)
+    return FormattedText(text=text, assistant_spans=spans, prompt_end=spans[-1][0] if spans else 0)
 
 
 @hookimpl(trylast=True)

@@ -30,6 +30,30 @@ def sft_spec_register_spec_sections(register) -> None:
     register(GENERATION)
 
 
+@hookimpl
+def sft_spec_validate_spec(item, config):
+    """Values the schema accepts and ``generate`` would reject, each located at its own key."""
+    from sft_spec.errors import SpecError
+
+    gen, errors = item.section(GENERATION), []
+    if gen is None:
+        return errors
+    if gen.do_sample and gen.temperature is not None and gen.temperature <= 0:
+        errors.append(SpecError(f"temperature {gen.temperature!r} with do_sample: true cannot sample (it must be "
+                                "> 0; for greedy answers set do_sample: false)", item.locate("generation",
+                                "temperature"), key="generation.temperature"))
+    if gen.top_p is not None and not 0 < gen.top_p <= 1:
+        errors.append(SpecError(f"top_p {gen.top_p!r}: expected a probability mass in (0, 1]",
+                                item.locate("generation", "top_p"), key="generation.top_p"))
+    if gen.top_k is not None and gen.top_k < 1:
+        errors.append(SpecError(f"top_k {gen.top_k!r}: expected at least 1", item.locate("generation", "top_k"),
+                                key="generation.top_k"))
+    if gen.repetition_penalty is not None and gen.repetition_penalty <= 0:
+        errors.append(SpecError(f"repetition_penalty {gen.repetition_penalty!r}: expected a number > 0",
+                                item.locate("generation", "repetition_penalty"), key="generation.repetition_penalty"))
+    return errors
+
+
 def stop_token_ids(tokenizer, model, end_of_turn: str | None) -> list[int]:
     ids: list[int] = []
     if end_of_turn:

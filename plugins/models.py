@@ -17,6 +17,7 @@ from pathlib import Path
 from sft_spec import hookimpl
 from sft_spec.errors import SkipSpec, SpecError
 from sft_spec.loading.expectations import plugin_validate
+from sft_spec.loading.paths import check_inside
 from sft_spec.state import LoadedModel, StashKey
 
 from .pretrained import quiet_libraries
@@ -89,9 +90,44 @@ def device_without_torch(requested: str) -> str:
     return pick_device(requested)
 
 
+#: TRL's settings that change the tokenizer (SFTTrainer would change the shared one, after formatting).
+TOKENIZER_SETTINGS = ("eos_token", "pad_token", "chat_template_path")
+
+
+def _tokenizer_settings(item) -> dict:
+    return {k: item.spec.training[k] for k in TOKENIZER_SETTINGS if item.spec.training.get(k) is not None}
+
+
 def _cache_key(item, device: str, quantized: bool) -> str:
     spec = item.spec
-    return json.dumps([spec.model.model_dump(), device, quantized, spec.quantization], sort_keys=True, default=str)
+    return json.dumps([spec.model.model_dump(), device, quantized, spec.quantization, _tokenizer_settings(item)],
+                      sort_keys=True, default=str)
+
+
+def _apply_tokenizer_settings(item, loaded: LoadedModel) -> None:
+    """``training.eos_token``/``pad_token``/``chat_template_path`` on this load's own tokenizer, before anything
+    is formatted, and the model's token ids with them, as SFTTrainer would set them (too late, and on a
+    tokenizer other specs share)."""
+    tokenizer, model = loaded.tokenizer, loaded.model
+    for key, value in _tokenizer_settings(item).items():
+        where = item.locate("training", key)
+        if key == "chat_template_path":
+            tokenizer.chat_template = check_inside(item.folder, value, "training.chat_template_path").read_text(
+                encoding="utf-8")
+            loaded.notes.append(f"{where}: note: training.chat_template_path is this spec's chat template")
+            continue
+        if value not in tokenizer.get_vocab():
+            raise SpecError(f"{key} {value!r} is not in the tokenizer's vocabulary", where, key=f"training.{key}")
+        setattr(tokenizer, key, value)
+        token_id = tokenizer.convert_tokens_to_ids(value)
+        setattr(model.config, f"{key}_id", token_id)
+        generation = getattr(model, "generation_config", None)
+        if generation is not None and key == "eos_token":
+            ids = generation.eos_token_id if isinstance(generation.eos_token_id, list) else [generation.eos_token_id]
+            generation.eos_token_id = [token_id, *(i for i in ids if i is not None and i != token_id)]
+        elif generation is not None:
+            generation.pad_token_id = token_id
+        loaded.notes.append(f"{where}: note: training.{key} {value!r} is set on this spec's own tokenizer")
 
 
 def quantization_config(item, device: str):
@@ -122,7 +158,10 @@ def _load_quantized(named, item, config, device: str, notes: list[str]) -> Loade
     """qlora's quantized model; None, with the fallback noted, when quantized loading does not work here."""
     problem = bitsandbytes_problem()
     if problem is None:
-        quantization = quantization_config(item, device)
+        try:
+            quantization = quantization_config(item, device)
+        except (ValueError, TypeError) as exc:  # the spec's values, not this machine: never a fallback
+            raise SpecError(f"quantization: {exc}", item.locate("quantization"), key="quantization") from None
         try:
             loaded = named.obj.load(item.spec.model, config, quantization=quantization)
         except (SpecError, SkipSpec):
@@ -201,6 +240,7 @@ def sft_spec_load_model(item, config) -> LoadedModel:
     if loaded is None:
         loaded = named.obj.load(item.spec.model, config, quantization=None)
     _train_ready_dtype(loaded, config, notes)
+    _apply_tokenizer_settings(item, loaded)
     # Every spec that shares this model reports what was changed to load it.
     loaded.notes.extend(n for n in notes if n not in loaded.notes)
     loaded.loader = named.name

@@ -11,6 +11,7 @@ import dataclasses
 import enum
 import inspect
 import json
+import math
 import types as types_module
 import typing
 from importlib import metadata
@@ -19,7 +20,9 @@ from typing import Any
 
 from sft_spec import hookimpl
 from sft_spec.errors import SpecError, did_you_mean
+from sft_spec.loading.paths import check_inside
 
+from . import recipe_policy
 from .files import atomic_write_text
 
 #: Old names users bring from older TRL scripts, mapped to today's names.
@@ -30,22 +33,6 @@ RENAMED_TRAINING_KEYS = {
     "gradient_checkpointing": "activation_checkpointing",
     "gradient_checkpointing_kwargs": "activation_checkpointing_kwargs",
 }
-
-#: Settings sft-spec owns: where files go, and nothing is ever pushed to a hub from a spec.
-MANAGED_TRAINING_KEYS = {
-    "output_dir": "sft-spec writes run files under its own output folder",
-    "logging_dir": "sft-spec writes run files under its own output folder",
-    "push_to_hub": "a spec may not publish models",
-    "hub_model_id": "a spec may not publish models",
-    "hub_token": "a spec may not publish models",
-    "hub_strategy": "a spec may not publish models",
-    "hub_private_repo": "a spec may not publish models",
-    "resume_from_checkpoint": "each run trains from the base model",
-}
-
-# Fields of LoraConfig that sft-spec sets from the spec's method.
-MANAGED_LORA_KEYS = {"task_type": "sft-spec trains causal language models (CAUSAL_LM)"}
-
 
 @dataclasses.dataclass(frozen=True)
 class FieldInfo:
@@ -184,33 +171,130 @@ def _rename_old_keys(item, known: dict[str, FieldInfo]) -> list[SpecError]:
     return errors
 
 
-def _check_section(item, section: str, values: dict, known: dict, managed: dict, what: str) -> list[SpecError]:
+#: Values TRL would accept here and reject (or misuse) at training time: (least allowed, why).
+BOUNDS: dict[tuple[str, str], tuple[float, bool, str]] = {
+    ("training", "per_device_train_batch_size"): (1, True, "a batch holds at least one example"),
+    ("training", "gradient_accumulation_steps"): (1, True, "at least one step per optimizer update"),
+    ("training", "learning_rate"): (0, True, "a learning rate is a number >= 0"),
+    ("training", "num_train_epochs"): (0, False, "train for more than 0 epochs"),
+    ("training", "warmup_steps"): (0, True, "warmup steps are >= 0"),
+    ("training", "weight_decay"): (0, True, "weight decay is >= 0"),
+    ("training", "logging_steps"): (0, False, "log every n > 0 steps"),
+    ("training", "max_length"): (2, True, "a training text needs at least a prompt token and an answer token"),
+    ("lora", "r"): (1, True, "a LoRA rank is at least 1"),
+    ("lora", "lora_alpha"): (0, False, "lora_alpha is > 0"),
+    ("lora", "lora_dropout"): (0, True, "a dropout probability is >= 0"),
+}
+#: BitsAndBytesConfig values that are a spec's choice, checked here so a typo is never blamed on the machine.
+QUANTIZATION_CHOICES = {
+    "bnb_4bit_quant_type": ("fp4", "nf4"),
+    "bnb_4bit_compute_dtype": ("float32", "bfloat16", "float16"),
+    "bnb_4bit_quant_storage": ("uint8", "float32", "bfloat16", "float16"),
+}
+
+
+def _bound_problem(section: str, key: str, value: Any) -> str | None:
+    bound = BOUNDS.get((section, key))
+    if bound is None or isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    least, inclusive, why = bound
+    if math.isnan(value) or math.isinf(value) or value < least or (value == least and not inclusive):
+        return f"{value!r} cannot train: {why}"
+    return None
+
+
+def _check_section(item, config, section: str, values: dict, known: dict, what: str) -> list[SpecError]:
     errors = []
     for key, value in values.items():
-        where = item.locate(section, key)
-        if key in managed:
-            errors.append(SpecError(f"{key!r} cannot be set in a spec: {managed[key]}", where, key=f"{section}.{key}"))
-        elif key not in known:
-            errors.append(SpecError(did_you_mean(str(key), list(known), f"{what} field"), where,
-                                    key=f"{section}.{key}"))
-        else:
-            problem = check_value(known[key], value)
-            if problem:
-                errors.append(SpecError(problem, where, key=f"{section}.{key}"))
+        where, dotted = item.locate(section, key), f"{section}.{key}"
+        policy, why = recipe_policy.kind(section, key), recipe_policy.why(section, key)
+        if key not in known and policy != "refused":
+            errors.append(SpecError(did_you_mean(str(key), list(known), f"{what} field"), where, key=dotted))
+        elif policy == "refused":
+            errors.append(SpecError(f"{key!r} cannot be set in a spec: {why}", where, key=dotted))
+        elif problem := check_value(known[key], value) or _bound_problem(section, key, value):
+            errors.append(SpecError(problem, where, key=dotted))
+        elif policy == "path" and isinstance(value, str):
+            try:
+                check_inside(item.folder, value, dotted)
+            except ValueError as exc:
+                errors.append(SpecError(str(exc), where, key=dotted))
+        elif policy == "managed":
+            item.notes.append(f"{where}: note: {dotted} is not used as written: {why}")
+    return errors
+
+
+def _special_training_keys(item, config) -> list[SpecError]:
+    """Keys sft-spec honours itself: the loss-mask flags as format.collator, report_to, chat_template_path."""
+    from .formatters import FORMAT
+
+    training, errors = item.spec.training, []
+    fmt = item.section(FORMAT)
+    written = (item.doc.data.get("format") or {}).get("collator") if isinstance(item.doc.data.get("format"), dict) \
+        else None
+    for key, collators in (("completion_only_loss", {True: "completion_only", False: "full"}),
+                           ("assistant_only_loss", {True: "assistant_only"})):
+        if key not in training or training[key] not in collators or fmt is None:
+            continue
+        wanted = collators[training[key]]
+        where = item.locate("training", key)
+        if written is not None and written != wanted:
+            errors.append(SpecError(f"{key}: {training[key]} asks for the collator {wanted!r}, and format.collator "
+                                    f"is {written!r}: keep one", where, key=f"training.{key}"))
+            continue
+        fmt.collator = wanted
+        item.notes.append(f"{where}: note: training.{key}: {training[key]} is read as format.collator: {wanted}")
+    if "report_to" in training:
+        loggers = training["report_to"]
+        loggers = [loggers] if isinstance(loggers, str) else list(loggers or [])
+        remote = [name for name in loggers if name not in recipe_policy.LOCAL_LOGGERS]
+        if remote and not config.getoption("allow_network_loggers"):
+            errors.append(SpecError(f"report_to {', '.join(map(repr, remote))} sends the run to a network service; "
+                                    "pass --allow-network-loggers to allow it (tensorboard writes local files)",
+                                    item.locate("training", "report_to"), key="training.report_to"))
+    template = training.get("chat_template_path")
+    if isinstance(template, str):
+        where = item.locate("training", "chat_template_path")
+        try:
+            check_inside(item.folder, template, "training.chat_template_path")
+            if not template.endswith((".jinja", ".j2")):
+                raise ValueError(f"training.chat_template_path {template!r}: expected a .jinja or .j2 file inside "
+                                 "the spec's folder")
+        except ValueError as exc:
+            errors.append(SpecError(str(exc), where, key="training.chat_template_path"))
+        if fmt is not None and fmt.template:
+            errors.append(SpecError("both format.template and training.chat_template_path give a chat template: "
+                                    "keep one", where, key="training.chat_template_path"))
     return errors
 
 
 @hookimpl
 def sft_spec_validate_spec(item, config) -> list[SpecError]:
     spec = item.spec
+    errors: list[SpecError] = []
+    if spec.quantization and spec.method != "qlora":
+        errors.append(SpecError(f"quantization applies to method: qlora; with method: {spec.method} it would be "
+                                "ignored (set method: qlora, or remove quantization)", item.locate("quantization"),
+                                key="quantization"))
     if not spec.training and not spec.lora and not spec.quantization:
-        return []
+        return errors
     fields = recipe_fields(config.cache_dir)
-    errors = _rename_old_keys(item, fields["training"]) if spec.training else []
-    errors += _check_section(item, "training", spec.training, fields["training"], MANAGED_TRAINING_KEYS,
-                             "trl.SFTConfig")
-    errors += _check_section(item, "lora", spec.lora, fields["lora"], MANAGED_LORA_KEYS, "peft.LoraConfig")
+    errors += _rename_old_keys(item, fields["training"]) if spec.training else []
+    errors += _check_section(item, config, "training", spec.training, fields["training"], "trl.SFTConfig")
+    errors += _special_training_keys(item, config)
+    errors += _check_section(item, config, "lora", spec.lora, fields["lora"], "peft.LoraConfig")
+    init = spec.lora.get("init_lora_weights")
+    if isinstance(init, str) and init.lower() in recipe_policy.DATA_DRIVEN_INITS:
+        errors.append(SpecError(f"init_lora_weights {init!r} needs an initialisation pass over the training data "
+                                "that sft-spec does not run (pissa, olora, gaussian and true work)",
+                                item.locate("lora", "init_lora_weights"), key="lora.init_lora_weights"))
     if spec.quantization and "quantization" in fields:
-        errors += _check_section(item, "quantization", spec.quantization, fields["quantization"], {},
+        errors += _check_section(item, config, "quantization", spec.quantization, fields["quantization"],
                                  "transformers.BitsAndBytesConfig")
+        for key, choices in QUANTIZATION_CHOICES.items():
+            value = spec.quantization.get(key)
+            if value is not None and str(value).replace("torch.", "") not in choices:
+                errors.append(SpecError(did_you_mean(str(value), choices, f"value for {key}:")
+                                        .replace("unknown value", "invalid value"), item.locate("quantization", key),
+                                        key=f"quantization.{key}"))
     return errors

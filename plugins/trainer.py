@@ -10,11 +10,15 @@ from __future__ import annotations
 import math
 import re
 import time
+from pathlib import Path
 from typing import Any
 
 from sft_spec import hookimpl
+from sft_spec.errors import SpecError
+from sft_spec.loading.paths import check_inside
 from sft_spec.state import StashKey
 
+from . import recipe_policy
 from .files import spec_output_dir
 from .formatters import FORMAT
 from .generation import GENERATION
@@ -35,17 +39,22 @@ HARNESS_DEFAULTS: dict[str, Any] = {
     "logging_steps": 1,  # one loss per step: the loss curve and loss checks need it
     "seed": 42,
 }
-#: Settings a harness run always uses.
+#: Settings a harness run always uses (recipe_policy.py says why for each).
 FORCED: dict[str, Any] = {
-    "report_to": "none", "save_strategy": "no", "disable_tqdm": True, "push_to_hub": False,
+    "report_to": "none", "save_strategy": "no", "disable_tqdm": True, "push_to_hub": False, "do_train": True,
+    "eval_strategy": "no", "do_eval": False, "do_predict": False, "load_best_model_at_end": False,
     # transformers hides NaN/inf losses from the logs by default; a harness must see them to stop the spec.
     "logging_nan_inf_filter": False,
 }
+
 #: The losses the trainer's callback records while it trains.
 LOSSES = StashKey[list[float]]()
 
 @hookimpl
 def sft_spec_addoption(parser):
+    parser.add_argument("--allow-network-loggers", action="store_true",
+                        help="let specs log to services over the network (training.report_to: wandb, mlflow, ...); "
+                        "tensorboard writes local files and needs no permission")
     parser.add_argument(
         "--on-unsupported", choices=POLICIES, default="fallback",
         help="a setting this machine cannot run (a --device that is not there, fp16 or emulated bf16 on a CPU, "
@@ -59,7 +68,15 @@ def sft_config_kwargs(item, run, device: str) -> dict[str, Any]:
     import torch
     from trl import SFTConfig
 
-    user = dict(item.spec.training)
+    # What TRL gets as written: fields sft-spec honours itself (the tokenizer's settings, the loss flags,
+    # report_to) or manages are left out; recipe_policy.py classifies every field.
+    user = {k: v for k, v in item.spec.training.items() if recipe_policy.kind("training", k) in ("passed", "path")}
+    for key in ("max_length", "truncation_mode"):  # the mask phase truncated already; TRL's then keeps all
+        if key in item.spec.training:
+            user[key] = item.spec.training[key]
+    for key, value in user.items():
+        if recipe_policy.kind("training", key) == "path" and isinstance(value, str):
+            user[key] = str(check_inside(item.folder, value, f"training.{key}"))
     defaults = dict(HARNESS_DEFAULTS)
     if "activation_checkpointing" in SFTConfig.__dataclass_fields__:
         # transformers 5 renamed it; the old name still works but warns.
@@ -70,6 +87,11 @@ def sft_config_kwargs(item, run, device: str) -> dict[str, Any]:
     kwargs = {**defaults, **user, **FORCED}
     kwargs["output_dir"] = str(spec_output_dir(run.config, item))
     config = run.config
+    loggers = item.spec.training.get("report_to", "none")
+    loggers = [loggers] if isinstance(loggers, str) else list(loggers or [])
+    remote = [name for name in loggers if name not in recipe_policy.LOCAL_LOGGERS]
+    if remote:  # validation refused these without --allow-network-loggers
+        kwargs["report_to"] = remote
     if device == "cpu":
         kwargs["use_cpu"] = True
         if user.get("fp16"):
@@ -126,6 +148,57 @@ def _make_callback(item, hook, losses: list[float]):
     return _Recorder()
 
 
+def _stop_on_nan(trainer) -> None:
+    """Every step's loss is checked, whatever logging_steps or logging_strategy say: a NaN ends the spec."""
+    compute_loss = trainer.compute_loss
+
+    def checked(model, inputs, *args, **kwargs):
+        result = compute_loss(model, inputs, *args, **kwargs)
+        loss = result[0] if isinstance(result, tuple) else result
+        if not bool(loss.detach().isfinite().all()):
+            raise FloatingPointError(f"the loss became {float(loss.detach().float().mean())} at step "
+                                     f"{trainer.state.global_step + 1}")
+        return result
+
+    trainer.compute_loss = checked
+
+
+def _tensorboard(item, run, trainer) -> None:
+    """``report_to: tensorboard``: event files in a folder that outlives the run (the output folder when
+    --output-dir is given, else .sft-spec/tensorboard under the project's root), named in the reports."""
+    from transformers.integrations import TensorBoardCallback
+
+    loggers = item.spec.training.get("report_to")
+    if "tensorboard" not in ([loggers] if isinstance(loggers, str) else list(loggers or [])):
+        return
+    try:
+        from tensorboardX import SummaryWriter
+    except ImportError:
+        from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
+    config = run.config
+    chosen = config.options.output_dir
+    root = Path(chosen) if chosen else config.rootdir / ".sft-spec" / "tensorboard"
+    folder = root / spec_output_dir(config, item).name / "runs"
+    trainer.add_callback(TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(folder))))
+    run.metrics["tensorboard_dir"] = str(folder)
+    run.note(f"report_to tensorboard: event files in {folder} (tensorboard --logdir {root})")
+
+
+def _check_target_modules(item, model) -> None:
+    """Each name in ``lora.target_modules`` is a module of the model: peft silently skips a name it does not
+    find as long as another one matches, and raises only when none does."""
+    wanted = item.spec.lora.get("target_modules")
+    if not isinstance(wanted, list):
+        return  # a regular expression or "all-linear": peft resolves it
+    names = [name for name, _ in model.named_modules()]
+    missing = [w for w in wanted if not any(n == w or n.endswith("." + w) for n in names)]
+    if missing:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if "Linear" in type(m).__name__})
+        raise SpecError(f"{', '.join(map(repr, missing))} {'is' if len(missing) == 1 else 'are'} not a module of "
+                        f"{type(model).__name__}; its linear layers are {', '.join(linear)}",
+                        item.locate("lora", "target_modules"), key="lora.target_modules")
+
+
 def _wrap_peft(item, run, model):
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
@@ -133,6 +206,7 @@ def _wrap_peft(item, run, model):
     if run.loaded.quantization:  # qlora, unless it fell back to an unquantized model
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         run.loaded.dirty = True  # k-bit preparation changes the base model
+    _check_target_modules(item, model)
     trainable = {name: p.requires_grad for name, p in model.named_parameters()}
     peft_model = get_peft_model(model, LoraConfig(**settings))
 
@@ -204,6 +278,8 @@ def sft_spec_make_trainer(item, run, examples):
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # it prints every log dict; the terminal reporter shows progress
+    _stop_on_nan(trainer)
+    _tensorboard(item, run, trainer)
     return trainer
 
 
@@ -219,3 +295,12 @@ def sft_spec_train(item, run, trainer) -> list[float]:
     if losses:
         run.metrics["final_loss"] = losses[-1]
     return losses
+
+
+@hookimpl
+def sft_spec_terminal_summary(session, write_line) -> None:
+    folders = [r.metrics["tensorboard_dir"] for r in session.reports if r.metrics.get("tensorboard_dir")]
+    if folders:
+        roots = sorted({str(Path(f).parent.parent) for f in folders})
+        write_line(f"TensorBoard: {len(folders)} run{'s' if len(folders) != 1 else ''} logged: tensorboard --logdir "
+                   + " ".join(roots))

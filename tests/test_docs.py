@@ -66,6 +66,10 @@ def test_spec_reference_lists_every_key_and_check():
         assert f"| `{name}` |" in text
     assert "| `max_seq_length` | `max_length` |" in text
     assert "| `output_dir` |" in text and "| `task_type` |" in text
+    from sft_spec_plugins import recipe_policy
+
+    for name in [*recipe_policy.TRAINING, *recipe_policy.LORA]:  # every classified field is on the page
+        assert f"`{name}`" in text, name
 
 
 # -- docs/hooks.md -----------------------------------------------------------------------------------

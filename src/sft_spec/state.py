@@ -60,13 +60,11 @@ class FormattedText:
     """A conversation rendered as the model sees it.
 
     ``assistant_spans`` are the character ranges of each assistant turn's text including its end-of-turn
-    marker; ``assistant_starts`` where the prompt before each assistant turn ends (its response template
-    follows), so a loss mask looks for the response template right there, never inside a reply.
+    marker: what a multi-turn mask trains, and where a response template may not be looked for.
     """
 
     text: str
     assistant_spans: list[tuple[int, int]] = field(default_factory=list)
-    assistant_starts: list[int] = field(default_factory=list)
     prompt_end: int = 0  # where the last assistant turn starts
 
 
@@ -78,6 +76,7 @@ class MaskedExample:
     labels: list[int]
     formatted: FormattedText
     offsets: list[tuple[int, int]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # warnings for the report (a token across the boundary)
 
 
 @dataclass(frozen=True)
