@@ -51,7 +51,8 @@ def test_refused_settings_are_errors_at_their_key(sft, write_spec, section, key,
     result = sft("validate", write_spec("refused.sft.yaml", text))
     assert result.code == 1
     line = next(i for i, row in enumerate(text.splitlines(), 1) if row.strip().startswith(f"{key}:"))
-    assert re.search(rf"refused\.sft\.yaml:{line}:\d+: {section}\.{key}: .*{re.escape(message)}", result.out), result.out
+    located = rf"refused\.sft\.yaml:{line}:\d+: {section}\.{key}: .*{re.escape(message)}"
+    assert re.search(located, result.out), result.out
 
 
 def test_quantization_without_qlora_is_refused(sft, write_spec):
