@@ -12,6 +12,7 @@ import enum
 import inspect
 import json
 import math
+import re
 import types as types_module
 import typing
 from importlib import metadata
@@ -193,6 +194,17 @@ QUANTIZATION_CHOICES = {
 }
 
 
+#: A field whose value may be a file: it takes a string, and its name or its help says so.
+_PATH_NAME = re.compile(r"(_path|_dir|_file|_config)$|^deepspeed$")
+_PATH_HELP = re.compile(r"\b(path|file|director(y|ies))\b", re.I)
+
+
+def path_fields(fields: dict[str, FieldInfo]) -> set[str]:
+    """The fields of SFTConfig (or LoraConfig) that name files, found from their types, names and help."""
+    return {name for name, info in fields.items()
+            if "str" in info.types and (_PATH_NAME.search(name) or _PATH_HELP.search(info.help))}
+
+
 def _bound_problem(section: str, key: str, value: Any) -> str | None:
     bound = BOUNDS.get((section, key))
     if bound is None or isinstance(value, bool) or not isinstance(value, int | float):
@@ -204,7 +216,7 @@ def _bound_problem(section: str, key: str, value: Any) -> str | None:
 
 
 def _check_section(item, config, section: str, values: dict, known: dict, what: str) -> list[SpecError]:
-    errors = []
+    errors, paths = [], path_fields(known)
     for key, value in values.items():
         where, dotted = item.locate(section, key), f"{section}.{key}"
         policy, why = recipe_policy.kind(section, key), recipe_policy.why(section, key)
@@ -214,14 +226,19 @@ def _check_section(item, config, section: str, values: dict, known: dict, what: 
             errors.append(SpecError(f"{key!r} cannot be set in a spec: {why}", where, key=dotted))
         elif problem := check_value(known[key], value) or _bound_problem(section, key, value):
             errors.append(SpecError(problem, where, key=dotted))
-        elif policy == "path" and isinstance(value, str):
-            try:
-                check_inside(item.folder, value, dotted)
-            except ValueError as exc:
-                errors.append(SpecError(str(exc), where, key=dotted))
+        elif key in paths and isinstance(value, str) and (problem := _outside(item, value, dotted)):
+            errors.append(SpecError(problem, where, key=dotted))
         elif policy == "managed":
             item.notes.append(f"{where}: note: {dotted} is not used as written: {why}")
     return errors
+
+
+def _outside(item, value: str, dotted: str) -> str | None:
+    try:
+        check_inside(item.folder, value, dotted)
+    except ValueError as exc:
+        return str(exc)
+    return None
 
 
 def _special_training_keys(item, config) -> list[SpecError]:
@@ -255,13 +272,9 @@ def _special_training_keys(item, config) -> list[SpecError]:
     template = training.get("chat_template_path")
     if isinstance(template, str):
         where = item.locate("training", "chat_template_path")
-        try:
-            check_inside(item.folder, template, "training.chat_template_path")
-            if not template.endswith((".jinja", ".j2")):
-                raise ValueError(f"training.chat_template_path {template!r}: expected a .jinja or .j2 file inside "
-                                 "the spec's folder")
-        except ValueError as exc:
-            errors.append(SpecError(str(exc), where, key="training.chat_template_path"))
+        if not template.endswith((".jinja", ".j2")):  # TRL would take anything else for a hub id to load
+            errors.append(SpecError(f"training.chat_template_path {template!r}: expected a .jinja or .j2 file "
+                                    "inside the spec's folder", where, key="training.chat_template_path"))
         if fmt is not None and fmt.template:
             errors.append(SpecError("both format.template and training.chat_template_path give a chat template: "
                                     "keep one", where, key="training.chat_template_path"))

@@ -40,9 +40,10 @@ def short_id(nodeid: str) -> str:
 
 
 def recorded_path(spec_path: Path, folder: str) -> Path:
-    # <stem>.yaml, not <name>.sft.yaml.yaml: never a spec file name, so never collected as one.
+    """``x.sft.yaml`` -> ``folder/x.yaml``, ``x.sft.yml`` -> ``folder/x.yml``: one file per spec file (two spec
+    files with the same stem do not share one), and never a spec file name, so never collected as one."""
     spec_path = Path(spec_path).resolve()
-    return spec_path.parent / folder / (spec_stem(spec_path) + ".yaml")
+    return spec_path.parent / folder / (spec_stem(spec_path) + spec_path.suffix)
 
 
 def sha256(data: Any) -> str:

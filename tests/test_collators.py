@@ -121,3 +121,88 @@ data:
     report = result.recorder.reports[0]
     assert report.outcome == "error" and report.error.phase == "mask"
     assert report.error.message.startswith("conversation 1: response_template 'R:' does not occur")
+
+
+# -- parity with TRL's own labels ---------------------------------------------------------------------
+
+PARITY = [
+    {"role": "user", "content": "你好"}, {"role": "assistant", "content": "你好！"},
+    {"role": "user", "content": "微调测试"}, {"role": "assistant", "content": "我学会了"},
+]
+
+
+def trl_labels(loaded, row: dict, **settings) -> tuple[list[int], list[int]]:
+    """The input ids and labels TRL's SFTTrainer builds for one dataset row (no training)."""
+    import datasets
+    from trl import SFTConfig, SFTTrainer
+
+    args = SFTConfig(output_dir="unused", use_cpu=True, bf16=False, report_to="none", **settings)
+    trainer = SFTTrainer(model=loaded.model, args=args, train_dataset=datasets.Dataset.from_list([row]),
+                         processing_class=loaded.tokenizer)
+    example = trainer.train_dataset[0]
+    return list(example["input_ids"]), list(example["labels"])
+
+
+def ours(item, run) -> tuple[list[int], list[int]]:
+    formatted = run.config.hook.sft_spec_format(item=item, run=run, messages=item.conversations[0],
+                                                add_generation_prompt=False)
+    example = run.config.hook.sft_spec_make_mask(item=item, run=run, formatted=formatted, index=0)
+    ids, labels = example.input_ids, example.labels
+    eos = run.loaded.tokenizer.eos_token_id
+    if ids[-1] == eos and run.markers.end_of_turn != run.loaded.tokenizer.eos_token:
+        ids, labels = ids[:-1], labels[:-1]  # the EOS sft-spec appends after Gemma's last turn (format.add_eos)
+    return ids, labels
+
+
+def parity_spec(model: str, collator: str) -> str:
+    import json
+
+    return (f"model: {model}\nchecks: {{loss_decreased: true}}\nformat: {{collator: {collator}}}\n"
+            f"data: {{conversations: [{json.dumps(PARITY, ensure_ascii=False)}]}}\n")
+
+
+@pytest.mark.parametrize("model", [GEMMA, CHATML])
+def test_completion_only_masks_what_trl_masks_for_prompt_completion(prepare, model):
+    item, run = prepare(parity_spec(model, "completion_only"))
+    assert ours(item, run) == trl_labels(run.loaded, {"prompt": PARITY[:3], "completion": PARITY[3:]})
+
+
+def test_assistant_only_masks_what_trl_masks_with_assistant_only_loss(prepare):
+    item, run = prepare(parity_spec(GEMMA, "assistant_only"))
+    assert ours(item, run) == trl_labels(run.loaded, {"messages": PARITY}, assistant_only_loss=True)
+
+
+def test_trl_cannot_mask_assistant_turns_of_the_chatml_template_and_sft_spec_can(prepare):
+    item, run = prepare(parity_spec(CHATML, "assistant_only"))
+    with pytest.raises(ValueError, match="not training-compatible"):
+        trl_labels(run.loaded, {"messages": PARITY}, assistant_only_loss=True)
+    assert trained_text(item, run) == "你好！<|im_end|>\n | 我学会了<|im_end|>\n"
+
+
+def test_an_answer_that_quotes_the_response_template_is_trained_whole(prepare):
+    quoting = "在模型里写 <start_of_turn>model\n 就行"
+    text = ONE.format(model=GEMMA, collator="completion_only", extra="").replace("我学会了", json_quote(quoting))
+    item, run = prepare(text)
+    assert trained_text(item, run) == quoting + "<end_of_turn>\n<eos>"  # before: only " 就行..." after the quote
+    assert any("answer 0 quotes the response_template" in n for n in run.notes), run.notes
+
+
+def json_quote(text: str) -> str:
+    import json
+
+    return json.dumps(text, ensure_ascii=False)
+
+
+def test_a_token_across_the_prompt_and_answer_is_warned_of():
+    from sft_spec_plugins.collators import mask_from_spans
+
+    from sft_spec.state import FormattedText
+
+    class Words:  # a tokenizer whose one token spans "ab|c": the answer starts inside it
+        def __call__(self, text, **kwargs):
+            return {"input_ids": [1, 2], "offset_mapping": [(0, 3), (3, 4)]}
+
+    example = mask_from_spans(FormattedText(text="abcd", assistant_spans=[(2, 4)]), Words(), [(2, 4)])
+    assert example.labels == [1, 2]
+    assert example.notes == ["warning: the token 'abc' spans the end of the prompt and the start of the answer: "
+                             "its prompt part carries the loss too"]

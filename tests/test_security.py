@@ -259,3 +259,98 @@ def test_paths_stay_inside_the_spec_folder_whatever_folder_the_run_starts_from(t
     run = subprocess.run([sys.executable, "-m", "pytest", "-p", "sft_spec", "-p", "no:cacheprovider", "specs/",
                           "--co"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert message in run.stdout, run.stdout
+
+
+def outside_values(tmp_path: Path) -> list[str]:
+    (tmp_path / "outside.json").write_text("{}", encoding="utf-8")
+    return ["../outside.json", str(tmp_path / "outside.json"), "~/outside.json"]
+
+
+def training_path_fields() -> list[str]:
+    from sft_spec_plugins import recipe_policy
+    from sft_spec_plugins.recipe_fields import path_fields, recipe_fields
+
+    from sft_spec.config import default_cache_dir
+
+    fields = path_fields(recipe_fields(default_cache_dir())["training"])
+    return sorted(name for name in fields if recipe_policy.kind("training", name) != "refused")
+
+
+def test_the_path_fields_are_found_from_types_names_and_help():
+    # Not a hand list: the rule finds TRL's file-valued fields, and the policy table agrees with it.
+    from sft_spec_plugins import recipe_policy
+
+    found = set(training_path_fields())
+    assert {"deepspeed", "fsdp_config", "accelerator_config", "chat_template_path"} <= found
+    assert {n for n, (kind, _) in recipe_policy.TRAINING.items() if kind == "path"} <= found
+
+
+@pytest.mark.parametrize("field", training_path_fields())
+def test_every_file_valued_training_field_stays_inside_the_spec_folder(tmp_path, field):
+    """The class: whatever the field, a path outside the spec's folder is an error at its key."""
+    specs = tmp_path / "specs"
+    for value in outside_values(tmp_path):
+        text = GOOD.replace("per_device_train_batch_size: 8}", f"per_device_train_batch_size: 8, {field}: {value!r}}}")
+        errors = load_errors(write(specs, f"{field}.sft.yaml", text), specs)
+        mine = [e for e in errors if e.key == f"training.{field}"]
+        assert mine and mine[0].location.line == 2, [str(e) for e in errors]
+        assert "outside the spec directory" in mine[0].message or "absolute path" in mine[0].message
+
+
+def test_launcher_config_files_stay_inside_the_spec_folder(tmp_path):
+    specs = tmp_path / "specs"
+    for value in outside_values(tmp_path):
+        errors = load_errors(write(specs, "l.sft.yaml", GOOD + f"launcher: {{config_file: {value!r}}}\n"), specs)
+        assert [e.key for e in errors] == ["launcher.config_file"], [str(e) for e in errors]
+
+
+def test_a_defaults_file_that_links_out_is_refused(tmp_path):
+    (tmp_path / "pyproject.toml").write_text("[project]\nname = 'x'\n", encoding="utf-8")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "sft-defaults.yaml").write_text("training: {learning_rate: 1.0}\n", encoding="utf-8")
+    (tmp_path / "specs").mkdir()
+    (tmp_path / "specs" / "sft-defaults.yaml").symlink_to(tmp_path / "elsewhere" / "sft-defaults.yaml")
+    errors = load_errors(write(tmp_path / "specs" / "team", "x.sft.yaml", GOOD), tmp_path)
+    assert any("sft-defaults.yaml" in e.message and "outside" in e.message for e in errors), [str(e) for e in errors]
+
+
+def test_defaults_of_parent_folders_apply_whatever_path_the_run_is_given(tmp_path, monkeypatch, sft):
+    (tmp_path / "pyproject.toml").write_text("[project]\nname = 'x'\n", encoding="utf-8")
+    write(tmp_path, "sft-defaults.yaml", "tags: [from-the-root]\n")
+    path = write(tmp_path / "specs" / "team", "x.sft.yaml", GOOD)
+    monkeypatch.chdir(tmp_path / "specs")
+    for given in (path, path.parent, tmp_path / "specs"):
+        result = sft("run", "--co", given)
+        assert "tags: from-the-root" in result.out, (given, result.out)
+
+
+def test_a_symlink_loop_in_a_data_folder_is_an_error_for_its_spec(tmp_path, sft):
+    specs = tmp_path / "specs"
+    (specs / "data").mkdir(parents=True)
+    (specs / "data" / "loop.jsonl").symlink_to(specs / "data" / "loop.jsonl")
+    (specs / "data" / "subloop").symlink_to(specs / "data")  # a folder loop, for the collector's walk
+    write(specs, "loop.sft.yaml", GOOD.replace("data:\n  conversations:",
+                                               "data:\n  files: [{path: data/loop.jsonl}]\n  conversations:"))
+    write(specs, "fine.sft.yaml", GOOD)
+    result = sft("run", specs, "--co")
+    assert result.code == 1 and "Traceback" not in result.out + result.err
+    assert "data.files[0].path: data file 'data/loop.jsonl' cannot be resolved" in result.out
+    assert "fine.sft.yaml::fine" in result.out
+
+
+def test_an_unreadable_data_file_is_an_error_for_its_spec(tmp_path, sft, monkeypatch):
+    specs = tmp_path / "specs"
+    write(specs, "data/d.jsonl", '{"messages": [{"role": "user", "content": "a"}, '
+          '{"role": "assistant", "content": "b"}]}\n')
+    write(specs, "u.sft.yaml", GOOD.replace("data:\n  conversations:",
+                                            "data:\n  files: [{path: data/d.jsonl}]\n  conversations:"))
+    real = Path.read_bytes
+
+    def unreadable(self):
+        if self.name == "d.jsonl":
+            raise PermissionError(13, "Permission denied")  # root reads anything: a chmod would not do it
+        return real(self)
+
+    monkeypatch.setattr(Path, "read_bytes", unreadable)
+    result = sft("validate", specs)
+    assert result.code == 1 and "cannot read data file data/d.jsonl: Permission denied" in result.out

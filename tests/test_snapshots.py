@@ -79,3 +79,24 @@ def test_a_snapshot_file_that_cannot_be_written_errors_its_spec_only(sft, write_
     assert snap.outcome == "error" and snap.error.phase == "persist"
     assert "could not save the files this spec records" in snap.error.message
     assert other.outcome == "passed"
+
+
+def test_two_spec_files_with_the_same_stem_keep_their_own_snapshots(sft, write_spec, tmp_path):
+    write_spec("x.sft.yaml", SPEC)
+    write_spec("x.sft.yml", SPEC.replace("prompt: 微调测试", "prompt: 你好"))
+    result = sft("run", tmp_path, "--update-snapshots", "--no-cache")
+    assert result.code == 0, result.out
+    yaml_file, yml_file = tmp_path / "__snapshots__" / "x.yaml", tmp_path / "__snapshots__" / "x.yml"
+    answers = {r.path.rsplit(".", 1)[1]: r.expectations[0].answer for r in result.recorder.reports}
+    assert yaml.safe_load(yaml_file.read_text(encoding="utf-8")) == {"x::expect[0]": answers["yaml"]}
+    assert yaml.safe_load(yml_file.read_text(encoding="utf-8")) == {"x::expect[0]": answers["yml"]}
+    assert sft("run", tmp_path, "--no-cache").code == 0  # each reads its own back
+
+
+def test_a_very_long_spec_name_does_not_break_the_output_folder(sft, write_spec, one_answer_spec, tmp_path):
+    name = "测" * 100 + "x" * 200  # 300 characters, 500 bytes: no file name can hold it
+    result = sft("run", write_spec("long.sft.yaml", f"name: {name}\n" + one_answer_spec(epochs=2)),
+                 "--no-cache", "--output-dir", tmp_path / "out", "--json", tmp_path / "r.json")
+    report = result.recorder.reports[0]
+    assert report.error is None and report.name == name, report.error
+    assert all(len(p.name.encode()) < 255 for p in (tmp_path / "out").rglob("*"))

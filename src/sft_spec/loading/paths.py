@@ -17,7 +17,10 @@ def check_inside(folder: Path, relative: str, what: str = "path") -> Path:
     if Path(relative).expanduser().is_absolute() or relative.startswith("~"):
         raise ValueError(f"{what} {relative!r} is an absolute path: files a spec names must lie inside the spec "
                          f"directory {relpath(folder)} (give a path relative to the spec file)")
-    target = (folder / relative).resolve()
+    try:
+        target = (folder / relative).resolve()
+    except (OSError, RuntimeError) as exc:  # a symlink loop
+        raise ValueError(f"{what} {relative!r} cannot be resolved: {exc}") from None
     if target != folder and folder not in target.parents:
         link = " (through a symlink)" if ".." not in Path(relative).parts else ""
         raise ValueError(f"{what} {relative!r} is outside the spec directory {relpath(folder)}{link}")

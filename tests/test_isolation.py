@@ -1,0 +1,69 @@
+"""One spec never changes another's result: LoRA specs share one loaded base model, and whatever a spec
+does to it (train a module peft keeps on unload, rewrite the base weights, change the tokenizer), the next
+spec starts from the model as it was loaded. The property: a spec's result is the same alone and after
+any of these specs."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import GEMMA_ONE_ANSWER
+
+PROBE = GEMMA_ONE_ANSWER.format(method="lora", epochs=8, lr=1e-2)
+CHATML_LIKE = ("{% for m in messages %}<|{{ m.role }}|>{{ m.content }}</s>\n{% endfor %}"
+               "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+CONTAMINATORS = {
+    # peft's unload() keeps the trained copy of a modules_to_save module in the base model.
+    "modules_to_save": PROBE.replace("target_modules: [q_proj, k_proj, v_proj, o_proj]",
+                                     "target_modules: [q_proj, v_proj], modules_to_save: [lm_head]"),
+    # PiSSA initialises the adapter from the base weights' SVD and rewrites the base weights with the rest.
+    "pissa": PROBE.replace("target_modules: [q_proj, k_proj, v_proj, o_proj]",
+                           "target_modules: [q_proj, v_proj], init_lora_weights: pissa"),
+    # TRL sets these on the tokenizer it is given: here on this spec's own copy.
+    "eos_token": PROBE.replace("per_device_train_batch_size: 8", "per_device_train_batch_size: 8, "
+                               "eos_token: <end_of_turn>"),
+    "chat_template_path": PROBE.replace("per_device_train_batch_size: 8", "per_device_train_batch_size: 8, "
+                                        "chat_template_path: other.jinja"),
+    "full": GEMMA_ONE_ANSWER.format(method="full", epochs=8, lr=3e-3),
+    "qlora": GEMMA_ONE_ANSWER.format(method="qlora", epochs=8, lr=1e-2),
+}
+
+
+def outcome(report) -> tuple:
+    return ([(c.base_answer, c.answer) for c in report.expectations], [round(x, 6) for x in report.losses])
+
+
+@pytest.fixture(scope="module")
+def alone(tmp_path_factory):
+    from conftest import Recorder
+
+    from sft_spec.cli import main
+
+    folder = tmp_path_factory.mktemp("alone")
+    import textwrap
+
+    (folder / "b_probe.sft.yaml").write_text(textwrap.dedent(PROBE), encoding="utf-8")
+    recorder = Recorder()
+    assert main(["run", str(folder), "--no-cache", "-q"], plugins=[recorder]) in (0, 1)
+    return outcome(recorder.reports[0])
+
+
+@pytest.mark.parametrize("name", list(CONTAMINATORS))
+def test_a_specs_result_is_the_same_alone_and_after_another(name, sft, write_spec, tmp_path, alone):
+    (tmp_path / "other.jinja").write_text(CHATML_LIKE, encoding="utf-8")
+    write_spec("a_first.sft.yaml", CONTAMINATORS[name])
+    write_spec("b_probe.sft.yaml", PROBE)
+    result = sft("run", tmp_path, "--no-cache", "-v")
+    first, probe = result.recorder.reports
+    assert first.outcome in ("passed", "failed") and first.error is None, result.out  # it ran, whatever it learnt
+    assert outcome(probe) == alone, result.out
+
+
+def test_a_change_to_the_shared_model_is_found_and_said(sft, write_spec, tmp_path):
+    from sft_spec_plugins.models import MODEL_CACHE
+
+    write_spec("a_first.sft.yaml", CONTAMINATORS["modules_to_save"])
+    write_spec("b_probe.sft.yaml", PROBE)
+    result = sft("run", tmp_path, "--no-cache")
+    first = result.recorder.reports[0]
+    assert any("this spec changed the shared base model (weights)" in n for n in first.notes), first.notes
+    assert result.recorder.session.config.stash[MODEL_CACHE].loads == 2  # the probe got a fresh load
