@@ -211,9 +211,12 @@ def render_reference() -> str:
                     *named_table(registry.model_loaders), ""]
 
     for name, section in sorted(registry.sections.items()):
-        out += [f"## {name}", "", f"{cell(section.description)} (a key of plugin `{section.plugin}`; "
-                + ("optional, defaults as below" if section.default else "optional") + ").", "",
+        how = "required" if section.required else "optional, defaults as below" if section.default else "optional"
+        out += [f"## {name}", "", f"{cell(section.description)} (a key of plugin `{section.plugin}`; {how}).", "",
                 *model_table(section.model, f"{name}."), ""]
+        for path, model in nested_models(section.model, f"{name}."):
+            about = [notes[path], ""] if path in notes else []
+            out += [f"## {path}", "", *about, *model_table(model, f"{path}."), ""]
         if name == "format":
             out += ["Formatters (`format.formatter`):", "", *named_table(registry.formatters), "",
                     "Collators (`format.collator`):", "", *named_table(registry.collators), ""]

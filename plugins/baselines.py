@@ -144,7 +144,12 @@ def tokenizer_hash(loaded) -> str:
 
 def fingerprint(item, run) -> dict[str, Any]:
     loaded = run.loaded
+    from .trainer import FORCED
+
     settings = {k: v for k, v in run.settings.items() if k not in ("model", "generation", "device", "dtype")}
+    # What every harness run forces (save_strategy: no, ...) says nothing about this recipe's curve.
+    training = {k: v for k, v in settings.get("training", {}).items() if k not in FORCED or FORCED[k] != v}
+    settings = {**settings, "training": training} if "training" in settings else settings
     template = item.chat_template or getattr(loaded.tokenizer, "chat_template", None) or ""
     return {
         "model": item.spec.model.id,
@@ -209,12 +214,13 @@ class _State:
 STATE = StashKey[_State]()
 
 
-@hookimpl(tryfirst=True)
+@hookimpl(wrapper=True)
 def sft_spec_make_report(item, run, report):
+    report = yield
     current = run.stash.get(CURRENT, None)
     if current is not None:
         report.extra[EXTRA] = current  # what --update-baselines writes, on the main process
-    return None
+    return report
 
 
 @hookimpl

@@ -51,9 +51,11 @@ def mask_from_spans(formatted: FormattedText, tokenizer, spans: list[tuple[int, 
 class CompletionOnlyCollator:
     """Loss only after the response template: what ``DataCollatorForCompletionOnlyLM`` did, on characters."""
 
-    def spans(self, formatted: FormattedText, response_template: str, instruction_template: str | None,
-              notes: list[str]) -> list:
-        text, answers = formatted.text, formatted.assistant_spans
+    def spans(self, formatted: FormattedText, fmt, *, markers, notes: list[str]) -> list[tuple[int, int]]:
+        response_template = fmt.response_template or markers.response_template
+        if not response_template:
+            raise SpecError("cannot derive the response template from the chat template: set format.response_template")
+        instruction_template, text, answers = fmt.instruction_template, formatted.text, formatted.assistant_spans
         if not answers:  # a formatter that does not say where answers lie: search the whole text, as TRL did
             answers = [(len(text), len(text))]
             regions = [(0, len(text))]
@@ -77,29 +79,19 @@ class CompletionOnlyCollator:
                          "starts at the template before the answer, not at the quote")
         return out
 
-    def mask(self, formatted, tokenizer, fmt, *, markers) -> MaskedExample:
-        response_template = fmt.response_template or markers.response_template
-        if not response_template:
-            raise SpecError("cannot derive the response template from the chat template: set format.response_template")
-        notes: list[str] = []
-        example = mask_from_spans(formatted, tokenizer,
-                                  self.spans(formatted, response_template, fmt.instruction_template, notes))
-        example.notes[:0] = notes
-        return example
-
 
 class AssistantOnlyCollator:
     """Loss on every assistant turn (multi-turn chats), as located by the formatter."""
 
-    def mask(self, formatted, tokenizer, fmt, *, markers) -> MaskedExample:
-        return mask_from_spans(formatted, tokenizer, formatted.assistant_spans)
+    def spans(self, formatted, fmt, *, markers, notes) -> list[tuple[int, int]]:
+        return list(formatted.assistant_spans)
 
 
 class FullCollator:
     """Loss on every token, prompt included (plain language modelling)."""
 
-    def mask(self, formatted, tokenizer, fmt, *, markers) -> MaskedExample:
-        return mask_from_spans(formatted, tokenizer, [(0, len(formatted.text))])
+    def spans(self, formatted, fmt, *, markers, notes) -> list[tuple[int, int]]:
+        return [(0, len(formatted.text))]
 
 
 @hookimpl(trylast=True)
@@ -128,40 +120,50 @@ def sft_spec_validate_spec(item, config) -> list[SpecError]:
 LONGEST_TOKEN = StashKey[int]()
 
 
-def _cut(formatted: FormattedText, keep_end: bool, bound: int) -> FormattedText:
+def _clip(spans: list[tuple[int, int]], offset: int, bound: int) -> list[tuple[int, int]]:
+    clipped = [(max(s - offset, 0), min(e - offset, bound)) for s, e in spans]
+    return [(s, e) for s, e in clipped if s < e]
+
+
+def _cut(formatted: FormattedText, spans, keep_end: bool, bound: int) -> tuple[FormattedText, list | None]:
     """The text cut to ``bound`` characters (its start, or its end), spans moved and clipped with it."""
-    if len(formatted.text) <= bound:
-        return formatted
     offset = len(formatted.text) - bound if keep_end else 0
-    clip = [(max(s - offset, 0), min(e - offset, bound)) for s, e in formatted.assistant_spans]
-    clip = [(s, e) for s, e in clip if s < e]
-    return FormattedText(text=formatted.text[offset:offset + bound], assistant_spans=clip,
-                         prompt_end=max(formatted.prompt_end - offset, 0))
+    cut = FormattedText(text=formatted.text[offset:offset + bound], prompt_end=max(formatted.prompt_end - offset, 0),
+                        assistant_spans=_clip(formatted.assistant_spans, offset, bound))
+    return cut, (None if spans is None else _clip(spans, offset, bound))
 
 
 @hookimpl(trylast=True)
 def sft_spec_make_mask(item, run, formatted, index) -> MaskedExample:
+    """The collator's character spans on the whole text (so ``keep_end`` still finds the response template),
+    the text cut to what ``max_length`` tokens can span, then tokenized once and truncated to ``max_length``.
+    A collator with ``mask(formatted, tokenizer, fmt, *, markers)`` instead of ``spans`` gets the cut text."""
     fmt = item.section(FORMAT)
     collator = run.config.registry.collators[fmt.collator].obj
     markers, tokenizer = run.markers, run.loaded.tokenizer
     max_length = item.spec.training.get("max_length", 1024)
     keep_end = item.spec.training.get("truncation_mode", "keep_start") == "keep_end"
-    if max_length:
-        # Tokens of max_length tokens span at most this many characters: a longer text is cut before it is
-        # tokenized, so memory stays bounded whatever a data line holds.
-        longest = run.loaded.stash.get(LONGEST_TOKEN, None)
-        if longest is None:
-            longest = run.loaded.stash[LONGEST_TOKEN] = max(map(len, tokenizer.get_vocab()), default=1)
-        bound = max_length * longest + 64
-        if len(formatted.text) > bound:
-            run.note(f"conversation {index} has {len(formatted.text)} characters; cut to {bound} before "
-                     f"tokenizing ({'keep_end' if keep_end else 'keep_start'}, max_length={max_length})")
-            formatted = _cut(formatted, keep_end, bound)
+    # Errors about one conversation point at where it was written (its line in a data file).
+    where = item.sources[index] if index < len(item.sources) else None
+    notes: list[str] = []
     try:
-        example = collator.mask(formatted, tokenizer, fmt, markers=markers)
+        spans = collator.spans(formatted, fmt, markers=markers, notes=notes) if hasattr(collator, "spans") else None
+        if max_length:
+            # Tokens of max_length tokens span at most this many characters: a longer text is cut before it
+            # is tokenized, so memory stays bounded whatever a data line holds.
+            longest = run.loaded.stash.get(LONGEST_TOKEN, None)
+            if longest is None:
+                longest = run.loaded.stash[LONGEST_TOKEN] = max(map(len, tokenizer.get_vocab()), default=1)
+            bound = max_length * longest + 64
+            if len(formatted.text) > bound:
+                run.note(f"conversation {index} has {len(formatted.text)} characters; cut to {bound} before "
+                         f"tokenizing ({'keep_end' if keep_end else 'keep_start'}, max_length={max_length})")
+                formatted, spans = _cut(formatted, spans, keep_end, bound)
+        example = (mask_from_spans(formatted, tokenizer, spans) if spans is not None
+                   else collator.mask(formatted, tokenizer, fmt, markers=markers))
     except SpecError as exc:
-        raise SpecError(f"conversation {index}: {exc.message}", exc.location, exc.key) from None
-    for note in example.notes:
+        raise SpecError(f"conversation {index}: {exc.message}", exc.location or where, exc.key) from None
+    for note in notes + example.notes:
         run.note(f"conversation {index}: {note}")
     if max_length and len(example.input_ids) > max_length:
         run.note(f"a training conversation has {len(example.input_ids)} tokens; truncated to max_length={max_length}"
@@ -171,7 +173,7 @@ def sft_spec_make_mask(item, run, formatted, index) -> MaskedExample:
                                                               example.offsets[kept])
     if all(label == IGNORE_INDEX for label in example.labels):
         raise SpecError(f"the loss mask of collator {fmt.collator!r} trains no token of conversation {index}: "
-                        f"{formatted.text[:200]!r}")
+                        f"{formatted.text[:200]!r}", where)
     eot = markers.end_of_turn if markers else None
     if eot:
         trained_text = "".join(

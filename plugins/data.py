@@ -9,11 +9,42 @@ from __future__ import annotations
 
 import json
 
+from pydantic import BaseModel, ConfigDict, Field
+
 from sft_spec import hookimpl
 from sft_spec.errors import Location, SpecError, did_you_mean, relpath
 from sft_spec.loading.data import check_conversation
 from sft_spec.loading.paths import check_inside
 from sft_spec.loading.wording import kind_of
+from sft_spec.registry import SpecSection
+from sft_spec.spec import Message
+from sft_spec.state import LocatedConversation
+
+
+class DataFile(BaseModel):
+    """One ``data.files`` entry: a file of conversations and how to read it."""
+
+    model_config = ConfigDict(extra="forbid")
+    path: str = Field(description="A data file inside the spec's folder, relative to the spec file")
+    conversation_key: str = Field("messages", description="Key holding the list of turns in each line")
+    role_key: str = Field("role", description="Key of a turn's role")
+    content_key: str = Field("content", description="Key of a turn's text")
+    role_map: dict[str, str] = Field(default_factory=dict, description="Rename roles: {human: user, gpt: assistant}")
+
+
+class DataSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    conversations: list[list[Message]] = Field(default_factory=list, description="Inline training conversations")
+    files: list[DataFile] = Field(default_factory=list, description="JSON Lines files of conversations")
+
+
+DATA = SpecSection("data", DataSpec, "The training conversations", required=True)
+
+
+@hookimpl
+def sft_spec_register_spec_sections(register) -> None:
+    register(DATA)
+
 
 #: A data file larger than this is refused: a spec is a test, not a training job.
 MAX_DATA_BYTES = 64 * 1024 * 1024
@@ -58,7 +89,9 @@ def read_jsonl_conversations(item, source) -> list[list[dict]]:
             raise SpecError(f"not valid JSON: {exc.msg}", Location(shown, lineno, exc.colno)) from None
         except (ValueError, RecursionError) as exc:  # huge integers, nesting deeper than Python recurses
             raise SpecError(f"not valid JSON: {type(exc).__name__}: {str(exc)[:100]}", where) from None
-        conversations.append(_conversation(record, source, where))
+        conversation = LocatedConversation(_conversation(record, source, where))
+        conversation.location = where
+        conversations.append(conversation)
     if not conversations:
         # No line to point at in the data file: point at the spec's path key instead.
         raise SpecError(f"data file {source.path} holds no conversations (each line: one JSON object with "
@@ -98,17 +131,22 @@ def sft_spec_load_data(source, item, config):
     return read_jsonl_conversations(item, source)
 
 
-@hookimpl
+@hookimpl(tryfirst=True)
 def sft_spec_validate_spec(item, config) -> list[SpecError]:
-    """``item.conversations``: the inline ones, then each file's; every problem located."""
+    """``item.conversations``: the inline ones, then each file's; every problem located. Tryfirst: other
+    plugins' checks see the conversations."""
     errors: list[SpecError] = []
-    for i, conv in enumerate(item.spec.data.conversations):
+    data = item.section(DATA)
+    if data is None:  # its own errors say why
+        return errors
+    for i, conv in enumerate(data.conversations):
         turns = [m.model_dump() for m in conv]
         problem = check_conversation(turns)
         if problem:
             errors.append(SpecError(problem, item.locate("data", "conversations", i), key=f"data.conversations[{i}]"))
         item.conversations.append(turns)
-    for i, source in enumerate(item.spec.data.files):
+        item.sources.append(item.locate("data", "conversations", i))
+    for i, source in enumerate(data.files):
         where, key = item.locate("data", "files", i, "path"), f"data.files[{i}].path"
         try:
             loaded = config.hook.sft_spec_load_data(source=source, item=item, config=config)
@@ -122,6 +160,7 @@ def sft_spec_validate_spec(item, config) -> list[SpecError]:
             errors.append(SpecError(f"no plugin reads the data file {source.path!r}", where, key=key))
             continue
         item.conversations.extend(loaded)
+        item.sources.extend(getattr(conv, "location", None) or where for conv in loaded)
     if not item.conversations and not errors:
         errors.append(SpecError("no training conversations: add data.conversations or data.files",
                                 item.locate("data"), key="data"))

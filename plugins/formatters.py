@@ -246,9 +246,10 @@ def _template(item) -> str | None:
         raise ValueError(f"cannot read template file {template!r}: {exc.strerror or exc}") from None
 
 
-@hookimpl
+@hookimpl(tryfirst=True)
 def sft_spec_validate_spec(item, config) -> list[SpecError]:
-    """The spec's formatter exists and accepts its ``format:``; a template file is read here."""
+    """The spec's formatter exists and accepts its ``format:``; a template file is read here (tryfirst:
+    other plugins' checks see ``item.chat_template``)."""
     fmt, table = item.section(FORMAT), config.registry.formatters
     errors = []
     if fmt.formatter not in table:

@@ -2,7 +2,8 @@
 
 For each spec it shows the training data as the model saw it (loss-carrying tokens highlighted), the
 loss curve, and every expectation with the answers before and after training and a character diff.
-Everything that comes from specs, data or the model is escaped by jinja2's autoescape; the page's
+Everything that comes from specs, data or the model is escaped by jinja2's autoescape, control characters
+shown as ``\x1b`` (``escape.safe``); the page's
 Content-Security-Policy forbids loading anything from outside.
 """
 
@@ -19,6 +20,7 @@ from typing import Any
 from sft_spec import hookimpl
 from sft_spec.reports import ExpectationReport, SpecReport
 
+from .escape import safe
 from .failures import diff_segments
 from .report_files import FileReporter, case_outcome_counts
 
@@ -214,10 +216,19 @@ def _spec_view(index: int, report: SpecReport) -> dict[str, Any]:
     }
 
 
+def _shown(value: Any) -> Any:
+    """Every value the page prints, control characters escaped (autoescape then escapes the HTML)."""
+    import markupsafe
+
+    if isinstance(value, markupsafe.Markup):  # already HTML (tojson, a chart): escaping adds no markup
+        return markupsafe.Markup(safe(value, keep_newlines=True))
+    return value if value is None or isinstance(value, int | float) else safe(value, keep_newlines=True)
+
+
 def render_html(reports: list[SpecReport], meta: dict[str, Any]) -> str:
     import jinja2
 
-    env = jinja2.Environment(loader=jinja2.PackageLoader("sft_spec_plugins", "templates"),
+    env = jinja2.Environment(loader=jinja2.PackageLoader("sft_spec_plugins", "templates"), finalize=_shown,
                              autoescape=True, trim_blocks=True, lstrip_blocks=True)
     counts = case_outcome_counts(reports)
     spec_counts: dict[str, int] = {}

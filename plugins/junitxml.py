@@ -23,8 +23,10 @@ from .report_files import FileReporter
 PROPERTY_METRICS = ("final_loss", "train_seconds", "steps", "trainable_parameters", "total_parameters")
 
 # XML 1.0 cannot hold most control characters, not even as &#..; references: a random model's answer
-# often contains some, and a parser would then reject the whole file.
-_ILLEGAL_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+# often contains some, and a parser would then reject the whole file. DEL, C1 and the characters that
+# reorder text are legal XML but would forge what a CI page shows: escaped too.
+_ILLEGAL_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2066-\u2069\ufeff"
+                          "\ud800-\udfff\ufffe\uffff]")
 
 
 def xml_text(value: Any) -> str:
@@ -118,7 +120,7 @@ def _add_error(suite: ET.Element, report: SpecReport, counts: dict[str, int]) ->
     kind = f"sft_spec.{error.kind if error else report.outcome}"
     if error and error.phase:
         kind += f".{error.phase}"
-    node = ET.SubElement(element, "error", message=xml_text(message.splitlines()[0]), type=xml_text(kind))
+    node = ET.SubElement(element, "error", message=xml_text(message.split("\n")[0]), type=xml_text(kind))
     details = [message]
     if error and error.location and not message.startswith(error.location):
         details.append(f"at {error.location}")

@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)  # "cuda" in this rank means its own GPU
     # A worker: no reporters, no result cache (the main process looked the spec up and stores the result).
-    prepared = prepare_config(setup["argv"], role="worker", paths=[Path(args.spec_path)],
+    prepared = prepare_config(setup["argv"], role="worker", addopts=False, paths=[Path(args.spec_path)],
                               rootdir=Path(setup["rootdir"]), cache_dir=Path(setup["cache_dir"]),
                               output_dir=Path(setup["output_dir"]))
     config = prepared.config

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sft_spec import hookimpl
-from sft_spec.errors import SkipSpec, SpecError
+from sft_spec.errors import SkipSpec, SpecError, SpecTimeout
 from sft_spec.loading.expectations import plugin_validate
 from sft_spec.loading.paths import check_inside
 from sft_spec.state import LoadedModel, StashKey
@@ -192,28 +192,51 @@ def _train_ready_dtype(loaded: LoadedModel, config, notes: list[str]) -> None:
         loaded.dtype = "float32"
 
 
+#: Up to this many bytes of weights are hashed whole after every spec; a larger model is sampled (every
+#: tensor's storage and in-place version counter, and a few thousand of its values), so the check stays
+#: a fraction of a second (hashing runs at about 1 GB/s on one core).
+EXACT_BYTES = 512 * 1024 * 1024
+
+
+def _tensor_bytes(tensor, exact: bool) -> bytes:
+    import torch
+
+    data = tensor.detach()
+    if not exact:
+        flat = data.reshape(-1)
+        data = flat[:: max(1, flat.numel() // 4096)]
+    data = data.contiguous().cpu()
+    # As raw bits, whatever the dtype (bf16, fp8, bool have no numpy type of their own).
+    as_int = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[data.element_size()]
+    return (data.to(torch.uint8) if data.dtype == torch.bool else data).view(as_int).numpy().tobytes()
+
+
 def fingerprint(loaded: LoadedModel) -> dict:
-    """What a spec must leave as it found it: every weight and buffer (a hash of the bytes), the model's
+    """What a spec must leave as it found it: the weights and buffers (hashed, see EXACT_BYTES), which module
+    is where and what is hooked onto it (peft layers left behind, gradient checkpointing), the model's
     config and generation config, and the tokenizer's template, special tokens and vocabulary size."""
     import hashlib
 
-    import torch
-
     model, tokenizer = loaded.model, loaded.tokenizer
-    digest = hashlib.blake2b(digest_size=16)
-    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
-        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
-        data = tensor.detach()
-        if data.device.type != "cpu":
-            data = data.cpu()
-        data = data.contiguous()
-        if data.dtype in (torch.bfloat16, torch.float16):
-            data = data.view(torch.int16)
-        digest.update(data.numpy().tobytes() if data.dtype != torch.bool else data.to(torch.uint8).numpy().tobytes())
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    exact = sum(t.numel() * t.element_size() for _, t in tensors) <= EXACT_BYTES
+    weights = hashlib.blake2b(digest_size=16)
+    for name, tensor in tensors:
+        weights.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        if not exact:  # sampled values: any in-place write or swapped tensor counts as a change (safe side)
+            weights.update(f"{tensor.data_ptr()}:{tensor._version}".encode())
+        weights.update(_tensor_bytes(tensor, exact))
+    modules = hashlib.blake2b(digest_size=16)
+    for name, module in model.named_modules():
+        hooks = [len(getattr(module, attr, {}) or {}) for attr in ("_forward_hooks", "_forward_pre_hooks",
+                                                                   "_backward_hooks")]
+        modules.update(f"{name}:{type(module).__name__}:{hooks}:"
+                       f"{getattr(module, 'gradient_checkpointing', None)}".encode())
     config = getattr(model, "config", None)
     generation = getattr(model, "generation_config", None)
     return {
-        "weights": digest.hexdigest(),
+        "weights": weights.hexdigest(),
+        "modules": modules.hexdigest(),
         "config": config.to_json_string(use_diff=False) if config is not None else "",
         "generation_config": generation.to_json_string(use_diff=False) if generation is not None else "",
         "chat_template": str(getattr(tokenizer, "chat_template", None)),
@@ -256,11 +279,18 @@ def sft_spec_run_spec(item, session):
     report = yield
     cache = session.config.stash.get(MODEL_CACHE, None)
     loaded = cache.loaded if cache is not None else None
-    if loaded is not None and not loaded.dirty and cache.fingerprint is not None:
+    if loaded is None or loaded.dirty or cache.fingerprint is None or report.metrics.get("cached"):
+        return report
+    try:
         now = fingerprint(loaded)
-        changed = [name for name in now if now[name] != cache.fingerprint[name]]
-        if changed:
-            loaded.dirty = True
-            report.notes.append(f"this spec changed the shared base model ({', '.join(changed)}): the next "
-                                "spec loads it fresh")
+    except (Exception, SpecTimeout) as exc:  # noqa: BLE001 - unsure is dirty: the next spec loads afresh
+        loaded.dirty = True
+        report.notes.append(f"the shared base model could not be checked ({type(exc).__name__}): the next spec "
+                            "loads it fresh")
+        return report
+    changed = [name for name in now if now[name] != cache.fingerprint[name]]
+    if changed:
+        loaded.dirty = True
+        report.notes.append(f"this spec changed the shared base model ({', '.join(changed)}): the next spec "
+                            "loads it fresh")
     return report

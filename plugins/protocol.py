@@ -92,8 +92,10 @@ def sft_spec_run_spec(item: SpecItem, session: Session) -> SpecReport:
         for fn in reversed(run.finalizers):
             try:
                 fn()
-            except Exception as exc:  # noqa: BLE001 - cleanup must not hide the spec's own result
+            except (Exception, SpecTimeout) as exc:  # noqa: BLE001 - cleanup must not hide the spec's own result
                 run.note(f"cleanup failed: {type(exc).__name__}: {exc}")
+                if run.loaded is not None:
+                    run.loaded.dirty = True  # a cleanup that did not finish leaves the shared model unknown
         report.duration = time.perf_counter() - start
         report.notes.extend(n for n in run.notes if n not in report.notes)
         report.settings = run.settings
@@ -271,7 +273,7 @@ def sft_spec_check(item: SpecItem, run: SpecRun, case: Case, answer: Answer | No
         report = ExpectationReport(nodeid=case.nodeid, index=-1, prompt=[], location=str(case.location),
                                    checks=[_apply(ctx, case.name, case.argument, "", "after")])
     report.outcome = "passed" if all(c.passed for c in report.checks) else "failed"
-    xfail = case.xfail
+    xfail = case.xfail or item.spec.xfail  # a spec's xfail marks each of its cases, as pytest's class mark does
     if xfail is not None:
         report.xfail_reason = xfail.reason
         if report.outcome == "failed":
@@ -279,7 +281,7 @@ def sft_spec_check(item: SpecItem, run: SpecRun, case: Case, answer: Answer | No
         elif xfail.strict:
             report.outcome = "failed"
             report.checks.append(CheckReport(XPASS_STRICT, True, False, f"[XPASS(strict)] {xfail.reason}: the "
-                                             "checks passed, and this expectation is marked to fail"))
+                                             "checks passed, and this case is marked to fail"))
         else:
             report.outcome = "xpassed"
     return report
@@ -287,12 +289,12 @@ def sft_spec_check(item: SpecItem, run: SpecRun, case: Case, answer: Answer | No
 
 @hookimpl(trylast=True)
 def sft_spec_make_report(item: SpecItem, run: SpecRun, report: SpecReport) -> SpecReport:
-    failed = any(c.outcome == "failed" for c in report.cases)
-    if item.spec.xfail:
-        # The spec is the unit that is expected to fail: all its cases share its outcome.
-        for case in report.cases:
-            case.outcome = "xfailed" if failed else "xpassed"
-        report.outcome = "xfailed" if failed else "xpassed"
+    """The spec's outcome from its cases' final outcomes (xfail was decided per case, by the check hook)."""
+    outcomes = {case.outcome for case in report.cases}
+    if "failed" in outcomes:
+        report.outcome = "failed"
+    elif item.spec.xfail:
+        report.outcome = "xfailed" if "xfailed" in outcomes else "xpassed"
     else:
-        report.outcome = "failed" if failed else "passed"
+        report.outcome = "passed"
     return report

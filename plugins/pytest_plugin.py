@@ -83,8 +83,9 @@ class _Bridge:
         rootdir = Path(self.pytest_config.rootpath)
         argv = ["run", *shlex.split(self.pytest_config.getoption("sft_spec_args") or "")]
         # pytest's own terminal reporter prints; pytest's paths and rootdir are the run's.
-        self._prepared = prepare_config(argv, disable=["terminal"], paths=[Path(a) for a in self.pytest_config.args],
-                                        rootdir=rootdir, addopts_from=rootdir)
+        # pytest's own arguments are paths or node ids (specs/x.sft.yaml::x[lora]): the files they name.
+        paths = [Path(a.split("::", 1)[0]) for a in self.pytest_config.args]
+        self._prepared = prepare_config(argv, disable=["terminal"], paths=paths, rootdir=rootdir, addopts_from=rootdir)
         config = self._prepared.config
         session = Session(config)
         config.hook.sft_spec_configure(config=config)
@@ -95,9 +96,6 @@ class _Bridge:
         if not self.started:
             self.started = True
             self.session.hook.sft_spec_session_start(session=self.session)
-            for report in self.session.collect_errors:  # broken plugins
-                if report.nodeid.startswith("plugin:"):
-                    self.session.log_report(report)
 
     def finish(self, exitstatus: int) -> None:
         if self._session is not None and self.started:
@@ -154,6 +152,9 @@ class SpecFile(pytest.File):
             session = _bridge(self.config).session
         except UsageError as exc:
             raise self.CollectError(f"sft-spec: {exc}") from None
+        broken = session.config.pluginmanager.problems
+        if broken:  # as `sft-spec run` reports them: a broken plugin is an error, never a quiet pass
+            raise self.CollectError("\n".join(f"sft-spec: plugin {p.name!r} is broken: {p.message}" for p in broken))
         first_item, first_error = len(session.items), len(session.collect_errors)
         session.collect([self.path])
         errors = session.collect_errors[first_error:]

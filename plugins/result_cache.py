@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -28,6 +29,7 @@ from sft_spec.reports import report_from_dict
 from sft_spec.state import StashKey
 
 from . import recorded as rec
+from .data import DATA
 from .files import spec_output_dir
 
 FORMAT = 2  # bump when the entry layout changes: old entries are then simply never found
@@ -89,7 +91,7 @@ def cache_key(item, config) -> str:
         "conversations": item.conversations,
         "chat_template": item.chat_template,
         "selected": [case.nodeid for case in item.selected_cases],
-        "data_files": [_file_hash(base / f.path) for f in spec.data.files],
+        "data_files": [_file_hash(base / f.path) for f in item.section(DATA).files],
         "recorded": [_file_hash(rec.recorded_path(item.path, folder)) for folder in ("__snapshots__", "__baselines__")],
         "model": _model_identity(item),
         "versions": {**rec.library_versions(), "bitsandbytes": rec.optional_version("bitsandbytes")},
@@ -100,19 +102,20 @@ def cache_key(item, config) -> str:
         "plugins": sorted(f"{name}={p.__name__}" for name, p in config.pluginmanager.list_name_plugin()
                           if hasattr(p, "__file__")),
         "device": device_without_torch(config.getoption("device", "auto")),
-        "deterministic": bool(config.getoption("deterministic")),
+        "deterministic": bool(config.getoption("deterministic", False)),
         # Options that decide whether a spec may run at all: a result passed under one must not be reused
         # under a stricter one (--on-unsupported=error, no --allow-remote-code).
         "permissions": [config.getoption("on_unsupported", "fallback") or "fallback",
-                        bool(config.getoption("allow_pickle")), bool(config.getoption("allow_remote_code"))],
+                        bool(config.getoption("allow_pickle", False)),
+                        bool(config.getoption("allow_remote_code", False))],
     })
 
 
 def _bypass(item, config) -> bool:
     checks = {name for exp in item.expectations for name, _ in exp.checks}
     training = {check.name for check in item.training_checks}
-    return bool((config.getoption("update_snapshots") and "snapshot" in checks)
-                or (config.getoption("update_baselines") and "loss_baseline" in training))
+    return bool((config.getoption("update_snapshots", False) and "snapshot" in checks)
+                or (config.getoption("update_baselines", False) and "loss_baseline" in training))
 
 
 class ResultCache:
@@ -213,19 +216,23 @@ def sft_spec_configure(config) -> None:
 
 @hookimpl
 def sft_spec_after_training(item, run) -> None:
-    """Save a LoRA adapter while it is attached, so a stored result keeps what was trained."""
-    if item.spec.method == "full" or not hasattr(run.model, "save_pretrained") or run.config.getoption("no_cache"):
+    """Save a LoRA adapter while it is attached, so a stored result keeps what was trained: in the process
+    that trained it (rank 0 of a launched run), when the result will be stored at all."""
+    config = run.config
+    if (item.spec.method == "full" or not hasattr(run.model, "save_pretrained") or config.getoption("no_cache")
+            or config.getoption("collect_only") or _bypass(item, config) or os.environ.get("RANK", "0") != "0"):
         return
     folder = spec_output_dir(run.config, item) / "cached-adapter"
     run.model.save_pretrained(str(folder), safe_serialization=True)
     run.stash[_SAVED] = str(folder)
 
 
-@hookimpl(tryfirst=True)
+@hookimpl(wrapper=True)
 def sft_spec_make_report(item, run, report):
+    report = yield
     if _SAVED in run.stash:
         report.extra[ADAPTER] = run.stash[_SAVED]
-    return None
+    return report
 
 
 def _add_arguments(parser) -> None:

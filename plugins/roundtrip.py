@@ -49,12 +49,12 @@ def _wants(item) -> bool:
 
 @hookimpl
 def sft_spec_validate_spec(item, config) -> list[str] | None:
-    if "roundtrip" not in item.spec.checks:
+    if not any(check.name == "roundtrip" for check in item.training_checks):
         return None
     problems = []
     if item.spec.method == "full":
         problems.append("checks.roundtrip needs method lora or qlora (a full fine-tune has no adapter to save)")
-    if not item.spec.expect:
+    if not item.expectations:
         problems.append("checks.roundtrip compares answers on the expect prompts: add at least one expectation")
     return problems
 

@@ -105,7 +105,7 @@ class TerminalReporter:
                 self.write_line(f"  <Check checks[{check.name}]> {check.argument!r}")
         errors = session.collect_errors
         for report in errors:
-            for i, line in enumerate((report.error.message if report.error else "").splitlines() or [""]):
+            for i, line in enumerate((report.error.message if report.error else "").split("\n") or [""]):
                 self.write_line(("ERROR " if i == 0 else "      ") + line)
         summary = f"{len(session.items)} specs, {sum(len(i.selected_cases) for i in session.items)} checks"
         if session.deselected:
@@ -249,14 +249,14 @@ class TerminalReporter:
         self.sep("_", f"ERROR {where}{report.nodeid}", "error")
         if error is None:
             return
-        for line in error.message.splitlines():
+        for line in error.message.split("\n"):
             located = line.startswith(error.location or "\0") or error.phase in ("collect", "plugin")
             prefix = "" if located else f"{error.location}: "
             self.write_line(f"{prefix}{line}", "error")
         if error.plugin:
             self.write_line(f"(raised in plugin {error.plugin!r}, phase {error.phase})")
         if error.traceback and self.tb == "long":
-            for line in error.traceback.rstrip().splitlines():
+            for line in error.traceback.rstrip().split("\n"):
                 self.write_line(line)
         elif error.traceback and self.tb != "no":
             self.write_line("(use --tb=long for the traceback)")
@@ -270,7 +270,7 @@ class TerminalReporter:
         lines = []
         for report in reports:
             if report.outcome in ("error", "interrupted"):
-                message = (report.error.message.splitlines()[0] if report.error else "")
+                message = (report.error.message.split("\n")[0] if report.error else "")
                 lines.append(("ERROR" if report.outcome == "error" else "INTERRUPTED", report.nodeid, message))
             for case in report.cases:
                 if case.outcome == "failed":

@@ -148,6 +148,27 @@ def _make_callback(item, hook, losses: list[float]):
     return _Recorder()
 
 
+_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks")
+
+
+def _hook_ids(base) -> dict[int, tuple[set, ...]]:
+    return {id(m): tuple(set(getattr(m, attr, {}) or {}) for attr in _HOOKS) for m in base.modules()}
+
+
+def _undo_checkpointing(base, hooks_before: dict[int, tuple[set, ...]]) -> None:
+    """Activation checkpointing, and the hooks that feed it (peft's and the Trainer's input-gradient hook on
+    the embeddings), are switched on in the base model: give it back as it came, as the next spec sharing
+    it expects it."""
+    if getattr(base, "is_gradient_checkpointing", False):
+        base.gradient_checkpointing_disable()
+    for module in base.modules():
+        before = hooks_before.get(id(module))
+        for attr, kept in zip(_HOOKS, before or ((),) * len(_HOOKS), strict=True):
+            hooks = getattr(module, attr, None)
+            for key in [k for k in (hooks or {}) if k not in kept]:
+                del hooks[key]
+
+
 def _stop_on_nan(trainer) -> None:
     """Every step's loss is checked, whatever logging_steps or logging_strategy say: a NaN ends the spec."""
     compute_loss = trainer.compute_loss
@@ -228,6 +249,8 @@ def sft_spec_make_trainer(item, run, examples):
     from trl import SFTConfig, SFTTrainer
 
     device = run.loaded.device
+    hooks_before = _hook_ids(run.loaded.model)
+    run.addfinalizer(lambda base=run.loaded.model: _undo_checkpointing(base, hooks_before))
     kwargs = sft_config_kwargs(item, run, device)
     set_seed(kwargs.get("seed", 42))
     model = run.model

@@ -128,6 +128,8 @@ def run_parallel(session: Session, numprocesses: str | int, argv: list[str]) -> 
     todo = [i for i in range(len(items)) if reused[i] is None]
     if not todo:
         for i in range(len(items)):
+            if session.shouldstop:
+                break
             session.log_report(reused[i])
         return
     n = worker_count(numprocesses, len(todo), gpus)
@@ -161,7 +163,9 @@ def run_parallel(session: Session, numprocesses: str | int, argv: list[str]) -> 
 
     def flush(final: bool = False) -> None:
         nonlocal logged
-        while logged < len(items) and (logged in results or final):
+        # As a serial run would: in order, and nothing after -x/--maxfail stopped the run or Ctrl-C.
+        while logged < len(items) and (logged in results or final) and not (session.shouldstop or
+                                                                             session.interrupted):
             report = results.pop(logged, None)
             logged += 1
             if report is not None:
@@ -253,7 +257,7 @@ class _Forward:
 
 def _worker_session(setup: WorkerSetup) -> Session:
     """The same bootstrap as the main process, as a worker: no reporters, no result cache."""
-    prepared = prepare_config(setup.argv, role="worker", paths=[Path(p) for p in setup.paths],
+    prepared = prepare_config(setup.argv, role="worker", addopts=False, paths=[Path(p) for p in setup.paths],
                               rootdir=Path(setup.rootdir), cache_dir=Path(setup.cache_dir),
                               output_dir=Path(setup.output_dir))
     if prepared.pluginmanager.problems:

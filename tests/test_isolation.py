@@ -23,6 +23,9 @@ CONTAMINATORS = {
                                "eos_token: <end_of_turn>"),
     "chat_template_path": PROBE.replace("per_device_train_batch_size: 8", "per_device_train_batch_size: 8, "
                                         "chat_template_path: other.jinja"),
+    # The Trainer switches checkpointing on in the base model and hooks its embeddings.
+    "activation_checkpointing": PROBE.replace("per_device_train_batch_size: 8", "per_device_train_batch_size: 8, "
+                                              "activation_checkpointing: true"),
     "full": GEMMA_ONE_ANSWER.format(method="full", epochs=8, lr=3e-3),
     "qlora": GEMMA_ONE_ANSWER.format(method="qlora", epochs=8, lr=1e-2),
 }
@@ -56,6 +59,17 @@ def test_a_specs_result_is_the_same_alone_and_after_another(name, sft, write_spe
     first, probe = result.recorder.reports
     assert first.outcome in ("passed", "failed") and first.error is None, result.out  # it ran, whatever it learnt
     assert outcome(probe) == alone, result.out
+
+
+def test_activation_checkpointing_is_switched_off_again_in_the_shared_base(sft, write_spec, tmp_path):
+    from sft_spec_plugins.models import MODEL_CACHE
+
+    write_spec("a_first.sft.yaml", CONTAMINATORS["activation_checkpointing"])
+    write_spec("b_probe.sft.yaml", PROBE)
+    result = sft("run", tmp_path, "--no-cache")
+    assert not any("changed the shared base model" in n for r in result.recorder.reports for n in r.notes)
+    cache = result.recorder.session.config.stash[MODEL_CACHE]
+    assert cache.loads == 1 and not cache.loaded.model.is_gradient_checkpointing
 
 
 def test_a_change_to_the_shared_model_is_found_and_said(sft, write_spec, tmp_path):

@@ -20,9 +20,11 @@ def test_xfail_skip_and_strict_xpass(sft, write_spec, one_answer_spec):
     strict = write_spec("strict.sft.yaml", 'xfail: {reason: "should fail", strict: true}\n' + one_answer_spec(),
                         folder=folder / "strict")
     result = sft("run", strict)
-    assert result.recorder.reports[0].outcome == "xpassed"
+    # As pytest: a strict xfail that passes is a failure of each case, reported XPASS(strict).
+    assert result.recorder.reports[0].outcome == "failed"
+    assert [c.outcome for c in result.recorder.reports[0].cases] == ["failed"]
     assert result.code == 1
-    assert "XPASS(strict)" in result.out
+    assert "[XPASS(strict)] should fail: the checks passed" in result.out
 
 
 def test_exitfirst_stops_after_the_first_failure(sft, write_spec, one_answer_spec):
@@ -36,6 +38,7 @@ def test_exitfirst_stops_after_the_first_failure(sft, write_spec, one_answer_spe
 
 
 def test_defaults_files_merge_under_specs_nearer_ones_win(sft, write_spec, tmp_path):
+    (tmp_path / "pyproject.toml").write_text("[project]\nname = 'x'\n", encoding="utf-8")  # the project's root
     write_spec("sft-defaults.yaml", """\
         model: builtin:tiny-gemma
         method: lora

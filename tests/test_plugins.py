@@ -156,3 +156,49 @@ def test_broken_plugins_are_reported_and_the_specs_still_run(sft, write_spec, on
     doc = json.loads((tmp_path / "r.json").read_text())
     assert doc["exitstatus"] == result.code == 1
     assert doc["summary"]["outcomes"] == {"error": 2, "passed": 1}
+
+
+class LateReporter:
+    """Registered at configure time, as reporters are: its misspelled hook is caught there too."""
+
+    @hookimpl
+    def sft_spec_log_reprot(self, report):
+        pass
+
+
+class RegistersLate:
+    @hookimpl
+    def sft_spec_configure(self, config):
+        config.pluginmanager.register(LateReporter(), "late-reporter")
+
+
+def test_a_misspelled_hook_of_a_plugin_registered_at_configure_time_is_an_error(sft, write_spec, one_answer_spec,
+                                                                             tmp_path):
+    import json
+
+    result = sft("run", write_spec("one.sft.yaml", one_answer_spec()), "--json", tmp_path / "r.json",
+                 plugins=[RegistersLate()])
+    assert result.code == 4
+    assert "plugin 'late-reporter': unknown hook 'sft_spec_log_reprot'" in result.err
+    assert json.loads((tmp_path / "r.json").read_text())["exitstatus"] == 4
+
+
+def test_a_usage_error_inside_the_session_is_the_exit_status_in_the_json(sft, write_spec, one_answer_spec, tmp_path):
+    import json
+
+    path = write_spec("one.sft.yaml", one_answer_spec())
+    result = sft("run", path, "-k", "lora and (", "--json", tmp_path / "r.json")
+    assert result.code == 4
+    assert json.loads((tmp_path / "r.json").read_text())["exitstatus"] == 4
+
+
+class TakesRun:
+    @hookimpl
+    def sft_spec_register_commands(self, register):
+        register("run", "my own run", lambda parser: None, lambda options, pm: 0)
+
+
+def test_a_plugin_cannot_take_a_subcommand_the_core_has(sft):
+    result = sft("plugins", plugins=[TakesRun()])
+    assert result.code == 3
+    assert "BROKEN TakesRun: subcommand 'run' is the core's already" in result.out

@@ -184,6 +184,9 @@ def test_gemma3_270m_blog_recipe_learns_the_answer(sft):
     assert result.code == 0, result.out
     report = result.recorder.by_id("blog-recipe")
     assert report.outcome == "passed", result.out
+    # report_to: [tensorboard], as the reference recipe: the loss curve in TensorBoard's event files.
+    events = list(Path(report.metrics["tensorboard_dir"]).glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0, report.metrics
 
 
 @pytest.mark.slow

@@ -354,3 +354,13 @@ def test_an_unreadable_data_file_is_an_error_for_its_spec(tmp_path, sft, monkeyp
     monkeypatch.setattr(Path, "read_bytes", unreadable)
     result = sft("validate", specs)
     assert result.code == 1 and "cannot read data file data/d.jsonl: Permission denied" in result.out
+
+
+def test_defaults_lookup_ends_at_the_project_root_or_rootdir(tmp_path, sft):
+    """Outside a project only the spec's own folder counts; --rootdir ends the walk below the project root."""
+    write(tmp_path, "sft-defaults.yaml", "tags: [stray]\n")  # no pyproject.toml above: not a project
+    path = write(tmp_path / "team", "x.sft.yaml", GOOD)
+    assert "tags: stray" not in sft("run", "--co", path).out
+    (tmp_path / "pyproject.toml").write_text("[project]\nname = 'x'\n", encoding="utf-8")
+    assert "tags: stray" in sft("run", "--co", path).out
+    assert "tags: stray" not in sft("run", "--co", "--rootdir", tmp_path / "team", path).out

@@ -1,8 +1,6 @@
 """sft-spec: declarative regression tests for supervised fine-tuning recipes.
 
-The public names a plugin uses: ``hookimpl``, the typed state (:mod:`sft_spec.state`), the registry's
-types (:mod:`sft_spec.registry`), report objects (:mod:`sft_spec.reports`) and errors
-(:mod:`sft_spec.errors`). Names starting with an underscore are the core's own.
+Plugins use the public names (no leading underscore) of the modules tests/test_layers.py lists.
 """
 
 import pluggy

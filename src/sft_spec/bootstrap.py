@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -12,7 +13,7 @@ from typing import Any, Literal
 
 from . import __version__
 from .config import Config, default_cache_dir, project_root, pyproject_defaults
-from .errors import UsageError
+from .errors import PluginProblem, UsageError
 from .pluginmanager import ESSENTIAL_PLUGINS, PluginManager, build_registry, make_plugin_manager
 
 #: Subcommands the core implements; plugins add the others (plugins, report, schema, init, cache, ...).
@@ -65,15 +66,24 @@ def make_parser(pm) -> argparse.ArgumentParser:
     return parser
 
 
-def plugin_commands(pm) -> dict[str, tuple[str, Any, Any]]:
-    """Subcommands that plugins add (``sft-spec report``, ``sft-spec schema``, ...)."""
+def plugin_commands(pm: PluginManager) -> dict[str, tuple[str, Any, Any]]:
+    """Subcommands that plugins add (``sft-spec report``, ``sft-spec schema``, ...); a name the core or an
+    earlier plugin has is a broken registration, reported as such."""
+    if pm.commands is not None:
+        return pm.commands
     commands: dict[str, tuple[str, Any, Any]] = {}
+    owners: dict[str, str] = {}
+    for impl in reversed(pm.hook.sft_spec_register_commands.get_hookimpls()):
+        def register(name: str, help: str, add_arguments, run, _plugin=impl.plugin_name) -> None:
+            taken = "the core" if name in CORE_COMMANDS else owners.get(name)
+            if taken:
+                pm.problems.append(PluginProblem(_plugin, f"subcommand {name!r} is {taken}'s already"))
+                return
+            owners[name] = f"plugin {_plugin!r}"
+            commands[name] = (help, add_arguments, run)
 
-    def register(name: str, help: str, add_arguments, run) -> None:
-        if name not in CORE_COMMANDS:
-            commands.setdefault(name, (help, add_arguments, run))
-
-    pm.hook.sft_spec_register_commands(register=register)
+        impl.function(register=register)
+    pm.commands = commands
     return commands
 
 
@@ -89,18 +99,6 @@ def split_plugin_args(argv: Sequence[str]) -> tuple[set[str], list[str]]:
         if value:
             (disabled.add(value[3:]) if value.startswith("no:") else extra.append(value))
     return disabled, extra
-
-
-def _run_defaults(parser: argparse.ArgumentParser) -> argparse.Namespace:
-    """Every ``run`` option at its default: other commands see the same option names (getoption is strict)."""
-    return parser.parse_args(["run"])
-
-
-def _common_folder(paths: list[Path]) -> Path:
-    import os
-
-    folders = [str((p if p.is_dir() else p.parent).resolve()) for p in paths]
-    return Path(os.path.commonpath(folders)) if folders else Path.cwd()
 
 
 @dataclass
@@ -122,19 +120,19 @@ class Prepared:
 
 def prepare_config(args: Sequence[str], *, plugins: Sequence[Any] = (), role: Literal["main", "worker"] = "main",
                    disable: Sequence[str] = (), paths: Sequence[Path] | None = None, rootdir: Path | None = None,
-                   cache_dir: Path | None = None, output_dir: Path | None = None, addopts_from: Path | None = None
-                   ) -> Prepared:
+                   cache_dir: Path | None = None, output_dir: Path | None = None, addopts_from: Path | None = None,
+                   addopts: bool = True) -> Prepared:
     """Build the plugin manager, parse ``args`` and make the Config (for ``run`` and ``validate``).
 
     Raises :class:`UsageError` for a bad command line or a disabled essential plugin. Broken plugins
     are in ``problems``. The caller calls ``sft_spec_configure`` and, at the end, ``close()``.
     ``paths``, ``rootdir``, ``cache_dir`` and ``output_dir`` override the command line (workers get the
-    main process's; the pytest bridge gets pytest's own paths and rootdir).
+    main process's, whose command line has the project's addopts in it already: ``addopts=False``).
     """
     argv = list(args)
-    addopts, _ = pyproject_defaults(addopts_from or Path.cwd())
-    if argv and argv[0] == "run" and addopts:
-        argv = argv[:1] + addopts + argv[1:]
+    extra, _ = pyproject_defaults(addopts_from or Path.cwd()) if addopts else ([], None)
+    if argv and argv[0] == "run" and extra:
+        argv = argv[:1] + extra + argv[1:]
     asked_off, modules = split_plugin_args(argv)
     off = [name for name in ESSENTIAL_PLUGINS if name in asked_off]
     if off:
@@ -146,7 +144,7 @@ def prepare_config(args: Sequence[str], *, plugins: Sequence[Any] = (), role: Li
     prepared = Prepared(options.command, options, pm, parser)
     if options.command not in ("run", "validate"):
         return prepared
-    for name, value in vars(_run_defaults(parser)).items():
+    for name, value in vars(parser.parse_args(["run"])).items():  # validate sees every run option (defaults)
         if not hasattr(options, name):
             setattr(options, name, value)
     if options.command == "validate":
@@ -161,7 +159,7 @@ def prepare_config(args: Sequence[str], *, plugins: Sequence[Any] = (), role: Li
     if output_dir is None and options.output_dir is None:
         prepared._tmp = tempfile.TemporaryDirectory(prefix="sft-spec-")
         output_dir = Path(prepared._tmp.name)
-    start = _common_folder([Path(p) for p in chosen])
+    start = Path(os.path.commonpath([str((p if p.is_dir() else p.parent).resolve()) for p in map(Path, chosen)]))
     root = rootdir or options.rootdir or project_root(start) or start
     prepared.config = Config(
         options=options, pluginmanager=pm, registry=build_registry(pm), rootdir=Path(root).resolve(),

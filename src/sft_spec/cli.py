@@ -5,6 +5,8 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+import pluggy
+
 from .bootstrap import Prepared, plugin_commands, prepare_config
 from .errors import UsageError
 from .pluginmanager import ESSENTIAL_PLUGINS
@@ -56,6 +58,7 @@ def run_session(prepared: Prepared) -> int:
     try:
         pm.hook.sft_spec_configure(config=config)
         configured = True
+        pm.check_pending()  # reporters registered at configure time, with their hooks' names spelt right
         session.collect(list(options.paths))
         pm.hook.sft_spec_collection_finish(session=session)
         if options.collect_only:
@@ -74,6 +77,13 @@ def run_session(prepared: Prepared) -> int:
         session.interrupted = True
         exitstatus = ExitCode.INTERRUPTED
         return exitstatus
+    except pluggy.PluginValidationError as exc:
+        exitstatus = ExitCode.USAGE_ERROR
+        name = config.pluginmanager.get_name(exc.plugin) or type(exc.plugin).__name__
+        raise UsageError(f"plugin {name!r}: {exc}") from None
+    except UsageError:  # the reports say what the process exits with
+        exitstatus = ExitCode.USAGE_ERROR
+        raise
     finally:
         if configured and not options.collect_only:
             try:

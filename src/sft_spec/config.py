@@ -17,6 +17,8 @@ from .errors import UsageError
 from .registry import Registry
 from .state import Stash
 
+_NOTSET: Any = object()
+
 
 @dataclass
 class Config:
@@ -36,12 +38,15 @@ class Config:
     def hook(self):
         return self.pluginmanager.hook
 
-    def getoption(self, name: str, default: Any = None) -> Any:
-        """The option's value; an unknown name raises, as pytest's does (a typo must not read as unset)."""
+    def getoption(self, name: str, default: Any = _NOTSET) -> Any:
+        """The option's value, as pytest's: an unknown name raises unless a default is given (a plugin that
+        reads another's option passes one, so disabling that plugin does not break it)."""
         if not hasattr(self.options, name):
-            raise ValueError(f"no option named {name!r}")
+            if default is _NOTSET:
+                raise ValueError(f"no option named {name!r}")
+            return default
         value = getattr(self.options, name)
-        return default if value is None and default is not None else value
+        return default if value is None and default not in (None, _NOTSET) else value
 
 
 def find_pyproject(start: Path) -> Path | None:

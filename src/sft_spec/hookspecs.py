@@ -2,7 +2,8 @@
 
 collect -> validate -> load -> format -> generate before -> mask -> train -> generate after -> after
 training -> check -> make report -> persist -> log; no phase reaches back. Implementations may take
-fewer arguments than their spec; built-ins are ``trylast``, so a user's plugin answers first.
+fewer arguments than their spec; built-ins are mostly ``trylast``, so a user's plugin answers first
+(the built-in data and format checks of ``sft_spec_validate_spec`` are ``tryfirst``: later ones see a whole item).
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ if TYPE_CHECKING:
     from .config import Config
     from .reports import ExpectationReport, SpecReport
     from .session import Session
-    from .spec import DataFile
     from .state import (
         Answer,
         Case,
@@ -102,7 +102,7 @@ def sft_spec_validate_spec(item: SpecItem, config: Config) -> list[Any] | None:
 
 
 @hookspec(firstresult=True)
-def sft_spec_load_data(source: DataFile, item: SpecItem, config: Config) -> list[Conversation] | None:
+def sft_spec_load_data(source: Any, item: SpecItem, config: Config) -> list[Conversation] | None:
     """One ``data.files`` entry as conversations (paths inside ``item.folder``: ``check_inside``), or None
     for a source this plugin does not read; a problem is a ``SpecError`` located in the data file."""
 

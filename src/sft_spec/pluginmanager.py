@@ -30,6 +30,7 @@ class PluginManager(pluggy.PluginManager):
         super().__init__("sft_spec")
         self.add_hookspecs(hookspecs)
         self.problems: list[PluginProblem] = []
+        self.commands: dict[str, tuple] | None = None  # sft-spec's subcommands, once plugins registered them
 
     def add(self, plugin: Any, name: str) -> None:
         """Register one plugin; a misspelled hook unregisters it, naming the plugin and the hook."""

@@ -41,10 +41,6 @@ class CheckContext:
     def config(self) -> Config | None:
         return self.run.config if self.run is not None else None
 
-    @property
-    def expectation(self) -> Any:  # the case, under its older name
-        return self.case
-
 
 @dataclass
 class Check:
@@ -83,6 +79,7 @@ class SpecSection(Generic[T]):
     description: str = ""
     shorthand: Callable[[Any], Any] | None = None
     default: bool = False
+    required: bool = False
     plugin: str = ""
 
 
@@ -112,10 +109,9 @@ class Registry:
 
     def _add(self, table: dict, kind: str, name: str, value: Any, plugin: str) -> None:
         if name in table:
-            winner = getattr(table[name], "plugin", "")
-            self.shadowed.append(Shadowed(kind, name, winner, plugin))
-            return
-        table[name] = value
+            self.shadowed.append(Shadowed(kind, name, getattr(table[name], "plugin", ""), plugin))
+        else:
+            table[name] = value
 
     def register_formatter(self, name: str, formatter: Any, description: str = "", plugin: str = "") -> None:
         self._add(self.formatters, "formatter", name, Named(name, formatter, plugin, description), plugin)
@@ -127,13 +123,11 @@ class Registry:
         self._add(self.model_loaders, "model loader", name, Named(name, loader, plugin, description), plugin)
 
     def register_check(self, check: Check, plugin: str = "") -> None:
-        if plugin and not check.plugin:
-            check.plugin = plugin
+        check.plugin = check.plugin or plugin
         self._add(self.checks, "check", check.name, check, check.plugin)
 
     def register_section(self, section: SpecSection[Any], plugin: str = "") -> None:
-        if plugin and not section.plugin:
-            object.__setattr__(section, "plugin", plugin)
+        object.__setattr__(section, "plugin", section.plugin or plugin)  # frozen: set once, by its registration
         self._add(self.sections, "spec section", section.name, section, section.plugin)
 
     def loader_for(self, model_spec: Any) -> Named | None:

@@ -71,11 +71,15 @@ class Session:
 
     def log_report(self, report: SpecReport) -> None:
         """Persist what the report records (on this, the main process), log it, count it for ``--maxfail``."""
-        try:
-            self.hook.sft_spec_persist_report(report=report, session=self)
-        except Exception as exc:  # noqa: BLE001 - a full disk fails this spec, not the session
+        problems = []
+        for impl in reversed(self.hook.sft_spec_persist_report.get_hookimpls()):  # one failing does not stop others
+            try:
+                impl.function(**{name: {"report": report, "session": self}[name] for name in impl.argnames})
+            except Exception as exc:  # noqa: BLE001 - a full disk fails this spec, not the session
+                problems.append(f"{impl.plugin_name}: {type(exc).__name__}: {exc}")
+        if problems:
             report.outcome = "error"
-            report.error = ErrorInfo(f"could not save the files this spec records: {type(exc).__name__}: {exc}",
+            report.error = ErrorInfo("could not save the files this spec records: " + "; ".join(problems),
                                      location=report.path, phase="persist")
         self.reports.append(report)
         self.hook.sft_spec_log_report(report=report, session=self)
@@ -106,29 +110,22 @@ def _spec_files(root: Path) -> list[Path]:
     """Spec files below ``root``, sorted; skips folders as pytest's norecursedirs, survives symlink loops."""
     found = []
     for folder, dirs, files in os.walk(root, onerror=lambda _: None, followlinks=False):
-        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d not in (
-            "node_modules", "__pycache__", "__snapshots__", "__baselines__", "venv"))
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d not in ("node_modules", "__pycache__", "venv"))
         found.extend(Path(folder) / f for f in files if is_spec_file(Path(f)))
     return sorted(found)
 
 
 def collect_error_report(file: Path, exc: SpecError) -> SpecReport:
-    shown = relpath(file)
-    errors = exc.errors if isinstance(exc, SpecErrors) else [exc]
-    message = "\n".join(str(e) for e in errors)
-    location = str(errors[0].location) if errors[0].location else shown
-    return SpecReport(
-        nodeid=shown, path=shown, name=shown, variant=None, outcome="error",
-        # A spec error is the user's input, not a crash: its location is the whole story, no traceback.
-        error=ErrorInfo(message=message, location=location, phase="collect"),
-    )
+    """A file that did not load: the user's input, not a crash, so its located message is the whole story."""
+    shown, errors = relpath(file), (exc.errors if isinstance(exc, SpecErrors) else [exc])
+    return SpecReport(nodeid=shown, path=shown, name=shown, variant=None, outcome="error", error=ErrorInfo(
+        "\n".join(map(str, errors)), location=str(errors[0].location or shown), phase="collect"))
 
 
 def plugin_error_report(problem: PluginProblem) -> SpecReport:
     nodeid = f"plugin:{problem.name}"
-    return SpecReport(nodeid=nodeid, path="", name=nodeid, variant=None, outcome="error",
-                      error=ErrorInfo(message=f"plugin {problem.name!r} is broken: {problem.message}",
-                                      location=nodeid, phase="plugin"))
+    return SpecReport(nodeid=nodeid, path="", name=nodeid, variant=None, outcome="error", error=ErrorInfo(
+        f"plugin {problem.name!r} is broken: {problem.message}", location=nodeid, phase="plugin"))
 
 
 # -- the built-in collection plugin and loop -------------------------------------------------------

@@ -1,10 +1,9 @@
 """The spec file model: what one ``*.sft.yaml`` may say (the contract in docs/spec-format.md).
 
 Every model forbids unknown keys so that a typo is an error with a location, never a silent default.
-Settings that belong to TRL and peft (``training``, ``lora``) stay plain mappings here and are checked
-against ``SFTConfig`` and ``LoraConfig`` by the trainer's plugin. Plugins own the other top-level keys
-(``format:`` the formatters', ``generation:`` the generator's, ``launcher:``) and register their models
-through ``sft_spec_register_spec_sections``.
+TRL's and peft's settings (``training``, ``lora``) stay plain mappings, checked by the trainer's plugin.
+Plugins own the other top-level keys (``data:``, ``format:``, ``generation:``, ``launcher:``) and
+register their models through ``sft_spec_register_spec_sections``.
 """
 
 from __future__ import annotations
@@ -32,19 +31,6 @@ class ModelSpec(StrictModel):
 class Message(StrictModel):
     role: str = Field(description="system, user or assistant (map other names with role_map)")
     content: str = Field(description="The turn's text")
-
-
-class DataFile(StrictModel):
-    path: str = Field(description="A data file inside the spec's folder, relative to the spec file")
-    conversation_key: str = Field("messages", description="Key holding the list of turns in each line")
-    role_key: str = Field("role", description="Key of a turn's role")
-    content_key: str = Field("content", description="Key of a turn's text")
-    role_map: dict[str, str] = Field(default_factory=dict, description="Rename roles: {human: user, gpt: assistant}")
-
-
-class DataSpec(StrictModel):
-    conversations: list[list[Message]] = Field(default_factory=list, description="Inline training conversations")
-    files: list[DataFile] = Field(default_factory=list, description="JSON Lines files of conversations")
 
 
 def xfail_shorthand(value: Any) -> Any:
@@ -78,7 +64,6 @@ class Spec(StrictModel):
     quantization: dict[str, Any] = Field(
         default_factory=dict, description="transformers.BitsAndBytesConfig fields for qlora (default nf4 4-bit)")
     training: dict[str, Any] = Field(default_factory=dict, description="trl.SFTConfig fields")
-    data: DataSpec = Field(description="The training conversations")
     expect: list[dict[str, Any]] = Field(
         default_factory=list, description="Prompts and checks on the answers; a spec needs expect, checks, or both")
     checks: dict[str, Any] = Field(default_factory=dict, description="Training-level checks, e.g. final_loss_below")

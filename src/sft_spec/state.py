@@ -21,6 +21,13 @@ D = TypeVar("D")
 
 #: A conversation: ``[{"role": ..., "content": ...}, ...]``.
 Conversation = list[dict[str, str]]
+
+
+class LocatedConversation(list):
+    """A conversation that knows where it was written (``data/train.jsonl:17``): a data reader may return
+    these, so an error about a conversation points at its line."""
+
+    location: Location | None = None
 #: When an answer is generated: from the base model, or from the trained one.
 When = Literal["before", "after"]
 
@@ -126,7 +133,7 @@ class TrainingCheck:
     location: Location
     selected: bool = True
     index: int = -1
-    xfail: XfailSpec | None = None
+    xfail: XfailSpec | None = None  # always None: a training check follows its spec's xfail
 
 
 #: A test case of a spec: an expectation or a training check.
@@ -147,6 +154,7 @@ class SpecItem:
     training_checks: list[TrainingCheck]
     location: Location
     chat_template: str | None = None
+    sources: list[Location] = field(default_factory=list)  # where each conversation was written
     notes: list[str] = field(default_factory=list)
     doc: LocatedDocument | None = None
     #: Plugin-owned top-level keys (``launcher:``, ...), validated by the model each plugin registered.

@@ -57,7 +57,7 @@ def load_spec_file(path: Path, ctx: LoadContext) -> list[SpecItem]:
             f"a spec file holds a mapping of keys (name, model, data, expect, ...), not a {kind_of(doc.data)}",
             doc.locate(()),
         )
-    for defaults in reversed(defaults_chain(path, ctx.defaults)):
+    for defaults in reversed(defaults_chain(path, ctx.defaults, ctx.config.getoption("rootdir", None))):
         doc = merge_docs(defaults, doc)
     # The spec file's own path is what items are named after, whatever the defaults said.
     doc.path = shown

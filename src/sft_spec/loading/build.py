@@ -12,7 +12,7 @@ from ..errors import SpecError, SpecErrors
 from ..spec import Spec
 from ..state import SpecItem
 from .expectations import build_expectations, build_training_checks
-from .wording import pydantic_errors
+from .wording import models_at, pydantic_errors
 from .yamlsource import LocatedDocument
 
 if TYPE_CHECKING:
@@ -23,20 +23,19 @@ def _sections(data: dict, doc: LocatedDocument, ctx: LoadContext, errors: list[S
     """Plugins' top-level keys, taken out of ``data`` and validated with each plugin's model."""
     out: dict[str, Any] = {}
     for name, section in ctx.config.registry.sections.items():
-        if name not in data:
-            if section.default:
+        value = data.pop(name, None)
+        if value is not None and section.shorthand is not None:
+            value = doc.data[name] = section.shorthand(value)
+        if value is None:  # left out, or written empty (``format:``): the same
+            if section.required:
+                errors.append(SpecError(f"missing required key {name!r}", doc.locate((name,))))
+            elif section.default:
                 out[name] = section.model()  # type: ignore[call-arg]
-            continue
-        value = data.pop(name)
-        if section.shorthand is not None:
-            value = section.shorthand(value)
-            doc.data[name] = value
-        if value is None:
             continue
         try:
             out[name] = section.model.model_validate(value)  # type: ignore[attr-defined]
         except pydantic.ValidationError as exc:
-            errors.extend(pydantic_errors(exc, doc, {(name,): section.model}, prefix=(name,)))
+            errors.extend(pydantic_errors(exc, doc, models_at(section.model, (name,)), prefix=(name,)))
             if section.default:  # the other checks still run, on the defaults, so one pass shows every problem
                 out[name] = section.model()  # type: ignore[call-arg]
     return out
@@ -63,11 +62,12 @@ def build_item(path: Path, nodeid: str, name: str, variant: str | None, doc: Loc
     spec.name = name
     item = SpecItem(nodeid=nodeid, path=path, name=name, variant=variant, spec=spec, conversations=[],
                     expectations=[], training_checks=[], location=doc.locate(()), doc=doc, sections=sections)
-    # Plugins check what they own (names of formatters, collators and model loaders, TRL's fields) and
-    # fill what they read (the conversations from data:, the chat template from format.template).
-    errors += _validate_by_plugins(item, ctx)
     item.expectations = build_expectations(spec, nodeid, doc, ctx, errors)
     item.training_checks = build_training_checks(spec, nodeid, doc, ctx, errors)
+    # Plugins check what they own (names of formatters, collators and model loaders, TRL's fields); the
+    # built-ins that fill the item (conversations from data:, the chat template) are tryfirst, so every
+    # other plugin sees it whole.
+    errors += _validate_by_plugins(item, ctx)
     if not spec.expect and not spec.checks:
         # A spec that checks nothing passes whatever training did: almost always a forgotten section.
         where = doc.locate(("expect",)) if "expect" in doc.data else doc.locate(())

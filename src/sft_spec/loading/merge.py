@@ -32,17 +32,22 @@ def merge_docs(base: LocatedDocument, over: LocatedDocument) -> LocatedDocument:
     return LocatedDocument(deep_merge(base.data, over.data), locations, over.path)
 
 
-def defaults_chain(spec_path: Path, memo: dict[Path, LocatedDocument | None]) -> list[LocatedDocument]:
+def defaults_chain(spec_path: Path, memo: dict[Path, LocatedDocument | None],
+                   stop: Path | None = None) -> list[LocatedDocument]:
     """``sft-defaults.yaml`` files from the project root down to the spec's folder (nearer ones merge last).
 
-    The project root is the nearest folder above the spec with pyproject.toml, .git, ... (without one,
-    the file system's root), so the same files apply whatever path the run was started with, and under
-    pytest too, as pytest finds conftest files. A defaults file that is a symlink out of its folder is
-    an error.
+    The project root is the nearest folder above the spec with pyproject.toml, .git, ...; ``stop``
+    (``--rootdir``) may end the walk lower. So the same files apply whatever path the run was started
+    with, and under pytest too, as pytest finds conftest files. Outside a project only the spec's own
+    folder counts (a stray /tmp/sft-defaults.yaml never applies). A defaults file that is a symlink out
+    of its folder is an error.
     """
     found = []
     directory = spec_path.resolve().parent
-    root = project_root(directory) or Path(directory.anchor)
+    root = project_root(directory) or directory
+    if stop is not None and (stop := stop.resolve()) != root and root in stop.parents and (
+            stop == directory or stop in directory.parents):
+        root = stop
     while True:
         if directory not in memo:
             memo[directory] = _read_defaults(directory / DEFAULTS_NAME)

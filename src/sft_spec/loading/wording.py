@@ -8,13 +8,16 @@ compiler lists them; a typo's "missing required key" dropped where its did-you-m
 from __future__ import annotations
 
 import re
+import typing
 from typing import Any
 
 import pydantic
 
 from ..errors import SpecError, did_you_mean
-from ..spec import DataFile, DataSpec, Message, ModelSpec, Spec, XfailSpec
+from ..spec import Spec
 from .yamlsource import KeyPath, LocatedDocument
+
+ModelsAt = dict[tuple[str, ...], type[pydantic.BaseModel]]
 
 
 def kind_of(value: Any) -> str:
@@ -29,14 +32,19 @@ def keypath_str(keypath: KeyPath) -> str:
     return out
 
 
-_MODELS_AT: dict[tuple[str, ...], type[pydantic.BaseModel]] = {
-    (): Spec,
-    ("model",): ModelSpec,
-    ("data",): DataSpec,
-    ("data", "files"): DataFile,
-    ("data", "conversations"): Message,
-    ("xfail",): XfailSpec,
-}
+def models_at(model: type[pydantic.BaseModel], prefix: tuple[str, ...] = ()) -> ModelsAt:
+    """The pydantic model at every mapping's key path (lists and optionals looked through), for messages
+    that name the keys a mapping takes."""
+    out: ModelsAt = {prefix: model}
+    for name, field in model.model_fields.items():
+        stack = [field.annotation]
+        while stack:
+            annotation = stack.pop()
+            if isinstance(annotation, type) and issubclass(annotation, pydantic.BaseModel):
+                out.update(models_at(annotation, (*prefix, name)))
+            else:
+                stack.extend(typing.get_args(annotation))
+    return out
 
 
 def _data_path(data: Any, loc: tuple) -> KeyPath:
@@ -83,9 +91,6 @@ def short_repr(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-ModelsAt = dict[tuple[str, ...], type[pydantic.BaseModel]]
-
-
 def pydantic_errors(exc: pydantic.ValidationError, doc: LocatedDocument, model_at: ModelsAt | None = None,
                     prefix: KeyPath = (), also_known: list[str] = ()) -> list[SpecError]:
     """Pydantic's errors as located spec errors, in the spec format's words (not pydantic's class names).
@@ -93,7 +98,7 @@ def pydantic_errors(exc: pydantic.ValidationError, doc: LocatedDocument, model_a
     ``prefix`` is where the validated value sits in the document (a plugin's section: ``("launcher",)``);
     ``also_known`` are keys valid beside the model's at that level (plugins' top-level keys).
     """
-    model_at = _MODELS_AT if model_at is None else model_at
+    model_at = models_at(Spec) if model_at is None else model_at
     data: Any = doc.data
     for part in prefix:
         data = data[part]

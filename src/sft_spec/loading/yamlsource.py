@@ -31,18 +31,11 @@ _MERGE_TAG = "tag:yaml.org,2002:merge"
 
 
 class _SpecResolver(yaml.resolver.Resolver):
-    """Also reads ``2e-5`` as a float.
-
-    YAML 1.1 wants a dot (``2.0e-5``); learning rates are written without one so often that reading
-    them as strings would surprise every user.
-    """
+    """Also reads ``2e-5`` as a float: YAML 1.1 wants ``2.0e-5``, and learning rates are rarely written so."""
 
 
-_SpecResolver.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"),
-)
+_SpecResolver.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(
+    r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
 
 
 class _DepthLimitedComposer(yaml.composer.Composer):
@@ -108,9 +101,7 @@ class LocatedDocument:
 
 
 def _loc(path: str, mark: yaml.Mark | None) -> Location:
-    if mark is None:
-        return Location(path, 1, 1)
-    return Location(path, mark.line + 1, mark.column + 1)
+    return Location(path, 1, 1) if mark is None else Location(path, mark.line + 1, mark.column + 1)
 
 
 def _offset_loc(path: str, text: str, offset: int) -> Location:
@@ -121,11 +112,8 @@ def _offset_loc(path: str, text: str, offset: int) -> Location:
 
 def _tag_error(tag: str, mark: yaml.Mark | None, path: str) -> SpecError:
     shown = tag.replace("tag:yaml.org,2002:", "!!")
-    return SpecError(
-        f"YAML tag {shown!r} is not allowed: a spec is plain data (mappings, lists, strings, numbers, "
-        "booleans); tags that build Python objects are never run",
-        _loc(path, mark),
-    )
+    return SpecError(f"YAML tag {shown!r} is not allowed: a spec is plain data (mappings, lists, strings, "
+                     "numbers, booleans); tags that build Python objects are never run", _loc(path, mark))
 
 
 def parse_yaml(text: str, path: str) -> LocatedDocument:
@@ -154,9 +142,7 @@ def parse_yaml(text: str, path: str) -> LocatedDocument:
         locations: dict[KeyPath, Location] = {}
         if node is None:
             return LocatedDocument(None, locations, path)
-        budget = [MAX_NODES]
-        data = _convert(loader, node, (), locations, path, budget)
-        return LocatedDocument(data, locations, path)
+        return LocatedDocument(_convert(loader, node, (), locations, path, [MAX_NODES]), locations, path)
     finally:
         if loader is not None:
             loader.dispose()
@@ -205,10 +191,8 @@ def load_yaml_file(path: Path, display_path: str | None = None) -> LocatedDocume
 def _convert(loader, node, keypath: KeyPath, locations, path: str, budget: list[int]) -> Any:
     budget[0] -= 1
     if budget[0] < 0:
-        raise SpecError(
-            f"YAML document expands to more than {MAX_NODES} values (an alias bomb?)",
-            _loc(path, node.start_mark),
-        )
+        raise SpecError(f"YAML document expands to more than {MAX_NODES} values (an alias bomb?)",
+                        _loc(path, node.start_mark))
     locations.setdefault(keypath, _loc(path, node.start_mark))
     if isinstance(node, yaml.MappingNode):
         if node.tag != _MAP_TAG:
@@ -229,8 +213,7 @@ def _convert(loader, node, keypath: KeyPath, locations, path: str, budget: list[
                 raise SpecError("mapping keys must be plain scalars", _loc(path, key_node.start_mark))
             if key in explicit:
                 first = explicit[key]
-                raise SpecError(f"duplicate key {key!r} (first at line {first.line + 1}); "
-                                "a key may appear once",
+                raise SpecError(f"duplicate key {key!r} (first at line {first.line + 1}); a key may appear once",
                                 _loc(path, key_node.start_mark))
             explicit[key] = key_node.start_mark
             locations[keypath + (key,)] = _loc(path, key_node.start_mark)
