@@ -199,6 +199,33 @@ def bench_scaling(work: Path, reps: int, env: dict) -> None:
         row(f"conversations={count:4d}", f"{t:6.2f}s", t / base, f"<= {count}x (linear)", t / base <= count * 1.1)
 
 
+def _eval_rows(work: Path, rows: int, mode: str, env: dict) -> dict:
+    import json
+
+    out = work / f"eval-{rows}-{mode}.json"
+    timed([sys.executable, str(ROOT / "bench" / "eval_rows.py"), str(rows), mode, str(out)], env)
+    return json.loads(out.read_text(encoding="utf-8"))
+
+
+def bench_eval(work: Path, reps: int, env: dict) -> None:
+    print("eval sets: 1,000 rows (equals, chrF, likelihood) batched against one row at a time; scaling with rows")
+    batched, single = _eval_rows(work, 1000, "batched", env), _eval_rows(work, 1000, "single", env)
+    same_answers = [r[0] for r in batched["rows"]] == [r[0] for r in single["rows"]]
+    worst = max(abs(a[2] - b[2]) for a, b in zip(batched["rows"], single["rows"], strict=True))
+    ratio = single["seconds"] / batched["seconds"]
+    row("eval 1,000 rows: one by one / batched", f"{single['seconds']:6.1f}s / {batched['seconds']:6.1f}s", ratio,
+        ">= 10x, identical scores", ratio >= 10 and same_answers and worst < 1e-4)
+    print(f"    answers identical: {same_answers}; largest likelihood difference {worst:.1e}")
+    base = None
+    for count in (100, 1000, 10000):
+        result = batched if count == 1000 else _eval_rows(work, count, "batched", env)
+        per_row = result["seconds"] / count
+        base = base or per_row
+        row(f"eval rows={count:5d}", f"{result['seconds']:6.1f}s, {1000 * per_row:5.1f}ms per row, "
+            f"peak memory +{result['peak_growth_mib']:.0f} MiB", per_row / base, "<= 1x per row (linear or better)",
+            per_row / base <= 1.2)
+
+
 _OPTIONS: str | None = None
 
 
@@ -211,7 +238,7 @@ def _has_option(option: str) -> bool:
 
 SECTIONS = {
     "overhead": bench_overhead, "startup": bench_startup, "shared": bench_shared_base,
-    "generation": bench_generation, "cached": bench_cached, "scaling": bench_scaling,
+    "generation": bench_generation, "cached": bench_cached, "scaling": bench_scaling, "eval": bench_eval,
 }
 
 

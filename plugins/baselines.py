@@ -31,6 +31,7 @@ HEADER = ("# Loss curves recorded by `sft-spec run --update-baselines` for `loss
           "# with the fingerprint of what produced them. Keyed by spec id; review changes like code.\n")
 DEFAULTS = {"rtol": 0.05, "atol": 0.01, "mean_drift": 0.05}
 EXTRA = "loss_baseline"  # report.extra key: {"fingerprint": ..., "losses": [...]}
+RECORDED_EXTRA = "recorded_loss_baseline"  # report.extra key: the curve the baseline file holds, for the HTML
 
 
 def baseline_path(spec_path):
@@ -82,6 +83,8 @@ def loss_baseline(_: str, argument: Any, ctx: CheckContext) -> CheckResult:
     path = baseline_path(ctx.item.path)
     recorded = RecordedFile(path, HEADER)
     entry = recorded.entries.get(short_id(ctx.item.nodeid))
+    if isinstance(entry, dict) and isinstance(entry.get("losses"), list):
+        ctx.run.stash[RECORDED] = [float(x) for x in entry["losses"]]  # drawn under this run's curve
     current = {"fingerprint": _plain(fingerprint(ctx.item, ctx.run)), "losses": [float(x) for x in ctx.losses]}
     ctx.run.stash[CURRENT] = current
     if ctx.config.getoption("update_baselines"):
@@ -128,6 +131,7 @@ def _model_revision(item) -> str | None:
 TOKENIZER_HASH = StashKey[str]()
 #: This spec's curve and fingerprint, as the check computed them, for the report.
 CURRENT = StashKey[dict]()
+RECORDED = StashKey[list]()  # the recorded curve, to draw under this run's
 
 
 def tokenizer_hash(loaded) -> str:
@@ -220,6 +224,8 @@ def sft_spec_make_report(item, run, report):
     current = run.stash.get(CURRENT, None)
     if current is not None:
         report.extra[EXTRA] = current  # what --update-baselines writes, on the main process
+    if run.stash.get(RECORDED, None) is not None:
+        report.extra[RECORDED_EXTRA] = run.stash[RECORDED]
     return report
 
 

@@ -202,6 +202,9 @@ class BuiltinLoader:
         name = model_spec.id[len(BUILTIN_PREFIX):]
         if name not in BUILTIN_MODELS:
             return did_you_mean(name, [*BUILTIN_MODELS, *PACKAGED_MODELS], "builtin model")
+        for key in ("revision", "gguf_file", "tokenizer"):
+            if getattr(model_spec, key):
+                return f"model.{key} does not apply to {model_spec.id}: built-in models are built offline, whole"
         return None
 
     def load(self, model_spec, config, *, quantization=None) -> LoadedModel:

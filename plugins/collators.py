@@ -112,6 +112,11 @@ def sft_spec_validate_spec(item, config) -> list[SpecError]:
                           "what it did")
     if fmt.collator not in table:
         return [SpecError(did_you_mean(fmt.collator, list(table), "collator"), where, key="format.collator")]
+    if fmt.collator != "completion_only":  # read by completion_only alone: say so rather than drop it silently
+        for key in ("response_template", "instruction_template"):
+            if getattr(fmt, key, None):
+                item.notes.append(f"{item.locate('format', key)}: note: format.{key} is used by the completion_only "
+                                  f"collator only; collator {fmt.collator!r} does not read it")
     problem = plugin_validate(getattr(table[fmt.collator].obj, "validate", None), fmt, f"collator {fmt.collator!r}")
     return [SpecError(problem, where, key="format.collator")] if problem else []
 

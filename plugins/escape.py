@@ -7,6 +7,7 @@ the same way. Chinese and every other printable character stay as they are.
 
 from __future__ import annotations
 
+import html
 import re
 
 # C0 controls, DEL, C1 controls, and the Unicode format characters that reorder or hide text.
@@ -27,3 +28,20 @@ def safe(text: object, keep_newlines: bool = False) -> str:
     """``str(text)`` with control characters as ``\\x1b`` / ``\\u202e`` escapes (newlines kept if asked)."""
     pattern = _CONTROLS_BUT_NEWLINE if keep_newlines else _CONTROLS
     return pattern.sub(_escaped, str(text))
+
+
+#: What turns text into markup inside a line (emphasis, code, links, table cells, strikethrough).
+_MARKUP = re.compile(r"([\\`*_\[\]|~])")
+
+
+def md_text(value: object) -> str:
+    """Text as Markdown shows it literally: one line, HTML and Markdown markup escaped."""
+    text = html.escape(safe(value), quote=False)
+    return _MARKUP.sub(r"\\\1", text)
+
+
+def md_code(text: str) -> str:
+    """A fenced block that no backtick run inside can close (a fence longer than any in the text)."""
+    longest = max((len(m) for m in re.findall(r"`+", text)), default=0)
+    fence = "`" * max(3, longest + 1)
+    return f"{fence}text\n{safe(text, keep_newlines=True)}\n{fence}"

@@ -1,4 +1,10 @@
-"""Greedy generation for expectations, batched with left padding, stopping at the end of the turn."""
+"""Greedy generation for expectations, batched with left padding, stopping at the end of the turn.
+
+When a spec does not set ``generation.max_new_tokens``, each answer's budget comes from its reference
+(the text its checks expect: ``equals``, ``startswith``, a metric's ``to``): the reference's token count
+plus a margin, never less than the default, so a long expected answer is not cut by a default. The
+budget used is in every report (``max_new_tokens`` of each expectation).
+"""
 
 from __future__ import annotations
 
@@ -12,7 +18,8 @@ from sft_spec.state import Answer
 class GenerationSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    max_new_tokens: int = Field(32, gt=0, description="Tokens to generate per expectation")
+    max_new_tokens: int = Field(32, gt=0, description="Tokens to generate per expectation; unset: from each "
+                                "expectation's reference (its token count plus a margin), at least 32")
     do_sample: bool = Field(False, description="Greedy by default, so results are reproducible")
     temperature: float | None = Field(None, description="Sampling temperature (with do_sample)")
     top_p: float | None = Field(None, description="Nucleus sampling probability mass (with do_sample)")
@@ -54,6 +61,31 @@ def sft_spec_validate_spec(item, config):
     return errors
 
 
+def references(checks: list[tuple[str, object]]) -> list[str]:
+    """The texts an expectation's checks expect the answer to be (or to be close to)."""
+    out = []
+    for name, argument in checks:
+        if name in ("equals", "startswith") and isinstance(argument, str):
+            out.append(argument)
+        elif isinstance(argument, dict) and isinstance(argument.get("to"), str):
+            out.append(argument["to"])
+        elif name == "contains":
+            out.append("".join([argument] if isinstance(argument, str) else argument))
+    return out
+
+
+def answer_budget(item, run, checks: list[tuple[str, object]]) -> int | None:
+    """``max_new_tokens`` for one answer: None when the spec sets it; else from the longest reference."""
+    generation = item.section(GENERATION)
+    if generation is None or "max_new_tokens" in generation.model_fields_set:
+        return None
+    texts = references(checks)
+    if not texts:
+        return None
+    tokens = max(len(run.loaded.tokenizer(text, add_special_tokens=False)["input_ids"]) for text in texts)
+    return max(generation.max_new_tokens, tokens + max(8, tokens // 2))
+
+
 def stop_token_ids(tokenizer, model, end_of_turn: str | None) -> list[int]:
     ids: list[int] = []
     if end_of_turn:
@@ -69,12 +101,15 @@ def stop_token_ids(tokenizer, model, end_of_turn: str | None) -> list[int]:
     return list(dict.fromkeys(ids))
 
 
-def generate_answers(model, tokenizer, texts: list[str], *, stop_ids: list[int], settings, device) -> list[Answer]:
-    """One answer per prompt text: cleaned text, and the raw text with special tokens up to the stop."""
+def generate_answers(model, tokenizer, texts: list[str], *, stop_ids: list[int], settings, device,
+                     budgets: list[int | None] | None = None) -> list[Answer]:
+    """One answer per prompt text: cleaned text, and the raw text with special tokens up to the stop.
+    ``budgets``: each prompt's own ``max_new_tokens`` (None: the setting's); prompts of similar budgets are
+    batched together and each answer is cut at its own budget, as if generated alone."""
     import torch
 
+    limits = [b or settings.max_new_tokens for b in (budgets or [None] * len(texts))]
     kwargs = {
-        "max_new_tokens": settings.max_new_tokens,
         "do_sample": settings.do_sample,
         "num_beams": settings.num_beams,
         "eos_token_id": stop_ids,
@@ -87,25 +122,27 @@ def generate_answers(model, tokenizer, texts: list[str], *, stop_ids: list[int],
     if not settings.do_sample:
         # Greedy: unset sampling knobs a checkpoint's generation_config may carry, so transformers stays quiet.
         kwargs.update({"temperature": None, "top_p": None, "top_k": None})
-    answers: list[Answer] = []
+    answers: list[Answer | None] = [None] * len(texts)
+    order = sorted(range(len(texts)), key=lambda i: limits[i])
     padding_side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # decoder-only models continue from the right edge
     was_training = model.training
     model.eval()
     try:
         for start in range(0, len(texts), settings.batch_size):
-            batch = texts[start : start + settings.batch_size]
-            encoded = tokenizer(batch, add_special_tokens=False, return_tensors="pt", padding=True).to(device)
+            batch = order[start : start + settings.batch_size]
+            encoded = tokenizer([texts[i] for i in batch], add_special_tokens=False, return_tensors="pt",
+                                padding=True).to(device)
             with torch.no_grad():
-                output = model.generate(**encoded, **kwargs)
+                output = model.generate(**encoded, **kwargs, max_new_tokens=max(limits[i] for i in batch))
             new_tokens = output[:, encoded["input_ids"].shape[1]:]
-            for row in new_tokens.tolist():
-                answers.append(_clean(row, tokenizer, stop_ids, settings.max_new_tokens))
+            for i, row in zip(batch, new_tokens.tolist(), strict=True):
+                answers[i] = _clean(row[:limits[i]], tokenizer, stop_ids, limits[i])
     finally:
         tokenizer.padding_side = padding_side
         if was_training:
             model.train()
-    return answers
+    return answers  # type: ignore[return-value]
 
 
 def _clean(row: list[int], tokenizer, stop_ids: list[int], max_new_tokens: int) -> Answer:
@@ -123,8 +160,13 @@ def _clean(row: list[int], tokenizer, stop_ids: list[int], max_new_tokens: int) 
 
 @hookimpl(trylast=True)
 def sft_spec_generate(item, run, prompts, when) -> list[Answer]:
+    settings = item.section(GENERATION)
+    if settings.do_sample:  # sampled answers are reproducible too: the spec's seed, whatever ran before
+        import torch
+
+        torch.manual_seed(int(item.spec.training.get("seed", 42)))
     tokenizer = run.loaded.tokenizer
     stop_ids = stop_token_ids(tokenizer, run.model, run.markers.end_of_turn if run.markers else None)
     return generate_answers(run.model, tokenizer, [p.text for p in prompts], stop_ids=stop_ids,
-                            settings=item.section(GENERATION),
+                            settings=settings, budgets=[p.max_new_tokens for p in prompts],
                             device=run.model.device if hasattr(run.model, "device") else run.loaded.device)

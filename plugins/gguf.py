@@ -125,8 +125,9 @@ class GGUFLoader:
     def validate(self, model_spec) -> str | None:
         name = _builtin_name(model_spec)
         if name is not None:
-            if model_spec.gguf_file:
-                return f"{model_spec.id} is a packaged model: leave out gguf_file"
+            if model_spec.gguf_file or model_spec.revision:
+                key = "gguf_file" if model_spec.gguf_file else "revision"
+                return f"{model_spec.id} is a packaged model: leave out {key}"
             return missing_extra_message(model_spec.id, PACKAGED_MODELS[name])
         # What the spec says first (paths), then what the machine lacks (the gguf package).
         if model_spec.id.endswith(".gguf"):

@@ -108,6 +108,7 @@ class Chart:
     polyline: str
     yticks: list[tuple[float, str]]
     xticks: list[tuple[float, str]]
+    overlay: str = ""  # a second curve on the same axes (the loss baseline, or BASE's curve in a comparison)
 
 
 def _nice_step(span: float, count: int = 5) -> float:
@@ -123,12 +124,16 @@ def _fmt(value: float) -> str:
     return f"{value:.4g}"
 
 
-def loss_chart(losses: list[float]) -> Chart | None:
+def _finite_steps(losses: list[float]) -> list[tuple[int, float]]:
     # A NaN or inf step (a diverged run) has no place on the axis: it is left out, the others keep their step.
-    steps = [(i, float(v)) for i, v in enumerate(losses) if isinstance(v, (int, float)) and math.isfinite(v)]
+    return [(i, float(v)) for i, v in enumerate(losses) if isinstance(v, (int, float)) and math.isfinite(v)]
+
+
+def loss_chart(losses: list[float], overlay: list[float] | None = None) -> Chart | None:
+    steps, other = _finite_steps(losses), _finite_steps(overlay or [])
     if not steps:
         return None
-    values = [v for _, v in steps]
+    values = [v for _, v in steps + other]
     width, height, left, right, top, bottom = 560, 230, 64, 16, 14, 40
     lo, hi = min(values), max(values)
     # Losses often fall by orders of magnitude: a linear axis would show a cliff and a flat line.
@@ -149,7 +154,7 @@ def loss_chart(losses: list[float]) -> Chart | None:
         def ymap(v: float) -> float:
             return v
     plot_w, plot_h = width - left - right, height - top - bottom
-    n = len(losses)
+    n = max(len(losses), len(overlay or []))
 
     def sx(i: int) -> float:
         return left + (plot_w * i / (n - 1) if n > 1 else plot_w / 2)
@@ -164,7 +169,8 @@ def loss_chart(losses: list[float]) -> Chart | None:
               if i == n or ((i - 1) % xstep == 0 and n - i >= max(1, xstep // 2))]
     return Chart(width, height, left, right, top, bottom, log, points,
                  " ".join(f"{x},{y}" for x, y, _, _ in points),
-                 [(round(sy(t), 2), label) for t, label in ticks], xticks)
+                 [(round(sy(t), 2), label) for t, label in ticks], xticks,
+                 " ".join(f"{round(sx(i), 2)},{round(sy(ymap(v)), 2)}" for i, v in other))
 
 
 # -- view models --------------------------------------------------------------------------------------
@@ -200,9 +206,52 @@ def _case_view(report: SpecReport, case: ExpectationReport) -> dict[str, Any]:
     }
 
 
-def _spec_view(index: int, report: SpecReport) -> dict[str, Any]:
+#: Rows of an eval set shown in the page (worst first); the JSON report has every row.
+SHOWN_ROWS = 200
+
+
+def histogram(values: list[float], bins: int = 10) -> list[dict[str, Any]]:
+    """Counts of ``values`` in equal-width bins, for a bar per bin."""
+    if not values:
+        return []
+    low, high = min(values), max(values)
+    width = (high - low) / bins or 1.0
+    counts = [0] * (bins if high > low else 1)
+    for value in values:
+        counts[min(len(counts) - 1, int((value - low) / width))] += 1
+    top = max(counts)
+    return [{"label": f"{low + i * width:.3g}-{low + (i + 1) * width:.3g}" if high > low else f"{low:.3g}",
+             "count": n, "percent": round(100 * n / top)} for i, n in enumerate(counts)]
+
+
+def _eval_views(report: SpecReport) -> list[dict[str, Any]]:
+    views = []
+    for nodeid, data in (report.extra.get("eval") or {}).items():
+        rows = data.get("rows", [])
+        views.append({
+            "name": f"eval[{data.get('name', '')}]", "nodeid": nodeid, "aggregates": data.get("aggregates", {}),
+            "metrics": data.get("metrics", []), "total": len(rows), "rows": rows[:SHOWN_ROWS],
+            "has_base": any(r.get("base") for r in rows),
+            "histograms": [{"metric": name, "bins": histogram([r["scores"][name] for r in rows
+                                                                if name in r.get("scores", {})])}
+                           for name in data.get("metrics", [])],
+        })
+    return views
+
+
+def _seed_views(report: SpecReport) -> list[dict[str, Any]]:
+    return [{**seed, "chart": loss_chart(seed["losses"]) if seed.get("losses") else None}
+            for seed in report.extra.get("seeds") or []]
+
+
+def _spec_view(index: int, report: SpecReport, history=None) -> dict[str, Any]:
     mask = report.mask
+    trend = history.trend(report.nodeid) if history is not None else []
     return {
+        "checks_passed": sum(c.outcome in ("passed", "xfailed") for c in report.cases),
+        "checks_total": len(report.cases),
+        "trend": trend,
+        "trend_metrics": sorted({name for h in trend for name in h.get("metrics", {})})[:12],
         "anchor": f"spec-{index}", "report": report,
         "phases": [(PHASE_LABELS.get(k, k), v) for k, v in report.phases.items()],
         "settings": flatten(report.settings),
@@ -210,8 +259,10 @@ def _spec_view(index: int, report: SpecReport) -> dict[str, Any]:
         "mask": mask,
         "runs": (token_runs(mask.tokens, mask.trained)
                  if mask and len(mask.tokens) == len(mask.trained) else []),
-        "chart": loss_chart(report.losses) if report.losses else None,
+        "chart": loss_chart(report.losses, report.extra.get("recorded_loss_baseline")) if report.losses else None,
         "cases": [_case_view(report, c) for c in report.cases],
+        "eval_sets": _eval_views(report),
+        "seeds": _seed_views(report),
         "error": report.error,
     }
 
@@ -225,7 +276,7 @@ def _shown(value: Any) -> Any:
     return value if value is None or isinstance(value, int | float) else safe(value, keep_newlines=True)
 
 
-def render_html(reports: list[SpecReport], meta: dict[str, Any]) -> str:
+def render_html(reports: list[SpecReport], meta: dict[str, Any], history=None) -> str:
     import jinja2
 
     env = jinja2.Environment(loader=jinja2.PackageLoader("sft_spec_plugins", "templates"), finalize=_shown,
@@ -242,7 +293,9 @@ def render_html(reports: list[SpecReport], meta: dict[str, Any]) -> str:
         duration=summary.get("duration", sum(r.duration for r in reports)),
         counts=[(k, counts[k]) for k in OUTCOME_ORDER if counts.get(k)],
         spec_counts=[(k, spec_counts[k]) for k in OUTCOME_ORDER if spec_counts.get(k)],
-        specs=[_spec_view(i, r) for i, r in enumerate(reports)],
+        specs=[_spec_view(i, r, history) for i, r in enumerate(reports)],
+        has_history=history is not None and bool(history.entries),
+        history_warnings=history.warnings if history is not None else [],
     )
 
 
@@ -253,7 +306,9 @@ class HTMLReporter(FileReporter):
     label = "HTML report"
 
     def render(self, reports, meta) -> str:
-        return render_html(reports, meta)
+        from .history import HISTORY
+
+        return render_html(reports, meta, self.config.stash.get(HISTORY, None))
 
 
 @hookimpl

@@ -94,7 +94,7 @@ class JSONReporter(FileReporter):
     def sft_spec_log_report(self, report, session):
         self._write(session, complete=False, exitstatus=None)
 
-    @hookimpl
+    @hookimpl(trylast=True)
     def sft_spec_session_finish(self, session, exitstatus):
         self._write(session, complete=True, exitstatus=exitstatus)
 
@@ -122,6 +122,8 @@ def _add_report_arguments(parser) -> None:
     parser.add_argument("--html", dest="html_path", type=Path, metavar="PATH", help="write an HTML report")
     parser.add_argument("--junitxml", dest="junitxml_path", type=Path, metavar="PATH",
                         help="write a JUnit XML report")
+    parser.add_argument("--history", dest="history_dir", type=Path, metavar="DIR",
+                        help="show each spec's last runs from this --history folder in the HTML report")
 
 
 def _run_report(options, pluginmanager) -> int:
@@ -129,9 +131,11 @@ def _run_report(options, pluginmanager) -> int:
         raise UsageError("nothing to write: give --html PATH and/or --junitxml PATH")
     meta, reports = load_document(options.results)
     if options.html_path:
+        from .history import read_history
         from .html_report import render_html
 
-        atomic_write_text(options.html_path, render_html(reports, meta))
+        history = read_history(options.history_dir) if options.history_dir else None
+        atomic_write_text(options.html_path, render_html(reports, meta, history))
         print(f"HTML report: {options.html_path}")
     if options.junitxml_path:
         from .junitxml import render_junitxml

@@ -25,13 +25,18 @@ PROPERTY_METRICS = ("final_loss", "train_seconds", "steps", "trainable_parameter
 # XML 1.0 cannot hold most control characters, not even as &#..; references: a random model's answer
 # often contains some, and a parser would then reject the whole file. DEL, C1 and the characters that
 # reorder text are legal XML but would forge what a CI page shows: escaped too.
-_ILLEGAL_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2066-\u2069\ufeff"
+_ILLEGAL_XML = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2066-\u2069\ufeff"
                           "\ud800-\udfff\ufffe\uffff]")
 
 
+def _escaped(match: re.Match) -> str:
+    code = ord(match.group())
+    return "\\r" if code == 13 else f"\\x{code:02x}" if code < 256 else f"\\u{code:04x}"
+
+
 def xml_text(value: Any) -> str:
-    return _ILLEGAL_XML.sub(lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 256
-                            else f"\\u{ord(m.group()):04x}", str(value))
+    """Text XML can hold and a CI page shows as written: a CR (which returns to a line's start) as ``\\r``."""
+    return _ILLEGAL_XML.sub(_escaped, str(value))
 
 
 def classname(path: str) -> str:

@@ -8,6 +8,7 @@ are final when the check hook returns them. This built-in plugin implements ``sf
 
 from __future__ import annotations
 
+import re
 import time
 import traceback
 from contextlib import contextmanager
@@ -28,6 +29,8 @@ from sft_spec.reports import (
     new_report,
 )
 from sft_spec.state import Answer, Case, Expectation, SpecItem, SpecRun
+
+from .generation import answer_budget
 
 if TYPE_CHECKING:
     from sft_spec.config import Config
@@ -117,9 +120,31 @@ def _error_info(item: SpecItem, config: Config, exc: PhaseError) -> ErrorInfo:
         message = f"timed out in phase {exc.phase}: {original}"
     elif isinstance(original, FloatingPointError):
         kind = "nan"
-    return ErrorInfo(message=message, location=str(item.location), phase=exc.phase,
+    return ErrorInfo(message=message, location=str(_blamed(item, exc.phase, str(original))), phase=exc.phase,
                      plugin=plugin_name_for_traceback(config.pluginmanager, original.__traceback__), kind=kind,
                      traceback="".join(traceback.format_exception(original)))
+
+
+#: Words of recipe keys too common in error messages to point at a key by themselves.
+_GENERIC = {"lora", "adam", "num", "train", "per", "device", "size", "steps", "max", "min", "eval", "type", "kwargs"}
+
+
+def _blamed(item: SpecItem, phase: str, message: str):
+    """Where a crash most likely comes from: a recipe key the message names (``dropout`` -> lora_dropout,
+    ``beta`` -> adam_beta1), else the section the phase reads; the spec's first line only as a last resort."""
+    text = message.lower()
+    words = set(re.findall(r"[a-z0-9]+", text))
+    for section in ("training", "lora", "quantization"):
+        for key, value in getattr(item.spec, section).items():
+            inner = [str(k).lower() for k in value] if isinstance(value, dict) else []  # lr_scheduler_kwargs.bogus
+            named = [str(key).lower(), *inner]
+            if any(re.search(rf"\b{re.escape(n)}\b", text) for n in named) or \
+                    (set(str(key).lower().split("_")) - _GENERIC) & words:
+                return item.locate(section, key)
+    keys = _PHASE_KEYS.get(phase)
+    if phase == "train" and item.spec.method != "full" and "lora" in message.lower():
+        keys = ("lora",)
+    return item.locate(*keys) if keys and (keys[0] in (item.doc.data if item.doc else {})) else item.location
 
 
 def skipped_report(item: SpecItem, reason: str) -> SpecReport:
@@ -171,6 +196,8 @@ def _run_phases(item: SpecItem, run: SpecRun, report: SpecReport, hook) -> None:
                          for conv in item.conversations]
         run.prompts = [hook.sft_spec_format(item=item, run=run, messages=exp.prompt, add_generation_prompt=True)
                        for exp in expectations]
+        for exp, prompt in zip(expectations, run.prompts, strict=True):
+            prompt.max_new_tokens = answer_budget(item, run, exp.checks)
     prompts = dict(zip((e.index for e in expectations), run.prompts, strict=True))
     needs_base = [e for e in expectations if e.needs_base_answer or _needs_base(e, run.config)]
     if needs_base:
@@ -179,6 +206,8 @@ def _run_phases(item: SpecItem, run: SpecRun, report: SpecReport, hook) -> None:
             answers = hook.sft_spec_generate(item=item, run=run, prompts=[prompts[e.index] for e in needs_base],
                                              when="before")
             run.base_answers = {e.index: a for e, a in zip(needs_base, answers, strict=True)}
+    with _phase(report, item, "evaluate_before"):
+        hook.sft_spec_evaluate(item=item, run=run)
     with _phase(report, item, "mask"):
         run.examples = [hook.sft_spec_make_mask(item=item, run=run, formatted=f, index=i)
                         for i, f in enumerate(run.formatted)]
@@ -195,6 +224,7 @@ def _run_phases(item: SpecItem, run: SpecRun, report: SpecReport, hook) -> None:
     with _phase(report, item, "after_training"):
         hook.sft_spec_after_training(item=item, run=run)
     with _phase(report, item, "check"):
+        hook.sft_spec_run_progress(item=item, phase="check", step=0, total=0, loss=None)
         for exp in expectations:
             report.expectations.append(hook.sft_spec_check(item=item, run=run, case=exp, answer=run.answers[exp.index],
                                                            base_answer=run.base_answers.get(exp.index)))
@@ -252,7 +282,8 @@ def decode_tokens(tokenizer, ids: list[int]) -> list[str]:
 def _apply(ctx: CheckContext, name: str, argument: Any, answer: str, on: str) -> CheckReport:
     check = ctx.run.config.registry.checks[name]
     result = check.func(answer, argument, ctx)
-    return CheckReport(name=name, argument=argument, passed=result.passed, message=result.message, on=on,
+    shown = getattr(argument, "shown", argument)  # an eval set shows its name and size, not its rows
+    return CheckReport(name=name, argument=shown, passed=result.passed, message=result.message, on=on,
                        expected=result.expected, score=result.score)
 
 
@@ -260,7 +291,11 @@ def _apply(ctx: CheckContext, name: str, argument: Any, answer: str, on: str) ->
 def sft_spec_check(item: SpecItem, run: SpecRun, case: Case, answer: Answer | None,
                    base_answer: Answer | None) -> ExpectationReport:
     base_text = base_answer.text if base_answer is not None else None
-    ctx = CheckContext(item=item, run=run, case=case, answer=answer, base_answer=base_text, losses=run.losses)
+    prompt = None
+    if isinstance(case, Expectation) and len(run.prompts) == len(item.selected_expectations) and case.selected:
+        prompt = run.prompts[item.selected_expectations.index(case)]
+    ctx = CheckContext(item=item, run=run, case=case, answer=answer, base_answer=base_text, losses=run.losses,
+                       prompt=prompt)
     if isinstance(case, Expectation):
         report = ExpectationReport(
             nodeid=case.nodeid, index=case.index, prompt=case.prompt, location=str(case.location),
@@ -269,11 +304,20 @@ def sft_spec_check(item: SpecItem, run: SpecRun, case: Case, answer: Answer | No
         )
         report.checks += [_apply(ctx, name, arg, base_text or "", "before") for name, arg in case.before]
         report.checks += [_apply(ctx, name, arg, answer.text if answer else "", "after") for name, arg in case.checks]
+        if answer is not None and not answer.stopped:  # the classic broken recipe: say it with every failure
+            for check in report.checks:
+                if check.on == "after" and not check.passed and check.name != "stops":
+                    check.message += (f" (generation stopped at max_new_tokens={answer.max_new_tokens} before the "
+                                      "end of turn)")
     else:
         report = ExpectationReport(nodeid=case.nodeid, index=-1, prompt=[], location=str(case.location),
                                    checks=[_apply(ctx, case.name, case.argument, "", "after")])
     report.outcome = "passed" if all(c.passed for c in report.checks) else "failed"
-    xfail = case.xfail or item.spec.xfail  # a spec's xfail marks each of its cases, as pytest's class mark does
+    return apply_xfail(report, case.xfail or item.spec.xfail)
+
+
+def apply_xfail(report: ExpectationReport, xfail) -> ExpectationReport:
+    """A case's final outcome from its checks and its xfail (its own, or its spec's, as pytest's class mark)."""
     if xfail is not None:
         report.xfail_reason = xfail.reason
         if report.outcome == "failed":

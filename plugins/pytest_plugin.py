@@ -44,6 +44,8 @@ import pytest
 
 from sft_spec.loading import is_spec_file
 
+from .escape import safe
+
 if TYPE_CHECKING:
     from sft_spec.bootstrap import Prepared
     from sft_spec.reports import ExpectationReport, SpecReport
@@ -69,6 +71,7 @@ class _Bridge:
         self._prepared: Prepared | None = None
         self.started = False
         self.configured = False
+        self.problems_shown = False  # broken plugins are reported once, by the first spec file
 
     @property
     def session(self) -> Session:
@@ -152,18 +155,20 @@ class SpecFile(pytest.File):
             session = _bridge(self.config).session
         except UsageError as exc:
             raise self.CollectError(f"sft-spec: {exc}") from None
-        broken = session.config.pluginmanager.problems
-        if broken:  # as `sft-spec run` reports them: a broken plugin is an error, never a quiet pass
-            raise self.CollectError("\n".join(f"sft-spec: plugin {p.name!r} is broken: {p.message}" for p in broken))
+        bridge = _bridge(self.config)
+        if not bridge.problems_shown:  # as `sft-spec run` reports them: an error each, and the specs still run
+            bridge.problems_shown = True
+            for problem in session.config.pluginmanager.problems:
+                yield ProblemItem.from_parent(self, name=safe(f"plugin:{problem.name}"),
+                                              message=f"sft-spec: plugin {problem.name!r} is broken: {problem.message}")
         first_item, first_error = len(session.items), len(session.collect_errors)
         session.collect([self.path])
-        errors = session.collect_errors[first_error:]
-        if errors:
-            # The located messages are the whole story: pytest prints a CollectError's text, no traceback.
-            raise self.CollectError("\n".join(r.error.message for r in errors if r.error))
+        for report in session.collect_errors[first_error:]:  # the file's broken matrix entries, or all of it
+            yield ProblemItem.from_parent(self, name="collect", message=report.error.message if report.error else "")
         for item in session.items[first_item:]:
-            name = item.nodeid.split("::", 1)[1]
-            yield SpecNode.from_parent(self, name=name, spec_item=item)
+            # Names become pytest's node ids, printed raw in its headers and summary: control characters of a
+            # spec's name are escaped, as pytest escapes parametrize ids.
+            yield SpecNode.from_parent(self, name=safe(item.nodeid.split("::", 1)[1]), spec_item=item)
 
 
 class SpecNode(pytest.Collector):
@@ -185,14 +190,17 @@ class SpecNode(pytest.Collector):
     def collect(self) -> Iterator[CaseItem]:
         item = self.spec_item
         for exp in item.selected_expectations:
-            case = CaseItem.from_parent(self, name=exp.nodeid.rsplit("::", 1)[1], case_id=exp.nodeid,
+            case = CaseItem.from_parent(self, name=safe(exp.nodeid.rsplit("::", 1)[1]), case_id=exp.nodeid,
                                         line=exp.location.line)
             if exp.xfail:
                 case.add_marker(pytest.mark.xfail(reason=exp.xfail.reason, strict=exp.xfail.strict))
             yield case
         for check in item.selected_training_checks:
-            yield CaseItem.from_parent(self, name=f"checks[{check.name}]", case_id=check.nodeid,
-                                       line=check.location.line)
+            case = CaseItem.from_parent(self, name=safe(check.nodeid.rsplit("::", 1)[1]), case_id=check.nodeid,
+                                        line=check.location.line)
+            if check.xfail:  # an eval set's own xfail
+                case.add_marker(pytest.mark.xfail(reason=check.xfail.reason, strict=check.xfail.strict))
+            yield case
 
     def run_once(self) -> SpecReport:
         if self.report is None:
@@ -228,9 +236,10 @@ class CaseItem(pytest.Item):
         if report.outcome == "interrupted":
             raise KeyboardInterrupt
         if report.outcome == "skipped":
-            pytest.skip(report.skip_reason or "skipped")
+            pytest.skip(safe(report.skip_reason or "skipped"))
         if report.outcome == "error":
-            pytest.fail(_error_text(report, self.config.getoption("tbstyle", "auto")), pytrace=False)
+            pytest.fail(safe(_error_text(report, self.config.getoption("tbstyle", "auto")), keep_newlines=True),
+                        pytrace=False)
 
     def runtest(self) -> None:
         report = self.spec_node.report
@@ -251,11 +260,31 @@ class CaseItem(pytest.Item):
             if first is not None and first.name == XPASS_STRICT:
                 return  # the checks passed: pytest's own xfail(strict=True) mark reports XPASS(strict)
             headline = [f"{first.name}: {first.message}"] if first and first.message else []
-            pytest.fail("\n".join(headline + [text for text, _ in format_failure(case)]), pytrace=False)
+            pytest.fail(safe("\n".join(headline + [text for text, _ in format_failure(case)]), keep_newlines=True),
+                        pytrace=False)
 
     def reportinfo(self) -> tuple[Path, int | None, str]:
         # Without the file part: pytest shows it already, and rewrites dots in a "domain" into "::".
-        return self.path, (self.line - 1 if self.line else None), self.case_id.split("::", 1)[1]
+        return self.path, (self.line - 1 if self.line else None), safe(self.case_id.split("::", 1)[1])
+
+
+class ProblemItem(pytest.Item):
+    """A broken plugin, or a spec file (or matrix entry) that did not load: an error of its own, as in
+    ``sft-spec run``, so the other specs still run (pytest's collection errors would stop them all)."""
+
+    def __init__(self, *, message: str, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.message = message
+
+    def setup(self) -> None:
+        # The located messages are the whole story: no traceback. Failing in setup makes it an ERROR.
+        pytest.fail(safe(self.message, keep_newlines=True), pytrace=False)
+
+    def runtest(self) -> None:  # never reached: setup fails
+        pass
+
+    def reportinfo(self) -> tuple[Path, int | None, str]:
+        return self.path, None, self.name
 
 
 def _case(report: SpecReport, case_id: str) -> ExpectationReport | None:
@@ -277,7 +306,13 @@ def _error_text(report: SpecReport, tbstyle: str) -> str:
 
 @pytest.hookimpl(trylast=True)
 def pytest_collection_finish(session: pytest.Session) -> None:
-    """Deselected tests (``-k``, ``-m``, ``--lf``) are not generated or checked when their spec trains."""
+    """Deselected tests (``-k``, ``-m``, ``--lf``) are not generated or checked when their spec trains; with
+    ``--co``, broken files and plugins are listed with their messages (they would be errors when run)."""
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if session.config.option.collectonly and reporter is not None:
+        for item in session.items:
+            if isinstance(item, ProblemItem):
+                reporter.write_line(f"ERROR {item.nodeid}: {safe(item.message, keep_newlines=True)}")
     kept: dict[SpecNode, set[str]] = {}
     for item in session.items:
         if isinstance(item, CaseItem):

@@ -165,6 +165,7 @@ def _rename_old_keys(item, known: dict[str, FieldInfo]) -> list[SpecError]:
         if new in training:
             errors.append(SpecError(f"both {old!r} and its new name {new!r} are set; keep {new!r}", where,
                                     key=f"training.{old}"))
+            training.pop(old)  # one mistake, one error: not also "unknown field"
             continue
         training[new] = training.pop(old)  # the item's own copy of the spec
         item.doc.locations[("training", new)] = where
@@ -172,20 +173,33 @@ def _rename_old_keys(item, known: dict[str, FieldInfo]) -> list[SpecError]:
     return errors
 
 
-#: Values TRL would accept here and reject (or misuse) at training time: (least allowed, why).
-BOUNDS: dict[tuple[str, str], tuple[float, bool, str]] = {
-    ("training", "per_device_train_batch_size"): (1, True, "a batch holds at least one example"),
-    ("training", "gradient_accumulation_steps"): (1, True, "at least one step per optimizer update"),
-    ("training", "learning_rate"): (0, True, "a learning rate is a number >= 0"),
-    ("training", "num_train_epochs"): (0, False, "train for more than 0 epochs"),
-    ("training", "warmup_steps"): (0, True, "warmup steps are >= 0"),
-    ("training", "weight_decay"): (0, True, "weight decay is >= 0"),
-    ("training", "logging_steps"): (0, False, "log every n > 0 steps"),
-    ("training", "max_length"): (2, True, "a training text needs at least a prompt token and an answer token"),
-    ("lora", "r"): (1, True, "a LoRA rank is at least 1"),
-    ("lora", "lora_alpha"): (0, False, "lora_alpha is > 0"),
-    ("lora", "lora_dropout"): (0, True, "a dropout probability is >= 0"),
+#: Values TRL would accept here and reject (or misuse) at training time: (least, greatest, why); a bound in
+#: a tuple ``(x,)`` is exclusive. Found by trying each numeric field's edges against TRL, peft and torch.
+BOUNDS: dict[tuple[str, str], tuple[Any, Any, str]] = {
+    ("training", "per_device_train_batch_size"): (1, None, "a batch holds at least one example"),
+    ("training", "gradient_accumulation_steps"): (1, None, "at least one step per optimizer update"),
+    ("training", "learning_rate"): (0, None, "a learning rate is a number >= 0"),
+    ("training", "num_train_epochs"): ((0,), None, "train for more than 0 epochs"),
+    ("training", "warmup_steps"): (0, None, "warmup steps are >= 0"),
+    ("training", "weight_decay"): (0, None, "weight decay is >= 0"),
+    ("training", "logging_steps"): ((0,), None, "log every n > 0 steps"),
+    ("training", "max_length"): (2, None, "a training text needs at least a prompt token and an answer token"),
+    ("training", "adam_beta1"): (0, (1,), "Adam's beta1 is in [0, 1)"),
+    ("training", "adam_beta2"): (0, (1,), "Adam's beta2 is in [0, 1)"),
+    ("training", "adam_epsilon"): (0, None, "Adam's epsilon is >= 0"),
+    ("training", "seed"): (0, 2**32 - 1, "a seed is from 0 to 2**32 - 1"),
+    ("training", "data_seed"): (0, 2**32 - 1, "a seed is from 0 to 2**32 - 1"),
+    ("training", "dataloader_num_workers"): (0, None, "a number of worker processes is >= 0"),
+    ("training", "pad_to_multiple_of"): (1, None, "padding to a multiple of n needs n >= 1"),
+    ("training", "label_smoothing_factor"): (0, 1, "label smoothing is a probability mass, from 0 to 1"),
+    ("lora", "r"): (1, None, "a LoRA rank is at least 1"),
+    ("lora", "lora_alpha"): ((0,), None, "lora_alpha is > 0"),
+    ("lora", "lora_dropout"): (0, (1,), "a dropout probability is in [0, 1)"),
 }
+#: Optimizers and flags that need a package of their own: refused at their key when it is not installed.
+NEEDS_PACKAGE = {"galore": "galore_torch", "apollo": "apollo_torch", "lomo": "lomo_optim",
+                 "schedule_free": "schedulefree", "grokadamw": "grokadamw", "4bit": "torchao",
+                 "8bit_torchao": "torchao", "use_liger_kernel": "liger_kernel", "stable_adamw": "optimi"}
 #: BitsAndBytesConfig values that are a spec's choice, checked here so a typo is never blamed on the machine.
 QUANTIZATION_CHOICES = {
     "bnb_4bit_quant_type": ("fp4", "nf4"),
@@ -209,10 +223,22 @@ def _bound_problem(section: str, key: str, value: Any) -> str | None:
     bound = BOUNDS.get((section, key))
     if bound is None or isinstance(value, bool) or not isinstance(value, int | float):
         return None
-    least, inclusive, why = bound
-    if math.isnan(value) or math.isinf(value) or value < least or (value == least and not inclusive):
+    least, greatest, why = bound
+    too_low = least is not None and (value <= least[0] if isinstance(least, tuple) else value < least)
+    too_high = greatest is not None and (value >= greatest[0] if isinstance(greatest, tuple) else value > greatest)
+    if math.isnan(value) or math.isinf(value) or too_low or too_high:
         return f"{value!r} cannot train: {why}"
     return None
+
+
+def _package_problem(key: str, value: Any) -> str | None:
+    """An optimizer or flag whose package is missing: the spec asks for it, so it is refused, not emulated."""
+    import importlib.util
+
+    wanted = [pkg for name, pkg in NEEDS_PACKAGE.items()
+              if (key == "optim" and isinstance(value, str) and name in value) or (key == name and value is True)]
+    missing = [pkg for pkg in wanted if importlib.util.find_spec(pkg) is None]
+    return f"{key}: {value!r} needs the {missing[0]} package, which is not installed" if missing else None
 
 
 def _check_section(item, config, section: str, values: dict, known: dict, what: str) -> list[SpecError]:
@@ -224,8 +250,13 @@ def _check_section(item, config, section: str, values: dict, known: dict, what: 
             errors.append(SpecError(did_you_mean(str(key), list(known), f"{what} field"), where, key=dotted))
         elif policy == "refused":
             errors.append(SpecError(f"{key!r} cannot be set in a spec: {why}", where, key=dotted))
-        elif problem := check_value(known[key], value) or _bound_problem(section, key, value):
+        elif problem := (check_value(known[key], value) or _bound_problem(section, key, value)
+                         or _package_problem(key, value)):
             errors.append(SpecError(problem, where, key=dotted))
+        elif "dict" in known[key].types and isinstance(value, str) and key not in paths:
+            # TrainingArguments reads a string here as JSON: in a spec, write the mapping itself.
+            errors.append(SpecError(f"expected a mapping, got string {value!r} (write the {key} mapping in the spec)",
+                                    where, key=dotted))
         elif key in paths and isinstance(value, str) and (problem := _outside(item, value, dotted)):
             errors.append(SpecError(problem, where, key=dotted))
         elif policy == "managed":
@@ -289,6 +320,14 @@ def sft_spec_validate_spec(item, config) -> list[SpecError]:
         errors.append(SpecError(f"quantization applies to method: qlora; with method: {spec.method} it would be "
                                 "ignored (set method: qlora, or remove quantization)", item.locate("quantization"),
                                 key="quantization"))
+    if spec.lora and spec.method == "full":  # a matrix may share lora: between variants, so a note, not an error
+        item.notes.append(f"{item.locate('lora')}: note: lora: is not used by method: full (it applies to lora and "
+                          "qlora)")
+    training = spec.training
+    if training.get("dataloader_prefetch_factor") is not None and not training.get("dataloader_num_workers"):
+        errors.append(SpecError("dataloader_prefetch_factor needs dataloader_num_workers > 0 (PyTorch refuses it "
+                                "otherwise)", item.locate("training", "dataloader_prefetch_factor"),
+                                key="training.dataloader_prefetch_factor"))
     if not spec.training and not spec.lora and not spec.quantization:
         return errors
     fields = recipe_fields(config.cache_dir)

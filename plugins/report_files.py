@@ -97,7 +97,7 @@ class FileReporter:
         except OSError as exc:
             self.problem = f"{type(exc).__name__}: {exc}"
 
-    @hookimpl
+    @hookimpl(trylast=True)  # after other plugins' session_finish: a crash there makes the exit status 3
     def sft_spec_session_finish(self, session, exitstatus):
         self.attempt(lambda: atomic_write_text(
             self.path, self.render(session.reports, session_meta(session, True, exitstatus))))

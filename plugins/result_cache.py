@@ -91,18 +91,21 @@ def cache_key(item, config) -> str:
         "conversations": item.conversations,
         "chat_template": item.chat_template,
         "selected": [case.nodeid for case in item.selected_cases],
+        # Plugins' cases read files at collection (an eval set's rows): their str() names the contents.
+        "training_checks": [[case.nodeid, str(case.argument)] for case in item.training_checks],
         "data_files": [_file_hash(base / f.path) for f in item.section(DATA).files],
         "recorded": [_file_hash(rec.recorded_path(item.path, folder)) for folder in ("__snapshots__", "__baselines__")],
         "model": _model_identity(item),
         "versions": {**rec.library_versions(), "bitsandbytes": rec.optional_version("bitsandbytes")},
         "python": sys.version.split()[0],
         "code": code_hash(),
-        # Plugin modules (installed or -p), not objects: reporters registered for --json, --html and the
-        # like do not change a result.
-        "plugins": sorted(f"{name}={p.__name__}" for name, p in config.pluginmanager.list_name_plugin()
-                          if hasattr(p, "__file__")),
+        # Plugin modules (installed or -p) and their code, not objects: reporters registered for --json,
+        # --html and the like do not change a result; an edited or upgraded plugin may.
+        "plugins": sorted(f"{name}={p.__name__}:{_file_hash(Path(p.__file__))}"
+                          for name, p in config.pluginmanager.list_name_plugin() if getattr(p, "__file__", None)),
         "device": device_without_torch(config.getoption("device", "auto")),
         "deterministic": bool(config.getoption("deterministic", False)),
+        "stop_when_learnt": bool(config.getoption("stop_when_learnt", False)),
         # Options that decide whether a spec may run at all: a result passed under one must not be reused
         # under a stricter one (--on-unsupported=error, no --allow-remote-code).
         "permissions": [config.getoption("on_unsupported", "fallback") or "fallback",

@@ -54,10 +54,17 @@ def sft_spec_register_checks(register) -> None:
                    "answer before training (a forgetting probe)", _valid, needs_base_answer=True))
 
 
-def _key(item, run, text: str) -> str:
-    spec = item.spec
+def _key(item, run, text: str, budget: int | None) -> str:
+    """Everything that decides a base answer: the model and how it was loaded, the prompt, how it is generated
+    and where generation stops (a spec's eos_token or pad_token changes both the tokenizer and the stop)."""
+    from .generation import stop_token_ids
+
+    spec, tokenizer = item.spec, run.loaded.tokenizer
+    stops = stop_token_ids(tokenizer, run.model, run.markers.end_of_turn if run.markers else None)
     return json.dumps([spec.model.model_dump(), run.loaded.device, spec.method == "qlora", spec.quantization,
-                       text, item.section(GENERATION).model_dump()], sort_keys=True, default=str)
+                       text, item.section(GENERATION).model_dump(), budget, stops, tokenizer.eos_token,
+                       tokenizer.pad_token, {k: spec.training.get(k) for k in ("eos_token", "pad_token", "seed")}],
+                      sort_keys=True, default=str)
 
 
 @hookimpl(tryfirst=True)
@@ -66,7 +73,7 @@ def sft_spec_generate(item, run, prompts, when):
     if when != "before":
         return None
     cache = run.config.stash.setdefault(BASE_ANSWERS, {})
-    keys = [_key(item, run, p.text) for p in prompts]
+    keys = [_key(item, run, p.text, p.max_new_tokens) for p in prompts]
     missing = [i for i, k in enumerate(keys) if k not in cache]
     if len(missing) == len(keys):
         return None  # nothing cached: the generator answers them all (and record_base_answers keeps them)
@@ -82,5 +89,5 @@ def record_base_answers(item, run, prompts, when):
     if when == "before" and answers is not None:
         cache = run.config.stash.setdefault(BASE_ANSWERS, {})
         for prompt, answer in zip(prompts, answers, strict=True):
-            cache.setdefault(_key(item, run, prompt.text), dataclasses.replace(answer))
+            cache.setdefault(_key(item, run, prompt.text, prompt.max_new_tokens), dataclasses.replace(answer))
     return answers

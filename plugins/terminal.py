@@ -102,7 +102,8 @@ class TerminalReporter:
                 checks += ["before: " + ", ".join(f"{n} {a!r}" for n, a in exp.before)] if exp.before else []
                 self.write_line(f"  <Expectation {exp.nodeid.rsplit('::', 1)[1]}> {prompt!r}: {'; '.join(checks)}")
             for check in item.selected_training_checks:
-                self.write_line(f"  <Check checks[{check.name}]> {check.argument!r}")
+                shown = getattr(check.argument, "shown", check.argument)  # an eval set: its name and size
+                self.write_line(f"  <Check {check.nodeid.rsplit('::', 1)[1]}> {shown!r}")
         errors = session.collect_errors
         for report in errors:
             for i, line in enumerate((report.error.message if report.error else "").split("\n") or [""]):
@@ -292,7 +293,9 @@ def _seconds(value: float) -> str:
     return f"{value}s" if value < 60 else f"{value // 60}m{value % 60:02d}s"
 
 
-@hookimpl
+@hookimpl(trylast=True)
 def sft_spec_configure(config):
+    # Registered after every other plugin's reporters: its trylast session_finish then runs after theirs
+    # (the file reporters are trylast too), so the summary can name the files they wrote.
     if config.role == "main":
         config.pluginmanager.register(TerminalReporter(config), "terminalreporter")

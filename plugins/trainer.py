@@ -97,6 +97,9 @@ def sft_config_kwargs(item, run, device: str) -> dict[str, Any]:
         if user.get("fp16"):
             run.note(unsupported(config, "fp16 needs a GPU", "fp32"))
             kwargs["fp16"] = False
+        if user.get("tf32"):
+            run.note(unsupported(config, "tf32 needs an NVIDIA Ampere (or newer) GPU", "fp32 matmuls"))
+            kwargs["tf32"] = False
         if user.get("bf16"):
             if not cpu_has_native_bf16():
                 # Without AVX-512 BF16/AMX, bf16 matmuls are emulated: measured 4x slower than fp32 here.
@@ -242,6 +245,19 @@ def _wrap_peft(item, run, model):
     return peft_model
 
 
+def _config(sft_config, kwargs: dict, run):
+    """``SFTConfig(**kwargs)``, its warnings (a setting it changed or ignores) kept as notes of this spec
+    rather than printed into the terminal between its lines."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        args = sft_config(**kwargs)
+    for warning in caught:
+        run.note(f"trl.SFTConfig: {str(warning.message).strip()}")
+    return args
+
+
 @hookimpl(trylast=True)
 def sft_spec_make_trainer(item, run, examples):
     import datasets
@@ -268,14 +284,14 @@ def sft_spec_make_trainer(item, run, examples):
         "labels": [ex.labels for ex in examples],
     })
     try:
-        args = SFTConfig(**kwargs)
+        args = _config(SFTConfig, kwargs, run)
     except (ValueError, ImportError) as exc:
         # A precision check of transformers' that the ones above do not foresee (e.g. on MPS).
         if not (kwargs.get("bf16") or kwargs.get("fp16")) or not re.search(r"bf16|fp16|gpu", str(exc), re.I):
             raise
         run.note(unsupported(run.config, f"the recipe's precision settings do not work on {device} ({exc})", "fp32"))
         kwargs.update(bf16=False, fp16=False)
-        args = SFTConfig(**kwargs)
+        args = _config(SFTConfig, kwargs, run)
     if device == "cpu" and args.bf16:
         run.note("bf16 on CPU: runs with use_cpu=True (bf16 autocast)")
     run.settings = {

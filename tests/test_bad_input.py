@@ -374,3 +374,15 @@ data: {files: [{path: long.jsonl}]}
         "答案 998", "答案 999"]
     rendered = [len(args[0]) for args in counting.calls]
     assert len(rendered) <= 3 and sum(rendered) <= 2 * len(turns) + 2, rendered  # before: 2,000 renders
+
+
+def test_a_broken_matrix_entry_is_an_error_and_its_siblings_still_run(tmp_path, sft):
+    spec = tmp_path / "m.sft.yaml"
+    spec.write_text((BAD / "matrix_no_id.sft.yaml").read_text().replace("  - {method: lora}\n", "")
+                    + "  - {id: good, method: full}\n  - {id: bad, training: {max_length: 64, max_seq_length: 32}}\n",
+                    encoding="utf-8")
+    result = sft("run", spec, "--co")
+    assert "m.sft.yaml::matrix_no_id[good]" in result.out or "::m[good]" in result.out, result.out
+    errors = [line for line in result.out.splitlines() if "max_seq_length" in line]
+    assert len(errors) == 1 and "both 'max_seq_length' and its new name 'max_length' are set" in errors[0], \
+        result.out

@@ -82,3 +82,27 @@ def test_the_schema_rejects_what_the_loader_rejects(sft):
     assert list(validator.iter_errors(good)) == []
     typo = {**good, "expect": [{"prompt": "a", "equalz": "b"}]}
     assert [e.validator for e in validator.iter_errors(typo)] == ["additionalProperties"]
+
+
+DUP = """\
+from sft_spec import hookimpl
+from sft_spec.registry import Check, CheckResult
+
+
+@hookimpl
+def sft_spec_register_checks(register):
+    register(Check("equals", lambda answer, expected, ctx: CheckResult(True), "always true"))
+"""
+
+
+def test_plugins_lists_what_run_would_load_from_p_and_addopts(sft, tmp_path, monkeypatch):
+    (tmp_path / "dup.py").write_text(DUP, encoding="utf-8")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    given = sft("plugins", "-p", "dup")
+    (tmp_path / "pyproject.toml").write_text('[tool.sft-spec]\naddopts = "-p dup -v"\n', encoding="utf-8")
+    from_addopts = sft("plugins")
+    for result in (given, from_addopts):
+        assert result.code == 0, result.out + result.err
+        assert "dup  (dup)" in result.out and "    checks: equals" in result.out.split("dup  (dup)")[1]
+        assert "note: check 'equals' of plugin 'checks' is shadowed by plugin 'dup'" in result.out

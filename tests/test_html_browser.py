@@ -136,3 +136,59 @@ def test_report_screenshot(report, tmp_path):
     if os.environ.get("SFT_SPEC_UPDATE_SCREENSHOT"):
         SCREENSHOT.parent.mkdir(exist_ok=True)
         shutil.copyfile(shot, SCREENSHOT)
+
+
+COMPARE_SCREENSHOT = SCREENSHOT.with_name("compare-screenshot.png")
+
+
+@pytest.fixture(scope="module")
+def comparison_page(tmp_path_factory) -> Path:
+    """BASE: the specs above; HEAD: the passing recipe's learning rate cut so that it no longer learns."""
+    import contextlib
+    import io
+
+    folder = tmp_path_factory.mktemp("compare")
+    out = folder / "out"
+    for run, lr in (("base", "3.0e-3"), ("head", "1.0e-6")):
+        specs = folder / run
+        specs.mkdir()
+        for name, text in SPECS.items():
+            text = text.replace("learning_rate: 3.0e-3", f"learning_rate: {lr}")
+            (specs / f"{name}.sft.yaml").write_text(textwrap.dedent(text), encoding="utf-8")
+        with contextlib.redirect_stdout(io.StringIO()):
+            main(["run", str(specs), "--json", str(out / f"{run}.json"), "--no-cache"])
+    # Both runs name their specs after the folder they ran in: compare them as the same suite.
+    head = json.loads((out / "head.json").read_text(encoding="utf-8"))
+    for spec in head["specs"]:
+        spec_json = json.dumps(spec).replace("/head/", "/base/")
+        spec.clear()
+        spec.update(json.loads(spec_json))
+        if spec["name"] == "b_fail":  # an answer that is markup: the page must show it as text
+            spec["expectations"][0]["answer"] = SCRIPT + IMG
+    (out / "head.json").write_text(json.dumps(head), encoding="utf-8")
+    page = out / "compare.html"
+    with contextlib.redirect_stdout(io.StringIO()):
+        code = main(["compare", str(out / "base.json"), str(out / "head.json"), "--html", str(page),
+                     "--fail-on-regression"])
+    assert code == 1 and page.exists()
+    return page
+
+
+def test_comparison_page_renders_in_chromium_without_running_data(comparison_page, tmp_path):
+    dom, requests = chromium(comparison_page.as_uri(), tmp_path, "--dump-dom")
+    assert re.search(r'<html[^>]*data-compare-ready="1"', dom)
+    assert 'data-transition="regressed"' in dom and "learning_rate" in dom
+    assert "<del " in dom and "<ins " in dom
+    assert len(re.findall(r"<script\b", dom)) == 1 and "<img" not in dom
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in dom
+    assert requests == []
+
+
+def test_comparison_screenshot(comparison_page, tmp_path):
+    shot = tmp_path / "compare.png"
+    chromium(comparison_page.as_uri(), tmp_path, "--hide-scrollbars", "--window-size=1100,1300",
+             f"--screenshot={shot}")
+    data = shot.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+    if os.environ.get("SFT_SPEC_UPDATE_SCREENSHOT"):
+        shutil.copyfile(shot, COMPARE_SCREENSHOT)

@@ -21,6 +21,9 @@ CONTAMINATORS = {
     # TRL sets these on the tokenizer it is given: here on this spec's own copy.
     "eos_token": PROBE.replace("per_device_train_batch_size: 8", "per_device_train_batch_size: 8, "
                                "eos_token: <end_of_turn>"),
+    # An EOS the base model's answer contains: its base answer stops there, and must not be the probe's.
+    "eos_token_in_the_answer": PROBE.replace("per_device_train_batch_size: 8", "per_device_train_batch_size: 8, "
+                                             "eos_token: p"),
     "chat_template_path": PROBE.replace("per_device_train_batch_size: 8", "per_device_train_batch_size: 8, "
                                         "chat_template_path: other.jinja"),
     # The Trainer switches checkpointing on in the base model and hooks its embeddings.
@@ -46,7 +49,7 @@ def alone(tmp_path_factory):
 
     (folder / "b_probe.sft.yaml").write_text(textwrap.dedent(PROBE), encoding="utf-8")
     recorder = Recorder()
-    assert main(["run", str(folder), "--no-cache", "-q"], plugins=[recorder]) in (0, 1)
+    assert main(["run", str(folder), "--no-cache", "-q"], plugins=[recorder]) == 0  # the probe learns alone
     return outcome(recorder.reports[0])
 
 

@@ -124,11 +124,35 @@ def test_spec_errors_are_located_without_traceback(tmp_path):
     assert "Traceback" not in run.stdout
 
     (project / "specs" / "broken.sft.yaml").write_text("model: builtin:tiny-gemma\nmodle: x\n", encoding="utf-8")
-    run = _pytest(project, "specs/broken.sft.yaml")
-    assert run.returncode == 2  # pytest: interrupted by a collection error
-    assert "ERROR collecting specs/broken.sft.yaml" in run.stdout
+    (project / "specs" / "skipped.sft.yaml").write_text(textwrap.dedent(SKIPPED), encoding="utf-8")
+    run = _pytest(project, "specs/broken.sft.yaml", "specs/skipped.sft.yaml", "-rA")
+    # As in `sft-spec run`: the broken file is an error of its own, and the other specs still run.
+    assert run.returncode == 1, run.stdout
+    assert "ERROR at setup of collect" in run.stdout and "1 skipped, 1 error" in run.stdout
     assert "specs/broken.sft.yaml:2:1: modle: unknown key 'modle'. Did you mean: model?" in run.stdout
     assert "Traceback" not in run.stdout
+
+
+def test_a_broken_plugin_is_an_error_and_the_specs_still_run(tmp_path):
+    project = _project(tmp_path)
+    (project / "badimp.py").write_text("raise RuntimeError('broken at import')\n", encoding="utf-8")
+    (project / "specs" / "skipped.sft.yaml").write_text(textwrap.dedent(SKIPPED), encoding="utf-8")
+    run = _pytest(project, "specs/", "--sft-spec-args=-p badimp")
+    assert run.returncode == 1, run.stdout
+    assert "plugin 'badimp' is broken: cannot be imported: RuntimeError: broken at import" in run.stdout
+    assert re.search(r"\d+ passed, .*\d+ skipped, .*1 error in", run.stdout), run.stdout
+
+
+def test_control_characters_in_a_spec_name_are_escaped_in_pytests_output(tmp_path):
+    project = _project(tmp_path)
+    text = textwrap.dedent(SKIPPED).replace("skip: not today\n", "") + 'name: "n\\e[2K\\rALL PASSED\\a"\n'
+    text = text.replace("equals: b", "equals: not what a random model says")
+    (project / "specs" / "evil.sft.yaml").write_text(text, encoding="utf-8")
+    run = _pytest(project, "specs/", "--co", "-q")
+    run_failed = _pytest(project, "specs/", "--sft-spec-args=--no-cache", "-rA")
+    for output in (run.stdout, run_failed.stdout):
+        assert not re.search("[\x00-\x08\x0b-\x1f\x7f]", output), output
+    assert r"n\x1b[2K\rALL PASSED\x07::expect[0]" in run.stdout
 
 
 def test_plain_pytest_in_the_repo_collects_only_tests():

@@ -199,5 +199,11 @@ def test_smollm2_forgets_with_the_aggressive_recipe_and_keeps_with_the_gentle_on
     assert outcomes["forgetting::expect[1]"] == "xfailed", result.out  # and France forgotten, as marked
     france = result.recorder.by_id("forgetting").expectations[1]
     assert "Paris" in france.base_answer and "Paris" not in france.answer
+    # The same, measured on sets: retention and held-out perplexity fail for the aggressive recipe (marked)...
+    assert outcomes["forgetting::eval[general]"] == outcomes["forgetting::eval[heldout_text]"] == "xfailed"
     assert {k: v for k, v in outcomes.items() if k.startswith("keeps-knowledge")} == {
-        "keeps-knowledge::expect[0]": "passed", "keeps-knowledge::expect[1]": "passed"}, result.out
+        "keeps-knowledge::expect[0]": "passed", "keeps-knowledge::expect[1]": "passed",
+        "keeps-knowledge::eval[general]": "passed", "keeps-knowledge::eval[heldout_text]": "passed"}, result.out
+    # ... and pass for the gentle one.
+    gentle = result.recorder.by_id("keeps-knowledge").extra["eval"]
+    assert next(v for k, v in gentle.items() if k.endswith("[general]"))["aggregates"]["retention"] >= 0.7

@@ -103,23 +103,31 @@ def test_report_to_tensorboard_leaves_event_files_and_network_loggers_need_conse
            "--allow-network-loggers to allow it" in remote.out
 
 
-BAD_VALUES = [
-    ("training", "per_device_train_batch_size", 0),
-    ("training", "gradient_accumulation_steps", 0),
-    ("training", "learning_rate", -1.0e-3),
-    ("training", "learning_rate", float("nan")),
-    ("training", "num_train_epochs", 0),
-    ("training", "max_length", 1),
-    ("training", "max_length", -5),
-    ("training", "logging_steps", 0),
-    ("lora", "r", 0),
-    ("lora", "lora_dropout", -0.1),
-]
+def _just_outside(bound) -> list:
+    """The values next to a bound that it refuses: the bound itself when exclusive, one past it when not."""
+    least, greatest, _ = bound
+    out = []
+    if least is not None:
+        out.append(least[0] if isinstance(least, tuple) else least - 1)
+    if greatest is not None:
+        out.append(greatest[0] if isinstance(greatest, tuple) else greatest + 1)
+    return out
+
+
+def _bad_values():
+    from sft_spec_plugins.recipe_fields import BOUNDS
+
+    table = [(section, key, value) for (section, key), bound in BOUNDS.items() for value in _just_outside(bound)]
+    return table + [("training", "learning_rate", float("nan")), ("training", "max_length", -5)]
+
+
+BAD_VALUES = _bad_values()
 
 
 @pytest.mark.parametrize("section,key,value", BAD_VALUES, ids=lambda v: str(v))
 def test_values_training_would_reject_are_errors_at_their_own_key(sft, write_spec, section, key, value):
-    """The class: every bound of BOUNDS is checked at load time and located at the key it is about."""
+    """The class, generated from BOUNDS: the values just outside every bound are load-time errors, each at
+    the key it is about (a dropout of 1.5, a seed of -1, Adam's beta1 of 1, a batch of 0, ...)."""
     text = spec_with(**{section: {key: value}})
     result = sft("validate", write_spec("bad.sft.yaml", text))
     assert result.code == 1, result.out
@@ -127,11 +135,56 @@ def test_values_training_would_reject_are_errors_at_their_own_key(sft, write_spe
     assert re.search(rf"bad\.sft\.yaml:{line}:\d+: {section}\.{key}: .* cannot train: ", result.out), result.out
 
 
-def test_every_bound_has_a_bad_value_above():
+def _inclusive_edges():
     from sft_spec_plugins.recipe_fields import BOUNDS
 
-    assert {(s, k) for s, k, _ in BAD_VALUES} >= set(BOUNDS) - {("lora", "lora_alpha"), ("training", "warmup_steps"),
-                                                               ("training", "weight_decay")}
+    return [(s, k, bound[0]) for (s, k), bound in BOUNDS.items()
+            if bound[0] is not None and not isinstance(bound[0], tuple) and (s, k) != ("training", "max_length")]
+
+
+@pytest.mark.parametrize("section,key,value", _inclusive_edges(), ids=lambda v: str(v))
+def test_values_at_an_inclusive_bound_are_accepted(sft, write_spec, section, key, value):
+    result = sft("validate", write_spec("ok.sft.yaml", spec_with(**{section: {key: value}})))
+    assert "cannot train" not in result.out, result.out
+
+
+@pytest.mark.parametrize("training,message", [
+    ({"lr_scheduler_kwargs": "../outside.json"}, "training.lr_scheduler_kwargs: expected a mapping, got string"),
+    ({"dataset_kwargs": "/etc/passwd"}, "training.dataset_kwargs: expected a mapping, got string"),
+    ({"dataloader_prefetch_factor": 2}, "dataloader_prefetch_factor needs dataloader_num_workers > 0"),
+    ({"optim": "galore_adamw"}, "optim: 'galore_adamw' needs the galore_torch package, which is not installed"),
+    ({"use_liger_kernel": True}, "needs the liger_kernel package, which is not installed"),
+])
+def test_settings_training_would_crash_on_are_refused_at_their_key(sft, write_spec, training, message):
+    key = next(iter(training))
+    text = spec_with(training=training)
+    result = sft("validate", write_spec("bad.sft.yaml", text))
+    line = next(i for i, row in enumerate(text.splitlines(), 1) if row.strip().startswith(f"{key}:"))
+    assert result.code == 1 and message in result.out and f"bad.sft.yaml:{line}:" in result.out, result.out
+
+
+def test_a_crash_while_training_is_located_at_the_recipe_key_not_the_first_line(sft, write_spec):
+    text = spec_with(training={"lr_scheduler_kwargs": {"bogus": 1}})
+    report = sft("run", write_spec("crash.sft.yaml", text), "--no-cache").recorder.reports[0]
+    line = next(i for i, row in enumerate(text.splitlines(), 1) if row.strip().startswith("lr_scheduler_kwargs:"))
+    assert report.outcome == "error" and "unexpected keyword argument 'bogus'" in report.error.message
+    assert report.error.location.startswith(f"{report.path}:{line}:"), report.error.location
+
+
+def test_settings_a_recipe_does_not_use_are_noted(sft, write_spec):
+    text = spec_with(training={}).replace("method: lora", "method: full") + \
+        "format: {collator: full, response_template: ZZZ}\n"
+    report = sft("run", write_spec("unused.sft.yaml", text), "--no-cache").recorder.reports[0]
+    assert any("lora: is not used by method: full" in n for n in report.notes), report.notes
+    assert any("format.response_template is used by the completion_only collator only" in n for n in report.notes)
+
+
+@pytest.mark.parametrize("model", ["{id: builtin:tiny-gemma, revision: main}",
+                                   "{id: builtin:tiny-gemma, gguf_file: x.gguf}"])
+def test_model_settings_that_do_not_apply_to_a_builtin_model_are_refused(sft, write_spec, model):
+    text = spec_with(training={}).replace("model: builtin:tiny-gemma", f"model: {model}")
+    result = sft("validate", write_spec("m.sft.yaml", text))
+    assert result.code == 1 and "does not apply to builtin:tiny-gemma" in result.out, result.out
 
 
 def test_an_invalid_quantization_value_is_the_specs_error_not_the_machines(sft, write_spec):

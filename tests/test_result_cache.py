@@ -124,3 +124,32 @@ def test_the_key_knows_which_training_checks_were_selected(sft, write_spec, tmp_
     assert [c.nodeid.rsplit("::", 1)[1] for c in everything.recorder.reports[0].cases] == [
         "expect[0]", "checks[loss_decreased]"]
     assert "(cached)" not in everything.out
+
+
+CANNED = """\
+from sft_spec import hookimpl
+from sft_spec.state import Answer
+
+
+@hookimpl(tryfirst=True)
+def sft_spec_generate(item, run, prompts, when):
+    return [Answer(text={answer!r}, raw={answer!r}) for _ in prompts] if when == "after" else None
+"""
+
+
+def test_an_edited_plugin_invalidates_the_cached_results(sft, write_spec, tmp_path, monkeypatch):
+    from conftest import GEMMA_ONE_ANSWER
+
+    monkeypatch.syspath_prepend(str(tmp_path))
+    plugin = tmp_path / "canned.py"
+    plugin.write_text(CANNED.format(answer="zz"), encoding="utf-8")
+    path = write_spec("c.sft.yaml", GEMMA_ONE_ANSWER.format(method="lora", epochs=1, lr=1e-3))
+    first = sft("run", path, "-p", "canned").recorder.reports[0]
+    import importlib
+    import sys
+
+    plugin.write_text(CANNED.format(answer="我学会了"), encoding="utf-8")
+    sys.modules.pop("canned", None)
+    importlib.invalidate_caches()
+    second = sft("run", path, "-p", "canned").recorder.reports[0]
+    assert first.outcome == "failed" and not second.metrics.get("cached") and second.outcome == "passed"

@@ -364,3 +364,24 @@ def test_defaults_lookup_ends_at_the_project_root_or_rootdir(tmp_path, sft):
     (tmp_path / "pyproject.toml").write_text("[project]\nname = 'x'\n", encoding="utf-8")
     assert "tags: stray" in sft("run", "--co", path).out
     assert "tags: stray" not in sft("run", "--co", "--rootdir", tmp_path / "team", path).out
+
+
+def test_a_spec_file_linked_from_outside_its_folder_is_refused(tmp_path, sft):
+    outside = tmp_path / "secret"
+    outside.mkdir()
+    (outside / "creds.yaml").write_text("AWS_SECRET_ACCESS_KEY: hunter2\n", encoding="utf-8")
+    specs = tmp_path / "specs"
+    specs.mkdir()
+    (specs / "evil.sft.yaml").symlink_to(outside / "creds.yaml")
+    result = sft("validate", specs)
+    assert result.code == 1 and "spec file 'evil.sft.yaml' is outside the spec directory" in result.out
+    assert "hunter2" not in result.out and "AWS_SECRET" not in result.out
+
+
+def test_a_hostile_prompt_length_is_refused_at_its_key(tmp_path, sft, write_spec):
+    from conftest import GEMMA_ONE_ANSWER
+
+    text = GEMMA_ONE_ANSWER.format(method="lora", epochs=1, lr=1e-3).replace("- prompt: 微调测试",
+                                                                             "- prompt: " + "长" * 20000)
+    result = sft("validate", write_spec("long.sft.yaml", text))
+    assert result.code == 1 and "the prompt has 20000 characters; a prompt may have 16384" in result.out

@@ -62,7 +62,10 @@ def make_parser(pm) -> argparse.ArgumentParser:
     validate = sub.add_parser("validate", help="check spec files without training (quick)")
     _add_collection_options(validate)
     for name, (help_text, add_arguments, _) in plugin_commands(pm).items():
-        add_arguments(sub.add_parser(name, help=help_text))
+        command = sub.add_parser(name, help=help_text)
+        command.add_argument("-p", dest="plugins", action="append", default=[], metavar="NAME",
+                             help="load a plugin module by import name; -p no:NAME disables an installed one")
+        add_arguments(command)
     return parser
 
 
@@ -131,8 +134,10 @@ def prepare_config(args: Sequence[str], *, plugins: Sequence[Any] = (), role: Li
     """
     argv = list(args)
     extra, _ = pyproject_defaults(addopts_from or Path.cwd()) if addopts else ([], None)
-    if argv and argv[0] == "run" and extra:
-        argv = argv[:1] + extra + argv[1:]
+    if argv and extra:  # every command loads the project's plugins; run takes its other options too
+        chosen = extra if argv[0] == "run" else [a for i, a in enumerate(extra) if a.startswith("-p")
+                                                   or (i and extra[i - 1] == "-p")]
+        argv = argv[:1] + chosen + argv[1:]
     asked_off, modules = split_plugin_args(argv)
     off = [name for name in ESSENTIAL_PLUGINS if name in asked_off]
     if off:

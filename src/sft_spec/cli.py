@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import traceback
 from typing import Any
 
 import pluggy
@@ -63,20 +64,18 @@ def run_session(prepared: Prepared) -> int:
         pm.hook.sft_spec_collection_finish(session=session)
         if options.collect_only:
             exitstatus = _collection_exitstatus(session)
-            return exitstatus
-        pm.hook.sft_spec_session_start(session=session)
-        for report in session.collect_errors:
-            session.log_report(report)
-        try:
-            pm.hook.sft_spec_runtestloop(session=session)
-        except KeyboardInterrupt:
-            session.interrupted = True
-        exitstatus = session.exitstatus()
-        return exitstatus
+        else:
+            pm.hook.sft_spec_session_start(session=session)
+            for report in session.collect_errors:
+                session.log_report(report)
+            try:
+                pm.hook.sft_spec_runtestloop(session=session)
+            except KeyboardInterrupt:
+                session.interrupted = True
+            exitstatus = session.exitstatus()
     except KeyboardInterrupt:
         session.interrupted = True
         exitstatus = ExitCode.INTERRUPTED
-        return exitstatus
     except pluggy.PluginValidationError as exc:
         exitstatus = ExitCode.USAGE_ERROR
         name = config.pluginmanager.get_name(exc.plugin) or type(exc.plugin).__name__
@@ -84,14 +83,18 @@ def run_session(prepared: Prepared) -> int:
     except UsageError:  # the reports say what the process exits with
         exitstatus = ExitCode.USAGE_ERROR
         raise
+    except Exception:  # noqa: BLE001 - a plugin's bug: pytest's INTERNALERROR, and the reports still written
+        session.internal_errors.append(traceback.format_exc().rstrip())
+        exitstatus = ExitCode.INTERNAL_ERROR
     finally:
         if configured and not options.collect_only:
-            try:
-                pm.hook.sft_spec_session_finish(session=session, exitstatus=int(exitstatus))
-            except KeyboardInterrupt:
-                pass
+            session.internal_errors += [f"sft_spec_session_finish: {p}" for p in session.call_each(
+                pm.hook.sft_spec_session_finish, session=session, exitstatus=int(exitstatus))]
         if configured:
             pm.hook.sft_spec_unconfigure(config=config)
+        for problem in session.internal_errors:
+            print("\n".join(f"INTERNALERROR> {line}" for line in problem.split("\n")), file=sys.stderr)
+    return ExitCode.INTERNAL_ERROR if session.internal_errors else exitstatus
 
 
 def _collection_exitstatus(session: Session) -> int:

@@ -50,11 +50,8 @@ class Config:
 
 
 def find_pyproject(start: Path) -> Path | None:
-    for directory in [start.resolve(), *start.resolve().parents]:
-        candidate = directory / "pyproject.toml"
-        if candidate.is_file():
-            return candidate
-    return None
+    start = start.resolve()
+    return next((d / "pyproject.toml" for d in [start, *start.parents] if (d / "pyproject.toml").is_file()), None)
 
 
 def pyproject_defaults(start: Path) -> tuple[list[str], Path | None]:

@@ -16,11 +16,8 @@ class Location:
     column: int = 0
 
     def __str__(self) -> str:
-        if self.line and self.column:
-            return f"{self.path}:{self.line}:{self.column}"
-        if self.line:
-            return f"{self.path}:{self.line}"
-        return self.path
+        return self.path + (f":{self.line}" if self.line else "") + (f":{self.column}" if self.line and self.column
+                                                                       else "")
 
 
 class SpecError(Exception):
@@ -28,9 +25,7 @@ class SpecError(Exception):
 
     def __init__(self, message: str, location: Location | None = None, key: str | None = None):
         super().__init__(message)
-        self.message = message
-        self.location = location
-        self.key = key
+        self.message, self.location, self.key = message, location, key
 
     def __str__(self) -> str:
         where = f"{self.location}: " if self.location else ""
@@ -41,10 +36,9 @@ class SpecError(Exception):
 class SpecErrors(SpecError):
     """Several problems found in one spec file at once, so the user fixes them in one pass."""
 
-    def __init__(self, errors: list[SpecError]):
-        self.errors = errors
-        first = errors[0]
-        super().__init__(first.message, first.location, first.key)
+    def __init__(self, errors: list[SpecError], items: list | None = None):
+        self.errors, self.items = errors, items or []  # items: the file's matrix entries that did load
+        super().__init__(errors[0].message, errors[0].location, errors[0].key)
 
     def __str__(self) -> str:
         return "\n".join(str(e) for e in self.errors)

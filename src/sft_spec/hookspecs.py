@@ -35,9 +35,7 @@ if TYPE_CHECKING:
 hookspec = pluggy.HookspecMarker("sft_spec")
 
 
-# -- initialisation ----------------------------------------------------------------------------------
-
-
+# -- initialisation --
 @hookspec
 def sft_spec_addoption(parser: argparse.ArgumentParser) -> None:
     """Add command-line options to ``sft-spec run`` (e.g. ``--html``). Called once at start-up."""
@@ -60,20 +58,17 @@ def sft_spec_register_commands(register) -> None:
 
 @hookspec
 def sft_spec_register_formatters(register) -> None:
-    """Register formatters: ``register(name, formatter, description="")``; ``formatter.format(messages,
-    tokenizer, fmt, *, add_generation_prompt=False, template=None)`` returns a ``FormattedText``."""
+    """Register formatters: ``register(name, formatter, description="")`` (docs/hooks.md: the protocol)."""
 
 
 @hookspec
 def sft_spec_register_collators(register) -> None:
-    """Register collators (loss masks): ``register(name, collator, description="")``; ``collator.mask(
-    formatted, tokenizer, fmt, *, markers)`` returns a ``MaskedExample``."""
+    """Register collators (loss masks): ``register(name, collator, description="")``; ``collator.spans(...)``."""
 
 
 @hookspec
 def sft_spec_register_model_loaders(register) -> None:
-    """Register model loaders: ``register(name, loader, description="")``; a loader has ``claims(model_spec)``,
-    ``validate(model_spec)`` (cheap, no torch) and ``load(model_spec, config, *, quantization=None)``."""
+    """Register model loaders: ``register(name, loader, description="")``: ``claims``, ``validate``, ``load``."""
 
 
 @hookspec
@@ -83,13 +78,10 @@ def sft_spec_register_checks(register) -> None:
 
 @hookspec
 def sft_spec_register_spec_sections(register) -> None:
-    """Register top-level spec keys a plugin owns: ``register(SpecSection(name, pydantic_model, ...))``,
-    validated like the spec's own; read back with ``item.section(SECTION)``."""
+    """Register top-level spec keys a plugin owns: ``register(SpecSection(...))``; ``item.section(SECTION)``."""
 
 
-# -- collection --------------------------------------------------------------------------------------
-
-
+# -- collection --
 @hookspec(firstresult=True)
 def sft_spec_collect_file(path: Path, session: Session) -> list[SpecItem] | None:
     """One file's spec items (one per matrix entry), or None; a broken file raises ``SpecError``."""
@@ -97,14 +89,12 @@ def sft_spec_collect_file(path: Path, session: Session) -> list[SpecItem] | None
 
 @hookspec
 def sft_spec_validate_spec(item: SpecItem, config: Config) -> list[Any] | None:
-    """Check (and normalise: it is the spec's own copy) each item while its file loads; return problems,
-    ``SpecError`` objects located at their key (``item.locate("training", key)``) or plain messages."""
+    """Check (and normalise: its own copy) each item while its file loads; return problems (``SpecError``s)."""
 
 
 @hookspec(firstresult=True)
 def sft_spec_load_data(source: Any, item: SpecItem, config: Config) -> list[Conversation] | None:
-    """One ``data.files`` entry as conversations (paths inside ``item.folder``: ``check_inside``), or None
-    for a source this plugin does not read; a problem is a ``SpecError`` located in the data file."""
+    """One ``data.files`` entry as conversations (paths inside ``item.folder``), or None if not yours."""
 
 
 @hookspec
@@ -117,9 +107,7 @@ def sft_spec_collection_finish(session: Session) -> None:
     """Collected and selected (``session.items``, ``session.collect_errors``); ``--co`` lists them here."""
 
 
-# -- running -----------------------------------------------------------------------------------------
-
-
+# -- running --
 @hookspec
 def sft_spec_session_start(session: Session) -> None:
     """Called after collection, before the first spec runs."""
@@ -127,8 +115,7 @@ def sft_spec_session_start(session: Session) -> None:
 
 @hookspec(firstresult=True)
 def sft_spec_runtestloop(session: Session) -> bool | None:
-    """Run every item (``sft_spec_reuse_report`` first, on this process, then ``sft_spec_run_spec`` here or
-    elsewhere) and ``session.log_report`` each, in collection order; True when done."""
+    """Run every item (reuse_report, then run_spec here or elsewhere) and ``session.log_report`` each."""
 
 
 @hookspec(firstresult=True)
@@ -163,6 +150,11 @@ def sft_spec_generate(item: SpecItem, run: SpecRun, prompts: list[FormattedText]
     """One ``Answer`` per formatted prompt; ``when``: ``"before"`` (the base model) or ``"after"`` training."""
 
 
+@hookspec
+def sft_spec_evaluate(item: SpecItem, run: SpecRun) -> None:
+    """Measure the base model, once, before training; keep the results in ``run.stash`` for the checks."""
+
+
 @hookspec(firstresult=True)
 def sft_spec_make_mask(item: SpecItem, run: SpecRun, formatted: FormattedText, index: int
                        ) -> MaskedExample | None:
@@ -181,15 +173,13 @@ def sft_spec_train(item: SpecItem, run: SpecRun, trainer: Any) -> list[float] | 
 
 @hookspec
 def sft_spec_after_training(item: SpecItem, run: SpecRun) -> None:
-    """The trained model has answered (``run.answers``) and still holds its adapter: save or probe it,
-    before the checks and the finalizers (the adapter round trip, the result cache's adapter)."""
+    """The trained model has answered and still holds its adapter: save or probe it, before the checks."""
 
 
 @hookspec(firstresult=True)
 def sft_spec_check(item: SpecItem, run: SpecRun, case: Case, answer: Answer | None, base_answer: Answer | None
                    ) -> ExpectationReport | None:
-    """A case's report, final when returned: an expectation's checks on ``answer`` (and ``base_answer``), or
-    a training check's (answers None, ``run.losses``)."""
+    """A case's report, final when returned: an expectation's checks on its answers, or a training check's."""
 
 
 @hookspec(firstresult=True)
@@ -197,13 +187,10 @@ def sft_spec_make_report(item: SpecItem, run: SpecRun, report: SpecReport) -> Sp
     """Decide the outcome (a spec-level xfail) of a spec that ran, and add what the main process needs."""
 
 
-# -- reporting ---------------------------------------------------------------------------------------
-
-
+# -- reporting --
 @hookspec
 def sft_spec_persist_report(report: SpecReport, session: Session) -> None:
-    """On the main process, before logging: write what the report records (snapshots, baselines), wherever
-    the spec ran; an exception makes that spec an error, and the others' files are still written."""
+    """On the main process, before logging: write what the report records (snapshots, baselines)."""
 
 
 @hookspec

@@ -13,7 +13,7 @@ from .state import FormattedText, MaskedExample  # noqa: F401
 
 if TYPE_CHECKING:
     from .config import Config
-    from .state import Answer, Case, SpecItem, SpecRun
+    from .state import Answer, Case, FormattedText, SpecItem, SpecRun
 
 T = TypeVar("T")
 
@@ -35,6 +35,7 @@ class CheckContext:
     case: Case | None = None
     answer: Answer | None = None
     base_answer: str | None = None
+    prompt: FormattedText | None = None  # the case's prompt as the model saw it (generation prompt added)
     losses: list[float] = field(default_factory=list)
 
     @property
@@ -52,6 +53,8 @@ class Check:
     validate: Callable[[Any], str | None] | None = None
     scope: Literal["answer", "training"] = "answer"
     needs_base_answer: bool = False
+    #: ``batch([(answer, argument, ctx), ...]) -> [CheckResult, ...]``: many at once (one forward pass).
+    batch: Callable[[list[tuple[str, Any, CheckContext]]], list[CheckResult]] | None = None
     plugin: str = ""
 
 

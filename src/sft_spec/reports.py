@@ -113,7 +113,7 @@ def new_report(item: SpecItem, outcome: Outcome = "passed") -> SpecReport:
     )
 
 
-def report_to_dict(report: SpecReport) -> dict[str, Any]:
+def report_to_dict(report: SpecReport) -> dict[str, Any]:  # the inverse of report_from_dict
     return report.to_dict()
 
 

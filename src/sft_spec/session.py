@@ -39,6 +39,7 @@ class Session:
         self.shouldstop: str = ""
         self.interrupted = False
         self.failures = 0
+        self.internal_errors: list[str] = []  # plugins' bugs: exit 3, as pytest's INTERNALERROR
         self.load_context = LoadContext(config)
 
     @property
@@ -60,7 +61,8 @@ class Session:
             seen.add(key)
             try:
                 self.items.extend(self.hook.sft_spec_collect_file(path=file, session=self) or [])
-            except SpecError as exc:
+            except SpecError as exc:  # the file's broken matrix entries; the others still run
+                self.items.extend(getattr(exc, "items", []))
                 self.collect_errors.append(collect_error_report(file, exc))
         self.hook.sft_spec_collection_modifyitems(session=self, items=self.items)
 
@@ -69,20 +71,28 @@ class Session:
         report = self.hook.sft_spec_reuse_report(item=item, session=self)
         return report if report is not None else self.hook.sft_spec_run_spec(item=item, session=self)
 
+    def call_each(self, hook, **kwargs) -> list[str]:
+        """Every implementation of a broadcast hook, even after one raised: its problem is returned (and, for
+        a report's or the session's hooks, an internal error); later ones see ``exitstatus`` 3."""
+        problems: list[str] = []
+        for impl in reversed(hook.get_hookimpls()):
+            try:
+                impl.function(**{name: kwargs[name] for name in impl.argnames})
+            except Exception as exc:  # noqa: BLE001 - one plugin's bug must not lose the others' reports
+                problems.append(f"{impl.plugin_name}: {type(exc).__name__}: {exc}")
+                kwargs["exitstatus"] = ExitCode.INTERNAL_ERROR
+        return problems
+
     def log_report(self, report: SpecReport) -> None:
         """Persist what the report records (on this, the main process), log it, count it for ``--maxfail``."""
-        problems = []
-        for impl in reversed(self.hook.sft_spec_persist_report.get_hookimpls()):  # one failing does not stop others
-            try:
-                impl.function(**{name: {"report": report, "session": self}[name] for name in impl.argnames})
-            except Exception as exc:  # noqa: BLE001 - a full disk fails this spec, not the session
-                problems.append(f"{impl.plugin_name}: {type(exc).__name__}: {exc}")
-        if problems:
+        problems = self.call_each(self.hook.sft_spec_persist_report, report=report, session=self)
+        if problems:  # a full disk fails this spec, not the session
             report.outcome = "error"
             report.error = ErrorInfo("could not save the files this spec records: " + "; ".join(problems),
                                      location=report.path, phase="persist")
         self.reports.append(report)
-        self.hook.sft_spec_log_report(report=report, session=self)
+        self.internal_errors += [f"sft_spec_log_report: {p}" for p in
+                                 self.call_each(self.hook.sft_spec_log_report, report=report, session=self)]
         if report.outcome == "interrupted":
             self.interrupted = True
         if _is_failure(report):
@@ -94,6 +104,8 @@ class Session:
     def exitstatus(self) -> ExitCode:
         if self.interrupted:
             return ExitCode.INTERRUPTED
+        if self.internal_errors:
+            return ExitCode.INTERNAL_ERROR
         if not self.reports and not self.items:
             return ExitCode.NO_TESTS_COLLECTED
         if any(_is_failure(r) for r in self.reports):

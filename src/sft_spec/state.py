@@ -46,18 +46,15 @@ class Stash:
     def __init__(self) -> None:
         self._data: dict[StashKey[Any], object] = {}
 
+    # One-liners, as a dict's: the casts only tell type checkers what each key holds.
     def __setitem__(self, key: StashKey[T], value: T) -> None:
         self._data[key] = value
-
     def __getitem__(self, key: StashKey[T]) -> T:
         return cast(T, self._data[key])
-
     def get(self, key: StashKey[T], default: D) -> T | D:
         return cast("T | D", self._data.get(key, default))
-
     def setdefault(self, key: StashKey[T], default: T) -> T:
         return cast(T, self._data.setdefault(key, default))
-
     def __contains__(self, key: StashKey[T]) -> bool:
         return key in self._data
 
@@ -73,6 +70,7 @@ class FormattedText:
     text: str
     assistant_spans: list[tuple[int, int]] = field(default_factory=list)
     prompt_end: int = 0  # where the last assistant turn starts
+    max_new_tokens: int | None = None  # this prompt's own answer budget (None: the generation setting)
 
 
 @dataclass
@@ -133,7 +131,7 @@ class TrainingCheck:
     location: Location
     selected: bool = True
     index: int = -1
-    xfail: XfailSpec | None = None  # always None: a training check follows its spec's xfail
+    xfail: XfailSpec | None = None  # a plugin's case may set its own (an eval set); else the spec's applies
 
 
 #: A test case of a spec: an expectation or a training check.

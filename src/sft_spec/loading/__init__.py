@@ -16,6 +16,7 @@ from ..state import SpecItem
 from .build import build_item
 from .matrix import dedupe, expand_matrix, tag_variant
 from .merge import DEFAULTS_NAME, defaults_chain, merge_docs
+from .paths import check_inside
 from .wording import kind_of
 from .yamlsource import LocatedDocument, load_yaml_file
 
@@ -48,6 +49,10 @@ class LoadContext:
 def load_spec_file(path: Path, ctx: LoadContext) -> list[SpecItem]:
     """Load one spec file into items; raise :class:`SpecErrors` with every problem found."""
     shown = relpath(path)
+    try:  # a spec file linked from outside its folder would make that folder "the spec's own"
+        check_inside(path.parent, path.name, "spec file")
+    except ValueError as exc:
+        raise SpecError(str(exc), Location(shown, 1, 1)) from None
     doc = load_yaml_file(path, shown)
     if doc.data is None:
         raise SpecError("the spec file is empty: it needs at least model, data and expect",
@@ -77,5 +82,5 @@ def load_spec_file(path: Path, ctx: LoadContext) -> list[SpecItem]:
         except SpecError as exc:
             errors.extend(tag_variant([exc], variant, len(variants)))
     if errors:
-        raise SpecErrors(dedupe(errors))
+        raise SpecErrors(dedupe(errors), items)
     return items

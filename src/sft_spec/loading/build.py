@@ -68,7 +68,7 @@ def build_item(path: Path, nodeid: str, name: str, variant: str | None, doc: Loc
     # built-ins that fill the item (conversations from data:, the chat template) are tryfirst, so every
     # other plugin sees it whole.
     errors += _validate_by_plugins(item, ctx)
-    if not spec.expect and not spec.checks:
+    if not item.expectations and not item.training_checks and not errors:
         # A spec that checks nothing passes whatever training did: almost always a forgotten section.
         where = doc.locate(("expect",)) if "expect" in doc.data else doc.locate(())
         errors.append(SpecError("nothing to check: add expect (prompts with equals, contains, regex, ...) or "

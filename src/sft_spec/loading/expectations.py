@@ -18,6 +18,8 @@ if TYPE_CHECKING:
     from . import LoadContext
 
 EXPECTATION_KEYS = ("prompt", "before", "xfail")
+#: A longer prompt is refused: generation costs grow with it, and a spec is a short test.
+MAX_PROMPT_CHARS = 16_384
 
 
 def plugin_validate(validate: Any, value: Any, what: str) -> str | None:
@@ -62,6 +64,11 @@ def build_expectations(spec: Spec, nodeid: str, doc: LocatedDocument, ctx: LoadC
             errors.append(SpecError("an expectation needs a prompt", where, key=f"expect[{i}]"))
             continue
         prompt = _parse_prompt(entry["prompt"], keypath + ("prompt",), doc, errors)
+        if prompt and sum(len(t["content"]) for t in prompt) > MAX_PROMPT_CHARS:
+            errors.append(SpecError(f"the prompt has {sum(len(t['content']) for t in prompt)} characters; a prompt "
+                                    f"may have {MAX_PROMPT_CHARS}", doc.locate(keypath + ("prompt",)),
+                                    key=f"expect[{i}].prompt"))
+            prompt = None
         checks = _parse_checks(entry, keypath, doc, ctx, errors, EXPECTATION_KEYS)
         before: list[tuple[str, Any]] = []
         if "before" in entry:

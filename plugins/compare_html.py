@@ -1,0 +1,35 @@
+"""The comparison as one self-contained HTML page: the report's offline rules (inline CSS, a CSP that
+forbids loading anything, everything escaped), a row per spec, and per change the answers' diff, the
+loss curves of both runs on one chart, the settings and versions that differ."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .failures import diff_segments
+from .html_report import _shown, loss_chart, visible
+
+
+def _spec_view(index: int, spec) -> dict[str, Any]:
+    before, after = spec.losses
+    return {
+        "anchor": f"change-{index}", "change": spec, "transition": spec.transition,
+        "chart": loss_chart(after, before) if after or before else None,
+        "cases": [{
+            "case": case, "changed": case.before != case.after or case.answer_changed,
+            "segments": [(op, visible(t)) for op, t in diff_segments(case.answer_before or "", case.answer_after or "")]
+            if case.answer_changed else [],
+        } for case in spec.cases],
+    }
+
+
+def render_comparison(comparison) -> str:
+    import jinja2
+
+    env = jinja2.Environment(loader=jinja2.PackageLoader("sft_spec_plugins", "templates"), finalize=_shown,
+                             autoescape=True, trim_blocks=True, lstrip_blocks=True)
+    counts = [(t, comparison.count(t)) for t in ("regressed", "fixed", "changed", "new", "removed", "unchanged")]
+    return env.get_template("compare.html.j2").render(
+        comparison=comparison, counts=[(t, n) for t, n in counts if n],
+        specs=[_spec_view(i, s) for i, s in enumerate(comparison.specs)],
+    )

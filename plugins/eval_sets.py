@@ -1,0 +1,472 @@
+"""Evaluation sets: ``eval:`` names sets of rows, each row an expectation, each set one test case.
+
+    eval:
+      golden:
+        path: data/golden.jsonl          # JSON Lines, JSON, CSV or Parquet, inside the spec's folder
+        prompt: question                 # the column of the prompt: a string, or a chat ([{role, content}])
+        reference: answer                # the column of the reference answer
+        checks: {equals: "{reference}", chrf: {at_least: 40}}
+        pass_rate: {at_least: 0.9}       # share of rows whose checks all hold
+        mean: {chrf: {at_least: 50}}     # and median: of a metric over the rows
+        retention: {at_least: 0.95}      # of the rows the base model passed, the share still passing
+        change: {chrf: {max_drop: 5}}    # the mean's change from the base model: max_drop, min_gain, max_increase
+
+A check's string argument may name a column in braces (``"{reference}"``, ``"{answer_column}"``); a
+metric's ``to`` is the row's reference unless given. A set with ``text:`` (a column of held-out text) has
+no prompts: its rows are scored by ``perplexity`` or ``likelihood`` alone, a forgetting measure that needs
+no probe answers. Without a threshold, every row must pass. Rows are streamed in chunks (answers
+generated in left-padded batches, likelihoods in batched forward passes), so a set of 10,000 rows holds
+scores, never logits. The test id names the set: ``spec.sft.yaml::name::eval[golden]``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import statistics
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, RootModel, field_validator
+
+from sft_spec import hookimpl
+from sft_spec.errors import Location, SpecError, did_you_mean
+from sft_spec.loading.data import check_conversation
+from sft_spec.loading.expectations import plugin_validate
+from sft_spec.registry import Check, CheckContext, CheckResult, SpecSection
+from sft_spec.spec import XfailSpec, xfail_shorthand
+from sft_spec.state import Answer, Expectation, FormattedText, StashKey, TrainingCheck
+
+from . import metrics as m
+
+CHUNK = 256  # rows formatted, generated and scored together; only their scores are kept
+
+
+class Threshold(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    at_least: float | None = Field(None, description="The value must be at least this")
+    at_most: float | None = Field(None, description="The value must be at most this")
+
+
+class Change(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    max_drop: float | None = Field(None, description="before - after may be at most this")
+    min_gain: float | None = Field(None, description="after - before must be at least this")
+    max_increase: float | None = Field(None, description="after - before may be at most this (perplexity)")
+
+
+class EvalSetSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    path: str | None = Field(None, description="A file of rows inside the spec's folder (.jsonl, .json, .csv, "
+                             ".parquet)")
+    format: Literal["json", "csv", "parquet"] | None = Field(None, description="The file's format; default: "
+                                                             "from its suffix")
+    rows: list[dict[str, Any]] | None = Field(None, description="Rows written inline, instead of path")
+    prompt: str = Field("prompt", description="Column of the prompt: a string (one user turn) or a chat")
+    reference: str | None = Field("reference", description="Column of the reference answer (metrics' to:)")
+    text: str | None = Field(None, description="Column of held-out text, instead of prompts: perplexity rows")
+    checks: dict[str, Any] = Field(description="Checks and metrics applied to every row")
+    limit: int | None = Field(None, gt=0, description="Use the first N rows only")
+    pass_rate: Threshold | None = Field(None, description="Share of rows whose checks hold; default at_least 1")
+    mean: dict[str, Threshold] = Field(default_factory=dict, description="Mean of a metric over the rows")
+    median: dict[str, Threshold] = Field(default_factory=dict, description="Median of a metric over the rows")
+    retention: Threshold | None = Field(None, description="Of the rows the base model passed, the share that "
+                                        "still pass after training")
+    change: dict[str, Change] = Field(default_factory=dict, description="A metric's mean, after minus before "
+                                      "training")
+    # str and bool in the type for the JSON Schema: the validator turns them into an XfailSpec.
+    xfail: XfailSpec | str | bool | None = Field(None, description="This set is expected to fail: a reason, true, "
+                                                 "or {reason, strict}")
+
+    @field_validator("xfail", mode="before")
+    @classmethod
+    def _xfail_shorthand(cls, value: Any) -> Any:
+        return None if value is False else xfail_shorthand(value)
+
+
+class EvalSection(RootModel[dict[str, EvalSetSpec]]):
+    pass
+
+
+EVAL = SpecSection("eval", EvalSection, "Evaluation sets: rows of prompts and references, each set one test case")
+
+
+@dataclass
+class Row:
+    index: int
+    prompt: list[dict] | None  # None: a held-out text row
+    text: str | None
+    reference: str | None
+    checks: list[tuple[str, Any]]
+    location: Location
+
+
+@dataclass
+class EvalSet:
+    """One ``eval`` entry, read and checked at collection: what its test case runs."""
+
+    name: str
+    spec: EvalSetSpec
+    rows: list[Row]
+    digest: str = ""
+    metric_names: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:  # what the result cache hashes: the rows' contents, not the object
+        return f"EvalSet({self.name}, {self.digest})"
+
+    @property
+    def shown(self) -> dict[str, Any]:
+        """What reports show as this case's argument (the rows are in the set's own report)."""
+        return {"set": self.name, "rows": len(self.rows), "source": self.spec.path or "inline", "digest": self.digest}
+
+    @property
+    def needs_answers(self) -> bool:
+        return any(name not in ("likelihood", "perplexity") for name, _ in self.rows[0].checks) if self.rows else False
+
+    @property
+    def needs_base(self) -> bool:
+        return bool(self.spec.retention or self.spec.change) or any(
+            isinstance(arg, dict) and any(k in arg for k in m.BASE_THRESHOLDS) for _, arg in self.rows[0].checks)
+
+
+@dataclass
+class RowResult:
+    index: int
+    passed: bool
+    scores: dict[str, float]
+    answer: str | None = None
+    stopped: bool | None = None
+    failures: list[str] = field(default_factory=list)
+
+
+#: Each set's rows measured on the base model, before training, by the set's node id.
+BASE_RESULTS = StashKey[dict[str, list[RowResult]]]()
+#: What the report carries for each set (rows worst first, aggregates), by the set's node id.
+SET_REPORTS = StashKey[dict[str, dict[str, Any]]]()
+
+
+@hookimpl
+def sft_spec_register_spec_sections(register) -> None:
+    register(EVAL)
+
+
+def _not_by_hand(value: Any) -> str | None:
+    return None if isinstance(value, EvalSet) else "eval sets are written under the spec's eval: key"
+
+
+@hookimpl
+def sft_spec_register_checks(register) -> None:
+    register(Check("eval", run_eval_set, "an evaluation set (written under eval:)", _not_by_hand, scope="training"))
+
+
+# -- collection: rows read, checks resolved, one case per set -------------------------------------------
+
+
+_PLACEHOLDER = re.compile(r"\{(\w+)\}")
+
+
+def _substitute(value: Any, row: dict[str, Any], reference: str | None) -> Any:
+    if isinstance(value, str):
+        return _PLACEHOLDER.sub(lambda mt: str(reference if mt.group(1) == "reference" and reference is not None
+                                                 else row.get(mt.group(1), mt.group(0))), value)
+    if isinstance(value, dict):
+        return {k: _substitute(v, row, reference) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_substitute(v, row, reference) for v in value]
+    return value
+
+
+def _placeholders(value: Any) -> set[str]:
+    if isinstance(value, str):
+        return set(_PLACEHOLDER.findall(value))
+    if isinstance(value, dict):
+        return set().union(*map(_placeholders, value.values())) if value else set()
+    if isinstance(value, list):
+        return set().union(*map(_placeholders, value)) if value else set()
+    return set()
+
+
+def _read(item, name: str, spec: EvalSetSpec) -> list[tuple[dict, Location]]:
+    from .rows import read_rows
+
+    if (spec.path is None) == (spec.rows is None):
+        raise SpecError(f"eval set {name!r} needs path (a file of rows) or rows (inline), not "
+                        f"{'both' if spec.path else 'neither'}", item.locate("eval", name))
+    if spec.rows is not None:
+        return [(row, item.locate("eval", name, "rows", i)) for i, row in enumerate(spec.rows)]
+    try:
+        return read_rows(item.folder, spec.path, spec.format, what="eval file")
+    except SpecError as exc:
+        raise SpecError(exc.message, exc.location or item.locate("eval", name, "path"), f"eval.{name}.path") from None
+    except ValueError as exc:  # the path rule
+        raise SpecError(str(exc), item.locate("eval", name, "path"), f"eval.{name}.path") from None
+
+
+def _prompt(value: Any, column: str, where: Location) -> list[dict]:
+    if isinstance(value, str):
+        return [{"role": "user", "content": value}]
+    if isinstance(value, list) and value and all(isinstance(t, dict) and isinstance(t.get("role"), str)
+                                                 and isinstance(t.get("content"), str) for t in value):
+        turns = [{"role": t["role"], "content": t["content"]} for t in value]
+        problem = check_conversation(turns + [{"role": "assistant", "content": ""}])
+        if turns[-1]["role"] != "user" or problem:
+            raise SpecError(f"column {column!r}: a chat prompt must end with the user turn to answer", where)
+        return turns
+    shown = repr(value)[:200]
+    raise SpecError(f"column {column!r}: expected a string or a chat (a list of {{role, content}}), got {shown}", where)
+
+
+def build_set(item, config, name: str, spec: EvalSetSpec) -> EvalSet:
+    from .recorded import sha256
+
+    where = item.locate("eval", name)
+    registry = config.registry.checks
+    set_checks = {c.name: c for c in m.checks(needs_reference=False)}
+    for key, argument in spec.checks.items():
+        check = registry.get(key)
+        if check is None or check.scope != "answer":
+            answer_checks = [n for n, c in registry.items() if c.scope == "answer"]
+            raise SpecError(did_you_mean(key, answer_checks, "check"), item.locate("eval", name, "checks", key),
+                            f"eval.{name}.checks.{key}")
+        if spec.text is not None and key not in ("likelihood", "perplexity"):
+            raise SpecError(f"eval set {name!r} has text rows (no prompts, no answers): only perplexity and "
+                            f"likelihood apply, not {key}", item.locate("eval", name, "checks", key))
+        validate = (set_checks.get(key) or check).validate
+        problem = plugin_validate(validate, argument, f"check {key!r}")
+        if problem:
+            raise SpecError(problem, item.locate("eval", name, "checks", key), f"eval.{name}.checks.{key}")
+    metric_names = [k for k in spec.checks if k in m.METRICS]
+    for kind, table in (("mean", spec.mean), ("median", spec.median), ("change", spec.change)):
+        for metric in table:
+            if metric not in metric_names:
+                raise SpecError(f"{kind}.{metric}: {metric} is not among this set's checks "
+                                f"({', '.join(metric_names) or 'no metrics'})", item.locate("eval", name, kind, metric))
+    raw = _read(item, name, spec)[: spec.limit]
+    if not raw:
+        raise SpecError(f"eval set {name!r} has no rows", where)
+    rows = []
+    for i, (values, row_where) in enumerate(raw):
+        columns = [spec.text] if spec.text else [spec.prompt] + ([spec.reference] if spec.reference else [])
+        for column in columns:
+            if column not in values:
+                raise SpecError(did_you_mean(column, list(values), "column").replace("unknown column", "no column"),
+                                row_where)
+        reference = values.get(spec.reference) if spec.reference else None
+        if reference is not None and not isinstance(reference, str):
+            reference = str(reference)
+        unknown = _placeholders(spec.checks) - set(values) - {"reference"}
+        if unknown:
+            raise SpecError(f"checks name column(s) {', '.join(sorted(unknown))} in braces; the row's columns: "
+                            f"{', '.join(values)}", item.locate("eval", name, "checks"))
+        row_checks = []
+        for key, argument in spec.checks.items():
+            argument = _substitute(argument, values, reference)
+            if key in m.METRICS and "to" not in argument:
+                if spec.text is not None:
+                    argument = {**argument, "to": str(values[spec.text])}
+                elif reference is None:
+                    raise SpecError(f"{key} needs a reference: set the set's reference column or {key}.to",
+                                    item.locate("eval", name, "checks", key))
+                else:
+                    argument = {**argument, "to": reference}
+            row_checks.append((key, argument))
+        prompt = None if spec.text else _prompt(values[spec.prompt], spec.prompt, row_where)
+        rows.append(Row(i, prompt, str(values[spec.text]) if spec.text else None, reference, row_checks, row_where))
+    digest = sha256([[r.prompt, r.text, r.checks] for r in rows])[:16]
+    return EvalSet(name, spec, rows, digest, metric_names)
+
+
+@hookimpl
+def sft_spec_validate_spec(item, config) -> list[SpecError]:
+    section = item.section(EVAL)
+    if section is None:
+        return []
+    errors = []
+    for name, spec in section.root.items():
+        try:
+            evalset = build_set(item, config, name, spec)
+        except SpecError as exc:
+            errors.append(exc)
+            continue
+        item.training_checks.append(TrainingCheck("eval", evalset, f"{item.nodeid}::eval[{name}]",
+                                                  item.locate("eval", name), xfail=spec.xfail))
+    return errors
+
+
+# -- running a set: on the base model before training, on the trained model as its check -------------------
+
+
+def _contexts(item, run, evalset: EvalSet, rows: list[Row]) -> list[CheckContext]:
+    hook, out = run.config.hook, []
+    for row in rows:
+        prompt = (FormattedText(text="") if row.prompt is None else
+                  hook.sft_spec_format(item=item, run=run, messages=row.prompt, add_generation_prompt=True))
+        case = Expectation(row.index, f"{item.nodeid}::eval[{evalset.name}][{row.index}]", row.prompt or [],
+                           row.checks, [], row.location)
+        out.append(CheckContext(item=item, run=run, case=case, prompt=prompt, losses=run.losses))
+    return out
+
+
+def _with_budgets(item, run, rows: list[Row], contexts: list[CheckContext]) -> None:
+    from .generation import answer_budget
+
+    for row, ctx in zip(rows, contexts, strict=True):
+        ctx.prompt.max_new_tokens = answer_budget(item, run, row.checks)
+
+
+def measure(item, run, evalset: EvalSet, when: Literal["before", "after"]) -> list[RowResult]:
+    """Every row's checks on the model as it is now, chunk by chunk. Before training, thresholds that
+    compare with the base model are left out (they are what this measures)."""
+    registry = run.config.registry.checks
+    results: list[RowResult] = []
+    for start in range(0, len(evalset.rows), CHUNK):
+        rows = evalset.rows[start:start + CHUNK]
+        contexts = _contexts(item, run, evalset, rows)
+        answers: list[Answer | None] = [None] * len(rows)
+        if evalset.needs_answers:
+            _with_budgets(item, run, rows, contexts)
+            answers = run.config.hook.sft_spec_generate(item=item, run=run, prompts=[c.prompt for c in contexts],
+                                                        when=when)
+        for ctx, answer in zip(contexts, answers, strict=True):
+            ctx.answer = answer
+        per_row: list[list[tuple[str, CheckResult]]] = [[] for _ in rows]
+        for position, (name, _) in enumerate(rows[0].checks):
+            check = registry[name]
+            triples = []
+            for row, ctx, answer in zip(rows, contexts, answers, strict=True):
+                argument = row.checks[position][1]
+                if when == "before" and isinstance(argument, dict):
+                    argument = {k: v for k, v in argument.items() if k not in m.BASE_THRESHOLDS}
+                triples.append((answer.text if answer else "", argument, ctx))
+            outcomes = check.batch(triples) if check.batch else [check.func(*t) for t in triples]
+            for i, outcome in enumerate(outcomes):
+                per_row[i].append((name, outcome))
+        if when == "before":  # likelihood and perplexity on the base model: the rows' own gain and max_increase
+            store = run.stash.setdefault(m.BASE_SCORES, {})
+            for row, ctx, outcomes in zip(rows, contexts, per_row, strict=True):
+                for (name, argument), (_, outcome) in zip(row.checks, outcomes, strict=True):
+                    if name in ("likelihood", "perplexity") and outcome.score is not None:
+                        store[(name, *m.continuation(ctx, argument.get("to", "")))] = outcome.score
+        for row, answer, outcomes in zip(rows, answers, per_row, strict=True):
+            results.append(RowResult(
+                index=row.index, passed=all(o.passed for _, o in outcomes),
+                scores={n: o.score for n, o in outcomes if o.score is not None and n in m.METRICS},
+                answer=answer.text if answer else None, stopped=answer.stopped if answer else None,
+                failures=[f"{n}: {o.message}" for n, o in outcomes if not o.passed]))
+    return results
+
+
+@hookimpl
+def sft_spec_evaluate(item, run) -> None:
+    """Sets that compare with the base model measure it now, before training."""
+    base = run.stash.setdefault(BASE_RESULTS, {})
+    for case in item.selected_training_checks:
+        if case.name != "eval" or not case.argument.needs_base:
+            continue
+        base[case.nodeid] = measure(item, run, case.argument, "before")
+
+
+def _aggregate(values: list[float], how: str) -> float:
+    return statistics.fmean(values) if how == "mean" else statistics.median(values)
+
+
+def run_eval_set(_: str, evalset: EvalSet, ctx: CheckContext) -> CheckResult:
+    item, run = ctx.item, ctx.run
+    after = measure(item, run, evalset, "after")
+    before = run.stash.get(BASE_RESULTS, {}).get(ctx.case.nodeid)
+    spec, parts, ok = evalset.spec, [], True
+
+    def threshold(label: str, value: float, limit: Threshold) -> None:
+        nonlocal ok
+        if limit.at_least is not None:
+            ok &= value >= limit.at_least
+            parts.append(f"{label} {value:.4g} {'>=' if value >= limit.at_least else '<'} {limit.at_least:g}")
+        if limit.at_most is not None:
+            ok &= value <= limit.at_most
+            parts.append(f"{label} {value:.4g} {'<=' if value <= limit.at_most else '>'} {limit.at_most:g}")
+        if limit.at_least is None and limit.at_most is None:
+            parts.append(f"{label} {value:.4g}")
+
+    pass_rate = sum(r.passed for r in after) / len(after)
+    default = spec.pass_rate is None and not (spec.mean or spec.median or spec.retention or spec.change)
+    threshold("pass_rate", pass_rate, spec.pass_rate or Threshold(at_least=1.0 if default else None))
+    aggregates: dict[str, float] = {"pass_rate": pass_rate}
+    for how, table in (("mean", spec.mean), ("median", spec.median)):
+        for metric, limit in table.items():
+            values = [r.scores[metric] for r in after if metric in r.scores]
+            value = _aggregate(values, how) if values else math.nan
+            aggregates[f"{how}_{metric}"] = value
+            threshold(f"{how} {metric}", value, limit)
+    if spec.retention is not None:
+        kept = [a.passed for a, b in zip(after, before or [], strict=False) if b.passed]
+        if before is None:
+            ok, retention = False, math.nan
+            parts.append("retention: the base model was not measured")
+        elif not kept:
+            retention = 1.0
+            parts.append("retention: no row passed on the base model, nothing to retain")
+        else:
+            retention = sum(kept) / len(kept)
+            threshold(f"retention ({sum(kept)}/{len(kept)})", retention, spec.retention)
+        aggregates["retention"] = retention
+    for metric, change in spec.change.items():
+        now = [r.scores[metric] for r in after if metric in r.scores]
+        then = [r.scores[metric] for r in before or [] if metric in r.scores]
+        if not now or not then:
+            ok = False
+            parts.append(f"change of {metric}: no base-model scores")
+            continue
+        delta = statistics.fmean(now) - statistics.fmean(then)
+        aggregates[f"change_{metric}"] = delta
+        text = f"mean {metric} {statistics.fmean(then):.4g} -> {statistics.fmean(now):.4g} ({delta:+.4g})"
+        for key, bad in (("max_drop", -delta > (change.max_drop or 0)), ("min_gain", delta < (change.min_gain or 0)),
+                         ("max_increase", delta > (change.max_increase or 0))):
+            limit = getattr(change, key)
+            if limit is not None:
+                ok &= not bad
+                text += f", {key} {limit:g}{' exceeded' if bad and key != 'min_gain' else ' missed' if bad else ''}"
+        parts.append(text)
+    message = "; ".join(parts) + f" ({len(after)} rows)"
+    run.note(f"eval[{evalset.name}]: {message}")
+    run.stash.setdefault(SET_REPORTS, {})[ctx.case.nodeid] = _set_report(evalset, after, before, aggregates)
+    worst = next((r for r in _worst_first(evalset, after) if not r.passed), None)
+    if not ok and worst is not None:
+        message += f"; worst row {worst.index} ({evalset.rows[worst.index].location}): {'; '.join(worst.failures)}"
+    return CheckResult(ok, message, score=pass_rate)
+
+
+def _worst_first(evalset: EvalSet, results: list[RowResult]) -> list[RowResult]:
+    primary = evalset.metric_names[0] if evalset.metric_names else None
+    sign = 1 if primary is None or m.METRICS[primary].higher_is_better else -1
+
+    def key(r: RowResult):
+        score = r.scores.get(primary) if primary else None
+        return (r.passed, sign * score if score is not None else 0.0, r.index)
+
+    return sorted(results, key=key)
+
+
+def _set_report(evalset: EvalSet, after: list[RowResult], before: list[RowResult] | None,
+                aggregates: dict[str, float]) -> dict[str, Any]:
+    by_index = {r.index: r for r in before or []}
+    rows = []
+    for result in _worst_first(evalset, after):
+        row = evalset.rows[result.index]
+        base = by_index.get(result.index)
+        rows.append({
+            "index": row.index, "location": str(row.location),
+            "prompt": row.prompt[-1]["content"] if row.prompt else None, "text": row.text,
+            "reference": row.reference, "answer": result.answer, "stopped": result.stopped, "passed": result.passed,
+            "scores": result.scores, "failures": result.failures,
+            "base": None if base is None else {"answer": base.answer, "passed": base.passed, "scores": base.scores},
+        })
+    return {"name": evalset.name, "metrics": evalset.metric_names, "aggregates": aggregates, "rows": rows}
+
+
+@hookimpl(wrapper=True)
+def sft_spec_make_report(item, run, report):
+    report = yield
+    sets = run.stash.get(SET_REPORTS, None)
+    if report is not None and sets:
+        report.extra["eval"] = sets
+    return report

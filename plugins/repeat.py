@@ -1,0 +1,139 @@
+"""``repeat: {seeds: [1, 2, 3], pass_rate: 0.67}``: train and check the spec once per seed, and decide each
+case on the share of seeds on which its checks held.
+
+A recipe that passes on one seed and fails on the next is flaky, and a single run cannot tell: GPU
+nondeterminism and a greedy answer that flips on one token are common complaints. Each seed is a whole
+run of the spec (``training.seed`` set to it); the report keeps every seed's outcome and loss curve
+(``extra["seeds"]``), and each case gets a ``repeat`` check that says on which seeds it passed.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from sft_spec import hookimpl
+from sft_spec.registry import SpecSection
+from sft_spec.reports import CheckReport, ExpectationReport, SpecReport
+
+from .protocol import apply_xfail
+
+
+class RepeatSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    seeds: list[int] = Field(description="One training per seed (training.seed), e.g. [1, 2, 3]")
+    pass_rate: float = Field(1.0, ge=0, le=1, description="Share of seeds on which a case must pass")
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct(cls, value: list[int]) -> list[int]:
+        if not value:
+            raise ValueError("seeds: expected at least one seed")
+        if len(set(value)) != len(value):
+            raise ValueError(f"seeds: each seed once, got {value}")
+        return value
+
+
+REPEAT = SpecSection("repeat", RepeatSpec, "Train and check once per seed; decide on the share that passed")
+
+
+@hookimpl
+def sft_spec_register_spec_sections(register) -> None:
+    register(REPEAT)
+
+
+def seeded(item, seed: int):
+    """The item as one seed's run: ``training.seed`` set, the repeat section taken away."""
+    spec = item.spec.model_copy(deep=True)
+    spec.training["seed"] = seed
+    sections = {k: v for k, v in item.sections.items() if k != REPEAT.name}
+    return dataclasses.replace(item, spec=spec, sections=sections, notes=list(item.notes))
+
+
+@hookimpl(tryfirst=True)
+def sft_spec_run_spec(item, session) -> SpecReport | None:
+    repeat = item.section(REPEAT)
+    if repeat is None or item.spec.skip:
+        return None
+    runs = []
+    for seed in repeat.seeds:
+        report = session.config.hook.sft_spec_run_spec(item=seeded(item, seed), session=session)
+        runs.append((seed, report))
+        if report.outcome == "interrupted":
+            return report
+    return combine(item, repeat, runs)
+
+
+def _case(report: SpecReport, nodeid: str) -> ExpectationReport | None:
+    return next((c for c in report.cases if c.nodeid == nodeid), None)
+
+
+def _raw_passed(case: ExpectationReport | None) -> bool:
+    """Whether the case's own checks held on one seed, before its xfail was applied."""
+    return case is not None and all(c.passed for c in case.checks if c.name != "xfail_strict")
+
+
+def combine(item, repeat: RepeatSpec, runs: list[tuple[int, SpecReport]]) -> SpecReport:
+    ran = [(seed, r) for seed, r in runs if r.outcome not in ("error", "skipped")]
+    if not ran:  # every seed errored: the first error is the story
+        report = runs[0][1]
+        report.notes.append(f"repeat: every seed ({', '.join(map(str, repeat.seeds))}) ended in {report.outcome}")
+        return report
+    report = copy.deepcopy(ran[0][1])
+    report.extra["seeds"] = [{
+        "seed": seed, "outcome": r.outcome, "losses": list(r.losses),
+        "final_loss": r.losses[-1] if r.losses else None, "learnt_at_step": r.metrics.get("learnt_at_step"),
+        "cases": {c.nodeid: c.outcome for c in r.cases},
+        "error": r.error.message if r.error else None,
+    } for seed, r in runs]
+    report.duration = sum(r.duration for _, r in runs)
+    for _, r in runs[1:]:
+        report.notes.extend(n for n in r.notes if n not in report.notes)
+    needed = repeat.pass_rate
+    xfails = {c.nodeid: c.xfail for c in item.cases}
+    for kind in ("expectations", "training_checks"):
+        combined = []
+        for case in getattr(report, kind):
+            held = [seed for seed, r in runs if _raw_passed(_case(r, case.nodeid))]
+            share = len(held) / len(runs)
+            # The checks shown are from a seed on which the case failed, if one did: what to look at.
+            failing = next((c for _, r in ran if (c := _case(r, case.nodeid)) and not _raw_passed(c)), None)
+            shown = copy.deepcopy(failing or case)
+            shown.checks = [c for c in shown.checks if c.name != "xfail_strict"]
+            shown.outcome = "passed" if share >= needed else "failed"
+            shown.checks.append(CheckReport("repeat", {"seeds": repeat.seeds, "pass_rate": needed},
+                                            share >= needed, _summary(held, repeat), score=share))
+            combined.append(apply_xfail(shown, xfails.get(case.nodeid) or item.spec.xfail))
+        setattr(report, kind, combined)
+    outcomes = {c.outcome for c in report.cases}
+    if "failed" in outcomes:
+        report.outcome = "failed"
+    elif item.spec.xfail:
+        report.outcome = "xfailed" if "xfailed" in outcomes else "xpassed"
+    else:
+        report.outcome = "passed"
+    report.metrics["seeds"] = len(runs)
+    report.metrics["seeds_passed"] = sum(r.outcome == "passed" for _, r in runs)
+    return report
+
+
+def _summary(held: list[int], repeat: RepeatSpec) -> str:
+    shown = f" ({', '.join(map(str, held))})" if held else ""
+    return f"passed on {len(held)} of {len(repeat.seeds)} seeds{shown}; needs {repeat.pass_rate:g}"
+
+
+def _settings_note(item) -> list[str]:
+    repeat = item.section(REPEAT)
+    if repeat is not None and "seed" in item.spec.training:
+        return [f"{item.locate('training', 'seed')}: note: repeat sets training.seed to each of "
+                f"{', '.join(map(str, repeat.seeds))}; the spec's seed {item.spec.training['seed']} is not used"]
+    return []
+
+
+@hookimpl
+def sft_spec_validate_spec(item, config) -> list[Any]:
+    item.notes.extend(_settings_note(item))
+    return []

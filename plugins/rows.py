@@ -1,0 +1,122 @@
+"""Rows of a table file, each with where it was written: JSON Lines, JSON, CSV and Parquet, the formats
+``datasets`` reads with its ``json``, ``csv`` and ``parquet`` builders, read without its cache (a spec
+run leaves nothing in ``HF_HOME``) and with errors that name the file and line.
+
+A JSON file holds a list of objects, or an object whose one list-valued key holds them (``{"data": [...]}``,
+as ``datasets``' ``field=``). Every path goes through the spec-folder rule first.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+from sft_spec.errors import Location, SpecError, relpath
+from sft_spec.loading.paths import check_inside
+from sft_spec.loading.wording import kind_of
+
+#: Suffixes and the ``datasets`` builder name they stand for.
+FORMATS = {".jsonl": "json", ".ndjson": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+#: A file larger than this is refused: a spec is a test, not a training job.
+MAX_ROWS_BYTES = 64 * 1024 * 1024
+
+Row = tuple[dict[str, Any], Location]
+
+
+def file_format(path: str, given: str | None) -> str:
+    if given:
+        return given
+    suffix = Path(path).suffix.lower()
+    if suffix not in FORMATS:
+        raise SpecError(f"cannot tell the format of {path!r} from its suffix: set format: json, csv or parquet "
+                        f"(suffixes known: {', '.join(FORMATS)})")
+    return FORMATS[suffix]
+
+
+def read_rows(folder: Path, path: str, given_format: str | None = None, what: str = "data file") -> list[Row]:
+    """Every row of ``path`` (relative to ``folder``, and inside it) as a dict with its location."""
+    target = check_inside(folder, path, what)
+    shown = relpath(target)
+    if not target.is_file():
+        raise SpecError(f"{what} not found: {path} (paths are relative to the spec file's folder)")
+    fmt = file_format(path, given_format)
+    try:
+        size = target.stat().st_size
+        if size > MAX_ROWS_BYTES:
+            raise SpecError(f"{what} {path} is {size / 2**20:.1f} MiB; the limit is {MAX_ROWS_BYTES // 2**20} MiB")
+        raw = target.read_bytes()
+    except OSError as exc:
+        raise SpecError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    if fmt == "parquet":
+        return _parquet(raw, shown)
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise SpecError(f"not valid UTF-8 (byte 0x{raw[exc.start]:02x})", Location(shown, line)) from None
+    lines = Path(path).suffix.lower() in (".jsonl", ".ndjson")
+    rows = _csv(text, shown) if fmt == "csv" else _json(text, shown, lines)
+    for row, where in rows:
+        if not isinstance(row, dict):
+            raise SpecError(f"each row must be an object, got {kind_of(row)}", where)
+    return rows
+
+
+def _json(text: str, shown: str, lines: bool) -> list[Row]:
+    if not lines:  # a .json file: one document, or JSON Lines after all (datasets reads both)
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as exc:
+            if exc.msg != "Extra data":
+                raise SpecError(f"not valid JSON: {exc.msg}", Location(shown, exc.lineno, exc.colno)) from None
+            return _json(text, shown, lines=True)
+        if isinstance(value, dict):
+            lists = [k for k, v in value.items() if isinstance(v, list)]
+            if len(lists) != 1:
+                raise SpecError("a JSON file holds a list of rows, or an object with one list of rows "
+                                f"(found lists under: {', '.join(lists) or 'none'})", Location(shown, 1))
+            value = value[lists[0]]
+        if not isinstance(value, list):
+            raise SpecError(f"a JSON file holds a list of rows, got {kind_of(value)}", Location(shown, 1))
+        return [(row, Location(shown, 1)) for row in value]
+    rows = []
+    for lineno, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append((json.loads(line), Location(shown, lineno)))
+        except json.JSONDecodeError as exc:
+            raise SpecError(f"not valid JSON: {exc.msg}", Location(shown, lineno, exc.colno)) from None
+        except (ValueError, RecursionError) as exc:
+            raise SpecError(f"not valid JSON: {type(exc).__name__}: {str(exc)[:100]}", Location(shown, lineno)) \
+                from None
+    return rows
+
+
+def _csv(text: str, shown: str) -> list[Row]:
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    rows = []
+    try:
+        for row in reader:
+            if None in row:  # more cells than the header names
+                raise SpecError(f"row has {len(reader.fieldnames or []) + len(row[None])} cells, the header "
+                                f"{len(reader.fieldnames or [])}", Location(shown, reader.line_num))
+            rows.append((dict(row), Location(shown, reader.line_num)))
+    except csv.Error as exc:
+        raise SpecError(f"not valid CSV: {exc}", Location(shown, reader.line_num)) from None
+    return rows
+
+
+def _parquet(raw: bytes, shown: str) -> list[Row]:
+    import pyarrow
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(pyarrow.BufferReader(raw))
+    except (pyarrow.ArrowException, OSError) as exc:
+        raise SpecError(f"not a readable Parquet file: {exc}", Location(shown)) from None
+    # Parquet has no lines: a row is located by its number, as "row N".
+    return [(row, Location(shown, i + 1)) for i, row in enumerate(table.to_pylist())]

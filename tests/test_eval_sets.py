@@ -1,0 +1,233 @@
+"""Evaluation sets: rows from files in every format, one test case per set, thresholds on the whole set
+and on its change from the base model, every row in the JSON; bad sets are located errors."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+
+import pytest
+
+PAIRS = [("微调测试", "我学会了"), ("你好", "你好！"), ("天气", "晴天"), ("名字", "小明")]
+
+TRAINED = """\
+model: builtin:tiny-gemma
+method: full
+training: {{num_train_epochs: 30, learning_rate: 3.0e-3, per_device_train_batch_size: 8}}
+data:
+  conversations:
+{conversations}
+eval:
+{sets}
+"""
+
+
+def conversations(pairs=PAIRS) -> str:
+    return "\n".join(f"    - - {{role: user, content: {q}}}\n      - {{role: assistant, content: {a}}}"
+                     for q, a in pairs)
+
+
+def spec(sets: str, pairs=PAIRS) -> str:
+    return TRAINED.format(conversations=conversations(pairs), sets=textwrap.indent(textwrap.dedent(sets), "  "))
+
+
+def write_rows(folder, name: str, rows: list[dict]) -> None:
+    path = folder / name
+    if name.endswith(".jsonl"):
+        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    elif name.endswith(".json"):
+        path.write_text(json.dumps({"data": rows}, ensure_ascii=False), encoding="utf-8")
+    elif name.endswith(".csv"):
+        import csv
+
+        with path.open("w", encoding="utf-8", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(rows), path)
+
+
+GOLDEN = [{"question": q, "answer": a} for q, a in PAIRS]
+
+
+@pytest.fixture(scope="module")
+def golden_run(tmp_path_factory):
+    """One trained spec with a golden set (before: fails; after: passes) and a held-out text set."""
+    from conftest import Recorder
+
+    from sft_spec.cli import main
+
+    folder = tmp_path_factory.mktemp("golden")
+    (folder / "data").mkdir()
+    write_rows(folder / "data", "golden.jsonl", GOLDEN)
+    (folder / "evals.sft.yaml").write_text(spec("""\
+        golden:
+          path: data/golden.jsonl
+          prompt: question
+          reference: answer
+          checks: {equals: "{reference}", chrf: {}, likelihood: {gain: 1.0}, stops: true}
+          pass_rate: {at_least: 0.75}
+          mean: {chrf: {at_least: 60}}
+          change: {chrf: {min_gain: 30}}
+        heldout:
+          rows: [{text: 今天天气很好，我们去公园散步吧。}, {text: 学习新东西需要时间和耐心。}]
+          text: text
+          checks: {perplexity: {}}
+          change: {perplexity: {max_increase: 1000000}}
+        """), encoding="utf-8")
+    recorder = Recorder()
+    out = folder / "out"
+    code = main(["run", str(folder), "--no-cache", "--json", str(out / "r.json"), "--junitxml", str(out / "j.xml"),
+                 "--html", str(out / "r.html")], plugins=[recorder])
+    return {"code": code, "report": recorder.reports[0], "out": out, "folder": folder}
+
+
+def test_a_trained_recipe_passes_its_golden_set_that_the_base_model_failed(golden_run):
+    report = golden_run["report"]
+    assert golden_run["code"] == 0, report
+    cases = {c.nodeid.rsplit("::", 1)[1]: c for c in report.cases}
+    assert set(cases) == {"eval[golden]", "eval[heldout]"}
+    golden = report.extra["eval"][cases["eval[golden]"].nodeid]
+    assert golden["aggregates"]["pass_rate"] >= 0.75
+    base = [row["base"] for row in golden["rows"]]
+    assert sum(b["passed"] for b in base) == 0  # the base model answered none of them
+    assert all(b["scores"]["chrf"] < 30 for b in base)
+    assert golden["aggregates"]["change_chrf"] >= 30
+    message = cases["eval[golden]"].checks[0].message
+    assert message.startswith("pass_rate ") and "mean chrf" in message and "(4 rows)" in message
+
+
+def test_every_row_is_in_the_json_worst_first(golden_run):
+    from sft_spec_plugins.json_report import load_document
+
+    _, reports = load_document(golden_run["out"] / "r.json")
+    rows = next(iter(v for k, v in reports[0].extra["eval"].items() if k.endswith("[golden]")))["rows"]
+    assert sorted(r["index"] for r in rows) == [0, 1, 2, 3]
+    keys = [(r["passed"], r["scores"]["chrf"]) for r in rows]
+    assert keys == sorted(keys)
+    row = next(r for r in rows if r["index"] == 0)
+    assert row["prompt"] == "微调测试" and row["reference"] == "我学会了" and row["location"].endswith("golden.jsonl:1")
+    assert {"chrf", "likelihood"} <= set(row["scores"]) and row["answer"] is not None
+
+
+def test_junit_has_one_testcase_per_set_and_html_a_table(golden_run):
+    import xml.etree.ElementTree as ET
+
+    tree = ET.parse(golden_run["out"] / "j.xml")
+    names = [case.get("name") for case in tree.iter("testcase")]
+    assert "evals::eval[golden]" in names or any(n.endswith("eval[golden]") for n in names), names
+    html = (golden_run["out"] / "r.html").read_text(encoding="utf-8")
+    assert "eval[golden]" in html and 'class="eval-rows"' in html and 'class="histogram"' in html
+    assert "before training" in html
+
+
+def test_held_out_text_is_scored_by_perplexity_before_and_after(golden_run):
+    report = golden_run["report"]
+    heldout = next(v for k, v in report.extra["eval"].items() if k.endswith("[heldout]"))
+    assert heldout["aggregates"]["change_perplexity"] != 0
+    assert all(r["answer"] is None and r["base"]["scores"]["perplexity"] > 1 for r in heldout["rows"])
+
+
+@pytest.mark.parametrize("name", ["golden.jsonl", "golden.json", "golden.csv", "golden.parquet"])
+def test_rows_come_from_every_format(tmp_path, name, sft):
+    write_rows(tmp_path, name, GOLDEN)
+    path = tmp_path / "s.sft.yaml"
+    path.write_text(spec(f"""\
+        golden: {{path: {name}, prompt: question, reference: answer, checks: {{equals: "{{reference}}"}}}}
+        """), encoding="utf-8")
+    result = sft("run", path, "--co")
+    assert result.code == 0, result.out
+    assert "<Check eval[golden]> {'set': 'golden', 'rows': 4" in result.out
+
+
+def test_k_selects_sets_by_name(tmp_path, sft):
+    path = tmp_path / "s.sft.yaml"
+    path.write_text(spec("""\
+        golden: {rows: [{prompt: 你好, reference: 你好！}], checks: {equals: "{reference}"}}
+        other: {rows: [{prompt: 你好, reference: 你好！}], checks: {equals: "{reference}"}}
+        """), encoding="utf-8")
+    result = sft("run", path, "--co", "-k", "golden")
+    assert "eval[golden]" in result.out and "eval[other]" not in result.out
+
+
+def test_retention_fails_when_training_breaks_what_the_base_model_passed(tmp_path, sft):
+    # The base model does not answer 我学会了 to these prompts; training teaches it to: retention 0.
+    path = tmp_path / "s.sft.yaml"
+    path.write_text(spec("""\
+        kept:
+          rows: [{prompt: 微调测试, reference: 我学会了}, {prompt: 你好, reference: 你好！}]
+          checks: {not_equals: "{reference}"}
+          retention: {at_least: 0.5}
+        """, PAIRS[:2]), encoding="utf-8")
+    result = sft("run", path, "--no-cache")
+    case = result.recorder.reports[0].training_checks[0]
+    assert case.outcome == "failed", result.out
+    assert "retention (0/2) 0 < 0.5" in case.checks[0].message
+
+
+def test_an_xfail_set_is_xfailed(tmp_path, sft):
+    path = tmp_path / "s.sft.yaml"
+    path.write_text(spec("""\
+        kept:
+          rows: [{prompt: 微调测试, reference: 我学会了}]
+          checks: {not_equals: "{reference}"}
+          xfail: training teaches exactly this answer
+        """, PAIRS[:1]), encoding="utf-8")
+    result = sft("run", path, "--no-cache")
+    assert result.code == 0 and result.recorder.reports[0].training_checks[0].outcome == "xfailed", result.out
+
+
+@pytest.mark.parametrize("sets,message,where", [
+    ("golden: {path: rows.jsonl, prompt: question, reference: answer, checks: {equals: '{reference}'}}",
+     "no column 'question'", "rows.jsonl:2"),
+    ("golden: {path: rows.jsonl, prompt: question, reference: answer, checks: {equls: x}}",
+     "unknown check 'equls'. Did you mean: equals", "s.sft.yaml:9:"),
+    ("golden: {path: rows.jsonl, prompt: question, reference: answer, checks: {equals: '{answr}'}}",
+     "checks name column(s) answr in braces", "s.sft.yaml:9:"),
+    ("golden: {path: rows.jsonl, prompt: question, reference: answer, checks: {equals: x}, mean: {chrf: {}}}",
+     "mean.chrf: chrf is not among this set's checks", "s.sft.yaml:9:"),
+    ("golden: {path: ../rows.jsonl, prompt: question, reference: answer, checks: {equals: x}}",
+     "is outside the spec directory", "s.sft.yaml:9:"),
+    ("golden: {rows: [{text: hi}], text: text, checks: {equals: x}}", "only perplexity and likelihood apply",
+     "s.sft.yaml:9:"),
+    ("golden: {path: rows.jsonl, prompt: question, reference: answer, checks: {chrf: {at_least: 500}}}",
+     "outside the score's range", "s.sft.yaml:9:"),
+    ("golden: {path: rows.jsonl, rows: [], prompt: question, checks: {equals: x}}", "path (a file of rows) or rows",
+     "s.sft.yaml:9:"),
+])
+def test_bad_sets_are_located_errors(tmp_path, sft, sets, message, where):
+    (tmp_path / "rows.jsonl").write_text('{"question": "q", "answer": "a"}\n{"q": "x", "answer": "a"}\n',
+                                         encoding="utf-8")
+    if "no column" not in message:
+        (tmp_path / "rows.jsonl").write_text('{"question": "q", "answer": "a"}\n', encoding="utf-8")
+    path = tmp_path / "s.sft.yaml"
+    path.write_text(spec(sets, PAIRS[:1]), encoding="utf-8")
+    result = sft("validate", path)
+    assert result.code == 1
+    assert message in result.out and where in result.out, result.out
+    assert "Traceback" not in result.out + result.err
+
+
+def test_an_eval_check_cannot_be_written_by_hand(tmp_path, sft):
+    path = tmp_path / "s.sft.yaml"
+    path.write_text(spec("golden: {rows: [{prompt: a, reference: b}], checks: {equals: x}}", PAIRS[:1])
+                    + "checks: {eval: {rows: 3}}\n", encoding="utf-8")
+    result = sft("validate", path)
+    assert result.code == 1 and "eval sets are written under the spec's eval: key" in result.out
+
+
+def test_the_result_cache_sees_a_changed_row(tmp_path, sft):
+    write_rows(tmp_path, "golden.jsonl", GOLDEN[:1])
+    path = tmp_path / "s.sft.yaml"
+    path.write_text(spec("golden: {path: golden.jsonl, prompt: question, reference: answer, "
+                         "checks: {equals: '{reference}'}}", PAIRS[:1]), encoding="utf-8")
+    first = sft("run", path).recorder.reports[0]
+    again = sft("run", path).recorder.reports[0]
+    write_rows(tmp_path, "golden.jsonl", [{"question": "微调测试", "answer": "别的"}])
+    changed = sft("run", path).recorder.reports[0]
+    assert not first.metrics.get("cached") and again.metrics.get("cached") and not changed.metrics.get("cached")
+    assert changed.outcome == "failed"

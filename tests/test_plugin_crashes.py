@@ -1,0 +1,61 @@
+"""A plugin that raises in a session-level hook is an internal error, as pytest's INTERNALERROR: exit code 3,
+the JSON report's exit status 3, and the other specs' reports still written."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+SPEC = """\
+model: builtin:tiny-gemma
+skip: not needed for this test
+data:
+  conversations:
+    - - {role: user, content: a}
+      - {role: assistant, content: b}
+expect:
+  - {prompt: a, equals: b}
+"""
+
+CRASHING = """\
+from sft_spec import hookimpl
+
+
+@hookimpl
+def {hook}({args}):
+    raise ValueError("the plugin's bug")
+"""
+
+
+@pytest.mark.parametrize("hook,args", [
+    ("sft_spec_log_report", "report"),
+    ("sft_spec_collection_modifyitems", "items"),
+    ("sft_spec_session_finish", "session"),
+    ("sft_spec_session_start", "session"),
+])
+def test_a_crashing_session_hook_is_an_internal_error_and_the_json_agrees(tmp_path, monkeypatch, capsys, hook, args):
+    from sft_spec.cli import main
+
+    (tmp_path / "crashing.py").write_text(CRASHING.format(hook=hook, args=args), encoding="utf-8")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in ("a", "b"):
+        (tmp_path / f"{name}.sft.yaml").write_text(SPEC, encoding="utf-8")
+    code = main(["run", str(tmp_path), "-p", "crashing", "--json", str(tmp_path / "r.json")])
+    captured = capsys.readouterr()
+    document = json.loads((tmp_path / "r.json").read_text(encoding="utf-8"))
+    assert code == 3 and document["exitstatus"] == 3, captured.out
+    assert "INTERNALERROR> " in captured.err and "ValueError: the plugin's bug" in captured.err
+    if hook == "sft_spec_log_report":  # one plugin's bug does not lose the others' reports
+        assert len(document["specs"]) == 2
+
+
+def test_a_crash_in_configure_is_an_internal_error(tmp_path, monkeypatch, capsys):
+    from sft_spec.cli import main
+
+    (tmp_path / "crashing.py").write_text(CRASHING.format(hook="sft_spec_configure", args="config"),
+                                          encoding="utf-8")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "a.sft.yaml").write_text(SPEC, encoding="utf-8")
+    assert main(["run", str(tmp_path), "-p", "crashing"]) == 3
+    assert "INTERNALERROR> " in capsys.readouterr().err

@@ -1,0 +1,110 @@
+"""Repeats across seeds decide on the share that passed; ``learns_within`` and ``--stop-when-learnt``
+record the step at which every expectation first passed."""
+
+from __future__ import annotations
+
+from sft_spec import hookimpl
+from sft_spec.registry import Check, CheckResult
+
+
+class OddSeeds:
+    """A check that holds on odd training seeds only: a stand-in for a flaky recipe, deterministic."""
+
+    @hookimpl
+    def sft_spec_register_checks(self, register):
+        def odd_seed(answer, argument, ctx):
+            seed = ctx.item.spec.training.get("seed")
+            return CheckResult(seed % 2 == 1, f"seed {seed}")
+
+        register(Check("odd_seed", odd_seed, "holds on odd seeds"))
+
+
+REPEATED = """\
+model: builtin:tiny-gemma
+method: lora  # LoRA's A matrices start random: each seed trains a different model
+training: {{num_train_epochs: 2, learning_rate: 1.0e-3}}
+repeat: {{seeds: [1, 2, 3], pass_rate: {rate}}}
+data:
+  conversations:
+    - - {{role: user, content: 微调测试}}
+      - {{role: assistant, content: 我学会了}}
+expect:
+  - prompt: 微调测试
+    odd_seed: true
+"""
+
+
+def test_a_case_passes_on_the_share_of_seeds_it_asks_for(sft, write_spec):
+    result = sft("run", write_spec("r.sft.yaml", REPEATED.format(rate=0.6)), "--no-cache", plugins=[OddSeeds()])
+    report = result.recorder.reports[0]
+    case = report.expectations[0]
+    assert report.outcome == "passed" and case.outcome == "passed", result.out
+    assert case.checks[-1].name == "repeat" and case.checks[-1].message == "passed on 2 of 3 seeds (1, 3); needs 0.6"
+    seeds = report.extra["seeds"]
+    assert [s["seed"] for s in seeds] == [1, 2, 3] and [s["outcome"] for s in seeds] == ["passed", "failed", "passed"]
+    assert all(len(s["losses"]) == 2 for s in seeds)
+    assert len({tuple(s["losses"]) for s in seeds}) == 3  # each seed really trained on its own
+    # What is shown is what to look at: the check on a seed where it failed.
+    assert case.checks[0].message.startswith("seed 2")
+
+
+def test_a_stricter_share_fails_the_same_recipe(sft, write_spec):
+    result = sft("run", write_spec("r.sft.yaml", REPEATED.format(rate=1.0)), "--no-cache", plugins=[OddSeeds()])
+    case = result.recorder.reports[0].expectations[0]
+    assert result.code == 1 and case.outcome == "failed"
+    assert case.checks[-1].message == "passed on 2 of 3 seeds (1, 3); needs 1"
+
+
+def test_repeat_replaces_the_specs_own_seed_with_a_note(sft, write_spec):
+    text = REPEATED.format(rate=0.6).replace("learning_rate: 1.0e-3", "learning_rate: 1.0e-3, seed: 7")
+    result = sft("run", write_spec("r.sft.yaml", text), "--no-cache", plugins=[OddSeeds()])
+    assert any("repeat sets training.seed to each of 1, 2, 3; the spec's seed 7 is not used" in n
+               for n in result.recorder.reports[0].notes)
+
+
+LEARN = """\
+model: builtin:tiny-gemma
+method: full
+training: {{num_train_epochs: 30, learning_rate: {lr}, per_device_train_batch_size: 8}}
+data:
+  conversations:
+    - - {{role: user, content: 微调测试}}
+      - {{role: assistant, content: 我学会了}}
+expect:
+  - prompt: 微调测试
+    equals: 我学会了
+    before: {{not_equals: 我学会了}}
+checks: {{learns_within: {within}}}
+"""
+
+
+def test_the_step_at_which_it_was_learnt_is_recorded_and_checked(sft, write_spec):
+    result = sft("run", write_spec("l.sft.yaml", LEARN.format(lr="3.0e-3", within=30)), "--no-cache")
+    report = result.recorder.reports[0]
+    learnt = report.metrics["learnt_at_step"]
+    assert result.code == 0 and 1 <= learnt <= 30 and report.metrics["steps"] == 30, result.out
+    check = report.training_checks[0].checks[0]
+    assert check.message == f"learnt at step {learnt} (needs 30 or fewer)" and check.score == learnt
+
+
+def test_stop_when_learnt_ends_training_there_and_the_final_checks_still_run(sft, write_spec):
+    result = sft("run", write_spec("l.sft.yaml", LEARN.format(lr="3.0e-3", within=30)), "--no-cache",
+                 "--stop-when-learnt")
+    report = result.recorder.reports[0]
+    learnt = report.metrics["learnt_at_step"]
+    assert report.metrics["steps"] == learnt < 30 and len(report.losses) == learnt, report.metrics
+    assert report.expectations[0].outcome == "passed" and report.expectations[0].answer == "我学会了"
+    assert any(f"training stopped at step {learnt} of 30 (--stop-when-learnt)" in n for n in report.notes)
+
+
+def test_a_recipe_that_does_not_learn_in_time_fails_learns_within(sft, write_spec):
+    text = LEARN.format(lr="1.0e-9", within=5).replace("num_train_epochs: 30", "num_train_epochs: 3")
+    result = sft("run", write_spec("l.sft.yaml", text), "--no-cache")
+    check = result.recorder.reports[0].training_checks[0]
+    assert check.outcome == "failed" and check.checks[0].message.startswith("not learnt in 3 steps")
+
+
+def test_learns_within_needs_expectations(sft, write_spec):
+    text = LEARN.format(lr="3.0e-3", within=5).split("expect:")[0] + "checks: {learns_within: 5}\n"
+    result = sft("validate", write_spec("l.sft.yaml", text))
+    assert result.code == 1 and "learns_within needs expectations" in result.out and "l.sft.yaml:8:" in result.out
