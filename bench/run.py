@@ -226,6 +226,87 @@ def bench_eval(work: Path, reps: int, env: dict) -> None:
             per_row / base <= 1.2)
 
 
+def _peak(cmd: list[str], env: dict) -> tuple[float, float]:
+    """Seconds and peak resident memory (MiB) of one command, measured by a fresh parent process."""
+    probe = ("import resource, subprocess, sys, time; t = time.perf_counter(); "
+             "subprocess.run(sys.argv[1:], capture_output=True); "
+             "print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)")
+    out = subprocess.run([sys.executable, "-c", probe, *cmd], capture_output=True, text=True,
+                         env={**os.environ, **env}).stdout.split()
+    return float(out[0]), float(out[1])
+
+
+def bench_data(work: Path, reps: int, env: dict) -> None:
+    """100,000 conversations from JSON Lines and from Parquet: collected, masked in batches (datasets.map),
+    one training step; the mask phase's time from the JSON report, the whole run's peak memory."""
+    import json
+
+    print("data: 100,000 conversations, JSON Lines against Parquet (mask phase time, peak memory)")
+    folder = work / "data-100k"
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = [{"prompt": f"问题 {i}: 今天的天气怎么样？", "completion": f"答案 {i % 97}: 晴天，有风。"}
+            for i in range(100_000)]
+    with (folder / "d.jsonl").open("w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    import datasets
+
+    datasets.Dataset.from_list(rows).to_parquet(str(folder / "d.parquet"))
+    measured = {}
+    for name in ("d.jsonl", "d.parquet"):
+        spec = folder / f"{name.replace('.', '_')}.sft.yaml"
+        spec.write_text(textwrap.dedent(f"""\
+            model: builtin:tiny-gemma
+            training: {{max_steps: 1, per_device_train_batch_size: 8}}
+            data: {{files: [{{path: {name}}}]}}
+            checks: {{loss_decreased: false}}
+            """).replace("loss_decreased: false", "final_loss_below: 1000"), encoding="utf-8")
+        results = work / f"data-{name}.json"
+        # A fresh mask cache each time: the first run of new data is what is measured.
+        seconds, peak = _peak([SFT_SPEC, "run", "--no-cache", "--json", str(results), str(spec)],
+                              {**env, "SFT_SPEC_CACHE": str(work / f"cache-{name}")})
+        doc = json.loads(results.read_text(encoding="utf-8"))
+        mask = doc["specs"][0]["phases"].get("mask", float("nan"))
+        measured[name] = (seconds, mask, peak)
+        row(f"100,000 conversations from {name[2:]}", f"run {seconds:6.1f}s, mask phase {mask:6.1f}s, "
+            f"peak memory {peak:5.0f} MiB", None, "report: bounded memory (masks on disk)", None)
+    ratio = measured["d.parquet"][0] / measured["d.jsonl"][0]
+    row("Parquet / JSON Lines, whole run", f"{measured['d.parquet'][0]:.1f}s / {measured['d.jsonl'][0]:.1f}s", ratio,
+        "report only", None)
+
+
+def bench_ray(work: Path, reps: int, env: dict) -> None:
+    """8 specs on a 2-node local Ray cluster (one CPU each) against one process, both without the cache."""
+    print("ray: 8 specs, one process against a 2-node local cluster on this machine")
+    ray = str(BIN / "ray")
+    if not Path(ray).exists():
+        print("  (skipped: ray is not installed; pip install \"sft-spec[ray]\")")
+        return
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    renv = {**env, "RAY_USAGE_STATS_ENABLED": "0"}
+    common = ["--node-ip-address=127.0.0.1", "--num-cpus=1", "--disable-usage-stats"]
+    subprocess.run([ray, "start", "--head", f"--port={port}", "--include-dashboard=false", *common],
+                   env={**os.environ, **renv}, check=True, capture_output=True)
+    try:
+        subprocess.run([ray, "start", f"--address=127.0.0.1:{port}", *common], env={**os.environ, **renv},
+                       check=True, capture_output=True)
+        folder = write_specs(work / "ray-specs", 8, epochs=10)
+        timed([SFT_SPEC, "run", "--no-cache", str(folder)], renv)  # builds the tiny model once, untimed
+        local, cluster = [], []
+        for _ in range(max(1, reps // 2)):  # alternated, so that load on the machine hits both alike
+            local.append(timed([SFT_SPEC, "run", "--no-cache", str(folder)], renv))
+            cluster.append(timed([SFT_SPEC, "run", "--no-cache", "--ray", f"127.0.0.1:{port}", str(folder)], renv))
+    finally:
+        subprocess.run([ray, "stop", "--force"], capture_output=True)
+    ratio = statistics.median(cluster) / statistics.median(local)
+    row("8 specs: 2-node Ray cluster / one process", f"{summary(cluster)} / {summary(local)}", ratio,
+        "report only: 2 cores shared by both nodes, so this is Ray's overhead, not a speed-up", None)
+
+
 _OPTIONS: str | None = None
 
 
@@ -239,6 +320,7 @@ def _has_option(option: str) -> bool:
 SECTIONS = {
     "overhead": bench_overhead, "startup": bench_startup, "shared": bench_shared_base,
     "generation": bench_generation, "cached": bench_cached, "scaling": bench_scaling, "eval": bench_eval,
+    "ray": bench_ray, "data": bench_data,
 }
 
 

@@ -177,18 +177,9 @@ def _bitsandbytes_version(settings: dict[str, Any]) -> dict[str, str]:
     return {}
 
 
-def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(value, dict):
-        out: dict[str, Any] = {}
-        for key, sub in value.items():
-            out.update(_flatten(sub, f"{prefix}.{key}" if prefix else str(key)))
-        return out
-    return {prefix: value}
-
-
 def fingerprint_changes(old: dict, new: dict) -> list[str]:
     """``["trl 1.16.0 -> 1.17.0", "training.learning_rate 0.01 -> 0.02"]``."""
-    flat_old, flat_new = _flatten(old), _flatten(new)
+    flat_old, flat_new = rec.flatten(old), rec.flatten(new)
     changes = []
     for key in sorted(set(flat_old) | set(flat_new)):
         before, after = flat_old.get(key, "(unset)"), flat_new.get(key, "(unset)")

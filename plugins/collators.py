@@ -16,6 +16,8 @@ bound first, so a 50 MB line is never tokenized whole.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from sft_spec import hookimpl
 from sft_spec.errors import SpecError, did_you_mean
 from sft_spec.loading.expectations import plugin_validate
@@ -189,3 +191,103 @@ def sft_spec_make_mask(item, run, formatted, index) -> MaskedExample:
             run.note(f"warning: the loss mask leaves out the end-of-turn token {eot!r}: "
                      "the model would never learn to stop")
     return example
+
+
+# -- large data: the mask phase as one batched datasets.map, cached by fingerprint ------------------------
+
+#: Above this many training conversations the masks are made inside ``datasets.map`` (Arrow on disk, cached
+#: by fingerprint) instead of a list in memory: 100,000 conversations cost disk, not RAM, and a second run
+#: with the same data, tokenizer and settings reads them back.
+BULK_CONVERSATIONS = 2000
+
+
+def bulk_wanted(item, run) -> bool:
+    """Large data, and only the built-in format and mask hooks answer (a plugin's own are called per
+    conversation, as always)."""
+    if len(item.conversations) <= BULK_CONVERSATIONS:
+        return False
+    hook = run.config.pluginmanager.hook
+    owners = {impl.plugin_name for name in ("sft_spec_make_mask", "sft_spec_format")
+              for impl in getattr(hook, name).get_hookimpls() if not (impl.wrapper or impl.hookwrapper)}
+    return owners <= {"collators", "formatters"}
+
+
+def _bulk_key(item, run) -> str:
+    from .recorded import sha256
+    from .result_cache import code_hash
+
+    tokenizer = run.loaded.tokenizer
+    return sha256([sha256(item.conversations), item.chat_template, item.section(FORMAT).model_dump(),
+                   {k: item.spec.training.get(k) for k in ("max_length", "truncation_mode")},
+                   getattr(tokenizer, "name_or_path", ""), sha256(sorted(tokenizer.get_vocab().items())),
+                   tokenizer.eos_token, run.loaded.source, code_hash()])[:32]
+
+
+def bulk_examples(item, run):
+    """Every training example as a ``datasets.Dataset`` with ``input_ids``, ``labels`` and ``trained`` (the
+    number of loss-carrying tokens), made by the same format and mask hooks as small data, in batches."""
+    import json
+    import re
+
+    import datasets
+
+    from .files import atomic_write_text
+
+    hook = run.config.hook
+    folder = Path(run.config.cache_dir) / "masks"
+    folder.mkdir(parents=True, exist_ok=True)
+    key = _bulk_key(item, run)
+    cache, sidecar = folder / f"{key}.arrow", folder / f"{key}.notes.json"
+    notes: dict[str, list] = {}
+    note = run.note
+
+    def counted(message: str) -> None:  # one note per kind of warning, with a count: not one per row
+        kind = re.sub(r"conversation \d+", "conversation N", message)
+        entry = notes.setdefault(kind, [0, message])
+        entry[0] += 1
+
+    def masks(batch):
+        out = {"input_ids": [], "labels": [], "trained": []}
+        for index in batch["index"]:
+            formatted = hook.sft_spec_format(item=item, run=run, messages=item.conversations[index],
+                                             add_generation_prompt=False)
+            example = hook.sft_spec_make_mask(item=item, run=run, formatted=formatted, index=index)
+            out["input_ids"].append(example.input_ids)
+            out["labels"].append(example.labels)
+            out["trained"].append(sum(1 for label in example.labels if label != IGNORE_INDEX))
+        return out
+
+    indices = datasets.Dataset.from_dict({"index": list(range(len(item.conversations)))})
+    fresh = not cache.exists()
+    run.note = counted
+    try:
+        with _quiet_datasets():
+            examples = indices.map(masks, batched=True, batch_size=1000, remove_columns=["index"],
+                                   cache_file_name=str(cache), new_fingerprint=key, load_from_cache_file=True)
+    finally:
+        run.note = note
+    if fresh:
+        atomic_write_text(sidecar, json.dumps(list(notes.values()), ensure_ascii=False))
+    elif sidecar.exists():
+        notes = {m: e for e, m in ((e, e[1]) for e in json.loads(sidecar.read_text(encoding="utf-8")))}
+    for count, message in notes.values():
+        run.note(message if count == 1 else f"{message} (and {count - 1} more conversations like it)")
+    run.note(f"{len(examples)} training conversations masked in batches (datasets.map, cached: "
+             f"{'no, made now' if fresh else 'yes'})")
+    return examples
+
+
+class _quiet_datasets:
+    """datasets' progress bars off while it maps: the terminal reporter shows the phases."""
+
+    def __enter__(self):
+        import datasets
+
+        self.was = datasets.utils.logging.is_progress_bar_enabled()
+        datasets.utils.logging.disable_progress_bar()
+
+    def __exit__(self, *exc):
+        import datasets
+
+        if self.was:
+            datasets.utils.logging.enable_progress_bar()

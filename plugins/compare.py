@@ -26,7 +26,7 @@ from .failures import char_diff
 HELD = {"passed", "xfailed"}
 BROKEN = {"failed", "error", "interrupted"}
 #: Metrics where a lower value is better (every other metric: higher is better).
-_LOWER_IS_BETTER = re.compile(r"loss|perplexity|edit_distance|seconds|duration")
+_LOWER_IS_BETTER = re.compile(r"loss|perplexity|edit_distance|seconds|duration|learnt_at_step|learns_within")
 
 
 def lower_is_better(name: str) -> bool:
@@ -96,17 +96,10 @@ class Comparison:
         return sum(s.transition == transition for s in self.specs)
 
 
-def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(value, dict):
-        out: dict[str, Any] = {}
-        for key, sub in value.items():
-            out.update(_flatten(sub, f"{prefix}.{key}" if prefix else str(key)))
-        return out
-    return {prefix: value}
-
-
 def _differences(before: dict, after: dict) -> list[tuple[str, Any, Any]]:
-    flat_before, flat_after = _flatten(before), _flatten(after)
+    from .recorded import flatten
+
+    flat_before, flat_after = flatten(before), flatten(after)
     return [(key, flat_before.get(key), flat_after.get(key)) for key in sorted(set(flat_before) | set(flat_after))
             if flat_before.get(key) != flat_after.get(key)]
 
@@ -143,12 +136,14 @@ def compare_reports(base_meta: dict, base: list[SpecReport], head_meta: dict, he
         change = SpecChange(nodeid, old.outcome if old else None, new.outcome if new else None)
         old_cases = {c.nodeid: c for c in (old.cases if old else [])}
         new_cases = {c.nodeid: c for c in (new.cases if new else [])}
+        # A spec that errored (or was interrupted) has no cases of its own: each of BASE's cases shares its fate.
+        fate = new.outcome if new is not None and not new.cases and new.outcome in BROKEN else None
         for case_id in [*old_cases, *(n for n in new_cases if n not in old_cases)]:
             a, b = old_cases.get(case_id), new_cases.get(case_id)
             before_scores, after_scores = _scores(a, old), _scores(b, new)
             names = sorted(set(before_scores) | set(after_scores))
             change.cases.append(CaseChange(
-                _case_name(case_id, nodeid), a.outcome if a else None, b.outcome if b else None,
+                _case_name(case_id, nodeid), a.outcome if a else None, b.outcome if b else fate,
                 a.answer if a else None, b.answer if b else None,
                 [(k, before_scores.get(k), after_scores.get(k)) for k in names]))
         before_metrics, after_metrics = _spec_metrics(old), _spec_metrics(new)
@@ -179,7 +174,7 @@ def _worsened(name: str, before: float | None, after: float | None, tolerance: f
 def _regressions(comparison: Comparison) -> list[str]:
     out = []
     for spec in comparison.specs:
-        if spec.before in HELD and spec.after in BROKEN and not spec.cases:
+        if spec.before in HELD and spec.after in BROKEN and not any(c.regressed for c in spec.cases):
             out.append(f"{spec.nodeid}: {spec.before} -> {spec.after}")
         for case in spec.cases:
             if case.regressed:

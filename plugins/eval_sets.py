@@ -14,13 +14,15 @@
 A check's string argument may name a column in braces (``"{reference}"``, ``"{answer_column}"``); a
 metric's ``to`` is the row's reference unless given. A set with ``text:`` (a column of held-out text) has
 no prompts: its rows are scored by ``perplexity`` or ``likelihood`` alone, a forgetting measure that needs
-no probe answers. Without a threshold, every row must pass. Rows are streamed in chunks (answers
+no probe answers. A set with no threshold at all needs every row to pass (``pass_rate: {at_least: 1}``);
+one with only ``mean``, ``retention`` or ``change`` is decided by those. Rows are streamed in chunks (answers
 generated in left-padded batches, likelihoods in batched forward passes), so a set of 10,000 rows holds
 scores, never logits. The test id names the set: ``spec.sft.yaml::name::eval[golden]``.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import statistics
@@ -32,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, RootModel, field_validator
 from sft_spec import hookimpl
 from sft_spec.errors import Location, SpecError, did_you_mean
 from sft_spec.loading.data import check_conversation
-from sft_spec.loading.expectations import plugin_validate
+from sft_spec.loading.expectations import MAX_PROMPT_CHARS, plugin_validate
 from sft_spec.registry import Check, CheckContext, CheckResult, SpecSection
 from sft_spec.spec import XfailSpec, xfail_shorthand
 from sft_spec.state import Answer, Expectation, FormattedText, StashKey, TrainingCheck
@@ -67,7 +69,8 @@ class EvalSetSpec(BaseModel):
     text: str | None = Field(None, description="Column of held-out text, instead of prompts: perplexity rows")
     checks: dict[str, Any] = Field(description="Checks and metrics applied to every row")
     limit: int | None = Field(None, gt=0, description="Use the first N rows only")
-    pass_rate: Threshold | None = Field(None, description="Share of rows whose checks hold; default at_least 1")
+    pass_rate: Threshold | None = Field(None, description="Share of rows whose checks hold; when the set gives no "
+                                        "threshold at all: at_least 1 (every row)")
     mean: dict[str, Threshold] = Field(default_factory=dict, description="Mean of a metric over the rows")
     median: dict[str, Threshold] = Field(default_factory=dict, description="Median of a metric over the rows")
     retention: Threshold | None = Field(None, description="Of the rows the base model passed, the share that "
@@ -137,6 +140,7 @@ class RowResult:
     answer: str | None = None
     stopped: bool | None = None
     failures: list[str] = field(default_factory=list)
+    max_new_tokens: int | None = None  # the answer's budget (from its reference when the spec sets none)
 
 
 #: Each set's rows measured on the base model, before training, by the set's node id.
@@ -162,13 +166,19 @@ def sft_spec_register_checks(register) -> None:
 # -- collection: rows read, checks resolved, one case per set -------------------------------------------
 
 
-_PLACEHOLDER = re.compile(r"\{(\w+)\}")
+#: ``{column}`` (a name, so a regex's ``\d{3}`` stays as written); ``{{`` and ``}}`` are literal braces.
+_PLACEHOLDER = re.compile(r"\{\{|\}\}|\{([A-Za-z_]\w*)\}")
 
 
 def _substitute(value: Any, row: dict[str, Any], reference: str | None) -> Any:
     if isinstance(value, str):
-        return _PLACEHOLDER.sub(lambda mt: str(reference if mt.group(1) == "reference" and reference is not None
-                                                 else row.get(mt.group(1), mt.group(0))), value)
+        def one(mt: re.Match) -> str:
+            name = mt.group(1)
+            if name is None:
+                return mt.group(0)[0]  # {{ -> {, }} -> }
+            return reference if name == "reference" and reference is not None else _text(row.get(name))
+
+        return _PLACEHOLDER.sub(one, value)
     if isinstance(value, dict):
         return {k: _substitute(v, row, reference) for k, v in value.items()}
     if isinstance(value, list):
@@ -176,9 +186,21 @@ def _substitute(value: Any, row: dict[str, Any], reference: str | None) -> Any:
     return value
 
 
+def _text(value: Any) -> str:
+    """A cell as text: strings as they are, numbers as written; other values are refused before this."""
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+
+
+def _cell_problem(column: str, value: Any) -> str | None:
+    if isinstance(value, str) or (isinstance(value, int | float) and not isinstance(value, bool)):
+        return None
+    what = "empty (null)" if value is None else f"a {type(value).__name__}, not text"
+    return f"column {column!r} is {what}: references and placeholders need text"
+
+
 def _placeholders(value: Any) -> set[str]:
     if isinstance(value, str):
-        return set(_PLACEHOLDER.findall(value))
+        return {name for name in _PLACEHOLDER.findall(value) if name}
     if isinstance(value, dict):
         return set().union(*map(_placeholders, value.values())) if value else set()
     if isinstance(value, list):
@@ -245,33 +267,39 @@ def build_set(item, config, name: str, spec: EvalSetSpec) -> EvalSet:
     if not raw:
         raise SpecError(f"eval set {name!r} has no rows", where)
     rows = []
+    named = _placeholders(spec.checks)
+    # The reference column is read when a check uses it: {reference}, or a metric without its own to:.
+    wants_reference = "reference" in named or (spec.text is None and any(
+        k in m.METRICS and isinstance(a, dict) and "to" not in a for k, a in spec.checks.items()))
+    if wants_reference and not spec.reference:
+        raise SpecError(f"the checks of eval set {name!r} use the reference, and the set names no reference column",
+                        item.locate("eval", name, "checks"))
+    reference_column = spec.reference if wants_reference else None
     for i, (values, row_where) in enumerate(raw):
-        columns = [spec.text] if spec.text else [spec.prompt] + ([spec.reference] if spec.reference else [])
-        for column in columns:
+        unknown = sorted(named - {"reference"} - set(values))
+        if unknown:  # a typo in the spec's checks: said there, with the columns the row has
+            raise SpecError(f"checks name column(s) {', '.join(unknown)} in braces; {row_where} has columns "
+                            f"{', '.join(values)} (write {{{{ and }}}} for literal braces)",
+                            item.locate("eval", name, "checks"))
+        columns = [spec.text] if spec.text else [spec.prompt]
+        for column in [*columns, *([reference_column] if reference_column else []), *(named - {"reference"})]:
             if column not in values:
                 raise SpecError(did_you_mean(column, list(values), "column").replace("unknown column", "no column"),
                                 row_where)
-        reference = values.get(spec.reference) if spec.reference else None
-        if reference is not None and not isinstance(reference, str):
-            reference = str(reference)
-        unknown = _placeholders(spec.checks) - set(values) - {"reference"}
-        if unknown:
-            raise SpecError(f"checks name column(s) {', '.join(sorted(unknown))} in braces; the row's columns: "
-                            f"{', '.join(values)}", item.locate("eval", name, "checks"))
+            if column != spec.prompt and (problem := _cell_problem(column, values[column])):
+                raise SpecError(problem, row_where)
+        reference = _text(values[reference_column]) if reference_column else None
         row_checks = []
         for key, argument in spec.checks.items():
             argument = _substitute(argument, values, reference)
             if key in m.METRICS and "to" not in argument:
-                if spec.text is not None:
-                    argument = {**argument, "to": str(values[spec.text])}
-                elif reference is None:
-                    raise SpecError(f"{key} needs a reference: set the set's reference column or {key}.to",
-                                    item.locate("eval", name, "checks", key))
-                else:
-                    argument = {**argument, "to": reference}
+                argument = {**argument, "to": _text(values[spec.text]) if spec.text else reference}
             row_checks.append((key, argument))
         prompt = None if spec.text else _prompt(values[spec.prompt], spec.prompt, row_where)
-        rows.append(Row(i, prompt, str(values[spec.text]) if spec.text else None, reference, row_checks, row_where))
+        if prompt and sum(len(t["content"]) for t in prompt) > MAX_PROMPT_CHARS:
+            raise SpecError(f"the prompt has {sum(len(t['content']) for t in prompt)} characters; a prompt may have "
+                            f"{MAX_PROMPT_CHARS}", row_where)
+        rows.append(Row(i, prompt, _text(values[spec.text]) if spec.text else None, reference, row_checks, row_where))
     digest = sha256([[r.prompt, r.text, r.checks] for r in rows])[:16]
     return EvalSet(name, spec, rows, digest, metric_names)
 
@@ -299,8 +327,11 @@ def sft_spec_validate_spec(item, config) -> list[SpecError]:
 def _contexts(item, run, evalset: EvalSet, rows: list[Row]) -> list[CheckContext]:
     hook, out = run.config.hook, []
     for row in rows:
-        prompt = (FormattedText(text="") if row.prompt is None else
-                  hook.sft_spec_format(item=item, run=run, messages=row.prompt, add_generation_prompt=True))
+        try:
+            prompt = (FormattedText(text="") if row.prompt is None else
+                      hook.sft_spec_format(item=item, run=run, messages=row.prompt, add_generation_prompt=True))
+        except SpecError as exc:  # this row's prompt: said where the row was written
+            raise SpecError(f"eval set {evalset.name!r}, row {row.index}: {exc.message}", row.location) from None
         case = Expectation(row.index, f"{item.nodeid}::eval[{evalset.name}][{row.index}]", row.prompt or [],
                            row.checks, [], row.location)
         out.append(CheckContext(item=item, run=run, case=case, prompt=prompt, losses=run.losses))
@@ -348,11 +379,14 @@ def measure(item, run, evalset: EvalSet, when: Literal["before", "after"]) -> li
                     if name in ("likelihood", "perplexity") and outcome.score is not None:
                         store[(name, *m.continuation(ctx, argument.get("to", "")))] = outcome.score
         for row, answer, outcomes in zip(rows, answers, per_row, strict=True):
+            cut = f" (generation stopped at max_new_tokens={answer.max_new_tokens} before the end of turn)" \
+                if answer is not None and not answer.stopped else ""
             results.append(RowResult(
                 index=row.index, passed=all(o.passed for _, o in outcomes),
                 scores={n: o.score for n, o in outcomes if o.score is not None and n in m.METRICS},
                 answer=answer.text if answer else None, stopped=answer.stopped if answer else None,
-                failures=[f"{n}: {o.message}" for n, o in outcomes if not o.passed]))
+                failures=[f"{n}: {o.message}" + (cut if n != "stops" else "") for n, o in outcomes if not o.passed],
+                max_new_tokens=answer.max_new_tokens if answer else None))
     return results
 
 
@@ -457,6 +491,7 @@ def _set_report(evalset: EvalSet, after: list[RowResult], before: list[RowResult
             "index": row.index, "location": str(row.location),
             "prompt": row.prompt[-1]["content"] if row.prompt else None, "text": row.text,
             "reference": row.reference, "answer": result.answer, "stopped": result.stopped, "passed": result.passed,
+            "max_new_tokens": result.max_new_tokens,
             "scores": result.scores, "failures": result.failures,
             "base": None if base is None else {"answer": base.answer, "passed": base.passed, "scores": base.scores},
         })

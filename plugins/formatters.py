@@ -276,6 +276,11 @@ def sft_spec_register_formatters(register) -> None:
 @hookimpl(trylast=True)
 def sft_spec_format(item, run, messages, add_generation_prompt) -> FormattedText:
     fmt = item.section(FORMAT)
+    plain = getattr(messages, "plain_text", None)
+    if plain is not None:
+        # A text-layout row (language modelling): no roles, no template, the EOS appended as to any training text.
+        eos = run.loaded.tokenizer.eos_token or ""
+        return FormattedText(text=plain + (eos if fmt.add_eos and eos and not plain.endswith(eos) else ""))
     formatter = run.config.registry.formatters[fmt.formatter].obj
     try:
         return formatter.format(messages, run.loaded.tokenizer, fmt, add_generation_prompt=add_generation_prompt,

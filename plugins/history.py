@@ -60,10 +60,22 @@ def compact(report) -> dict[str, Any]:
             "metrics": metrics, "cases": {c.nodeid: c.outcome for c in report.cases}}
 
 
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _valid_spec(spec: Any) -> bool:
+    return (isinstance(spec, dict) and isinstance(spec.get("outcome"), str)
+            and (spec.get("final_loss") is None or _number(spec["final_loss"]))
+            and isinstance(spec.get("metrics", {}), dict) and all(_number(v) for v in spec.get("metrics", {}).values())
+            and isinstance(spec.get("cases", {}), dict))
+
+
 def _valid(entry: Any) -> bool:
-    return isinstance(entry, dict) and entry.get("history_version") == HISTORY_VERSION and \
-        isinstance(entry.get("specs"), dict) and all(isinstance(v, dict) and isinstance(v.get("outcome"), str)
-                                                     for v in entry["specs"].values())
+    """Every field the report reads, with its type: anything else is skipped, never a crash later."""
+    return (isinstance(entry, dict) and entry.get("history_version") == HISTORY_VERSION
+            and isinstance(entry.get("created", ""), str) and isinstance(entry.get("specs"), dict)
+            and all(_valid_spec(v) for v in entry["specs"].values()))
 
 
 def read_history(folder: Path) -> History:

@@ -67,12 +67,37 @@ def load_document(path: Path) -> tuple[dict[str, Any], list[SpecReport]]:
     if doc["schema_version"] != SCHEMA_VERSION:
         raise UsageError(f"{path}: schema_version {doc['schema_version']!r} is not supported "
                          f"(this sft-spec reads version {SCHEMA_VERSION})")
+    specs = doc.get("specs", [])
+    if not isinstance(specs, list):
+        raise UsageError(f"{path}: malformed results file: specs must be a list")
+    for i, spec in enumerate(specs):
+        problem = _malformed(spec)
+        if problem:
+            raise UsageError(f"{path}: malformed spec entry {i}: {problem}")
     try:
-        reports = [report_from_dict(d) for d in doc.get("specs", [])]
+        reports = [report_from_dict(d) for d in specs]
     except (TypeError, KeyError, AttributeError) as exc:
         raise UsageError(f"{path}: malformed spec entry: {exc}") from None
     meta = {k: v for k, v in doc.items() if k != "specs"}
     return meta, reports
+
+
+#: The shape readers rely on: a field of the wrong type is refused here, not a crash in a reader.
+_SHAPES = {"nodeid": str, "outcome": str, "metrics": dict, "settings": dict, "phases": dict, "extra": dict,
+           "notes": list, "losses": list, "expectations": list, "training_checks": list}
+
+
+def _malformed(spec: Any) -> str | None:
+    if not isinstance(spec, dict):
+        return "not an object"
+    for key, kind in _SHAPES.items():
+        if key in spec and not isinstance(spec[key], kind):
+            return f"{key} must be {'an object' if kind is dict else 'a list' if kind is list else 'a string'}"
+    for case in [*spec.get("expectations", []), *spec.get("training_checks", [])]:
+        if not isinstance(case, dict) or not isinstance(case.get("checks", []), list) or \
+                not all(isinstance(c, dict) for c in case.get("checks", [])):
+            return "a case must be an object with a list of checks"
+    return None
 
 
 # -- the reporter ------------------------------------------------------------------------------------
@@ -117,8 +142,11 @@ def sft_spec_configure(config):
 
 
 def _add_report_arguments(parser) -> None:
-    parser.add_argument("results", type=Path, metavar="RESULTS.json",
+    parser.add_argument("results", type=Path, nargs="?", metavar="RESULTS.json",
                         help="a file written by `sft-spec run --json`")
+    parser.add_argument("--merge", nargs="+", type=Path, default=None, metavar="RESULTS.json",
+                        help="join the results of several runs (--shard slices, CI matrix jobs) into one report")
+    parser.add_argument("--json", dest="json_path", type=Path, metavar="PATH", help="write the (merged) results")
     parser.add_argument("--html", dest="html_path", type=Path, metavar="PATH", help="write an HTML report")
     parser.add_argument("--junitxml", dest="junitxml_path", type=Path, metavar="PATH",
                         help="write a JUnit XML report")
@@ -126,10 +154,37 @@ def _add_report_arguments(parser) -> None:
                         help="show each spec's last runs from this --history folder in the HTML report")
 
 
+def merge_documents(paths: list[Path]) -> tuple[dict[str, Any], list[SpecReport]]:
+    """One results document from several: specs in the order given (a spec in two files: the later one),
+    counts recomputed, the worst exit status, complete only when every part is."""
+    from .report_files import case_outcome_counts
+
+    metas, by_id = [], {}
+    for path in paths:
+        meta, reports = load_document(path)
+        metas.append(meta)
+        for report in reports:
+            by_id[report.nodeid] = report
+    reports = list(by_id.values())
+    meta = dict(metas[0])
+    statuses = [m.get("exitstatus") for m in metas if isinstance(m.get("exitstatus"), int)]
+    failing = [s for s in statuses if s != 0]
+    meta.update(complete=all(m.get("complete") for m in metas), exitstatus=max(failing) if failing else 0,
+                merged_from=[str(p) for p in paths],
+                summary={"outcomes": case_outcome_counts(reports), "specs": len(reports),
+                         "deselected": 0, "duration": sum((m.get("summary") or {}).get("duration", 0) for m in metas)})
+    return meta, reports
+
+
 def _run_report(options, pluginmanager) -> int:
-    if not options.html_path and not options.junitxml_path:
-        raise UsageError("nothing to write: give --html PATH and/or --junitxml PATH")
-    meta, reports = load_document(options.results)
+    if not options.html_path and not options.junitxml_path and not options.json_path:
+        raise UsageError("nothing to write: give --html PATH, --junitxml PATH and/or --json PATH")
+    if bool(options.merge) == bool(options.results):
+        raise UsageError("give one RESULTS.json, or --merge A.json B.json ...")
+    meta, reports = merge_documents(options.merge) if options.merge else load_document(options.results)
+    if options.json_path:
+        write_document(options.json_path, {**meta, "specs": [r.to_dict() for r in reports]})
+        print(f"JSON results: {options.json_path}")
     if options.html_path:
         from .history import read_history
         from .html_report import render_html

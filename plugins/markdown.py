@@ -98,10 +98,10 @@ def sft_spec_configure(config):
     if config.role != "main":
         return
     base = config.getoption("base_results")
-    if base is not None and not Path(base).is_file():
-        from sft_spec.errors import UsageError
+    if base is not None:  # read now: a wrong file is a usage error before anything trains
+        from .json_report import load_document
 
-        raise UsageError(f"--base {base}: results file not found")
+        load_document(Path(base))
     path = config.getoption("md_path")
     if path:
         config.pluginmanager.register(MarkdownReporter(config, path, base), "markdown_reporter")

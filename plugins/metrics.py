@@ -375,7 +375,8 @@ def _end_of_turn_trained(run) -> bool:
     stop = {tokenizer.eos_token_id}
     if run.markers and run.markers.end_of_turn:
         stop.add(tokenizer.convert_tokens_to_ids(run.markers.end_of_turn))
-    return any(label in stop for example in run.examples for label in example.labels)
+    return any(label in stop for example in run.examples
+               for label in (example["labels"] if isinstance(example, dict) else example.labels))
 
 
 def _valid_true(value: Any) -> str | None:

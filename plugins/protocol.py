@@ -30,6 +30,7 @@ from sft_spec.reports import (
 )
 from sft_spec.state import Answer, Case, Expectation, SpecItem, SpecRun
 
+from .collators import bulk_examples, bulk_wanted
 from .generation import answer_budget
 
 if TYPE_CHECKING:
@@ -192,8 +193,10 @@ def _run_phases(item: SpecItem, run: SpecRun, report: SpecReport, hook) -> None:
             run.note(note)
     with _phase(report, item, "format"):
         run.markers = hook.sft_spec_chat_markers(item=item, run=run)
+        # Large data is formatted and masked in batches in the mask phase; here, its first conversation only.
+        bulk = bulk_wanted(item, run)
         run.formatted = [hook.sft_spec_format(item=item, run=run, messages=conv, add_generation_prompt=False)
-                         for conv in item.conversations]
+                         for conv in (item.conversations[:1] if bulk else item.conversations)]
         run.prompts = [hook.sft_spec_format(item=item, run=run, messages=exp.prompt, add_generation_prompt=True)
                        for exp in expectations]
         for exp, prompt in zip(expectations, run.prompts, strict=True):
@@ -209,8 +212,8 @@ def _run_phases(item: SpecItem, run: SpecRun, report: SpecReport, hook) -> None:
     with _phase(report, item, "evaluate_before"):
         hook.sft_spec_evaluate(item=item, run=run)
     with _phase(report, item, "mask"):
-        run.examples = [hook.sft_spec_make_mask(item=item, run=run, formatted=f, index=i)
-                        for i, f in enumerate(run.formatted)]
+        run.examples = bulk_examples(item, run) if bulk else [
+            hook.sft_spec_make_mask(item=item, run=run, formatted=f, index=i) for i, f in enumerate(run.formatted)]
         report.mask = _mask_summary(run)
     with _phase(report, item, "train"):
         trainer = hook.sft_spec_make_trainer(item=item, run=run, examples=run.examples)
@@ -245,18 +248,21 @@ def _is_oom(exc: BaseException) -> bool:
 
 
 def _mask_summary(run: SpecRun) -> MaskSummary | None:
-    if not run.examples:
+    if not len(run.examples):
         return None
     first = run.examples[0]
-    tokens = decode_tokens(run.loaded.tokenizer, first.input_ids)
-    trained = [label != -100 for label in first.labels]
-    return MaskSummary(
-        tokens=tokens, trained=trained,
-        trained_text="".join(t for t, on in zip(tokens, trained, strict=True) if on),
-        examples=len(run.examples),
-        trained_tokens=sum(sum(1 for lab in ex.labels if lab != -100) for ex in run.examples),
-        total_tokens=sum(len(ex.input_ids) for ex in run.examples),
-    )
+    ids, labels = (first["input_ids"], first["labels"]) if isinstance(first, dict) else (first.input_ids, first.labels)
+    tokens = decode_tokens(run.loaded.tokenizer, ids)
+    trained = [label != -100 for label in labels]
+    if isinstance(first, dict):  # a datasets.Dataset of large data: its columns, read without the rows
+        trained_tokens = sum(run.examples["trained"])
+        total_tokens = sum(map(len, run.examples["input_ids"]))
+    else:
+        trained_tokens = sum(sum(1 for lab in ex.labels if lab != -100) for ex in run.examples)
+        total_tokens = sum(len(ex.input_ids) for ex in run.examples)
+    return MaskSummary(tokens=tokens, trained=trained,
+                       trained_text="".join(t for t, on in zip(tokens, trained, strict=True) if on),
+                       examples=len(run.examples), trained_tokens=trained_tokens, total_tokens=total_tokens)
 
 
 def decode_tokens(tokenizer, ids: list[int]) -> list[str]:
@@ -331,14 +337,17 @@ def apply_xfail(report: ExpectationReport, xfail) -> ExpectationReport:
     return report
 
 
-@hookimpl(trylast=True)
-def sft_spec_make_report(item: SpecItem, run: SpecRun, report: SpecReport) -> SpecReport:
+def spec_outcome(item: SpecItem, report: SpecReport) -> str:
     """The spec's outcome from its cases' final outcomes (xfail was decided per case, by the check hook)."""
     outcomes = {case.outcome for case in report.cases}
     if "failed" in outcomes:
-        report.outcome = "failed"
-    elif item.spec.xfail:
-        report.outcome = "xfailed" if "xfailed" in outcomes else "xpassed"
-    else:
-        report.outcome = "passed"
+        return "failed"
+    if item.spec.xfail:
+        return "xfailed" if "xfailed" in outcomes else "xpassed"
+    return "passed"
+
+
+@hookimpl(trylast=True)
+def sft_spec_make_report(item: SpecItem, run: SpecRun, report: SpecReport) -> SpecReport:
+    report.outcome = spec_outcome(item, report)
     return report

@@ -46,6 +46,16 @@ def recorded_path(spec_path: Path, folder: str) -> Path:
     return spec_path.parent / folder / (spec_stem(spec_path) + spec_path.suffix)
 
 
+def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested mappings as dotted keys: ``{"training": {"seed": 1}}`` -> ``{"training.seed": 1}``."""
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for key, sub in value.items():
+            out.update(flatten(sub, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    return {prefix: value}
+
+
 def sha256(data: Any) -> str:
     raw = data if isinstance(data, bytes) else json.dumps(data, sort_keys=True, ensure_ascii=False,
                                                           default=str).encode("utf-8")

@@ -19,13 +19,19 @@ from sft_spec import hookimpl
 from sft_spec.registry import SpecSection
 from sft_spec.reports import CheckReport, ExpectationReport, SpecReport
 
-from .protocol import apply_xfail
+from .protocol import apply_xfail, spec_outcome
 
 
 class RepeatSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     seeds: list[int] = Field(description="One training per seed (training.seed), e.g. [1, 2, 3]")
-    pass_rate: float = Field(1.0, ge=0, le=1, description="Share of seeds on which a case must pass")
+    pass_rate: float = Field(1.0, ge=0, le=1, description="Share of seeds on which a case must pass, rounded to a "
+                             "number of seeds (0.67 of 3 seeds: 2)")
+
+    @property
+    def needed(self) -> int:
+        """Seeds a case must pass on: the share as a count, so 0.67 (or 0.66) of 3 is 2, as written."""
+        return round(self.pass_rate * len(self.seeds))
 
     @field_validator("seeds")
     @classmethod
@@ -92,29 +98,23 @@ def combine(item, repeat: RepeatSpec, runs: list[tuple[int, SpecReport]]) -> Spe
     report.duration = sum(r.duration for _, r in runs)
     for _, r in runs[1:]:
         report.notes.extend(n for n in r.notes if n not in report.notes)
-    needed = repeat.pass_rate
+    needed = repeat.needed
     xfails = {c.nodeid: c.xfail for c in item.cases}
     for kind in ("expectations", "training_checks"):
         combined = []
         for case in getattr(report, kind):
             held = [seed for seed, r in runs if _raw_passed(_case(r, case.nodeid))]
-            share = len(held) / len(runs)
+            share, ok = len(held) / len(runs), len(held) >= needed
             # The checks shown are from a seed on which the case failed, if one did: what to look at.
             failing = next((c for _, r in ran if (c := _case(r, case.nodeid)) and not _raw_passed(c)), None)
             shown = copy.deepcopy(failing or case)
             shown.checks = [c for c in shown.checks if c.name != "xfail_strict"]
-            shown.outcome = "passed" if share >= needed else "failed"
-            shown.checks.append(CheckReport("repeat", {"seeds": repeat.seeds, "pass_rate": needed},
-                                            share >= needed, _summary(held, repeat), score=share))
+            shown.outcome = "passed" if ok else "failed"
+            shown.checks.append(CheckReport("repeat", {"seeds": repeat.seeds, "pass_rate": repeat.pass_rate},
+                                            ok, _summary(held, repeat), score=share))
             combined.append(apply_xfail(shown, xfails.get(case.nodeid) or item.spec.xfail))
         setattr(report, kind, combined)
-    outcomes = {c.outcome for c in report.cases}
-    if "failed" in outcomes:
-        report.outcome = "failed"
-    elif item.spec.xfail:
-        report.outcome = "xfailed" if "xfailed" in outcomes else "xpassed"
-    else:
-        report.outcome = "passed"
+    report.outcome = spec_outcome(item, report)
     report.metrics["seeds"] = len(runs)
     report.metrics["seeds_passed"] = sum(r.outcome == "passed" for _, r in runs)
     return report
@@ -122,7 +122,8 @@ def combine(item, repeat: RepeatSpec, runs: list[tuple[int, SpecReport]]) -> Spe
 
 def _summary(held: list[int], repeat: RepeatSpec) -> str:
     shown = f" ({', '.join(map(str, held))})" if held else ""
-    return f"passed on {len(held)} of {len(repeat.seeds)} seeds{shown}; needs {repeat.pass_rate:g}"
+    return (f"passed on {len(held)} of {len(repeat.seeds)} seeds{shown}; needs {repeat.needed} "
+            f"(pass_rate {repeat.pass_rate:g})")
 
 
 def _settings_note(item) -> list[str]:

@@ -119,4 +119,4 @@ def _parquet(raw: bytes, shown: str) -> list[Row]:
     except (pyarrow.ArrowException, OSError) as exc:
         raise SpecError(f"not a readable Parquet file: {exc}", Location(shown)) from None
     # Parquet has no lines: a row is located by its number, as "row N".
-    return [(row, Location(shown, i + 1)) for i, row in enumerate(table.to_pylist())]
+    return [(row, Location(f"{shown}: row {i + 1}")) for i, row in enumerate(table.to_pylist())]

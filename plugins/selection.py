@@ -88,10 +88,45 @@ def tag_matcher(tags: list[str]) -> Callable[[str], bool]:
     return lambda name: name in tags
 
 
+@hookimpl
+def sft_spec_addoption(parser) -> None:
+    parser.add_argument("--shard", metavar="I/N", default=None,
+                        help="run the I-th of N deterministic slices of the selected specs (1-based), for "
+                        "CI matrix jobs, Kubernetes Indexed Jobs or Slurm arrays; merge with sft-spec report --merge")
+
+
+def parse_shard(value: str) -> tuple[int, int]:
+    from sft_spec.errors import UsageError
+
+    try:
+        index, count = (int(part) for part in value.split("/"))
+    except ValueError:
+        raise UsageError(f"--shard {value!r}: expected I/N, e.g. 1/4") from None
+    if not 1 <= index <= count:
+        raise UsageError(f"--shard {value!r}: I must be from 1 to N")
+    return index, count
+
+
+def shard(items: list, index: int, count: int) -> list:
+    """Every count-th spec in node-id order, starting at the index-th: the same slices on every machine,
+    whatever order the files were found in, and balanced to within one spec."""
+    ordered = sorted(items, key=lambda item: item.nodeid)
+    return [item for position, item in enumerate(ordered) if position % count == index - 1]
+
+
 @hookimpl(trylast=True)
 def sft_spec_collection_modifyitems(session, items) -> None:
     keyword = session.config.getoption("keyword")
     markexpr = session.config.getoption("markexpr")
+    _select(session, items, keyword, markexpr)
+    sharding = session.config.getoption("shard", None)
+    if sharding:  # after -k and -m: the slices are of what is selected
+        kept = {id(item) for item in shard(items, *parse_shard(sharding))}
+        session.deselected += len(items) - len(kept)
+        items[:] = [item for item in items if id(item) in kept]  # collection order kept
+
+
+def _select(session, items, keyword, markexpr) -> None:
     if not keyword and not markexpr:
         return
     kexpr = Expression(keyword) if keyword else None

@@ -279,10 +279,13 @@ def sft_spec_make_trainer(item, run, examples):
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     run.metrics.update({"trainable_parameters": trainable, "total_parameters": total})
-    dataset = datasets.Dataset.from_dict({
-        "input_ids": [ex.input_ids for ex in examples],
-        "labels": [ex.labels for ex in examples],
-    })
+    if isinstance(examples, datasets.Dataset):  # large data, masked in batches: Arrow on disk already
+        dataset = examples.select_columns(["input_ids", "labels"])
+    else:
+        dataset = datasets.Dataset.from_dict({
+            "input_ids": [ex.input_ids for ex in examples],
+            "labels": [ex.labels for ex in examples],
+        })
     try:
         args = _config(SFTConfig, kwargs, run)
     except (ValueError, ImportError) as exc:

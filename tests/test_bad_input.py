@@ -58,7 +58,7 @@ CASES: dict[str, tuple[str, str]] = {
     "top_scalar.sft.yaml": ("not a string", "top_scalar.sft.yaml:1:1"),
     "model_list.sft.yaml": ("model: expected a model id (builtin:NAME", "model_list.sft.yaml:1:1"),
     "data_scalar.sft.yaml": (
-        "data: expected a mapping with keys conversations, files, got string 'hello'",
+        "data: expected a mapping with keys conversations, files, dataset, got string 'hello'",
         "data_scalar.sft.yaml:2:1",
     ),
     # required keys

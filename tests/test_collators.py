@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.metadata
-import importlib.util
-
 import pytest
+from conftest import packaged_model_installed as installed
 from conftest import trained_text
 
 from sft_spec.errors import SpecError
@@ -245,14 +243,6 @@ data: {{files: [{{path: data/train.jsonl}}]}}
     report = sft("run", write_spec("f.sft.yaml", text), "--no-cache").recorder.reports[0]
     assert report.error.location.endswith("data/train.jsonl:3"), report.error
     assert report.error.message.startswith("conversation 2: response_template 'R:' does not occur")
-
-
-def installed(distribution: str) -> bool:
-    try:
-        importlib.metadata.distribution(distribution)
-    except importlib.metadata.PackageNotFoundError:
-        return False
-    return importlib.util.find_spec("gguf") is not None
 
 
 REAL = [pytest.param("builtin:gemma3-270m", "gemma3-270m", id="gemma3-270m", marks=pytest.mark.skipif(

@@ -152,3 +152,57 @@ def test_history_keeps_each_run_and_the_html_shows_the_trend(runs, sft, tmp_path
     assert text.count('class="dot o-passed"') >= 2 and 'class="dot o-failed"' in text  # the recipe: passed, failed
     assert "history: skipped 99999999T999999-1.json: not readable JSON" in text
     assert "<h3>last runs" in text
+
+
+def test_a_spec_that_errors_in_head_is_a_regression(runs, sft, tmp_path):
+    doc = json.loads((runs / "base.json").read_text(encoding="utf-8"))
+    recipe = next(s for s in doc["specs"] if s["name"] == "recipe")
+    recipe.update(outcome="error", expectations=[], training_checks=[],
+                  error={"message": "TemplateError: System role not supported", "location": "specs/recipe.sft.yaml:1"})
+    (tmp_path / "head.json").write_text(json.dumps(doc), encoding="utf-8")
+    result = sft("compare", runs / "base.json", tmp_path / "head.json", "--fail-on-regression",
+                 "--md", tmp_path / "m.md")
+    assert result.code == 1, result.out
+    assert "expect[0]: passed -> error" in result.out and "1 regression(s)" in result.out
+    assert (tmp_path / "m.md").read_text(encoding="utf-8").startswith("## sft-spec compare: 1 regression(s)")
+
+
+def test_learning_later_is_the_regression_not_learning_sooner(runs, sft, tmp_path):
+    doc = json.loads((runs / "base.json").read_text(encoding="utf-8"))
+    recipe = next(s for s in doc["specs"] if s["name"] == "recipe")
+    for step, name in ((12, "soon.json"), (25, "late.json")):
+        recipe["metrics"]["learnt_at_step"] = step
+        (tmp_path / name).write_text(json.dumps(doc), encoding="utf-8")
+    args = ("--fail-on-regression", "--tolerance", "learnt_at_step=5")
+    assert sft("compare", tmp_path / "soon.json", tmp_path / "late.json", *args).code == 1
+    assert sft("compare", tmp_path / "late.json", tmp_path / "soon.json", *args).code == 0
+
+
+def test_a_malformed_results_file_is_a_usage_error_not_a_crash(runs, sft, tmp_path):
+    doc = json.loads((runs / "base.json").read_text(encoding="utf-8"))
+    doc["specs"][0]["metrics"] = None
+    (tmp_path / "bad.json").write_text(json.dumps(doc), encoding="utf-8")
+    result = sft("compare", tmp_path / "bad.json", runs / "head.json")
+    assert result.code == 4 and "malformed spec entry 0: metrics must be an object" in result.err
+
+
+def test_a_foreign_base_file_stops_the_run_before_anything_trains(sft, write_spec, tmp_path):
+    (tmp_path / "foreign.json").write_text('{"schema_version": 999, "specs": []}', encoding="utf-8")
+    result = sft("run", write_spec("s.sft.yaml", STEADY), "--md", tmp_path / "m.md",
+                 "--base", tmp_path / "foreign.json")
+    assert result.code == 4 and "schema_version 999 is not supported" in result.err
+    assert result.recorder.reports == []
+
+
+@pytest.mark.parametrize("entry", [
+    {"history_version": 1, "specs": {"x": {"outcome": "passed", "final_loss": "abc"}}},
+    {"history_version": 1, "specs": {"x": {"outcome": "passed", "metrics": [1, 2]}}},
+    {"history_version": 1, "specs": {"x": {"outcome": "passed", "metrics": {"a": "zz"}}}},
+])
+def test_a_history_entry_of_the_wrong_shape_is_skipped(sft, write_spec, tmp_path, entry):
+    history = tmp_path / "history"
+    history.mkdir()
+    (history / "0-bad.json").write_text(json.dumps(entry), encoding="utf-8")
+    result = sft("run", write_spec("s.sft.yaml", STEADY), "--history", history, "--html", tmp_path / "r.html")
+    assert result.code == 0, result.out + result.err
+    assert "history: skipped 0-bad.json: not a history entry of this sft-spec" in result.out

@@ -231,3 +231,60 @@ def test_the_result_cache_sees_a_changed_row(tmp_path, sft):
     changed = sft("run", path).recorder.reports[0]
     assert not first.metrics.get("cached") and again.metrics.get("cached") and not changed.metrics.get("cached")
     assert changed.outcome == "failed"
+
+
+@pytest.mark.parametrize("rows,message,where", [
+    ('{"question": "a", "answer": null}\n', "column 'answer' is empty (null)", "rows.jsonl:1"),
+    ('{"question": "a", "answer": "b"}\n{"question": "a", "answer": ["x"]}\n', "column 'answer' is a list",
+     "rows.jsonl:2"),
+])
+def test_a_reference_that_is_not_text_is_an_error_at_its_row(tmp_path, sft, rows, message, where):
+    (tmp_path / "rows.jsonl").write_text(rows, encoding="utf-8")
+    path = tmp_path / "s.sft.yaml"
+    path.write_text(spec("golden: {path: rows.jsonl, prompt: question, reference: answer, "
+                         "checks: {equals: '{reference}'}}", PAIRS[:1]), encoding="utf-8")
+    result = sft("validate", path)
+    assert result.code == 1 and message in result.out and where in result.out, result.out
+
+
+def test_braces_of_a_regex_stay_and_double_braces_are_literal(tmp_path, sft):
+    path = tmp_path / "s.sft.yaml"
+    path.write_text(spec(r"""golden:
+          rows: [{prompt: 微调测试, reference: 我学会了}]
+          checks: {regex: '^\w{2,8}$', not_contains: '{{reference}}'}
+        """, PAIRS[:1]), encoding="utf-8")
+    result = sft("run", path, "--no-cache", "--json", tmp_path / "r.json")
+    assert result.code == 0, result.out
+    case = result.recorder.reports[0].training_checks[0]
+    assert case.outcome == "passed"
+
+
+def test_a_rows_prompt_that_fails_to_render_is_located_at_the_row(tmp_path, sft):
+    (tmp_path / "rows.jsonl").write_text('{"q": "a", "a": "b"}\n{"q": [{"role": "system", "content": "s"}, '
+                                         '{"role": "user", "content": "hi"}], "a": "x"}\n', encoding="utf-8")
+    path = tmp_path / "s.sft.yaml"
+    template = '"{% for m in messages %}{% if m.role == \'system\' %}{{ raise_exception(\'no system role\') }}' \
+               '{% endif %}{% if m.role == \'assistant\' %}A: {% endif %}{{ m.content }}\\n{% endfor %}' \
+               '{% if add_generation_prompt %}A: {% endif %}"'
+    path.write_text(spec("golden: {path: rows.jsonl, prompt: q, reference: a, checks: {equals: '{reference}'}}",
+                         PAIRS[:1]) + f"format: {{formatter: template, template: {template}, "
+                         "response_template: 'A: '}\n", encoding="utf-8")
+    report = sft("run", path, "--no-cache").recorder.reports[0]
+    assert report.outcome == "error" and report.error.location.endswith("rows.jsonl:2"), report.error
+    assert "eval set 'golden', row 1" in report.error.message and "no system role" in report.error.message
+
+
+def test_a_rows_cut_answer_says_so_and_its_budget_is_in_the_json(golden_run):
+    rows = next(v for k, v in golden_run["report"].extra["eval"].items() if k.endswith("[golden]"))["rows"]
+    assert all(isinstance(r["max_new_tokens"], int) and r["max_new_tokens"] >= 32 for r in rows)
+    assert all(r["base"] is not None for r in rows)
+    base_cut = [f for r in rows for f in r.get("failures", []) if "generation stopped at max_new_tokens" in f]
+    assert base_cut == [] or all("before the end of turn" in f for f in base_cut)
+
+
+def test_junit_carries_a_passing_sets_aggregate(golden_run):
+    import xml.etree.ElementTree as ET
+
+    tree = ET.parse(golden_run["out"] / "j.xml")
+    case = next(c for c in tree.iter("testcase") if c.get("name", "").endswith("eval[golden]"))
+    assert case.find("system-out") is not None and "pass_rate" in case.find("system-out").text

@@ -9,6 +9,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from conftest import packaged_model_installed
 from sft_spec_plugins import gguf
 
 from sft_spec.spec import ModelSpec
@@ -168,12 +169,7 @@ def test_dequantized_clears_the_flags_that_block_training():
     assert not hasattr(model.config, "quantization_config") and model.config.hidden_size == 8
 
 
-def _installed(distribution: str) -> bool:
-    try:
-        importlib.metadata.distribution(distribution)
-    except importlib.metadata.PackageNotFoundError:
-        return False
-    return importlib.util.find_spec("gguf") is not None
+_installed = packaged_model_installed
 
 
 @pytest.mark.slow

@@ -39,7 +39,8 @@ def test_a_case_passes_on_the_share_of_seeds_it_asks_for(sft, write_spec):
     report = result.recorder.reports[0]
     case = report.expectations[0]
     assert report.outcome == "passed" and case.outcome == "passed", result.out
-    assert case.checks[-1].name == "repeat" and case.checks[-1].message == "passed on 2 of 3 seeds (1, 3); needs 0.6"
+    assert case.checks[-1].name == "repeat"
+    assert case.checks[-1].message == "passed on 2 of 3 seeds (1, 3); needs 2 (pass_rate 0.6)"
     seeds = report.extra["seeds"]
     assert [s["seed"] for s in seeds] == [1, 2, 3] and [s["outcome"] for s in seeds] == ["passed", "failed", "passed"]
     assert all(len(s["losses"]) == 2 for s in seeds)
@@ -52,7 +53,7 @@ def test_a_stricter_share_fails_the_same_recipe(sft, write_spec):
     result = sft("run", write_spec("r.sft.yaml", REPEATED.format(rate=1.0)), "--no-cache", plugins=[OddSeeds()])
     case = result.recorder.reports[0].expectations[0]
     assert result.code == 1 and case.outcome == "failed"
-    assert case.checks[-1].message == "passed on 2 of 3 seeds (1, 3); needs 1"
+    assert case.checks[-1].message == "passed on 2 of 3 seeds (1, 3); needs 3 (pass_rate 1)"
 
 
 def test_repeat_replaces_the_specs_own_seed_with_a_note(sft, write_spec):

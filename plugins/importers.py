@@ -1,0 +1,341 @@
+"""``sft-spec import trl CONFIG.yaml`` and ``sft-spec import axolotl CONFIG.yml``: an existing recipe as a
+spec. Every key of the config is carried over (SFTConfig and LoraConfig fields as they are), or named in a
+comment that says why it has no counterpart; the spec gets a starter check (the loss falls, and, when its
+data is a local file, the first training answer is learnt), and it is validated as it is written.
+
+TRL's config is the one ``trl sft --config recipe.yaml`` reads (ModelConfig, ScriptArguments and SFTConfig
+fields in one mapping; ``datasets:`` mixtures); axolotl's is its YAML (``base_model``, ``adapter``,
+``lora_*``, ``datasets`` of ``type: chat_template`` or ``alpaca``, ``sequence_len``, ``micro_batch_size``...).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from sft_spec import hookimpl
+from sft_spec.config import default_cache_dir
+from sft_spec.errors import UsageError
+
+#: TRL's ModelConfig and ScriptArguments fields, and what becomes of them.
+TRL_MODEL_KEYS = {"model_name_or_path", "model_revision", "dtype", "torch_dtype", "trust_remote_code", "use_peft",
+                  "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_modules_to_save",
+                  "lora_task_type", "use_rslora", "use_dora", "load_in_4bit", "load_in_8bit", "bnb_4bit_quant_type",
+                  "use_bnb_nested_quant", "bnb_4bit_quant_storage", "dataset_name", "dataset_config",
+                  "dataset_train_split", "dataset_test_split", "datasets", "lora_target_parameters"}
+NO_COUNTERPART = {
+    "attn_implementation": "sft-spec loads the model's default attention",
+    "dataset_test_split": "a spec has no evaluation dataset: its checks run after training",
+    "dataset_streaming": "sft-spec reads data at collection, not streamed",
+    "gradient_checkpointing_use_reentrant": "not a spec setting",
+    "ignore_bias_buffers": "not a spec setting",
+    "model_init_kwargs": "sft-spec loads the model itself (model: and quantization:)",
+}
+_DTYPES = {"float32", "bfloat16", "float16", "auto"}
+
+
+class Draft:
+    """A spec under construction: its sections, and comments for what was not carried over."""
+
+    def __init__(self, source: Path):
+        self.source = source
+        self.spec: dict[str, Any] = {}
+        self.dropped: list[str] = []
+        self.notes: list[str] = []
+
+    def drop(self, key: str, value: Any, why: str) -> None:
+        self.dropped.append(f"{key}: {json.dumps(value, ensure_ascii=False, default=str)}  # not carried: {why}")
+
+    def text(self) -> str:
+        header = [f"# Imported from {self.source.name} by `sft-spec import`. Review it: the checks are a start.",
+                  *(f"# note: {n}" for n in self.notes)]
+        body = yaml.safe_dump(self.spec, allow_unicode=True, sort_keys=False, width=110)
+        tail = ["", "# Keys of the original config without a counterpart here:", *(f"# {d}" for d in self.dropped)] \
+            if self.dropped else []
+        return "\n".join(header) + "\n" + body + "\n".join(tail) + ("\n" if tail else "")
+
+
+def _training_fields(draft: Draft, key: str, value: Any, fields: dict, policy) -> bool:
+    """An SFTConfig field: carried as it is, or commented when a spec may not set it."""
+    from .recipe_fields import RENAMED_TRAINING_KEYS
+
+    name = RENAMED_TRAINING_KEYS.get(key, key) if key in RENAMED_TRAINING_KEYS and key not in fields else key
+    if name not in fields:
+        return False
+    kind = policy.kind("training", name)
+    if kind == "refused":
+        draft.drop(key, value, policy.why("training", name))
+    elif key == "report_to" and value not in ("none", "tensorboard", ["tensorboard"], [], None):
+        draft.drop(key, value, "network loggers need --allow-network-loggers on the sft-spec run; set it back then")
+    else:
+        draft.spec.setdefault("training", {})[key] = value
+    return True
+
+
+def _data_source(draft: Draft, folder: Path, path: str, name: str | None, split: str | None,
+                 data_files: Any, extra: dict) -> None:
+    """A dataset of the config: a local file (kept if it lies in the spec's folder) or a hub dataset."""
+    files = [data_files] if isinstance(data_files, str) else list(data_files or [])
+    if path in ("json", "csv", "parquet", "arrow") and files:
+        for file in files:
+            draft.spec.setdefault("data", {}).setdefault("files", []).append({"path": file, **extra})
+        return
+    local = (folder / path)
+    if local.exists():
+        draft.spec.setdefault("data", {}).setdefault("files", []).append({"path": path, **extra})
+        return
+    data = draft.spec.setdefault("data", {})
+    if "dataset" in data:
+        draft.drop("datasets", path, "a spec reads one hub dataset (data.dataset); mix them into a local file")
+        return
+    data["dataset"] = {"path": path, **({"name": name} if name else {}), "split": split or "train", **extra}
+    draft.notes.append(f"data.dataset {path} must be in the local datasets cache: sft-spec never downloads")
+
+
+def import_trl(config: dict, source: Path) -> Draft:
+    from . import recipe_policy
+    from .recipe_fields import recipe_fields
+
+    fields = recipe_fields(default_cache_dir())
+    draft = Draft(source)
+    spec = draft.spec
+    model: dict[str, Any] = {"id": config.get("model_name_or_path", "builtin:tiny-gemma")}
+    if config.get("model_revision") not in (None, "main"):
+        model["revision"] = config["model_revision"]
+    dtype = config.get("dtype", config.get("torch_dtype"))
+    if dtype in _DTYPES:
+        model["dtype"] = dtype
+    if config.get("trust_remote_code"):
+        model["trust_remote_code"] = True
+        draft.notes.append("model.trust_remote_code needs --allow-remote-code on the sft-spec run")
+    spec["model"] = model["id"] if list(model) == ["id"] else model
+    quantized = config.get("load_in_4bit") or config.get("load_in_8bit")
+    spec["method"] = ("qlora" if quantized else "lora") if config.get("use_peft") else "full"
+    if config.get("use_peft"):
+        lora = {k: v for k, v in (("r", config.get("lora_r")), ("lora_alpha", config.get("lora_alpha")),
+                                  ("lora_dropout", config.get("lora_dropout")),
+                                  ("target_modules", config.get("lora_target_modules")),
+                                  ("modules_to_save", config.get("lora_modules_to_save")),
+                                  ("use_rslora", config.get("use_rslora")), ("use_dora", config.get("use_dora")))
+                if v is not None}
+        spec["lora"] = lora
+    if quantized:
+        quantization = {"load_in_4bit": True} if config.get("load_in_4bit") else {"load_in_8bit": True}
+        if config.get("bnb_4bit_quant_type"):
+            quantization["bnb_4bit_quant_type"] = config["bnb_4bit_quant_type"]
+        if config.get("use_bnb_nested_quant"):
+            quantization["bnb_4bit_use_double_quant"] = True
+        spec["quantization"] = quantization
+    elif not config.get("use_peft") and any(config.get(k) for k in ("lora_r", "lora_alpha")):
+        draft.notes.append("lora_* keys are set but use_peft is not: trained as method: full")
+    folder = source.parent
+    if config.get("dataset_name"):
+        _data_source(draft, folder, config["dataset_name"], config.get("dataset_config"),
+                     config.get("dataset_train_split"), None, {})
+    for entry in config.get("datasets") or []:  # TRL's dataset mixtures
+        if not isinstance(entry, dict) or "path" not in entry:
+            draft.drop("datasets", entry, "a mixture entry needs a path")
+            continue
+        extra = {}
+        if entry.get("columns"):
+            draft.notes.append(f"datasets[{entry['path']}].columns {entry['columns']}: sft-spec reads the layout's "
+                               "own keys")
+        _data_source(draft, folder, entry["path"], entry.get("name"), entry.get("split"), entry.get("data_files"),
+                     extra)
+    for key, value in config.items():
+        if key in TRL_MODEL_KEYS:
+            continue
+        if key in NO_COUNTERPART:
+            draft.drop(key, value, NO_COUNTERPART[key])
+        elif not _training_fields(draft, key, value, fields["training"], recipe_policy):
+            draft.drop(key, value, "not an SFTConfig, ModelConfig or ScriptArguments field sft-spec knows")
+    return draft
+
+
+#: axolotl's optimizer names that differ from transformers'.
+AXOLOTL_OPTIMIZERS = {"adamw_bnb_8bit": "adamw_8bit", "paged_adamw_8bit": "paged_adamw_8bit"}
+AXOLOTL_TRAINING = {"sequence_len": "max_length", "micro_batch_size": "per_device_train_batch_size",
+                    "num_epochs": "num_train_epochs", "lr_scheduler": "lr_scheduler_type"}
+AXOLOTL_NOT_CARRIED = {
+    "sample_packing": "sft-spec masks one conversation per example; packing would merge them",
+    "pad_to_sequence_len": "sft-spec pads per batch",
+    "plugins": "axolotl plugins (liger, cut cross entropy, ...) run inside axolotl only",
+    "val_set_size": "a spec has no evaluation dataset: its checks run after training",
+    "output_dir": "sft-spec writes run files under its own output folder (--output-dir)",
+    "dataset_prepared_path": "sft-spec prepares data in its own cache",
+    "flash_attention": "sft-spec loads the model's default attention",
+    "xformers_attention": "sft-spec loads the model's default attention",
+    "sdp_attention": "sft-spec loads the model's default attention",
+    "deepspeed": "point training.deepspeed at a config file inside the spec's folder if you need it",
+    "fsdp": "set training.fsdp / fsdp_config if you need it", "fsdp_config": "as fsdp",
+    "early_stopping_patience": "a spec has no evaluation dataset", "eval_steps": "no evaluation dataset",
+    "evals_per_epoch": "no evaluation dataset", "saves_per_epoch": "sft-spec saves no checkpoints",
+    "save_steps": "sft-spec saves no checkpoints", "resume_from_checkpoint": "a spec trains from the base model",
+    "hub_model_id": "a spec may not publish models or runs", "push_dataset_to_hub": "a spec may not publish",
+    "strict": "axolotl's own config check", "lora_fan_in_fan_out": "set lora.fan_in_fan_out if the model needs it",
+    "train_on_inputs": "sft-spec's collator decides: format.collator (full trains the inputs too)",
+    "group_by_length": "not a spec setting", "debug": "not a spec setting", "local_rank": "not a spec setting",
+    "model_type": "sft-spec loads the model class from its config", "tokenizer_type": "as model_type",
+    "special_tokens": "set training.eos_token / pad_token for the tokens that matter to the template",
+}
+
+GEMMA = ("{{ bos_token }}{% for message in messages %}{% set role = 'model' if message['role'] == 'assistant' "
+         "else message['role'] %}{{ '<start_of_turn>' + role + '\\n' + message['content'] | trim + "
+         "'<end_of_turn>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}")
+CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+          "'<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+          "{% endif %}")
+
+
+def import_axolotl(config: dict, source: Path) -> Draft:
+    from . import recipe_policy
+    from .recipe_fields import recipe_fields
+
+    fields = recipe_fields(default_cache_dir())
+    draft = Draft(source)
+    spec = draft.spec
+    spec["model"] = config.get("base_model", "builtin:tiny-gemma")
+    adapter = config.get("adapter")
+    spec["method"] = {"lora": "lora", "qlora": "qlora"}.get(adapter, "full")
+    if adapter in ("lora", "qlora"):
+        targets = config.get("lora_target_modules")
+        if config.get("lora_target_linear"):
+            targets = "all-linear"
+        spec["lora"] = {k: v for k, v in (("r", config.get("lora_r")), ("lora_alpha", config.get("lora_alpha")),
+                                          ("lora_dropout", config.get("lora_dropout")), ("target_modules", targets))
+                        if v is not None}
+    elif adapter:
+        draft.drop("adapter", adapter, "sft-spec trains full, lora or qlora")
+    if adapter == "qlora" or config.get("load_in_4bit"):
+        spec["quantization"] = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}
+    template = config.get("chat_template")
+    if template in ("chatml", "gemma"):
+        spec.setdefault("format", {})["template"] = CHATML if template == "chatml" else GEMMA
+    elif template == "jinja" and config.get("chat_template_jinja"):
+        spec.setdefault("format", {})["template"] = config["chat_template_jinja"]
+    elif template not in (None, "tokenizer_default"):
+        draft.drop("chat_template", template, "give its Jinja text as format.template")
+    folder = source.parent
+    for entry in config.get("datasets") or []:
+        if not isinstance(entry, dict) or "path" not in entry:
+            draft.drop("datasets", entry, "an entry needs a path")
+            continue
+        kind = entry.get("type", "chat_template")
+        extra: dict[str, Any] = {}
+        if kind == "chat_template":
+            extra["layout"] = "messages"
+            if entry.get("field_messages") not in (None, "messages"):
+                extra["conversation_key"] = entry["field_messages"]
+            mapping = entry.get("message_property_mappings") or {}
+            role = mapping.get("role", entry.get("message_field_role"))
+            content = mapping.get("content", entry.get("message_field_content"))
+            if role not in (None, "role"):
+                extra["role_key"] = role
+            if content not in (None, "content"):
+                extra["content_key"] = content
+            roles = entry.get("roles") or {}
+            role_map = {alias: name for name, aliases in roles.items() for alias in (aliases or []) if alias != name}
+            if role_map:
+                extra["role_map"] = role_map
+        elif kind == "alpaca":
+            extra.update(layout="prompt_completion", prompt_key="instruction", completion_key="output")
+            draft.notes.append(f"{entry['path']}: alpaca rows train instruction -> output; their input field is not "
+                               "carried (fold it into instruction if your rows use it)")
+        else:
+            draft.drop("datasets", entry, f"type {kind!r}: sft-spec reads chat_template and alpaca datasets")
+            continue
+        _data_source(draft, folder, entry["path"], entry.get("name"), entry.get("split"),
+                     entry.get("data_files"), extra)
+    for key, value in config.items():
+        if key in ("base_model", "adapter", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules",
+                   "lora_target_linear", "datasets", "chat_template", "chat_template_jinja", "load_in_4bit"):
+            continue
+        if key in AXOLOTL_NOT_CARRIED:
+            draft.drop(key, value, AXOLOTL_NOT_CARRIED[key])
+            continue
+        if key.startswith("wandb_") or key.startswith("mlflow_"):
+            draft.drop(key, value, "network loggers need --allow-network-loggers (training.report_to)")
+            continue
+        name = AXOLOTL_TRAINING.get(key, key)
+        if key == "optimizer":
+            name, value = "optim", AXOLOTL_OPTIMIZERS.get(value, value)
+        if key in ("bf16", "fp16", "tf32") and value == "auto":
+            draft.notes.append(f"{key}: auto read as true (a machine without it falls back, with a note)")
+            value = True
+        if key == "load_in_8bit" and value:
+            spec["quantization"] = {"load_in_8bit": True}
+            continue
+        if not _training_fields(draft, name, value, fields["training"], recipe_policy):
+            draft.drop(key, value, "no counterpart in sft-spec")
+    return draft
+
+
+def _starter_checks(draft: Draft, folder: Path) -> None:
+    """The loss must fall; with local data, the first training answer must be learnt (and not known before)."""
+    draft.spec["checks"] = {"loss_decreased": True}
+    files = (draft.spec.get("data") or {}).get("files") or []
+    if not files:
+        return
+    from .data import DataFile, conversations_from_rows, read_source_rows
+
+    class _Item:  # what the data reader needs of an item
+        def __init__(self, root: Path):
+            self.folder = root.resolve()
+
+    try:
+        source = DataFile.model_validate(files[0])
+        first = conversations_from_rows(read_source_rows(_Item(folder), source)[:1], source, source.path)[0]
+    except Exception as exc:  # noqa: BLE001 - no starter expectation then, and the validation below says why
+        draft.notes.append(f"no starter expectation: the first data file could not be read ({exc})")
+        return
+    if getattr(first, "plain_text", None) is not None:
+        return
+    prompt = [t for t in first[:-1]]
+    answer = first[-1]["content"]
+    draft.spec["expect"] = [{"prompt": prompt[-1]["content"] if len(prompt) == 1 else prompt, "equals": answer,
+                             "before": {"not_equals": answer}}]
+
+
+def _arguments(parser) -> None:
+    parser.add_argument("kind", choices=("trl", "axolotl"), help="the config's tool")
+    parser.add_argument("config", type=Path, metavar="CONFIG.yaml", help="the recipe's config file")
+    parser.add_argument("-o", "--output", type=Path, metavar="SPEC.sft.yaml",
+                        help="where to write the spec (default: beside the config, CONFIG.sft.yaml)")
+    parser.add_argument("--model", help="the model to use instead of the config's (e.g. builtin:tiny-gemma, for "
+                        "a quick run of the recipe on a tiny model)")
+    parser.add_argument("--force", action="store_true", help="overwrite the output file")
+
+
+def _run(options, pluginmanager) -> int:
+    from sft_spec.cli import main
+
+    from .files import atomic_write_text
+
+    try:
+        config = yaml.safe_load(options.config.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        raise UsageError(f"{options.config}: cannot read the config: {exc}") from None
+    if not isinstance(config, dict):
+        raise UsageError(f"{options.config}: expected a mapping of settings")
+    draft = (import_trl if options.kind == "trl" else import_axolotl)(config, options.config)
+    if options.model:
+        draft.notes.append(f"model: {json.dumps(draft.spec.get('model'), ensure_ascii=False)} replaced by --model")
+        draft.spec["model"] = options.model
+    draft.spec.pop("checks", None)
+    _starter_checks(draft, options.config.parent)
+    output = options.output or options.config.with_name(options.config.name.split(".")[0] + ".sft.yaml")
+    if output.exists() and not options.force:
+        raise UsageError(f"{output} exists; pass --force to overwrite")
+    if draft.spec.get("data") is None:
+        draft.notes.append("no dataset was found in the config: add data: (conversations, files or a cached dataset)")
+    atomic_write_text(output, draft.text())
+    print(f"wrote {output} ({len(draft.dropped)} keys not carried over, listed at its end)")
+    return int(main(["validate", str(output)]))
+
+
+@hookimpl
+def sft_spec_register_commands(register):
+    register("import", "turn a TRL (trl sft --config) or axolotl config into a spec", _arguments, _run)

@@ -1,0 +1,180 @@
+"""Training data from the ecosystem: every local format datasets reads, TRL's layouts, row selections, a
+hub dataset from the local cache only, and large data masked in batches; the same conversations give the
+same masks and the same losses whatever file they came from."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+PAIRS = [("微调测试", "我学会了"), ("你好", "你好！"), ("天气", "晴天")]
+ROWS = [{"prompt": q, "completion": a} for q, a in PAIRS]
+
+SPEC = """\
+model: builtin:tiny-gemma
+method: full
+training: {{num_train_epochs: {epochs}, learning_rate: 3.0e-3, per_device_train_batch_size: 8}}
+data:
+  files: [{source}]
+{rest}"""
+
+EXPECT = """\
+expect:
+  - prompt: 微调测试
+    equals: 我学会了
+    before: {not_equals: 我学会了}
+"""
+
+
+def write(folder, name: str, rows: list[dict]) -> str:
+    path = folder / name
+    if name.endswith(".jsonl"):
+        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    elif name.endswith(".json"):
+        path.write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
+    elif name.endswith(".csv"):
+        with path.open("w", encoding="utf-8", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    else:
+        import datasets
+
+        dataset = datasets.Dataset.from_list(rows)
+        if name.endswith(".parquet"):
+            dataset.to_parquet(str(path))
+        elif name.endswith(".arrow"):
+            import pyarrow as pa
+
+            with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, dataset.data.table.schema) as writer:
+                writer.write_table(dataset.data.table)
+        else:  # a folder, as save_to_disk writes it (a DatasetDict: train and test splits)
+            datasets.DatasetDict({"train": dataset, "test": dataset.select([0])}).save_to_disk(str(path))
+    return name
+
+
+def run_spec(sft, folder, source: str, rest: str = "checks: {loss_decreased: true}\n", epochs: int = 3, *args):
+    path = folder / "s.sft.yaml"
+    path.write_text(SPEC.format(epochs=epochs, source=source, rest=rest), encoding="utf-8")
+    return sft("run", path, "--no-cache", *args)
+
+
+@pytest.fixture(scope="module")
+def by_format(tmp_path_factory):
+    """The same three conversations from each format, trained 3 steps: masks and losses per format."""
+    from conftest import Recorder
+
+    from sft_spec.cli import main
+
+    out = {}
+    for name in ("c.jsonl", "c.json", "c.csv", "c.parquet", "c.arrow", "saved"):
+        folder = tmp_path_factory.mktemp(name.replace(".", "_"))
+        write(folder, name, ROWS)
+        source = f"{{path: {name}" + (", split: train}" if name == "saved" else "}")
+        text = SPEC.format(epochs=3, source=source, rest="checks: {loss_decreased: true}\n")
+        (folder / "s.sft.yaml").write_text(text, encoding="utf-8")
+        recorder = Recorder()
+        assert main(["run", str(folder), "--no-cache", "-q"], plugins=[recorder]) == 0
+        out[name] = recorder.reports[0]
+    return out
+
+
+def test_every_format_gives_the_same_masks_and_losses(by_format):
+    masks = {name: (r.mask.tokens, r.mask.trained, r.mask.examples, r.mask.total_tokens)
+             for name, r in by_format.items()}
+    losses = {name: r.losses for name, r in by_format.items()}
+    assert len(set(map(repr, masks.values()))) == 1, masks
+    assert len(set(map(repr, losses.values()))) == 1, losses
+    assert by_format["c.jsonl"].mask.examples == 3 and len(by_format["c.jsonl"].losses) == 3
+
+
+@pytest.mark.parametrize("rows,collator,rest", [
+    ([{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in PAIRS],
+     "completion_only", EXPECT),
+    (ROWS, "completion_only", EXPECT),
+    ([{"prompt": [{"role": "user", "content": q}], "completion": [{"role": "assistant", "content": a}]}
+      for q, a in PAIRS], "completion_only", EXPECT),
+    ([{"text": f"问：{q} 答：{a}"} for q, a in PAIRS], "full", "checks: {loss_decreased: true}\n"),
+], ids=["messages", "prompt_completion_text", "prompt_completion_turns", "text"])
+def test_each_trl_layout_trains_and_passes(sft, tmp_path, rows, collator, rest):
+    write(tmp_path, "d.jsonl", rows)
+    result = run_spec(sft, tmp_path, "{path: d.jsonl}", f"format: {{collator: {collator}}}\n" + rest, 30)
+    report = result.recorder.reports[0]
+    assert result.code == 0 and report.outcome == "passed", result.out
+    assert report.mask.examples == 3
+
+
+def test_a_text_row_trains_every_token_with_the_full_collator(sft, tmp_path):
+    write(tmp_path, "d.jsonl", [{"text": "问：微调测试 答：我学会了"}])
+    rest = "format: {collator: full}\nchecks: {loss_decreased: true}\n"
+    report = run_spec(sft, tmp_path, "{path: d.jsonl}", rest, 1).recorder.reports[0]
+    assert report.mask.trained_text == "问：微调测试 答：我学会了<eos>" and all(report.mask.trained)
+
+
+@pytest.mark.parametrize("rows,message,where", [
+    ([ROWS[0], {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}],
+     "this row is conversational (messages), and the file's rows are prompt/completion: one layout per file",
+     "d.jsonl:2"),
+    ([{"prompt": "a", "completion": "b", "text": "c"}], "the row fits several layouts", "d.jsonl:1"),
+    ([{"question": "a", "answer": "b"}], "the row has none of the keys of TRL's layouts", "d.jsonl:1"),
+])
+def test_a_row_that_breaks_the_files_layout_is_an_error_at_that_row(sft, tmp_path, rows, message, where):
+    write(tmp_path, "d.jsonl", rows)
+    (tmp_path / "s.sft.yaml").write_text(SPEC.format(epochs=1, source="{path: d.jsonl}",
+                                                     rest="checks: {loss_decreased: true}\n"), encoding="utf-8")
+    result = sft("validate", tmp_path / "s.sft.yaml")
+    assert result.code == 1 and message in result.out and where in result.out, result.out
+
+
+def test_a_parquet_row_is_located_by_its_number(sft, tmp_path):
+    write(tmp_path, "d.parquet", [{"prompt": "a", "completion": "b"}, {"prompt": "a", "completion": None}])
+    (tmp_path / "s.sft.yaml").write_text(SPEC.format(epochs=1, source="{path: d.parquet}",
+                                                     rest="checks: {loss_decreased: true}\n"), encoding="utf-8")
+    result = sft("validate", tmp_path / "s.sft.yaml")
+    assert result.code == 1 and "d.parquet: row 2:" in result.out, result.out
+
+
+@pytest.mark.parametrize("selection,count", [("select: '1:3'", 2), ("select: '2:'", 1), ("fraction: 0.5", 2),
+                                             ("select: '0:3', fraction: 0.34", 2)])
+def test_select_and_fraction_keep_part_of_the_rows(sft, tmp_path, selection, count):
+    write(tmp_path, "d.jsonl", ROWS)
+    report = run_spec(sft, tmp_path, f"{{path: d.jsonl, {selection}}}", epochs=1).recorder.reports[0]
+    assert report.mask.examples == count, report
+
+
+def test_a_saved_dataset_dict_needs_its_split(sft, tmp_path):
+    write(tmp_path, "saved", ROWS)
+    for source, message in (("{path: saved}", "holds the splits train, test: choose one with split:"),
+                            ("{path: saved, split: trian}", "unknown split 'trian'. Did you mean: train?")):
+        (tmp_path / "s.sft.yaml").write_text(SPEC.format(epochs=1, source=source,
+                                                         rest="checks: {loss_decreased: true}\n"), encoding="utf-8")
+        result = sft("validate", tmp_path / "s.sft.yaml")
+        assert result.code == 1 and message in result.out, result.out
+    assert run_spec(sft, tmp_path, "{path: saved, split: test}", epochs=1).recorder.reports[0].mask.examples == 1
+
+
+def test_a_hub_dataset_that_is_not_cached_is_an_error_at_once(sft, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-hf-home"))
+    text = SPEC.format(epochs=1, source="", rest="checks: {loss_decreased: true}\n").replace(
+        "  files: []\n", "  dataset: {path: someone/not-cached, split: train}\n")
+    (tmp_path / "s.sft.yaml").write_text(text, encoding="utf-8")
+    result = sft("validate", tmp_path / "s.sft.yaml")
+    assert result.code == 1 and "dataset someone/not-cached[train] is not in the local datasets cache" in result.out
+
+
+def test_large_data_is_masked_in_batches_like_small_data_and_cached(sft, tmp_path, monkeypatch):
+    from sft_spec_plugins import collators
+
+    rows = [{"prompt": f"问题{i}", "completion": f"答案{i % 7}"} for i in range(40)]
+    write(tmp_path, "d.parquet", rows)
+    small = run_spec(sft, tmp_path, "{path: d.parquet}", epochs=1).recorder.reports[0]
+    monkeypatch.setattr(collators, "BULK_CONVERSATIONS", 10)
+    bulk = run_spec(sft, tmp_path, "{path: d.parquet}", epochs=1).recorder.reports[0]
+    again = run_spec(sft, tmp_path, "{path: d.parquet}", epochs=1).recorder.reports[0]
+    assert bulk.losses == small.losses and bulk.mask.tokens == small.mask.tokens
+    assert (bulk.mask.trained_tokens, bulk.mask.total_tokens) == (small.mask.trained_tokens, small.mask.total_tokens)
+    assert any("40 training conversations masked in batches (datasets.map, cached: no, made now)" in n
+               for n in bulk.notes), bulk.notes
+    assert any("cached: yes" in n for n in again.notes) and again.losses == bulk.losses

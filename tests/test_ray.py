@@ -1,0 +1,158 @@
+"""The suite on a real Ray cluster: a head and a second node started with ``ray start`` on 127.0.0.1
+(usage statistics off: no traffic leaves the machine). Marked ``ray``: ``.ci/run`` runs them with
+``pytest -m ray``; the fast suite leaves them out."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.ray, pytest.mark.skipif(shutil.which("ray", path=str(Path(sys.executable).parent)) is None,
+                                                  reason='needs the ray extra: pip install "sft-spec[ray]"')]
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+ENV = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """A two-node local cluster, one CPU each; stopped (and every Ray process with it) at the end."""
+    port = _free_port()
+    ray = str(BIN / "ray")
+    common = ["--node-ip-address=127.0.0.1", "--num-cpus=1", "--disable-usage-stats"]
+    subprocess.run([ray, "start", "--head", f"--port={port}", "--include-dashboard=false", *common], env=ENV,
+                   check=True, capture_output=True, timeout=120)
+    try:
+        subprocess.run([ray, "start", f"--address=127.0.0.1:{port}", *common], env=ENV, check=True,
+                       capture_output=True, timeout=120)
+        yield f"127.0.0.1:{port}"
+    finally:
+        subprocess.run([ray, "stop", "--force"], env=ENV, capture_output=True, timeout=120)
+
+
+def sft_spec(*args, cwd: Path, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "sft-spec"), *map(str, args)], cwd=cwd, env={**ENV, **(env or {})},
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def outcomes(path: Path) -> dict[str, str]:
+    doc = json.loads(path.read_text(encoding="utf-8"))
+    return {c["nodeid"]: c["outcome"] for s in doc["specs"] for c in s["expectations"] + s["training_checks"]}
+
+
+def test_specs_run_on_the_cluster_with_the_ids_and_outcomes_of_a_local_run(cluster, tmp_path):
+    cache = {"SFT_SPEC_CACHE": str(tmp_path / "cache")}
+    local = sft_spec("run", "specs/", "--json", tmp_path / "local.json", "--no-cache", cwd=REPO, env=cache)
+    remote = sft_spec("run", "specs/", "--ray", cluster, "--json", tmp_path / "ray.json", "--no-cache", cwd=REPO,
+                      env=cache)
+    assert remote.returncode == local.returncode == 0, remote.stdout + remote.stderr
+    assert outcomes(tmp_path / "ray.json") == outcomes(tmp_path / "local.json")
+    doc = json.loads((tmp_path / "ray.json").read_text(encoding="utf-8"))
+    assert len({s["metrics"]["ray_node"] for s in doc["specs"]}) == 2  # both nodes ran specs
+    # Specs that share a base model shared a worker: the tiny-gemma specs all ran on one node.
+    gemma = {s["metrics"]["ray_node"] for s in doc["specs"] if s["model"] == "builtin:tiny-gemma"}
+    assert len(gemma) == 1
+
+
+SPEC = """\
+    model: builtin:tiny-gemma
+    method: lora
+    lora: {{r: 8, lora_alpha: 16, target_modules: [q_proj, v_proj]}}
+    training: {{num_train_epochs: {epochs}, learning_rate: 1.0e-2}}
+    data:
+      conversations:
+        - - {{role: user, content: 微调测试}}
+          - {{role: assistant, content: 我学会了}}
+    checks: {{loss_decreased: true}}
+"""
+
+CRASHER = """\
+import os
+
+from sft_spec import hookimpl
+
+
+@hookimpl(tryfirst=True)
+def sft_spec_run_spec(item, session):
+    if item.name == "crash" and session.config.role == "worker":
+        os._exit(1)  # the worker process dies, as it would on a segfault or the OOM killer
+"""
+
+
+def project(tmp_path: Path, specs: dict[str, str], plugin: str = "") -> Path:
+    root = tmp_path / "project"
+    (root / "specs").mkdir(parents=True)
+    (root / "pyproject.toml").write_text("[project]\nname = 'p'\n", encoding="utf-8")
+    for name, text in specs.items():
+        (root / "specs" / f"{name}.sft.yaml").write_text(textwrap.dedent(text), encoding="utf-8")
+    if plugin:
+        (root / "crasher.py").write_text(plugin, encoding="utf-8")
+    return root
+
+
+def test_a_worker_that_dies_is_an_error_for_its_spec_and_the_others_run(cluster, tmp_path):
+    root = project(tmp_path, {"crash": SPEC.format(epochs=2), "fine": SPEC.format(epochs=2)}, CRASHER)
+    done = sft_spec("run", "specs/", "--ray", cluster, "-p", "crasher", "--json", tmp_path / "r.json", "--no-cache",
+                    cwd=root, env={"PYTHONPATH": str(root), "SFT_SPEC_CACHE": str(tmp_path / "cache")})
+    assert done.returncode == 1, done.stdout + done.stderr
+    doc = json.loads((tmp_path / "r.json").read_text(encoding="utf-8"))
+    by_name = {s["name"]: s for s in doc["specs"]}
+    assert by_name["crash"]["outcome"] == "error"
+    assert "the Ray worker running this spec died" in by_name["crash"]["error"]["message"]
+    assert by_name["fine"]["outcome"] == "passed"
+
+
+def test_a_spec_that_needs_more_than_any_node_has_is_an_error_that_says_so(cluster, tmp_path):
+    big = SPEC.format(epochs=1) + "    resources: {gpus: 4}\n"
+    root = project(tmp_path, {"big": big, "fine": SPEC.format(epochs=2)})
+    done = sft_spec("run", "specs/", "--ray", cluster, "--no-cache", cwd=root,
+                    env={"SFT_SPEC_CACHE": str(tmp_path / "cache")})
+    assert done.returncode == 1
+    assert "the spec needs 1 CPUs, 4 GPUs; no node of the Ray cluster has that" in done.stdout
+    assert "1 passed, 1 error" in done.stdout
+
+
+def test_an_unchanged_suite_costs_no_cluster_time(cluster, tmp_path):
+    root = project(tmp_path, {"a": SPEC.format(epochs=2)})
+    cache = {"SFT_SPEC_CACHE": str(tmp_path / "cache")}
+    first = sft_spec("run", "specs/", "--ray", cluster, cwd=root, env=cache)
+    # Every result is reused on the driver, so not even the cluster's address is used: a wrong one works.
+    again = sft_spec("run", "specs/", "--ray", "127.0.0.1:1", cwd=root, env=cache)
+    assert first.returncode == again.returncode == 0, again.stdout + again.stderr
+    assert "(cached)" in again.stdout
+
+
+def test_ctrl_c_cancels_what_is_left_and_reports_what_finished(cluster, tmp_path):
+    specs = {"a_quick": SPEC.format(epochs=1), **{f"b_slow{i}": SPEC.format(epochs=3000) for i in range(3)}}
+    root = project(tmp_path, specs)
+    results = tmp_path / "r.json"
+    process = subprocess.Popen([str(BIN / "sft-spec"), "run", "specs/", "--ray", cluster, "--json", str(results),
+                                "--no-cache"], cwd=root, env={**ENV, "SFT_SPEC_CACHE": str(tmp_path / "cache")},
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:  # until the quick spec's report is in the JSON
+        if results.exists() and any(s["name"] == "a_quick" for s in json.loads(results.read_text())["specs"]):
+            break
+        time.sleep(0.5)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 2, out + err
+    doc = json.loads(results.read_text(encoding="utf-8"))
+    assert [s["name"] for s in doc["specs"]] == ["a_quick"] and doc["interrupted"] is True
