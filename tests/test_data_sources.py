@@ -55,7 +55,10 @@ def write(folder, name: str, rows: list[dict]) -> str:
     return name
 
 
-def run_spec(sft, folder, source: str, rest: str = "checks: {loss_decreased: true}\n", epochs: int = 3, *args):
+LOSS_CHECK = "checks: {loss_decreased: true}\n"
+
+
+def run_spec(sft, folder, source: str, rest: str = LOSS_CHECK, epochs: int = 3, *args):
     path = folder / "s.sft.yaml"
     path.write_text(SPEC.format(epochs=epochs, source=source, rest=rest), encoding="utf-8")
     return sft("run", path, "--no-cache", *args)
@@ -171,8 +174,10 @@ def test_large_data_is_masked_in_batches_like_small_data_and_cached(sft, tmp_pat
     write(tmp_path, "d.parquet", rows)
     small = run_spec(sft, tmp_path, "{path: d.parquet}", epochs=1).recorder.reports[0]
     monkeypatch.setattr(collators, "BULK_CONVERSATIONS", 10)
-    bulk = run_spec(sft, tmp_path, "{path: d.parquet}", epochs=1).recorder.reports[0]
-    again = run_spec(sft, tmp_path, "{path: d.parquet}", epochs=1).recorder.reports[0]
+    # A cache of this test's own: the shared test cache outlives pytest sessions and would hold the masks.
+    own_cache = ("--cache-dir", tmp_path / "cache")
+    bulk = run_spec(sft, tmp_path, "{path: d.parquet}", LOSS_CHECK, 1, *own_cache).recorder.reports[0]
+    again = run_spec(sft, tmp_path, "{path: d.parquet}", LOSS_CHECK, 1, *own_cache).recorder.reports[0]
     assert bulk.losses == small.losses and bulk.mask.tokens == small.mask.tokens
     assert (bulk.mask.trained_tokens, bulk.mask.total_tokens) == (small.mask.trained_tokens, small.mask.total_tokens)
     assert any("40 training conversations masked in batches (datasets.map, cached: no, made now)" in n
