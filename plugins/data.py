@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -97,6 +99,8 @@ def _size(n: float) -> str:
 
 def _read_jsonl(target: Path, shown: str) -> list[tuple[Any, Location]]:
     """JSON Lines, line by line: a bad line is named with its line and column."""
+    from .rows import no_duplicate_keys
+
     raw = target.read_bytes()
     rows = []
     for lineno, line in enumerate(raw.split(b"\n"), start=1):
@@ -110,12 +114,32 @@ def _read_jsonl(target: Path, shown: str) -> list[tuple[Any, Location]]:
             raise SpecError(f"line is not valid UTF-8 (byte 0x{line[exc.start]:02x})",
                             Location(shown, lineno, column)) from None
         try:
-            rows.append((json.loads(text), where))
+            rows.append((json.loads(text, object_pairs_hook=no_duplicate_keys), where))
         except json.JSONDecodeError as exc:
             raise SpecError(f"not valid JSON: {exc.msg}", Location(shown, lineno, exc.colno)) from None
         except (ValueError, RecursionError) as exc:  # huge integers, nesting deeper than Python recurses
             raise SpecError(f"not valid JSON: {type(exc).__name__}: {str(exc)[:100]}", where) from None
     return rows
+
+
+def check_saved_folder(folder: Path, target: Path, shown: str) -> None:
+    """Every file of a ``save_to_disk`` folder, and every file and split its JSON metadata names, lies inside
+    the spec's folder: ``state.json`` lists its Arrow files by relative name and ``dataset_dict.json`` its
+    splits as folder names, and ``datasets`` follows either (``../``, a symlink) wherever it points."""
+    for directory, subfolders, files in os.walk(target):
+        here = Path(directory)
+        for name in subfolders + files:
+            check_inside(folder, os.path.relpath(here / name, folder), f"{shown}: file")
+        named = []
+        for meta in ("state.json", "dataset_dict.json"):
+            if meta in files:
+                try:
+                    doc = json.loads((here / meta).read_text(encoding="utf-8"))
+                    named += [entry["filename"] for entry in doc.get("_data_files", [])] + list(doc.get("splits", []))
+                except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+                    raise SpecError(f"{shown}: {meta} is not a datasets metadata file ({type(exc).__name__})") from None
+        for name in named:
+            check_inside(folder, os.path.relpath(here / str(name), folder), f"{shown}: {name!r} (in its metadata)")
 
 
 def _read_datasets(target: Path, shown: str, fmt: str, split: str | None) -> list[tuple[Any, Location]]:
@@ -144,6 +168,8 @@ def read_source_rows(item, source) -> list[tuple[Any, Location]]:
         raise SpecError(f"data file not found: {source.path} (paths are relative to the spec file's folder)")
     fmt = source.format or ("disk" if target.is_dir() else None)
     try:
+        if target.is_dir():
+            check_saved_folder(item.folder, target, shown)
         if fmt == "disk" or (fmt is None and target.is_dir()):
             size = sum(p.stat().st_size for p in target.rglob("*") if p.is_file())
         else:
@@ -160,10 +186,32 @@ def read_source_rows(item, source) -> list[tuple[Any, Location]]:
         raise SpecError(f"cannot read data file {source.path}: {exc.strerror or exc}") from None
 
 
-def read_hub_rows(source) -> list[tuple[Any, Location]]:
+#: A hub dataset id: ``name`` or ``owner/name``. Anything else (a path) would make ``load_dataset`` read a
+#: local folder from anywhere, past the spec-folder rule.
+HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?$")
+
+
+def check_hub_id(folder: Path, path: str) -> None:
+    import datasets.packaged_modules
+
+    if not HUB_ID.match(path) or ".." in path or path.endswith((".py", ".json", ".jsonl", ".csv", ".parquet")):
+        raise SpecError(f"data.dataset path {path!r} is not a hub dataset id (name or owner/name): local data "
+                        "goes in data.files, inside the spec's folder")
+    if path in getattr(datasets.packaged_modules, "_PACKAGED_DATASETS_MODULES", {"json", "csv", "parquet"}):
+        raise SpecError(f"data.dataset path {path!r} is one of datasets' builders, which read local files: "
+                        "use data.files for them")
+    for base in (Path(folder), Path.cwd()):  # load_dataset prefers a local folder of that name to the hub
+        if (base / path).exists():
+            raise SpecError(f"data.dataset path {path!r} names the local path {relpath(base / path)}; a hub dataset "
+                            "is read from the datasets cache only: local data goes in data.files")
+
+
+def read_hub_rows(source, folder: Path) -> list[tuple[Any, Location]]:
     """A hub dataset from the local datasets cache only: offline, so a missing one fails at once."""
     import datasets
     import huggingface_hub.constants as hub_constants
+
+    check_hub_id(folder, source.path)
 
     shown = source.path + (f" ({source.name})" if source.name else "") + f"[{source.split}]"
     saved = (datasets.config.HF_HUB_OFFLINE, hub_constants.HF_HUB_OFFLINE)
@@ -200,10 +248,13 @@ LAYOUTS = {"messages": "conversational (messages)", "prompt_completion": "prompt
 
 
 def row_layout(row: dict, source) -> str | None:
-    """The TRL layout a row is in; None when it fits none. Several at once is an error (ambiguous)."""
+    """The TRL layout a row is in; None when it fits none. Several at once is an error (ambiguous) unless
+    ``layout:`` names one of them."""
     found = [name for name, keys in (("messages", [source.conversation_key]),
                                       ("prompt_completion", [source.prompt_key, source.completion_key]),
                                       ("text", [source.text_key])) if all(k in row for k in keys)]
+    if source.layout != "auto" and source.layout in found:
+        return source.layout
     if len(found) > 1:
         raise ValueError(f"the row fits several layouts ({', '.join(LAYOUTS[f] for f in found)}): set layout:")
     return found[0] if found else None
@@ -285,7 +336,7 @@ def conversations_from_rows(rows: list, source, shown: str) -> list[LocatedConve
 @hookimpl(trylast=True)
 def sft_spec_load_data(source, item, config):
     if isinstance(source, HubDataset):
-        return conversations_from_rows(read_hub_rows(source), source, source.path)
+        return conversations_from_rows(read_hub_rows(source, item.folder), source, source.path)
     rows = read_source_rows(item, source)
     if not rows:
         # No line to point at in the data file: point at the spec's path key instead.

@@ -68,11 +68,13 @@ def read_rows(folder: Path, path: str, given_format: str | None = None, what: st
 def _json(text: str, shown: str, lines: bool) -> list[Row]:
     if not lines:  # a .json file: one document, or JSON Lines after all (datasets reads both)
         try:
-            value = json.loads(text)
+            value = json.loads(text, object_pairs_hook=no_duplicate_keys)
         except json.JSONDecodeError as exc:
             if exc.msg != "Extra data":
                 raise SpecError(f"not valid JSON: {exc.msg}", Location(shown, exc.lineno, exc.colno)) from None
             return _json(text, shown, lines=True)
+        except (ValueError, RecursionError) as exc:  # a duplicate key, huge integers, nesting deeper than Python
+            raise SpecError(f"not valid JSON: {type(exc).__name__}: {str(exc)[:100]}", Location(shown)) from None
         if isinstance(value, dict):
             lists = [k for k, v in value.items() if isinstance(v, list)]
             if len(lists) != 1:
@@ -81,13 +83,14 @@ def _json(text: str, shown: str, lines: bool) -> list[Row]:
             value = value[lists[0]]
         if not isinstance(value, list):
             raise SpecError(f"a JSON file holds a list of rows, got {kind_of(value)}", Location(shown, 1))
-        return [(row, Location(shown, 1)) for row in value]
+        # One document: a row is located by its number in the list, as "row N".
+        return [(row, Location(f"{shown}: row {i + 1}")) for i, row in enumerate(value)]
     rows = []
     for lineno, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
-            rows.append((json.loads(line), Location(shown, lineno)))
+            rows.append((json.loads(line, object_pairs_hook=no_duplicate_keys), Location(shown, lineno)))
         except json.JSONDecodeError as exc:
             raise SpecError(f"not valid JSON: {exc.msg}", Location(shown, lineno, exc.colno)) from None
         except (ValueError, RecursionError) as exc:
@@ -96,7 +99,18 @@ def _json(text: str, shown: str, lines: bool) -> list[Row]:
     return rows
 
 
+def no_duplicate_keys(pairs: list) -> dict:
+    """A key written twice in one object is refused: JSON keeps the last silently, and a row's text with it."""
+    row = dict(pairs)
+    if len(row) != len(pairs):
+        seen: set = set()
+        twice = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise ValueError(f"the key {twice!r} is written twice in one object")
+    return row
+
+
 def _csv(text: str, shown: str) -> list[Row]:
+    csv.field_size_limit(MAX_ROWS_BYTES)  # a cell may be as large as the file may be; csv's default is 128 KiB
     reader = csv.DictReader(io.StringIO(text, newline=""))
     rows = []
     try:
@@ -104,6 +118,10 @@ def _csv(text: str, shown: str) -> list[Row]:
             if None in row:  # more cells than the header names
                 raise SpecError(f"row has {len(reader.fieldnames or []) + len(row[None])} cells, the header "
                                 f"{len(reader.fieldnames or [])}", Location(shown, reader.line_num))
+            if None in row.values():  # fewer cells than the header names
+                missing = [k for k, v in row.items() if v is None]
+                raise SpecError(f"row has no cell for {', '.join(map(repr, missing))} (fewer cells than the header)",
+                                Location(shown, reader.line_num))
             rows.append((dict(row), Location(shown, reader.line_num)))
     except csv.Error as exc:
         raise SpecError(f"not valid CSV: {exc}", Location(shown, reader.line_num)) from None

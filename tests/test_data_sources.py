@@ -183,3 +183,89 @@ def test_large_data_is_masked_in_batches_like_small_data_and_cached(sft, tmp_pat
     assert any("40 training conversations masked in batches (datasets.map, cached: no, made now)" in n
                for n in bulk.notes), bulk.notes
     assert any("cached: yes" in n for n in again.notes) and again.losses == bulk.losses
+
+
+def _validate(sft, tmp_path, source: str):
+    (tmp_path / "s.sft.yaml").write_text(SPEC.format(epochs=1, source=source, rest=LOSS_CHECK), encoding="utf-8")
+    return sft("validate", tmp_path / "s.sft.yaml")
+
+
+@pytest.mark.parametrize("path", ["/tmp/data", "../outside", "./outside", "outside", "~/data", "json", "a/b/c"])
+def test_a_hub_dataset_path_is_a_hub_id_never_a_local_folder(sft, tmp_path, path):
+    # load_dataset reads a local folder, absolute or relative to the working directory, before the hub:
+    # data.dataset would read files past the spec-folder rule and print them in the reports.
+    spec_folder = tmp_path / "spec"
+    spec_folder.mkdir()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    write(outside, "s.jsonl", [{"text": "SECRET"}])
+    (spec_folder / "outside").mkdir()
+    text = SPEC.format(epochs=1, source="", rest=LOSS_CHECK).replace(
+        "  files: []\n", f"  dataset: {{path: '{path}'}}\n")
+    (spec_folder / "s.sft.yaml").write_text(text, encoding="utf-8")
+    result = sft("validate", spec_folder / "s.sft.yaml")
+    assert result.code == 1 and "s.sft.yaml:5:" in result.out, result.out
+    assert ("is not a hub dataset id" in result.out or "names the local path" in result.out
+            or "one of datasets' builders" in result.out), result.out
+
+
+def test_a_saved_folder_whose_metadata_or_links_point_outside_is_refused(sft, tmp_path):
+    import os
+
+    spec_folder = tmp_path / "spec"
+    spec_folder.mkdir()
+    write(tmp_path, "outside", [{"text": "SECRET"}])
+    for name in ("by_state", "by_link", "by_split"):
+        write(spec_folder, name, ROWS)
+    state = spec_folder / "by_state" / "train" / "state.json"
+    doc = json.loads(state.read_text())
+    doc["_data_files"] = [{"filename": "../../../outside/train/data-00000-of-00001.arrow"}]
+    state.write_text(json.dumps(doc))
+    arrow = spec_folder / "by_link" / "train" / "data-00000-of-00001.arrow"
+    arrow.unlink()
+    os.symlink(tmp_path / "outside" / "train" / "data-00000-of-00001.arrow", arrow)
+    splits = spec_folder / "by_split" / "dataset_dict.json"
+    splits.write_text(json.dumps({"splits": ["../../outside/train"]}))
+    for name, split in (("by_state", "train"), ("by_link", "train"), ("by_split", "../../outside/train")):
+        result = _validate(sft, spec_folder, f"{{path: {name}, split: '{split}'}}")
+        assert result.code == 1 and "is outside the spec directory" in result.out, (name, result.out)
+        assert "SECRET" not in result.out
+
+
+def test_json_rows_are_located_by_number_and_bad_json_is_an_error_not_a_crash(sft, tmp_path):
+    rows = [*ROWS[:2], {"prompt": "a", "completion": 1}]
+    (tmp_path / "list.json").write_text(json.dumps(rows), encoding="utf-8")
+    result = _validate(sft, tmp_path, "{path: list.json}")
+    assert result.code == 1 and "list.json: row 3:" in result.out, result.out
+    (tmp_path / "nested.json").write_text("[" * 100_000 + "]" * 100_000, encoding="utf-8")
+    result = _validate(sft, tmp_path, "{path: nested.json}")
+    assert result.code == 1 and "nested.json" in result.out and "not valid JSON: RecursionError" in result.out
+    assert "INTERNALERROR" not in result.out + result.err
+
+
+@pytest.mark.parametrize("name,text", [
+    ("d.jsonl", '{"prompt": "a", "completion": "b", "completion": "c"}\n'),
+    ("d.json", '[{"prompt": "a", "completion": "b", "completion": "c"}]'),
+])
+def test_a_key_written_twice_in_a_row_is_an_error(sft, tmp_path, name, text):
+    (tmp_path / name).write_text(text, encoding="utf-8")
+    result = _validate(sft, tmp_path, f"{{path: {name}}}")
+    assert result.code == 1 and "the key 'completion' is written twice" in result.out, result.out
+
+
+def test_a_csv_row_with_a_missing_cell_and_a_large_cell(sft, tmp_path):
+    (tmp_path / "short.csv").write_text("prompt,completion\na,b\nc\n", encoding="utf-8")
+    result = _validate(sft, tmp_path, "{path: short.csv}")
+    assert result.code == 1 and "short.csv:3:" in result.out and "no cell for 'completion'" in result.out, result.out
+    write(tmp_path, "large.csv", [*ROWS, {"prompt": "长" * 100_000, "completion": "好"}])  # 300 KB, > csv's 128 KiB
+    result = _validate(sft, tmp_path, "{path: large.csv}")
+    assert result.code == 0, result.out
+
+
+def test_layout_settles_a_row_that_fits_several(sft, tmp_path):
+    (tmp_path / "amb.csv").write_text("prompt,completion,text\n微调测试,我学会了,问：微调测试 答：我学会了\n",
+                                      encoding="utf-8")
+    assert "fits several layouts" in _validate(sft, tmp_path, "{path: amb.csv}").out
+    for layout in ("text", "prompt_completion"):
+        result = _validate(sft, tmp_path, f"{{path: amb.csv, layout: {layout}}}")
+        assert result.code == 0, result.out
