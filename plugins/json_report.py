@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -155,8 +156,11 @@ def _add_report_arguments(parser) -> None:
 
 
 def merge_documents(paths: list[Path]) -> tuple[dict[str, Any], list[SpecReport]]:
-    """One results document from several: specs in the order given (a spec in two files: the later one),
-    counts recomputed, the worst exit status, complete only when every part is."""
+    """One results document from several: counts recomputed, complete only when every part is (and, for
+    --shard runs, every shard is there). Specs of --shard runs come in the collection order of a single
+    run; others in the order given (a spec in two files: the later one). The exit status is what one run
+    would have had: an interruption, internal or usage error first, then a failure, and "no specs" (5)
+    only when no part ran any."""
     from .report_files import case_outcome_counts
 
     metas, by_id = [], {}
@@ -165,14 +169,29 @@ def merge_documents(paths: list[Path]) -> tuple[dict[str, Any], list[SpecReport]
         metas.append(meta)
         for report in reports:
             by_id[report.nodeid] = report
-    reports = list(by_id.values())
+    shards = [m["shard"] for m in metas if isinstance(m.get("shard"), dict)]
+    order = {nodeid: i for i, nodeid in enumerate(shards[0].get("specs", []))} if shards else {}
+    reports = sorted(by_id.values(), key=lambda r: order.get(r.nodeid, -1)) if order else list(by_id.values())
     meta = dict(metas[0])
-    statuses = [m.get("exitstatus") for m in metas if isinstance(m.get("exitstatus"), int)]
-    failing = [s for s in statuses if s != 0]
-    meta.update(complete=all(m.get("complete") for m in metas), exitstatus=max(failing) if failing else 0,
-                merged_from=[str(p) for p in paths],
+    statuses = {m.get("exitstatus") for m in metas if isinstance(m.get("exitstatus"), int)}
+    ran = statuses - {5}
+    worst = [s for s in (2, 3, 4) if s in ran]
+    exitstatus = max(worst) if worst else 1 if 1 in ran else 5 if statuses == {5} else 0
+    missing: list[str] = []
+    if shards:
+        count = shards[0]["count"]
+        seen = {s.get("index") for s in shards}
+        missing = [f"{i}/{count}" for i in range(1, count + 1) if i not in seen]
+        if len(shards) != len(metas) or {s.get("count") for s in shards} != {count}:
+            missing.append("(the files are not the shards of one --shard N split)")
+    deselected = ((metas[0].get("summary") or {}).get("deselected", 0) - shards[0].get("sliced_out", 0)
+                  if shards else 0)
+    meta.pop("shard", None)
+    meta.update(complete=all(m.get("complete") for m in metas) and not missing, exitstatus=exitstatus,
+                merged_from=[str(p) for p in paths], **({"missing_shards": missing} if missing else {}),
                 summary={"outcomes": case_outcome_counts(reports), "specs": len(reports),
-                         "deselected": 0, "duration": sum((m.get("summary") or {}).get("duration", 0) for m in metas)})
+                         "deselected": max(0, deselected),
+                         "duration": sum((m.get("summary") or {}).get("duration", 0) for m in metas)})
     return meta, reports
 
 
@@ -182,6 +201,9 @@ def _run_report(options, pluginmanager) -> int:
     if bool(options.merge) == bool(options.results):
         raise UsageError("give one RESULTS.json, or --merge A.json B.json ...")
     meta, reports = merge_documents(options.merge) if options.merge else load_document(options.results)
+    if meta.get("missing_shards"):
+        print(f"warning: shards missing from the merge: {', '.join(meta['missing_shards'])}; the merged "
+              "report is marked incomplete", file=sys.stderr)
     if options.json_path:
         write_document(options.json_path, {**meta, "specs": [r.to_dict() for r in reports]})
         print(f"JSON results: {options.json_path}")

@@ -64,7 +64,11 @@ class ResourcesSpec(BaseModel):
     @field_validator("memory")
     @classmethod
     def _memory(cls, value: Any) -> Any:
-        return None if value is None else parse_memory(value)
+        if value is None:
+            return None
+        if parse_memory(value) <= 0:
+            raise ValueError(f"memory: expected a size above zero, got {value!r}")
+        return parse_memory(value)
 
 
 RESOURCES = SpecSection("resources", ResourcesSpec, "What a spec needs on a Ray cluster (--ray): cpus, gpus, memory")
@@ -222,6 +226,12 @@ def run_on_ray(session: Session, ray, address: str) -> None:
                    "env_vars": {"RAY_USAGE_STATS_ENABLED": os.environ["RAY_USAGE_STATS_ENABLED"],
                                 "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": os.environ.get(
                                     "HF_HUB_OFFLINE", "0")}}
+    if address == "local" and not {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"} & set(os.environ):
+        # A new local cluster turns on Ray's token authentication and would save a token in ~/.ray, which
+        # every later `ray start` on this machine then picks up: a token of this run's own, in memory only.
+        import secrets
+
+        os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
     init = {"runtime_env": runtime_env, "log_to_driver": False, "logging_level": "warning",
             "include_dashboard": False} if address == "local" else {"address": address, "runtime_env": runtime_env,
                                                                    "log_to_driver": False, "logging_level": "warning"}
@@ -240,9 +250,8 @@ def run_on_ray(session: Session, ray, address: str) -> None:
                 results[i] = error_report(items[i], problem)
             else:
                 runnable.append(i)
-        cpus = sum(n.get("Resources", {}).get("CPU", 0) for n in nodes)
-        widest = max([_needs(items[i], default).cpus for i in runnable] or [1]) or 1
-        queues = assign(runnable, {i: group_key(items[i]) for i in runnable}, max(1, int(cpus // widest)))
+        queues = assign(runnable, {i: group_key(items[i]) for i in runnable},
+                        _slots([_needs(items[i], default) for i in runnable], nodes))
         setup = WorkerSetup(argv=list(config.invocation_args), cwd=".", paths=[], rootdir=".",
                             cache_dir=str(config.cache_dir), output_dir="")
         worker_class = ray.remote(max_restarts=0, max_concurrency=1)(SpecWorker)
@@ -253,9 +262,11 @@ def run_on_ray(session: Session, ray, address: str) -> None:
             actor = worker_class.options(num_cpus=max(n.cpus for n in needs), num_gpus=max(n.gpus for n in needs),
                                          **({"memory": memory} if memory else {})).remote(dataclasses.asdict(setup))
             actors.append(actor)
+            node_of[actor] = actor.node.remote()  # answered before its first spec: known if it dies in it
             return actor
 
         running: dict[Any, tuple[Any, list[int], int]] = {}  # ref -> (actor, its queue, index)
+        node_of: dict[Any, Any] = {}  # actor -> a ref to the address of the node it was placed on
 
         def submit(actor, queue: list[int]) -> None:
             if queue and not session.shouldstop:
@@ -274,11 +285,15 @@ def run_on_ray(session: Session, ray, address: str) -> None:
                     results[index] = report_from_dict(ray.get(ref))
                 except ray.exceptions.RayActorError as exc:  # the worker process or its node went away
                     results[index] = error_report(items[index], f"the Ray worker running this spec died: "
-                                                  f"{_node_of(exc)}{_first_line(exc)}", kind="crash")
+                                                  f"{_node_name(ray, node_of.get(actor), exc)}{_first_line(exc)}",
+                                                  kind="crash")
                     actor = start(queue) if queue else actor  # a fresh worker for the rest of its queue
                 except ray.exceptions.RayTaskError as exc:
                     results[index] = error_report(items[index], f"raised on the Ray cluster: {_first_line(exc)}")
-                submit(actor, queue)
+                if queue:
+                    submit(actor, queue)
+                else:  # its queue is done: free its CPUs and GPUs for a worker still waiting to be placed
+                    _kill(ray, actor)
             flush()
         flush(everything=True)
     except KeyboardInterrupt:
@@ -286,12 +301,36 @@ def run_on_ray(session: Session, ray, address: str) -> None:
         flush(everything=True)  # what finished is reported; the rest was cancelled
     finally:
         for actor in actors:
-            try:
-                ray.kill(actor)
-            except Exception:  # noqa: BLE001, S110 - already gone
-                pass
+            _kill(ray, actor)
         ray.shutdown()
         shutil.rmtree(Path(modules[0]).parent, ignore_errors=True)
+
+
+def _slots(needs: list[ResourcesSpec], nodes: list[dict]) -> int:
+    """How many workers the cluster holds at once, by CPUs and, where specs ask for them, GPUs and memory."""
+    total = {key: sum(n.get("Resources", {}).get(key, 0) for n in nodes) for key in ("CPU", "GPU", "memory")}
+    slots = [total["CPU"] // (max(n.cpus for n in needs) or 1)]
+    if any(n.gpus for n in needs):
+        slots.append(total["GPU"] // max(n.gpus for n in needs))
+    if any(n.memory for n in needs):
+        slots.append(total["memory"] // max(n.memory or 0 for n in needs))
+    return max(1, int(min(slots)))
+
+
+def _kill(ray, actor) -> None:
+    try:
+        ray.kill(actor)
+    except Exception:  # noqa: BLE001, S110 - already gone
+        pass
+
+
+def _node_name(ray, node_ref, exc: BaseException) -> str:
+    """The node a dead worker was on: as it said when it started, else from Ray's error."""
+    try:
+        ip = ray.get(node_ref, timeout=5) if node_ref is not None else ""
+    except Exception:  # noqa: BLE001 - it died before it could say
+        ip = ""
+    return f"on node {ip}: " if ip else _node_of(exc)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -304,6 +343,13 @@ def _node_of(exc: BaseException) -> str:
     match = re.search(r"node[_ ]?(?:ip|IP)[^0-9]*([0-9.]+)", str(exc))
     ip = ip or (match.group(1) if match else "")
     return f"on node {ip}: " if ip else ""
+
+
+def _this_node(ray) -> tuple[str, str]:
+    """This worker's node: its id, and the address the cluster knows it by (``--node-ip-address``)."""
+    node_id = ray.get_runtime_context().get_node_id()
+    address = next((n.get("NodeManagerAddress", "") for n in ray.nodes() if n.get("NodeID") == node_id), "")
+    return node_id, address or ray.util.get_node_ip_address()
 
 
 # -- the worker ------------------------------------------------------------------------------------------
@@ -325,9 +371,15 @@ class SpecWorker:
         self.output = tempfile.mkdtemp(prefix="sft-spec-ray-")
         root = Path.cwd().resolve()  # the project, unpacked by Ray's runtime environment
         setup.update(cwd=str(root), paths=[str(root)], rootdir=str(root), output_dir=self.output)
-        self.session = _worker_session(WorkerSetup(**setup))
+        # Every spec of the project: the driver selected (-k, -m, --lf, --shard) and sends each by its place.
+        self.session = _worker_session(WorkerSetup(**setup), select=False)
         self.by_place = {(Path(i.path).resolve().relative_to(root).as_posix(), i.nodeid.split("::", 1)[1]): i
                          for i in self.session.items}
+
+    def node(self) -> str:
+        import ray
+
+        return _this_node(ray)[1]
 
     def run(self, path: str, name: str, selected: list[str], driver_nodeid: str, driver_path: str) -> dict:
         import json
@@ -342,9 +394,7 @@ class SpecWorker:
         for case in item.cases:
             case.selected = case.nodeid.split("::", 1)[1] in selected
         report = self.session.hook.sft_spec_run_spec(item=item, session=self.session)
-        context = ray.get_runtime_context()
-        report.metrics["ray_node"] = context.get_node_id()
-        report.metrics["ray_node_ip"] = ray.util.get_node_ip_address()
+        report.metrics["ray_node"], report.metrics["ray_node_ip"] = _this_node(ray)
         # The driver's ids: it ran from its own folder, this worker from the unpacked project.
         def driver_id(nodeid: str) -> str:
             return driver_nodeid + nodeid[len(item.nodeid):] if nodeid.startswith(item.nodeid) else nodeid

@@ -55,8 +55,11 @@ def environment(reports: list[SpecReport], requested_device: str | None) -> dict
 
 def session_meta(session, complete: bool, exitstatus: int | None) -> dict[str, Any]:
     """Everything in the results document except the specs: shared by the JSON, JUnit and HTML reporters."""
+    from .selection import SHARD
+
     config = session.config
     reports = list(session.reports)
+    shard = {"shard": config.stash[SHARD]} if SHARD in config.stash else {}
     return {
         "schema_version": SCHEMA_VERSION,
         "tool": {"name": "sft-spec", "version": __version__},
@@ -73,6 +76,7 @@ def session_meta(session, complete: bool, exitstatus: int | None) -> dict[str, A
             "deselected": session.deselected,
             "duration": round(time.time() - session.start_time, 3),
         },
+        **shard,
     }
 
 

@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 from sft_spec import hookimpl
 from sft_spec.errors import UsageError
+from sft_spec.state import StashKey
 
 _TOKEN = re.compile(r"\s*(\(|\)|[^\s()]+)")
 
@@ -114,6 +115,12 @@ def shard(items: list, index: int, count: int) -> list:
     return [item for position, item in enumerate(ordered) if position % count == index - 1]
 
 
+#: This run's --shard slice, for the results document: ``index``, ``count``, ``specs`` (every selected spec's
+#: id before slicing, in collection order: what ``report --merge`` orders by and checks for missing shards)
+#: and ``sliced_out`` (the specs left to the other shards, not deselected by -k or -m).
+SHARD = StashKey[dict]()
+
+
 @hookimpl(trylast=True)
 def sft_spec_collection_modifyitems(session, items) -> None:
     keyword = session.config.getoption("keyword")
@@ -121,9 +128,21 @@ def sft_spec_collection_modifyitems(session, items) -> None:
     _select(session, items, keyword, markexpr)
     sharding = session.config.getoption("shard", None)
     if sharding:  # after -k and -m: the slices are of what is selected
-        kept = {id(item) for item in shard(items, *parse_shard(sharding))}
+        index, count = parse_shard(sharding)
+        kept = {id(item) for item in shard(items, index, count)}
+        session.config.stash[SHARD] = {"index": index, "count": count, "specs": [item.nodeid for item in items],
+                                       "sliced_out": len(items) - len(kept)}
         session.deselected += len(items) - len(kept)
+        if items and not kept:  # more shards than specs: this job has nothing to do, and that is no failure
+            session.empty_ok = (f"--shard {index}/{count}: no spec falls in this slice ({len(items)} specs, "
+                                f"{count} shards)")
         items[:] = [item for item in items if id(item) in kept]  # collection order kept
+
+
+@hookimpl
+def sft_spec_terminal_summary(session, write_line) -> None:
+    if session.empty_ok:
+        write_line(session.empty_ok)
 
 
 def _select(session, items, keyword, markexpr) -> None:

@@ -255,14 +255,22 @@ class _Forward:
         self.conn.send(("progress", self.index, phase, step, total, loss))
 
 
-def _worker_session(setup: WorkerSetup) -> Session:
-    """The same bootstrap as the main process, as a worker: no reporters, no result cache."""
+#: The options that select specs, and their values that select nothing out.
+SELECTION_OPTIONS = {"keyword": None, "markexpr": None, "shard": None, "last_failed": False}
+
+
+def _worker_session(setup: WorkerSetup, select: bool = True) -> Session:
+    """The same bootstrap as the main process, as a worker: no reporters, no result cache. ``select=False``:
+    every spec under its paths, whatever -k, -m, --lf or --shard the command line had."""
     prepared = prepare_config(setup.argv, role="worker", addopts=False, paths=[Path(p) for p in setup.paths],
                               rootdir=Path(setup.rootdir), cache_dir=Path(setup.cache_dir),
                               output_dir=Path(setup.output_dir))
     if prepared.pluginmanager.problems:
         raise RuntimeError("; ".join(f"plugin {p.name!r}: {p.message}" for p in prepared.pluginmanager.problems))
     config = prepared.config
+    for name, value in ({} if select else SELECTION_OPTIONS).items():
+        if hasattr(config.options, name):
+            setattr(config.options, name, value)
     config.hook.sft_spec_configure(config=config)
     session = Session(config)
     session.collect(list(config.options.paths))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -22,7 +23,9 @@ pytestmark = [pytest.mark.ray, pytest.mark.skipif(shutil.which("ray", path=str(P
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-ENV = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false"}
+# The cluster listens on 127.0.0.1 only; without token authentication a token some earlier ray.init() left
+# in ~/.ray cannot stop the second node from joining.
+ENV = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false", "RAY_AUTH_MODE": "disabled"}
 
 
 def _free_port() -> int:
@@ -33,11 +36,13 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    """A two-node local cluster, one CPU each; stopped (and every Ray process with it) at the end."""
+    """A two-node local cluster, one CPU each, and one GPU (a label only: Ray places by it, torch never sees a
+    device) on the head; stopped (and every Ray process with it) at the end."""
     port = _free_port()
     ray = str(BIN / "ray")
     common = ["--node-ip-address=127.0.0.1", "--num-cpus=1", "--disable-usage-stats"]
-    subprocess.run([ray, "start", "--head", f"--port={port}", "--include-dashboard=false", *common], env=ENV,
+    subprocess.run([ray, "start", "--head", f"--port={port}", "--include-dashboard=false", "--num-gpus=1", *common],
+                   env=ENV,
                    check=True, capture_output=True, timeout=120)
     try:
         subprocess.run([ray, "start", f"--address=127.0.0.1:{port}", *common], env=ENV, check=True,
@@ -115,7 +120,10 @@ def test_a_worker_that_dies_is_an_error_for_its_spec_and_the_others_run(cluster,
     doc = json.loads((tmp_path / "r.json").read_text(encoding="utf-8"))
     by_name = {s["name"]: s for s in doc["specs"]}
     assert by_name["crash"]["outcome"] == "error"
-    assert "the Ray worker running this spec died" in by_name["crash"]["error"]["message"]
+    # Named by the address the cluster knows the node by (both nodes of this local cluster share the machine's).
+    message = by_name["crash"]["error"]["message"]
+    named = re.search(r"the Ray worker running this spec died: on node ([0-9.]+): ", message)
+    assert named and named.group(1) == by_name["fine"]["metrics"]["ray_node_ip"], message
     assert by_name["fine"]["outcome"] == "passed"
 
 
@@ -127,6 +135,32 @@ def test_a_spec_that_needs_more_than_any_node_has_is_an_error_that_says_so(clust
     assert done.returncode == 1
     assert "the spec needs 1 CPUs, 4 GPUs; no node of the Ray cluster has that" in done.stdout
     assert "1 passed, 1 error" in done.stdout
+
+
+def test_specs_of_two_base_models_that_each_need_the_one_gpu_take_turns(cluster, tmp_path):
+    # Two groups, one GPU in the cluster: the first worker must free it when its queue is done, or the
+    # second is never placed and the run hangs.
+    other = SPEC.replace("builtin:tiny-gemma", "builtin:tiny-chatml")
+    gpu = "    resources: {gpus: 1}\n"
+    root = project(tmp_path, {"gemma": SPEC.format(epochs=2) + gpu, "chatml": other.format(epochs=2) + gpu})
+    done = sft_spec("run", "specs/", "--ray", cluster, "--no-cache", cwd=root, timeout=300,
+                    env={"SFT_SPEC_CACHE": str(tmp_path / "cache")})
+    assert done.returncode == 0 and "2 passed" in done.stdout, done.stdout + done.stderr
+
+
+def test_a_shard_on_the_cluster_runs_the_slice_a_local_shard_runs(cluster, tmp_path):
+    # The workers collect the whole project, not the driver's paths: they must not slice it again.
+    root = project(tmp_path, {"a": SPEC.format(epochs=2), "b": SPEC.format(epochs=2)})
+    (root / "other").mkdir()
+    (root / "other" / "c.sft.yaml").write_text(textwrap.dedent(SPEC.format(epochs=2)), encoding="utf-8")
+    cache = {"SFT_SPEC_CACHE": str(tmp_path / "cache")}
+    runs = {}
+    for name, extra in (("local", []), ("ray", ["--ray", cluster])):
+        done = sft_spec("run", "specs/", "--shard", "2/2", *extra, "--json", tmp_path / f"{name}.json", "--no-cache",
+                        cwd=root, env=cache)
+        assert done.returncode == 0, done.stdout + done.stderr
+        runs[name] = outcomes(tmp_path / f"{name}.json")
+    assert runs["ray"] == runs["local"] and list(runs["ray"]) == ["specs/b.sft.yaml::b::checks[loss_decreased]"]
 
 
 def test_an_unchanged_suite_costs_no_cluster_time(cluster, tmp_path):

@@ -35,6 +35,7 @@ class Session:
         self.collect_errors = [plugin_error_report(p) for p in getattr(config.pluginmanager, "problems", [])]
         self.reports: list[SpecReport] = []
         self.deselected: int = 0
+        self.empty_ok = ""  # why a run with nothing selected passes (an --shard slice that holds no spec)
         self.start_time = time.time()
         self.shouldstop: str = ""
         self.interrupted = False
@@ -107,7 +108,7 @@ class Session:
         if self.internal_errors:
             return ExitCode.INTERNAL_ERROR
         if not self.reports and not self.items:
-            return ExitCode.NO_TESTS_COLLECTED
+            return ExitCode.OK if self.empty_ok else ExitCode.NO_TESTS_COLLECTED
         if any(_is_failure(r) for r in self.reports):
             return ExitCode.TESTS_FAILED
         return ExitCode.OK

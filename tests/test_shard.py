@@ -1,0 +1,94 @@
+"""``--shard I/N`` splits a suite into deterministic slices (CI matrix jobs, Kubernetes Indexed Jobs, Slurm
+arrays) and ``sft-spec report --merge`` joins their results into what one run of the whole suite gives:
+the same specs in the same order, the same counts and the same exit status; a missing shard is said."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+SPEC = """\
+model: builtin:tiny-gemma
+method: full
+training: {{num_train_epochs: 1, learning_rate: 1.0e-3}}
+data:
+  conversations:
+    - - {{role: user, content: 微调测试}}
+      - {{role: assistant, content: 我学会了}}
+checks: {{final_loss_below: {loss}}}
+{rest}"""
+
+
+@pytest.fixture
+def suite(tmp_path):
+    """Five specs (one fails its check, one has two matrix variants) and a file that does not load."""
+    folder = tmp_path / "specs"
+    folder.mkdir()
+    (tmp_path / "pyproject.toml").write_text("[project]\nname = 'p'\n", encoding="utf-8")
+    for name in ("a", "b", "d"):
+        (folder / f"{name}.sft.yaml").write_text(SPEC.format(loss="100.0", rest=""), encoding="utf-8")
+    # No loss is below zero: fails, so the exit status is 1.
+    (folder / "c.sft.yaml").write_text(SPEC.format(loss="0.0", rest=""), encoding="utf-8")
+    (folder / "e.sft.yaml").write_text(SPEC.format(loss="100.0", rest="matrix:\n  - {id: one}\n  - {id: two}\n"),
+                                       encoding="utf-8")
+    (folder / "broken.sft.yaml").write_text("model: [unclosed\n", encoding="utf-8")
+    return folder
+
+
+def specs_of(path) -> list[tuple[str, str]]:
+    doc = json.loads(path.read_text(encoding="utf-8"))
+    return [(s["nodeid"], s["outcome"]) for s in doc["specs"]]
+
+
+def test_shards_merge_into_what_one_run_gives(sft, suite, tmp_path):
+    whole = sft("run", suite, "--no-cache", "--json", tmp_path / "whole.json")
+    parts = [sft("run", suite, "--no-cache", "--shard", f"{i}/3", "--json", tmp_path / f"part{i}.json")
+             for i in (1, 2, 3)]
+    single = specs_of(tmp_path / "whole.json")
+    assert whole.code == 1 and len(single) == 7  # 6 specs (e twice) and the broken file
+    ran = [nodeid for i in (1, 2, 3) for nodeid, _ in specs_of(tmp_path / f"part{i}.json") if "broken" not in nodeid]
+    assert sorted(ran) == sorted(n for n, _ in single if "broken" not in n)  # every spec in exactly one shard
+    assert {p.code for p in parts} == {1}  # every shard reports the broken file; c fails in one of them
+    merged = sft("report", "--merge", *(tmp_path / f"part{i}.json" for i in (3, 1, 2)), "--json", tmp_path / "m.json",
+                 "--html", tmp_path / "m.html")
+    assert merged.code == 0, merged.out + merged.err
+    assert specs_of(tmp_path / "m.json") == single  # collection order, whatever order the parts are given in
+    doc, one = (json.loads((tmp_path / n).read_text(encoding="utf-8")) for n in ("m.json", "whole.json"))
+    assert doc["summary"]["outcomes"] == one["summary"]["outcomes"]
+    assert (doc["summary"]["specs"], doc["summary"]["deselected"]) == (one["summary"]["specs"], 0)
+    assert doc["exitstatus"] == one["exitstatus"] == 1 and doc["complete"] is True
+    assert "c.sft.yaml" in (tmp_path / "m.html").read_text(encoding="utf-8")
+
+
+def test_a_missing_shard_makes_the_merge_incomplete_and_is_said(sft, suite, tmp_path):
+    for i in (1, 3):
+        sft("run", suite, "--no-cache", "--shard", f"{i}/3", "--json", tmp_path / f"part{i}.json")
+    merged = sft("report", "--merge", tmp_path / "part1.json", tmp_path / "part3.json", "--json", tmp_path / "m.json")
+    assert "shards missing from the merge: 2/3" in merged.err
+    doc = json.loads((tmp_path / "m.json").read_text(encoding="utf-8"))
+    assert doc["complete"] is False and doc["missing_shards"] == ["2/3"]
+
+
+def test_a_shard_with_no_spec_in_it_passes_and_says_why(sft, tmp_path):
+    folder = tmp_path / "specs"
+    folder.mkdir()
+    for name in ("a", "b"):
+        (folder / f"{name}.sft.yaml").write_text(SPEC.format(loss="100.0", rest=""), encoding="utf-8")
+    empty = sft("run", folder, "--no-cache", "--shard", "3/3", "--json", tmp_path / "p3.json")
+    assert empty.code == 0, empty.out
+    assert "--shard 3/3: no spec falls in this slice (2 specs, 3 shards)" in empty.out
+    # A -k that selects nothing is still pytest's "no tests ran" (5): only an empty slice is fine.
+    assert sft("run", folder, "--no-cache", "-k", "nothing_has_this_name").code == 5
+    for i in (1, 2):
+        sft("run", folder, "--no-cache", "--shard", f"{i}/3", "--json", tmp_path / f"p{i}.json")
+    sft("report", "--merge", *(tmp_path / f"p{i}.json" for i in (1, 2, 3)), "--json", tmp_path / "m.json")
+    doc = json.loads((tmp_path / "m.json").read_text(encoding="utf-8"))
+    assert (doc["exitstatus"], doc["complete"], doc["summary"]["specs"]) == (0, True, 2)
+
+
+def test_the_slices_do_not_depend_on_the_order_files_are_found_in(sft, suite, tmp_path):
+    forward = sft("run", "--co", "-q", suite, "--shard", "1/3").out
+    backward = sft("run", "--co", "-q", *sorted(suite.glob("*.sft.yaml"), reverse=True), "--shard", "1/3").out
+    ids = sorted(line for line in forward.splitlines() if "::" in line)
+    assert ids and ids == sorted(line for line in backward.splitlines() if "::" in line)
