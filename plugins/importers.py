@@ -23,9 +23,9 @@ from sft_spec.errors import UsageError
 #: TRL's ModelConfig and ScriptArguments fields, and what becomes of them.
 TRL_MODEL_KEYS = {"model_name_or_path", "model_revision", "dtype", "torch_dtype", "trust_remote_code", "use_peft",
                   "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_modules_to_save",
-                  "lora_task_type", "use_rslora", "use_dora", "load_in_4bit", "load_in_8bit", "bnb_4bit_quant_type",
+                  "use_rslora", "use_dora", "load_in_4bit", "load_in_8bit", "bnb_4bit_quant_type",
                   "use_bnb_nested_quant", "bnb_4bit_quant_storage", "dataset_name", "dataset_config",
-                  "dataset_train_split", "dataset_test_split", "datasets", "lora_target_parameters"}
+                  "dataset_train_split", "datasets", "lora_target_parameters"}
 NO_COUNTERPART = {
     "attn_implementation": "sft-spec loads the model's default attention",
     "dataset_test_split": "a spec has no evaluation dataset: its checks run after training",
@@ -33,6 +33,18 @@ NO_COUNTERPART = {
     "gradient_checkpointing_use_reentrant": "not a spec setting",
     "ignore_bias_buffers": "not a spec setting",
     "model_init_kwargs": "sft-spec loads the model itself (model: and quantization:)",
+    "lora_task_type": "sft-spec trains causal language models (peft's CAUSAL_LM)",
+}
+#: Keys of one dataset entry sft-spec reads; any other is named in a comment.
+DATASET_ENTRY_KEYS = {"path", "name", "split", "data_files", "ds_type", "type", "field_messages",
+                      "message_property_mappings", "message_field_role", "message_field_content", "roles"}
+DATASET_ENTRY_WHY = {
+    "roles_to_train": "sft-spec trains the assistant turns (format.collator: completion_only; full trains all)",
+    "train_on_eos": "sft-spec trains each assistant turn's end-of-turn and EOS (format.add_eos)",
+    "drop_system_message": "a spec keeps every turn of its data; remove system turns from the file",
+    "field_system": "system prompts are turns of the conversation in sft-spec's layouts",
+    "data_dir": "give the files themselves as data_files (inside the spec's folder)",
+    "revision": "the cached revision is the one read",
 }
 _DTYPES = {"float32", "bfloat16", "float16", "auto"}
 
@@ -75,9 +87,27 @@ def _training_fields(draft: Draft, key: str, value: Any, fields: dict, policy) -
     return True
 
 
+#: The keys of one entry of TRL's ``datasets:`` mixture (DatasetConfig) that sft-spec reads.
+TRL_ENTRY_KEYS = {"path", "name", "split", "data_files", "columns"}
+
+
+def _entry_leftovers(draft: Draft, where: str, entry: dict, known: set[str] = DATASET_ENTRY_KEYS) -> None:
+    """Every key of a dataset entry that has no counterpart, named with why."""
+    for key, value in entry.items():
+        if key not in known:
+            draft.drop(f"{where}.{key}", value, DATASET_ENTRY_WHY.get(key, "no counterpart in sft-spec's data: reader"))
+
+
 def _data_source(draft: Draft, folder: Path, path: str, name: str | None, split: str | None,
                  data_files: Any, extra: dict) -> None:
     """A dataset of the config: a local file (kept if it lies in the spec's folder) or a hub dataset."""
+    if isinstance(data_files, dict):  # datasets' {split: files}: the split that trains
+        chosen = split if split in data_files else "train" if "train" in data_files else next(iter(data_files), None)
+        for other in data_files:
+            if other != chosen:
+                draft.drop(f"data_files.{other}", data_files[other], "a spec trains on one split; its checks run "
+                           "after training")
+        data_files = data_files.get(chosen) if chosen is not None else None
     files = [data_files] if isinstance(data_files, str) else list(data_files or [])
     if path in ("json", "csv", "parquet", "arrow") and files:
         for file in files:
@@ -105,44 +135,64 @@ def import_trl(config: dict, source: Path) -> Draft:
     model: dict[str, Any] = {"id": config.get("model_name_or_path", "builtin:tiny-gemma")}
     if config.get("model_revision") not in (None, "main"):
         model["revision"] = config["model_revision"]
-    dtype = config.get("dtype", config.get("torch_dtype"))
+    dtype_key = "dtype" if "dtype" in config else "torch_dtype"
+    dtype = config.get(dtype_key)
     if dtype in _DTYPES:
         model["dtype"] = dtype
+    elif dtype is not None:
+        draft.drop(dtype_key, dtype, f"not a dtype sft-spec loads ({', '.join(sorted(_DTYPES))})")
     if config.get("trust_remote_code"):
         model["trust_remote_code"] = True
         draft.notes.append("model.trust_remote_code needs --allow-remote-code on the sft-spec run")
     spec["model"] = model["id"] if list(model) == ["id"] else model
     quantized = config.get("load_in_4bit") or config.get("load_in_8bit")
+    if quantized and not config.get("use_peft"):
+        for key in ("load_in_4bit", "load_in_8bit"):
+            if config.get(key):
+                draft.drop(key, config[key], "a quantized base trains through an adapter only: set use_peft for "
+                           "QLoRA (trained here as method: full, unquantized)")
+        quantized = False
     spec["method"] = ("qlora" if quantized else "lora") if config.get("use_peft") else "full"
     if config.get("use_peft"):
         lora = {k: v for k, v in (("r", config.get("lora_r")), ("lora_alpha", config.get("lora_alpha")),
                                   ("lora_dropout", config.get("lora_dropout")),
                                   ("target_modules", config.get("lora_target_modules")),
                                   ("modules_to_save", config.get("lora_modules_to_save")),
-                                  ("use_rslora", config.get("use_rslora")), ("use_dora", config.get("use_dora")))
+                                  ("use_rslora", config.get("use_rslora")), ("use_dora", config.get("use_dora")),
+                                  ("target_parameters", config.get("lora_target_parameters")))
                 if v is not None}
         spec["lora"] = lora
+    else:
+        for key in ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_modules_to_save",
+                    "use_rslora", "use_dora", "lora_target_parameters"):
+            if key in config:
+                draft.drop(key, config[key], "use_peft is not set: no adapter is trained")
     if quantized:
         quantization = {"load_in_4bit": True} if config.get("load_in_4bit") else {"load_in_8bit": True}
         if config.get("bnb_4bit_quant_type"):
             quantization["bnb_4bit_quant_type"] = config["bnb_4bit_quant_type"]
         if config.get("use_bnb_nested_quant"):
             quantization["bnb_4bit_use_double_quant"] = True
+        if config.get("bnb_4bit_quant_storage"):
+            quantization["bnb_4bit_quant_storage"] = config["bnb_4bit_quant_storage"]
         spec["quantization"] = quantization
-    elif not config.get("use_peft") and any(config.get(k) for k in ("lora_r", "lora_alpha")):
-        draft.notes.append("lora_* keys are set but use_peft is not: trained as method: full")
+    else:
+        for key in ("bnb_4bit_quant_type", "use_bnb_nested_quant", "bnb_4bit_quant_storage"):
+            if key in config:
+                draft.drop(key, config[key], "no 4-bit loading in this recipe")
     folder = source.parent
     if config.get("dataset_name"):
         _data_source(draft, folder, config["dataset_name"], config.get("dataset_config"),
                      config.get("dataset_train_split"), None, {})
-    for entry in config.get("datasets") or []:  # TRL's dataset mixtures
+    for i, entry in enumerate(config.get("datasets") or []):  # TRL's dataset mixtures
         if not isinstance(entry, dict) or "path" not in entry:
             draft.drop("datasets", entry, "a mixture entry needs a path")
             continue
-        extra = {}
+        extra: dict[str, Any] = {}
         if entry.get("columns"):
             draft.notes.append(f"datasets[{entry['path']}].columns {entry['columns']}: sft-spec reads the layout's "
                                "own keys")
+        _entry_leftovers(draft, f"datasets[{i}]", entry, TRL_ENTRY_KEYS)
         _data_source(draft, folder, entry["path"], entry.get("name"), entry.get("split"), entry.get("data_files"),
                      extra)
     for key, value in config.items():
@@ -199,18 +249,33 @@ def import_axolotl(config: dict, source: Path) -> Draft:
     spec = draft.spec
     spec["model"] = config.get("base_model", "builtin:tiny-gemma")
     adapter = config.get("adapter")
+    quantized = "load_in_8bit" if config.get("load_in_8bit") else "load_in_4bit" if (
+        config.get("load_in_4bit") or adapter == "qlora") else None
     spec["method"] = {"lora": "lora", "qlora": "qlora"}.get(adapter, "full")
+    if adapter == "lora" and quantized:  # axolotl's LoRA on an 8- or 4-bit base: sft-spec's qlora method
+        spec["method"] = "qlora"
+        draft.notes.append(f"adapter: lora with {quantized}: LoRA on a quantized base, which is method: qlora here")
     if adapter in ("lora", "qlora"):
         targets = config.get("lora_target_modules")
         if config.get("lora_target_linear"):
             targets = "all-linear"
         spec["lora"] = {k: v for k, v in (("r", config.get("lora_r")), ("lora_alpha", config.get("lora_alpha")),
-                                          ("lora_dropout", config.get("lora_dropout")), ("target_modules", targets))
+                                          ("lora_dropout", config.get("lora_dropout")), ("target_modules", targets),
+                                          ("modules_to_save", config.get("lora_modules_to_save")))
                         if v is not None}
     elif adapter:
         draft.drop("adapter", adapter, "sft-spec trains full, lora or qlora")
-    if adapter == "qlora" or config.get("load_in_4bit"):
-        spec["quantization"] = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}
+    if adapter not in ("lora", "qlora"):
+        for key in ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_target_linear",
+                    "lora_modules_to_save"):
+            if key in config:
+                draft.drop(key, config[key], "no adapter: is set: no adapter is trained")
+    if quantized and spec["method"] == "qlora":
+        spec["quantization"] = ({"load_in_8bit": True} if quantized == "load_in_8bit" else
+                                {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4"})
+    elif quantized:
+        draft.drop(quantized, True, "a quantized base trains through an adapter only (adapter: lora or qlora); "
+                   "trained here as method: full, unquantized")
     template = config.get("chat_template")
     if template in ("chatml", "gemma"):
         spec.setdefault("format", {})["template"] = CHATML if template == "chatml" else GEMMA
@@ -219,12 +284,15 @@ def import_axolotl(config: dict, source: Path) -> Draft:
     elif template not in (None, "tokenizer_default"):
         draft.drop("chat_template", template, "give its Jinja text as format.template")
     folder = source.parent
-    for entry in config.get("datasets") or []:
+    for i, entry in enumerate(config.get("datasets") or []):
         if not isinstance(entry, dict) or "path" not in entry:
             draft.drop("datasets", entry, "an entry needs a path")
             continue
+        _entry_leftovers(draft, f"datasets[{i}]", entry)
         kind = entry.get("type", "chat_template")
         extra: dict[str, Any] = {}
+        if entry.get("ds_type") in ("json", "csv", "parquet", "arrow"):
+            extra["format"] = entry["ds_type"]
         if kind == "chat_template":
             extra["layout"] = "messages"
             if entry.get("field_messages") not in (None, "messages"):
@@ -251,7 +319,8 @@ def import_axolotl(config: dict, source: Path) -> Draft:
                      entry.get("data_files"), extra)
     for key, value in config.items():
         if key in ("base_model", "adapter", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules",
-                   "lora_target_linear", "datasets", "chat_template", "chat_template_jinja", "load_in_4bit"):
+                   "lora_target_linear", "lora_modules_to_save", "datasets", "chat_template", "chat_template_jinja",
+                   "load_in_4bit", "load_in_8bit"):
             continue
         if key in AXOLOTL_NOT_CARRIED:
             draft.drop(key, value, AXOLOTL_NOT_CARRIED[key])
@@ -265,9 +334,6 @@ def import_axolotl(config: dict, source: Path) -> Draft:
         if key in ("bf16", "fp16", "tf32") and value == "auto":
             draft.notes.append(f"{key}: auto read as true (a machine without it falls back, with a note)")
             value = True
-        if key == "load_in_8bit" and value:
-            spec["quantization"] = {"load_in_8bit": True}
-            continue
         if not _training_fields(draft, name, value, fields["training"], recipe_policy):
             draft.drop(key, value, "no counterpart in sft-spec")
     return draft
@@ -297,6 +363,20 @@ def _starter_checks(draft: Draft, folder: Path) -> None:
     answer = first[-1]["content"]
     draft.spec["expect"] = [{"prompt": prompt[-1]["content"] if len(prompt) == 1 else prompt, "equals": answer,
                              "before": {"not_equals": answer}}]
+
+
+def _rebase_paths(draft: Draft, config_folder: Path, spec_folder: Path) -> None:
+    """Data paths of the config are relative to its folder; the spec's to the spec's (``-o`` elsewhere)."""
+    import os
+
+    if config_folder.resolve() == spec_folder.resolve():
+        return
+    for entry in (draft.spec.get("data") or {}).get("files") or []:
+        moved = Path(os.path.relpath((config_folder / entry["path"]).resolve(), spec_folder.resolve())).as_posix()
+        if moved.startswith("../"):
+            draft.notes.append(f"data file {entry['path']} lies outside the spec's folder {spec_folder}: copy it in "
+                               "(a spec reads files inside its own folder only)")
+        entry["path"] = moved
 
 
 def _arguments(parser) -> None:
@@ -329,6 +409,7 @@ def _run(options, pluginmanager) -> int:
     output = options.output or options.config.with_name(options.config.name.split(".")[0] + ".sft.yaml")
     if output.exists() and not options.force:
         raise UsageError(f"{output} exists; pass --force to overwrite")
+    _rebase_paths(draft, options.config.parent, output.parent)
     if draft.spec.get("data") is None:
         draft.notes.append("no dataset was found in the config: add data: (conversations, files or a cached dataset)")
     atomic_write_text(output, draft.text())

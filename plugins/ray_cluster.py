@@ -67,7 +67,7 @@ class ResourcesSpec(BaseModel):
         if value is None:
             return None
         if parse_memory(value) <= 0:
-            raise ValueError(f"memory: expected a size above zero, got {value!r}")
+            raise ValueError("memory must be above zero (a size such as 8GB or 512MiB)")
         return parse_memory(value)
 
 

@@ -61,6 +61,8 @@ CASES: dict[str, tuple[str, str]] = {
         "data: expected a mapping with keys conversations, files, dataset, got string 'hello'",
         "data_scalar.sft.yaml:2:1",
     ),
+    "resources_negative_memory.sft.yaml": ("resources.memory: value error, memory must be above zero",
+                                           "resources_negative_memory.sft.yaml:6:22"),
     # required keys
     "missing_model.sft.yaml": ("missing required key 'model'", "missing_model.sft.yaml:2:1"),
     "missing_data.sft.yaml": ("missing required key 'data'", "missing_data.sft.yaml:1:1"),

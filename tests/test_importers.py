@@ -81,3 +81,61 @@ def test_an_existing_spec_is_not_overwritten(sft, project):
     assert sft("import", "trl", project / "trl_sft.yaml").code == 0
     again = sft("import", "trl", project / "trl_sft.yaml")
     assert again.code == 4 and "exists; pass --force" in again.err
+
+
+def _commented(text: str) -> set[str]:
+    """The keys named in the spec's trailing comments, as ``key`` or ``datasets[0].key``."""
+    return {line[2:].split(":")[0] for line in text.splitlines() if line.startswith("# ") and "not carried" in line}
+
+
+def test_axolotl_lora_on_an_8bit_base_becomes_qlora_and_every_dataset_key_is_named(sft, project):
+    result = sft("import", "axolotl", project / "axolotl_lora_8bit.yml", "--model", "builtin:tiny-gemma")
+    assert result.code == 0, result.out + result.err  # the written spec validates
+    text = (project / "axolotl_lora_8bit.sft.yaml").read_text(encoding="utf-8")
+    spec = yaml.safe_load(text)
+    assert spec["method"] == "qlora" and spec["quantization"] == {"load_in_8bit": True}
+    assert spec["lora"] == {"r": 32, "lora_alpha": 16, "lora_dropout": 0.05, "target_modules": "all-linear",
+                            "modules_to_save": ["embed_tokens", "lm_head"]}
+    assert spec["data"]["files"] == [{"path": "data/train.jsonl", "format": "json", "layout": "messages"}]
+    named = _commented(text)
+    # Keys that change which tokens carry the loss, or which turns are read, are never dropped in silence.
+    assert {"datasets[0].roles_to_train", "datasets[0].train_on_eos", "datasets[0].drop_system_message",
+            "datasets[0].field_system"} <= named, text
+    carried = {"base_model", "load_in_8bit", "load_in_4bit", "datasets", "adapter", "lora_r", "lora_alpha",
+               "lora_dropout", "lora_target_linear", "lora_modules_to_save", "sequence_len", "micro_batch_size",
+               "num_epochs", "optimizer", "lr_scheduler", "learning_rate", "bf16", "tf32", "gradient_checkpointing",
+               "logging_steps", "warmup_steps", "weight_decay", "gradient_accumulation_steps"}
+    original = yaml.safe_load((project / "axolotl_lora_8bit.yml").read_text(encoding="utf-8"))
+    assert set(original) - carried <= named, set(original) - carried - named
+    assert spec["training"]["lr_scheduler_type"] == "cosine" and spec["training"]["warmup_steps"] == 10
+
+
+def test_trl_mixtures_dtypes_and_quantization_keys_are_carried_or_named(sft, project):
+    (project / "data" / "test.jsonl").write_text(MESSAGES, encoding="utf-8")
+    result = sft("import", "trl", project / "trl_mixture.yaml", "--model", "builtin:tiny-gemma")
+    assert result.code == 0, result.out + result.err
+    text = (project / "trl_mixture.sft.yaml").read_text(encoding="utf-8")
+    spec = yaml.safe_load(text)
+    assert spec["data"] == {"files": [{"path": "data/train.jsonl"}]}  # the split that trains, not the mapping's keys
+    assert spec["quantization"] == {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4",
+                                    "bnb_4bit_use_double_quant": True, "bnb_4bit_quant_storage": "uint8"}
+    named = _commented(text)
+    assert {"dtype", "data_files.test", "datasets[0].data_dir", "dataset_test_split", "dataset_streaming",
+            "lora_task_type", "output_dir"} <= named, text
+
+
+def test_a_spec_written_to_another_folder_keeps_its_data_paths_right(sft, project):
+    (project / "specs").mkdir()
+    result = sft("import", "trl", project / "trl_sft.yaml", "-o", project / "specs" / "x.sft.yaml")
+    spec = yaml.safe_load((project / "specs" / "x.sft.yaml").read_text(encoding="utf-8"))
+    assert spec["data"]["files"] == [{"path": "../data/train.jsonl"}]
+    assert "lies outside the spec's folder" in (project / "specs" / "x.sft.yaml").read_text(encoding="utf-8")
+    assert result.code == 1 and "outside the spec directory" in result.out  # the spec-folder rule, said at once
+    (project / "nested" / "data").mkdir(parents=True)
+    shutil.copy(project / "data" / "train.jsonl", project / "nested" / "data" / "train.jsonl")
+    shutil.copy(project / "trl_sft.yaml", project / "nested" / "trl_sft.yaml")
+    moved = sft("import", "trl", project / "nested" / "trl_sft.yaml", "-o", project / "y.sft.yaml", "--model",
+                "builtin:tiny-gemma")
+    assert moved.code == 0, moved.out + moved.err
+    assert yaml.safe_load((project / "y.sft.yaml").read_text(encoding="utf-8"))["data"]["files"] == [
+        {"path": "nested/data/train.jsonl"}]
