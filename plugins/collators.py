@@ -182,7 +182,8 @@ def sft_spec_make_mask(item, run, formatted, index) -> MaskedExample:
         raise SpecError(f"the loss mask of collator {fmt.collator!r} trains no token of conversation {index}: "
                         f"{formatted.text[:200]!r}", where)
     eot = markers.end_of_turn if markers else None
-    if eot:
+    plain = index < len(item.conversations) and getattr(item.conversations[index], "plain_text", None) is not None
+    if eot and not plain:  # a plain text (TRL's language-modelling layout) has no turns to end
         trained_text = "".join(
             formatted.text[s:e] for (s, e), lab in zip(example.offsets, example.labels, strict=False)
             if lab != IGNORE_INDEX

@@ -132,9 +132,12 @@ def _parquet(raw: bytes, shown: str) -> list[Row]:
     import pyarrow
     import pyarrow.parquet as pq
 
+    rows: list[Row] = []
     try:
-        table = pq.read_table(pyarrow.BufferReader(raw))
+        # Batch by batch: a whole table's to_pylist() holds Arrow's buffers and every Python row at once.
+        for batch in pq.ParquetFile(pyarrow.BufferReader(raw)).iter_batches(batch_size=4096):
+            # Parquet has no lines: a row is located by its number, as "row N".
+            rows += [(row, Location(f"{shown}: row {len(rows) + i + 1}")) for i, row in enumerate(batch.to_pylist())]
     except (pyarrow.ArrowException, OSError) as exc:
         raise SpecError(f"not a readable Parquet file: {exc}", Location(shown)) from None
-    # Parquet has no lines: a row is located by its number, as "row N".
-    return [(row, Location(f"{shown}: row {i + 1}")) for i, row in enumerate(table.to_pylist())]
+    return rows

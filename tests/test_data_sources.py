@@ -269,3 +269,14 @@ def test_layout_settles_a_row_that_fits_several(sft, tmp_path):
     for layout in ("text", "prompt_completion"):
         result = _validate(sft, tmp_path, f"{{path: amb.csv, layout: {layout}}}")
         assert result.code == 0, result.out
+
+
+def test_plain_text_is_not_warned_about_an_end_of_turn_it_cannot_have(sft, tmp_path):
+    write(tmp_path, "t.jsonl", [{"text": "问：微调测试 答：我学会了"}])
+    text = SPEC.format(epochs=2, source="{path: t.jsonl}", rest=LOSS_CHECK).replace(
+        "data:", "format: {collator: completion_only, response_template: '答：'}\ndata:")
+    (tmp_path / "s.sft.yaml").write_text(text, encoding="utf-8")
+    result = sft("run", tmp_path / "s.sft.yaml", "--no-cache")
+    assert result.code == 0, result.out
+    assert result.recorder.reports[0].mask.trained_tokens < result.recorder.reports[0].mask.total_tokens
+    assert not [n for n in result.recorder.reports[0].notes if "end-of-turn" in n]
