@@ -375,8 +375,13 @@ def _end_of_turn_trained(run) -> bool:
     stop = {tokenizer.eos_token_id}
     if run.markers and run.markers.end_of_turn:
         stop.add(tokenizer.convert_tokens_to_ids(run.markers.end_of_turn))
-    return any(label in stop for example in run.examples
-               for label in (example["labels"] if isinstance(example, dict) else example.labels))
+    if not isinstance(run.examples, list):  # large data, a datasets.Dataset: looked for in Arrow
+        import pyarrow
+        import pyarrow.compute as pc
+
+        labels = pc.list_flatten(run.examples.with_format("arrow")["labels"])
+        return bool(pc.any(pc.is_in(labels, value_set=pyarrow.array(sorted(s for s in stop if s is not None)))).as_py())
+    return any(label in stop for example in run.examples for label in example.labels)
 
 
 def _valid_true(value: Any) -> str | None:

@@ -254,9 +254,12 @@ def _mask_summary(run: SpecRun) -> MaskSummary | None:
     ids, labels = (first["input_ids"], first["labels"]) if isinstance(first, dict) else (first.input_ids, first.labels)
     tokens = decode_tokens(run.loaded.tokenizer, ids)
     trained = [label != -100 for label in labels]
-    if isinstance(first, dict):  # a datasets.Dataset of large data: its columns, read without the rows
-        trained_tokens = sum(run.examples["trained"])
-        total_tokens = sum(map(len, run.examples["input_ids"]))
+    if isinstance(first, dict):  # a datasets.Dataset of large data: summed in Arrow, never as Python lists
+        import pyarrow.compute as pc
+
+        columns = run.examples.with_format("arrow")
+        trained_tokens = pc.sum(columns["trained"]).as_py() or 0
+        total_tokens = pc.sum(pc.list_value_length(columns["input_ids"])).as_py() or 0
     else:
         trained_tokens = sum(sum(1 for lab in ex.labels if lab != -100) for ex in run.examples)
         total_tokens = sum(len(ex.input_ids) for ex in run.examples)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import pytest
 from sft_spec_plugins.generation import generate_answers, stop_token_ids
 
 
@@ -122,8 +123,16 @@ expect:
 """
 
 
-def test_a_recipe_that_never_trains_the_end_of_turn_fails_stops_and_says_why(sft, write_spec):
+@pytest.mark.parametrize("masked", ["one_by_one", "in_batches"])
+def test_a_recipe_that_never_trains_the_end_of_turn_fails_stops_and_says_why(sft, write_spec, masked, monkeypatch,
+                                                                             tmp_path):
+    if masked == "in_batches":  # large data's path: the masks as a datasets.Dataset, looked at in Arrow
+        from sft_spec_plugins import collators
+
+        monkeypatch.setattr(collators, "BULK_CONVERSATIONS", 0)
+        monkeypatch.setenv("SFT_SPEC_CACHE", str(tmp_path / "cache"))
     broken = sft("run", write_spec("no_eos.sft.yaml", NO_EOS.format(add_eos="false")), "--no-cache")
+    assert ("masked in batches" in " ".join(broken.recorder.reports[0].notes)) == (masked == "in_batches")
     case = broken.recorder.reports[0].expectations[0]
     stops = next(c for c in case.checks if c.name == "stops")
     assert case.outcome == "failed" and not case.stopped
