@@ -128,8 +128,9 @@ def check_saved_folder(folder: Path, target: Path, shown: str) -> None:
     splits as folder names, and ``datasets`` follows either (``../``, a symlink) wherever it points."""
     for directory, subfolders, files in os.walk(target):
         here = Path(directory)
+        # Resolved before relpath: "up/../x" through a link "up" to the spec folder is the folder's parent.
         for name in subfolders + files:
-            check_inside(folder, os.path.relpath(here / name, folder), f"{shown}: file")
+            check_inside(folder, os.path.relpath((here / name).resolve(), Path(folder).resolve()), f"{shown}: file")
         named = []
         for meta in ("state.json", "dataset_dict.json"):
             if meta in files:
@@ -139,7 +140,8 @@ def check_saved_folder(folder: Path, target: Path, shown: str) -> None:
                 except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
                     raise SpecError(f"{shown}: {meta} is not a datasets metadata file ({type(exc).__name__})") from None
         for name in named:
-            check_inside(folder, os.path.relpath(here / str(name), folder), f"{shown}: {name!r} (in its metadata)")
+            check_inside(folder, os.path.relpath((here / str(name)).resolve(), Path(folder).resolve()),
+                         f"{shown}: {name!r} (in its metadata)")
 
 
 def _read_datasets(target: Path, shown: str, fmt: str, split: str | None) -> list[tuple[Any, Location]]:

@@ -58,6 +58,13 @@ class Draft:
         self.dropped: list[str] = []
         self.notes: list[str] = []
 
+    def blank(self, config: dict) -> dict:
+        """The config without its blank keys (YAML's ``key:`` with no value: the tool's default), each named."""
+        for key, value in config.items():
+            if value is None:
+                self.drop(key, value, "left blank: the default is used")
+        return {k: v for k, v in config.items() if v is not None}
+
     def drop(self, key: str, value: Any, why: str) -> None:
         self.dropped.append(f"{key}: {json.dumps(value, ensure_ascii=False, default=str)}  # not carried: {why}")
 
@@ -112,12 +119,26 @@ def _data_source(draft: Draft, folder: Path, path: str, name: str | None, split:
     if path in ("json", "csv", "parquet", "arrow") and files:
         for file in files:
             draft.spec.setdefault("data", {}).setdefault("files", []).append({"path": file, **extra})
+        if name:
+            draft.drop("name", name, f"the {path} builder has no configurations")
         return
     local = (folder / path)
     if local.exists():
-        draft.spec.setdefault("data", {}).setdefault("files", []).append({"path": path, **extra})
+        saved = any((local / meta).exists() for meta in ("state.json", "dataset_dict.json"))
+        # A folder of data files (what load_dataset reads from a folder): each file, as data.files does.
+        listed = sorted(str(Path(path) / p.relative_to(local)) for p in local.rglob("*")
+                        if p.suffix in (".jsonl", ".json", ".csv", ".parquet", ".arrow")) \
+            if local.is_dir() and not saved else [path]
+        for file in listed:
+            draft.spec.setdefault("data", {}).setdefault("files", []).append({"path": file, **extra})
+        for key, value in (("name", name), ("data_files", data_files)):
+            if value:
+                draft.drop(key, value, "a local path is read as it is: list the files you want in data.files")
         return
     data = draft.spec.setdefault("data", {})
+    if files:
+        draft.drop("data_files", data_files, "a hub dataset is read whole from the datasets cache (its split "
+                   "and configuration only); copy the files you want into the spec's folder and use data.files")
     if "dataset" in data:
         draft.drop("datasets", path, "a spec reads one hub dataset (data.dataset); mix them into a local file")
         return
@@ -131,6 +152,7 @@ def import_trl(config: dict, source: Path) -> Draft:
 
     fields = recipe_fields(default_cache_dir())
     draft = Draft(source)
+    config = draft.blank(config)
     spec = draft.spec
     model: dict[str, Any] = {"id": config.get("model_name_or_path", "builtin:tiny-gemma")}
     if config.get("model_revision") not in (None, "main"):
@@ -246,6 +268,7 @@ def import_axolotl(config: dict, source: Path) -> Draft:
 
     fields = recipe_fields(default_cache_dir())
     draft = Draft(source)
+    config = draft.blank(config)
     spec = draft.spec
     spec["model"] = config.get("base_model", "builtin:tiny-gemma")
     adapter = config.get("adapter")
@@ -305,6 +328,9 @@ def import_axolotl(config: dict, source: Path) -> Draft:
             if content not in (None, "content"):
                 extra["content_key"] = content
             roles = entry.get("roles") or {}
+            if not isinstance(roles, dict) or not all(isinstance(a, list | type(None)) for a in roles.values()):
+                draft.drop(f"datasets[{i}].roles", roles, "expected a mapping of role: [names in the data]")
+                roles = {}
             role_map = {alias: name for name, aliases in roles.items() for alias in (aliases or []) if alias != name}
             if role_map:
                 extra["role_map"] = role_map
@@ -407,6 +433,8 @@ def _run(options, pluginmanager) -> int:
     draft.spec.pop("checks", None)
     _starter_checks(draft, options.config.parent)
     output = options.output or options.config.with_name(options.config.name.split(".")[0] + ".sft.yaml")
+    if output.is_dir():
+        raise UsageError(f"-o {output} is a folder: give the spec file's path (e.g. {output / 'recipe.sft.yaml'})")
     if output.exists() and not options.force:
         raise UsageError(f"{output} exists; pass --force to overwrite")
     _rebase_paths(draft, options.config.parent, output.parent)

@@ -146,7 +146,8 @@ def _add_report_arguments(parser) -> None:
     parser.add_argument("results", type=Path, nargs="?", metavar="RESULTS.json",
                         help="a file written by `sft-spec run --json`")
     parser.add_argument("--merge", nargs="+", type=Path, default=None, metavar="RESULTS.json",
-                        help="join the results of several runs (--shard slices, CI matrix jobs) into one report")
+                        help="join the results of several runs (--shard slices, CI matrix jobs) into one report; exits "
+                        "with the status one run of the whole suite would have, 1 when a part is missing")
     parser.add_argument("--json", dest="json_path", type=Path, metavar="PATH", help="write the (merged) results")
     parser.add_argument("--html", dest="html_path", type=Path, metavar="PATH", help="write an HTML report")
     parser.add_argument("--junitxml", dest="junitxml_path", type=Path, metavar="PATH",
@@ -155,43 +156,65 @@ def _add_report_arguments(parser) -> None:
                         help="show each spec's last runs from this --history folder in the HTML report")
 
 
+def _shard_of(path: Path, meta: dict) -> dict | None:
+    """A part's --shard record, checked: a malformed one is a usage error, not a traceback."""
+    shard = meta.get("shard")
+    if shard is None:
+        return None
+    ok = (isinstance(shard, dict) and all(isinstance(shard.get(k), int) and not isinstance(shard.get(k), bool)
+                                          for k in ("index", "count", "sliced_out"))
+          and isinstance(shard.get("specs"), list) and all(isinstance(i, str) for i in shard["specs"]))
+    if not ok or not 1 <= shard["index"] <= shard["count"]:
+        raise UsageError(f"{path}: malformed results file: shard must hold index and count (1 <= index <= count), "
+                         "sliced_out and specs (a list of ids)")
+    return shard
+
+
 def merge_documents(paths: list[Path]) -> tuple[dict[str, Any], list[SpecReport]]:
-    """One results document from several: counts recomputed, complete only when every part is (and, for
-    --shard runs, every shard is there). Specs of --shard runs come in the collection order of a single
-    run; others in the order given (a spec in two files: the later one). The exit status is what one run
-    would have had: an interruption, internal or usage error first, then a failure, and "no specs" (5)
-    only when no part ran any."""
+    """One results document from several: counts recomputed, and complete only when every part is and,
+    for --shard runs, every shard of one suite is there with a result for every spec (``missing`` says
+    what is not). Specs of --shard runs come in the collection order of a single run; others in the order
+    given (a spec in two files: the later one). The exit status is what one run would have had: an
+    interruption, internal or usage error first, then a failure (a failed spec of a part that never
+    finished counts), and "no specs" (5) only when no part ran any."""
+    from sft_spec.session import _is_failure
+
     from .report_files import case_outcome_counts
 
-    metas, by_id = [], {}
+    metas, by_id, missing = [], {}, []
     for path in paths:
         meta, reports = load_document(path)
-        metas.append(meta)
+        metas.append((path, meta, _shard_of(path, meta)))
         for report in reports:
             by_id[report.nodeid] = report
-    shards = [m["shard"] for m in metas if isinstance(m.get("shard"), dict)]
-    order = {nodeid: i for i, nodeid in enumerate(shards[0].get("specs", []))} if shards else {}
+        if not meta.get("complete") or not isinstance(meta.get("exitstatus"), int):
+            missing.append(f"{path} is incomplete: its run did not finish")
+    shards = [shard for _, _, shard in metas if shard is not None]
+    order: dict[str, int] = {}
+    if shards:
+        first = shards[0]
+        order = {nodeid: i for i, nodeid in enumerate(first["specs"])}
+        if len(shards) != len(metas):
+            missing.append("some files are --shard parts and some are not")
+        if any(s["count"] != first["count"] or s["specs"] != first["specs"] for s in shards):
+            missing.append("the files are shards of different suites or splits (their spec lists differ)")
+        seen = {s["index"] for s in shards}
+        missing += [f"shard {i}/{first['count']}" for i in range(1, first["count"] + 1) if i not in seen]
+        missing += [f"{nodeid} has no result" for nodeid in first["specs"] if nodeid not in by_id]
     reports = sorted(by_id.values(), key=lambda r: order.get(r.nodeid, -1)) if order else list(by_id.values())
-    meta = dict(metas[0])
-    statuses = {m.get("exitstatus") for m in metas if isinstance(m.get("exitstatus"), int)}
+    statuses = {m.get("exitstatus") for _, m, _ in metas if isinstance(m.get("exitstatus"), int)}
     ran = statuses - {5}
     worst = [s for s in (2, 3, 4) if s in ran]
-    exitstatus = max(worst) if worst else 1 if 1 in ran else 5 if statuses == {5} else 0
-    missing: list[str] = []
-    if shards:
-        count = shards[0]["count"]
-        seen = {s.get("index") for s in shards}
-        missing = [f"{i}/{count}" for i in range(1, count + 1) if i not in seen]
-        if len(shards) != len(metas) or {s.get("count") for s in shards} != {count}:
-            missing.append("(the files are not the shards of one --shard N split)")
-    deselected = ((metas[0].get("summary") or {}).get("deselected", 0) - shards[0].get("sliced_out", 0)
-                  if shards else 0)
+    failed = 1 in ran or any(_is_failure(r) for r in reports)
+    exitstatus = max(worst) if worst else 1 if failed else 5 if statuses == {5} else 0
+    meta = dict(metas[0][1])
     meta.pop("shard", None)
-    meta.update(complete=all(m.get("complete") for m in metas) and not missing, exitstatus=exitstatus,
-                merged_from=[str(p) for p in paths], **({"missing_shards": missing} if missing else {}),
+    deselected = (meta.get("summary") or {}).get("deselected", 0) - shards[0]["sliced_out"] if shards else 0
+    meta.update(complete=not missing, exitstatus=exitstatus, merged_from=[str(p) for p in paths],
+                **({"missing": missing} if missing else {}),
                 summary={"outcomes": case_outcome_counts(reports), "specs": len(reports),
-                         "deselected": max(0, deselected),
-                         "duration": sum((m.get("summary") or {}).get("duration", 0) for m in metas)})
+                         "deselected": max(0, deselected) if isinstance(deselected, int) else 0,
+                         "duration": sum((m.get("summary") or {}).get("duration", 0) for _, m, _ in metas)})
     return meta, reports
 
 
@@ -201,9 +224,8 @@ def _run_report(options, pluginmanager) -> int:
     if bool(options.merge) == bool(options.results):
         raise UsageError("give one RESULTS.json, or --merge A.json B.json ...")
     meta, reports = merge_documents(options.merge) if options.merge else load_document(options.results)
-    if meta.get("missing_shards"):
-        print(f"warning: shards missing from the merge: {', '.join(meta['missing_shards'])}; the merged "
-              "report is marked incomplete", file=sys.stderr)
+    for problem in meta.get("missing", []) if options.merge else []:
+        print(f"warning: {problem}: the merged report is marked incomplete", file=sys.stderr)
     if options.json_path:
         write_document(options.json_path, {**meta, "specs": [r.to_dict() for r in reports]})
         print(f"JSON results: {options.json_path}")
@@ -219,6 +241,8 @@ def _run_report(options, pluginmanager) -> int:
 
         atomic_write_text(options.junitxml_path, render_junitxml(reports, meta))
         print(f"JUnit XML report: {options.junitxml_path}")
+    if options.merge:  # the gate of a split suite: one run's exit status, and a failure when a part is missing
+        return int(meta["exitstatus"]) or (1 if meta.get("missing") else 0)
     return 0
 
 

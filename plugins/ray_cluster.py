@@ -232,7 +232,8 @@ def run_on_ray(session: Session, ray, address: str) -> None:
         import secrets
 
         os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
-    init = {"runtime_env": runtime_env, "log_to_driver": False, "logging_level": "warning",
+    # "local" said explicitly: without an address ray.init() joins a cluster `ray start` left running.
+    init = {"address": "local", "runtime_env": runtime_env, "log_to_driver": False, "logging_level": "warning",
             "include_dashboard": False} if address == "local" else {"address": address, "runtime_env": runtime_env,
                                                                    "log_to_driver": False, "logging_level": "warning"}
     try:
@@ -262,11 +263,9 @@ def run_on_ray(session: Session, ray, address: str) -> None:
             actor = worker_class.options(num_cpus=max(n.cpus for n in needs), num_gpus=max(n.gpus for n in needs),
                                          **({"memory": memory} if memory else {})).remote(dataclasses.asdict(setup))
             actors.append(actor)
-            node_of[actor] = actor.node.remote()  # answered before its first spec: known if it dies in it
             return actor
 
         running: dict[Any, tuple[Any, list[int], int]] = {}  # ref -> (actor, its queue, index)
-        node_of: dict[Any, Any] = {}  # actor -> a ref to the address of the node it was placed on
 
         def submit(actor, queue: list[int]) -> None:
             if queue and not session.shouldstop:
@@ -285,7 +284,7 @@ def run_on_ray(session: Session, ray, address: str) -> None:
                     results[index] = report_from_dict(ray.get(ref))
                 except ray.exceptions.RayActorError as exc:  # the worker process or its node went away
                     results[index] = error_report(items[index], f"the Ray worker running this spec died: "
-                                                  f"{_node_name(ray, node_of.get(actor), exc)}{_first_line(exc)}",
+                                                  f"{_node_of(exc)}{_first_line(exc)}",
                                                   kind="crash")
                     actor = start(queue) if queue else actor  # a fresh worker for the rest of its queue
                 except ray.exceptions.RayTaskError as exc:
@@ -324,24 +323,16 @@ def _kill(ray, actor) -> None:
         pass
 
 
-def _node_name(ray, node_ref, exc: BaseException) -> str:
-    """The node a dead worker was on: as it said when it started, else from Ray's error."""
-    try:
-        ip = ray.get(node_ref, timeout=5) if node_ref is not None else ""
-    except Exception:  # noqa: BLE001 - it died before it could say
-        ip = ""
-    return f"on node {ip}: " if ip else _node_of(exc)
-
-
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[-1] if text else type(exc).__name__
 
 
 def _node_of(exc: BaseException) -> str:
-    ip = getattr(getattr(exc, "_actor_death_cause", None), "node_ip_address", None) or ""
-    match = re.search(r"node[_ ]?(?:ip|IP)[^0-9]*([0-9.]+)", str(exc))
-    ip = ip or (match.group(1) if match else "")
+    """The node in Ray's own error: ActorDiedError's "ip:" line, or a "Worker IP address:" / "node_ip" note."""
+    match = re.search(r"^\s*ip: ([0-9a-fA-F.:]+)|IP address: ([0-9.]+)|node[_ ]?(?:ip|IP)[^0-9]*([0-9.]+)", str(exc),
+                      re.MULTILINE)
+    ip = next((g for g in match.groups() if g), "") if match else ""
     return f"on node {ip}: " if ip else ""
 
 
@@ -375,11 +366,6 @@ class SpecWorker:
         self.session = _worker_session(WorkerSetup(**setup), select=False)
         self.by_place = {(Path(i.path).resolve().relative_to(root).as_posix(), i.nodeid.split("::", 1)[1]): i
                          for i in self.session.items}
-
-    def node(self) -> str:
-        import ray
-
-        return _this_node(ray)[1]
 
     def run(self, path: str, name: str, selected: list[str], driver_nodeid: str, driver_path: str) -> dict:
         import json

@@ -114,6 +114,11 @@ def _csv(text: str, shown: str) -> list[Row]:
     reader = csv.DictReader(io.StringIO(text, newline=""))
     rows = []
     try:
+        header = reader.fieldnames or []
+        twice = sorted({name for name in header if header.count(name) > 1})
+        if twice:  # DictReader would keep the last column of a name, and drop the others' cells in silence
+            raise SpecError(f"the header names the column{'s' if len(twice) > 1 else ''} "
+                            f"{', '.join(map(repr, twice))} twice", Location(shown, 1))
         for row in reader:
             if None in row:  # more cells than the header names
                 raise SpecError(f"row has {len(reader.fieldnames or []) + len(row[None])} cells, the header "
@@ -134,6 +139,11 @@ def _parquet(raw: bytes, shown: str) -> list[Row]:
 
     rows: list[Row] = []
     try:
+        names = pq.ParquetFile(pyarrow.BufferReader(raw)).schema_arrow.names
+        twice = sorted({name for name in names if names.count(name) > 1})
+        if twice:  # to_pylist would keep one column of a name, and drop the others in silence
+            raise SpecError(f"the file has the column{'s' if len(twice) > 1 else ''} "
+                            f"{', '.join(map(repr, twice))} twice", Location(shown))
         # Batch by batch: a whole table's to_pylist() holds Arrow's buffers and every Python row at once.
         for batch in pq.ParquetFile(pyarrow.BufferReader(raw)).iter_batches(batch_size=4096):
             # Parquet has no lines: a row is located by its number, as "row N".

@@ -280,3 +280,73 @@ def test_plain_text_is_not_warned_about_an_end_of_turn_it_cannot_have(sft, tmp_p
     assert result.code == 0, result.out
     assert result.recorder.reports[0].mask.trained_tokens < result.recorder.reports[0].mask.total_tokens
     assert not [n for n in result.recorder.reports[0].notes if "end-of-turn" in n]
+
+
+def test_a_saved_folders_metadata_cannot_climb_out_through_a_link_to_the_spec_folder(sft, tmp_path):
+    import os
+
+    spec_folder = tmp_path / "spec"
+    spec_folder.mkdir()
+    write(tmp_path, "outside", [{"text": "SECRET"}])
+    write(spec_folder, "data", ROWS)
+    # "up" links to the spec folder itself (inside: allowed), so "up/../outside" looks inside as text and
+    # is the spec folder's parent on disk.
+    os.symlink(spec_folder, spec_folder / "data" / "up")
+    (spec_folder / "data" / "dataset_dict.json").write_text(json.dumps({"splits": ["up/../outside/train"]}))
+    result = _validate(sft, spec_folder, "{path: data, split: 'up/../outside/train'}")
+    assert result.code == 1 and "is outside the spec directory" in result.out, result.out
+
+
+@pytest.mark.parametrize("name", ["dup.csv", "dup.parquet"])
+def test_a_column_named_twice_is_an_error_not_a_dropped_cell(sft, tmp_path, name):
+    if name.endswith(".csv"):
+        (tmp_path / name).write_text("prompt,completion,completion\n微调测试,WRONG,我学会了\n", encoding="utf-8")
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        table = pa.Table.from_arrays([pa.array(["微调测试"]), pa.array(["WRONG"]), pa.array(["我学会了"])],
+                                     names=["prompt", "completion", "completion"])
+        pq.write_table(table, tmp_path / name)
+    result = _validate(sft, tmp_path, f"{{path: {name}}}")
+    assert result.code == 1 and "'completion' twice" in result.out, result.out
+
+
+def _cache_as_hub_dataset(cache, rows: list[dict], hub_id: str) -> None:
+    """What `datasets` leaves in its cache after load_dataset(hub_id) where the hub is reachable: the
+    prepared Arrow files under OWNER___NAME/CONFIG/VERSION/HASH. Made offline from a local file."""
+    import glob
+    import os
+    import shutil
+
+    import datasets
+
+    cache.mkdir(parents=True, exist_ok=True)
+    (cache / "src.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    datasets.load_dataset("json", data_files={"train": str(cache / "src.jsonl")}, cache_dir=str(cache / "prep"))
+    prepared = glob.glob(str(cache / "prep" / "json" / "*" / "*" / "*"))[0]
+    owner, name = hub_id.split("/")
+    target = cache / f"{owner}___{name}" / "default" / "0.0.0" / os.path.basename(prepared)
+    shutil.copytree(prepared, target)
+    info = json.loads((target / "dataset_info.json").read_text())
+    info.update(builder_name=name, dataset_name=name, config_name="default")
+    (target / "dataset_info.json").write_text(json.dumps(info))
+    for arrow in target.glob("*.arrow"):
+        arrow.rename(target / arrow.name.replace("json-", f"{name}-"))
+
+
+def test_a_hub_dataset_in_the_local_cache_trains_offline(sft, tmp_path, monkeypatch):
+    import datasets
+
+    _cache_as_hub_dataset(tmp_path / "hf-datasets", ROWS, "someone/tiny-set")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-datasets")
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "spec"
+    folder.mkdir()
+    text = SPEC.format(epochs=30, source="", rest=EXPECT).replace(
+        "  files: []\n", "  dataset: {path: someone/tiny-set, split: train}\n")
+    (folder / "s.sft.yaml").write_text(text, encoding="utf-8")
+    result = sft("run", folder / "s.sft.yaml", "--no-cache")
+    assert result.code == 0, result.out
+    report = result.recorder.reports[0]
+    assert report.mask.examples == len(ROWS) and report.expectations[0].outcome == "passed"

@@ -139,3 +139,28 @@ def test_a_spec_written_to_another_folder_keeps_its_data_paths_right(sft, projec
     assert moved.code == 0, moved.out + moved.err
     assert yaml.safe_load((project / "y.sft.yaml").read_text(encoding="utf-8"))["data"]["files"] == [
         {"path": "nested/data/train.jsonl"}]
+
+
+def test_blank_keys_hub_data_files_local_folders_and_bad_shapes(sft, project):
+    (project / "blank.yml").write_text(
+        "base_model: builtin:tiny-gemma\nadapter: lora\nlora_r: 8\nlora_alpha: 16\nlora_target_linear: true\n"
+        "datasets:\n  - path: data/train.jsonl\n    type: chat_template\n    roles: [user, assistant]\n"
+        "  - path: someone/hub-set\n    data_files: [train-00000.jsonl]\n"
+        "fp16:\nmax_steps:\nseed:\nnum_epochs: 1\n", encoding="utf-8")
+    result = sft("import", "axolotl", project / "blank.yml")
+    text = (project / "blank.sft.yaml").read_text(encoding="utf-8")
+    for key in ("fp16", "max_steps", "seed"):  # blank in YAML: axolotl's default, named, never copied as null
+        assert f"# {key}: null  # not carried: left blank" in text, text
+    assert "# datasets[0].roles:" in text and "# data_files:" in text, text
+    assert "Traceback" not in result.out + result.err
+    (project / "folder").mkdir()
+    shutil.copy(project / "data" / "train.jsonl", project / "folder" / "part1.jsonl")
+    shutil.copy(project / "data" / "train.jsonl", project / "folder" / "part2.jsonl")
+    (project / "dir.yaml").write_text("model_name_or_path: builtin:tiny-gemma\ndataset_name: folder\n"
+                                      "num_train_epochs: 1\n", encoding="utf-8")
+    result = sft("import", "trl", project / "dir.yaml")
+    assert result.code == 0, result.out + result.err  # a folder of data files, as load_dataset reads it
+    spec = yaml.safe_load((project / "dir.sft.yaml").read_text(encoding="utf-8"))
+    assert spec["data"]["files"] == [{"path": "folder/part1.jsonl"}, {"path": "folder/part2.jsonl"}]
+    taken = sft("import", "trl", project / "dir.yaml", "-o", project / "folder")
+    assert taken.code == 4 and "is a folder" in taken.err

@@ -36,11 +36,12 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    """A two-node local cluster, one CPU each, and one GPU (a label only: Ray places by it, torch never sees a
-    device) on the head; stopped (and every Ray process with it) at the end."""
+    """A two-node local cluster, one CPU and 2 GB of (Ray's, logical) memory each, and one GPU (a label only:
+    Ray places by it, torch never sees a device) on the head; stopped (and every Ray process with it) at the
+    end."""
     port = _free_port()
     ray = str(BIN / "ray")
-    common = ["--node-ip-address=127.0.0.1", "--num-cpus=1", "--disable-usage-stats"]
+    common = ["--node-ip-address=127.0.0.1", "--num-cpus=1", "--memory=2000000000", "--disable-usage-stats"]
     subprocess.run([ray, "start", "--head", f"--port={port}", "--include-dashboard=false", "--num-gpus=1", *common],
                    env=ENV,
                    check=True, capture_output=True, timeout=120)
@@ -146,6 +147,37 @@ def test_specs_of_two_base_models_that_each_need_the_one_gpu_take_turns(cluster,
     done = sft_spec("run", "specs/", "--ray", cluster, "--no-cache", cwd=root, timeout=300,
                     env={"SFT_SPEC_CACHE": str(tmp_path / "cache")})
     assert done.returncode == 0 and "2 passed" in done.stdout, done.stdout + done.stderr
+
+
+def test_a_worker_whose_specs_are_done_makes_room_for_one_still_waiting(cluster, tmp_path):
+    # 1.2 GB each: the cluster's 4 GB and 2 CPUs count three workers at once, but each node holds one. The
+    # third is placed only when a worker that has finished is ended (kept alive, it holds its node for ever).
+    needs = "    resources: {cpus: 0.5, memory: 1.2GB}\n"
+    root = project(tmp_path, {name: SPEC.format(epochs=2) + needs for name in ("a", "b", "c")})
+    done = sft_spec("run", "specs/", "--ray", cluster, "--no-cache", cwd=root, timeout=300,
+                    env={"SFT_SPEC_CACHE": str(tmp_path / "cache")})
+    assert done.returncode == 0 and "3 passed" in done.stdout, done.stdout + done.stderr
+
+
+def test_ray_without_an_address_starts_a_cluster_of_its_own_and_leaves_no_token_behind(cluster, tmp_path):
+    # The fixture's cluster is running: --ray with no address must not join it. And a new local cluster
+    # turns on Ray's token authentication: its token must not land in ~/.ray, where every later
+    # `ray start` would pick it up.
+    root = project(tmp_path, {"a": SPEC.format(epochs=2)})
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {k: v for k, v in ENV.items() if k != "RAY_AUTH_MODE"}
+    done = subprocess.run([str(BIN / "sft-spec"), "run", "specs/", "--ray", "--json", str(tmp_path / "r.json"),
+                           "--no-cache"], cwd=root, capture_output=True, text=True, timeout=300,
+                          env={**env, "HOME": str(home), "SFT_SPEC_CACHE": str(tmp_path / "cache")})
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert not (home / ".ray" / "auth_token").exists()
+    node = json.loads((tmp_path / "r.json").read_text(encoding="utf-8"))["specs"][0]["metrics"]["ray_node"]
+    script = (f"import ray; ray.init(address={cluster!r}, logging_level='error'); "
+              "print([n['NodeID'] for n in ray.nodes()])")
+    listed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=ENV, timeout=120)
+    assert listed.returncode == 0 and listed.stdout.count("'") == 4, listed.stdout + listed.stderr  # two node ids
+    assert node and node not in listed.stdout
 
 
 def test_a_shard_on_the_cluster_runs_the_slice_a_local_shard_runs(cluster, tmp_path):

@@ -52,7 +52,7 @@ def test_shards_merge_into_what_one_run_gives(sft, suite, tmp_path):
     assert {p.code for p in parts} == {1}  # every shard reports the broken file; c fails in one of them
     merged = sft("report", "--merge", *(tmp_path / f"part{i}.json" for i in (3, 1, 2)), "--json", tmp_path / "m.json",
                  "--html", tmp_path / "m.html")
-    assert merged.code == 0, merged.out + merged.err
+    assert merged.code == whole.code == 1, merged.out + merged.err  # the merge gates as one run would
     assert specs_of(tmp_path / "m.json") == single  # collection order, whatever order the parts are given in
     doc, one = (json.loads((tmp_path / n).read_text(encoding="utf-8")) for n in ("m.json", "whole.json"))
     assert doc["summary"]["outcomes"] == one["summary"]["outcomes"]
@@ -65,9 +65,54 @@ def test_a_missing_shard_makes_the_merge_incomplete_and_is_said(sft, suite, tmp_
     for i in (1, 3):
         sft("run", suite, "--no-cache", "--shard", f"{i}/3", "--json", tmp_path / f"part{i}.json")
     merged = sft("report", "--merge", tmp_path / "part1.json", tmp_path / "part3.json", "--json", tmp_path / "m.json")
-    assert "shards missing from the merge: 2/3" in merged.err
+    assert "warning: shard 2/3: the merged report is marked incomplete" in merged.err
     doc = json.loads((tmp_path / "m.json").read_text(encoding="utf-8"))
-    assert doc["complete"] is False and doc["missing_shards"] == ["2/3"]
+    assert doc["complete"] is False and doc["missing"][0] == "shard 2/3"
+    assert any(m.endswith("has no result") for m in doc["missing"])
+    assert merged.code == 1  # a merge step in CI fails when a part is missing
+
+
+def _killed(path, keep: int) -> None:
+    """The file a run killed mid-way (SIGKILL, OOM, preemption) leaves: no exit status, not complete."""
+    doc = json.loads(path.read_text(encoding="utf-8"))
+    doc.update(complete=False, exitstatus=None, specs=doc["specs"][:keep])
+    path.write_text(json.dumps(doc), encoding="utf-8")
+
+
+def test_a_part_that_never_finished_still_fails_the_merge_and_is_named(sft, suite, tmp_path):
+    for i in (1, 2):
+        sft("run", suite, "--no-cache", "-k", "not broken", "--shard", f"{i}/2", "--json", tmp_path / f"p{i}.json")
+    failing = next(i for i in (1, 2) if any(s["outcome"] == "failed" for s in
+                                            json.loads((tmp_path / f"p{i}.json").read_text())["specs"]))
+    doc = json.loads((tmp_path / f"p{failing}.json").read_text())
+    keep = 1 + [s["outcome"] for s in doc["specs"]].index("failed")  # killed just after its failed spec
+    _killed(tmp_path / f"p{failing}.json", keep)
+    merged = sft("report", "--merge", tmp_path / "p1.json", tmp_path / "p2.json", "--json", tmp_path / "m.json")
+    doc = json.loads((tmp_path / "m.json").read_text(encoding="utf-8"))
+    assert (doc["exitstatus"], doc["complete"], merged.code) == (1, False, 1)
+    assert f"p{failing}.json is incomplete: its run did not finish" in merged.err
+
+
+def test_shards_of_different_suites_do_not_merge_as_complete(sft, suite, tmp_path):
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "x.sft.yaml").write_text(SPEC.format(loss="100.0", rest=""), encoding="utf-8")
+    sft("run", suite, "--no-cache", "--shard", "1/2", "--json", tmp_path / "s1.json")
+    sft("run", other, "--no-cache", "--shard", "2/2", "--json", tmp_path / "o2.json")
+    merged = sft("report", "--merge", tmp_path / "s1.json", tmp_path / "o2.json", "--json", tmp_path / "m.json")
+    assert "shards of different suites" in merged.err and merged.code == 1
+
+
+@pytest.mark.parametrize("shard", [{}, {"index": 1, "count": "2", "specs": [], "sliced_out": 0},
+                                   {"index": 1, "count": 2, "specs": [["x"]], "sliced_out": 0},
+                                   {"index": 3, "count": 2, "specs": [], "sliced_out": 0}])
+def test_a_malformed_shard_record_is_a_usage_error(sft, suite, tmp_path, shard):
+    sft("run", suite, "--no-cache", "-k", "a", "--shard", "1/2", "--json", tmp_path / "p.json")
+    doc = json.loads((tmp_path / "p.json").read_text(encoding="utf-8"))
+    doc["shard"] = shard
+    (tmp_path / "bad.json").write_text(json.dumps(doc), encoding="utf-8")
+    merged = sft("report", "--merge", tmp_path / "bad.json", "--json", tmp_path / "m.json")
+    assert merged.code == 4 and "malformed results file: shard" in merged.err, merged.err
 
 
 def test_a_shard_with_no_spec_in_it_passes_and_says_why(sft, tmp_path):
