@@ -177,7 +177,7 @@ def merge_documents(paths: list[Path]) -> tuple[dict[str, Any], list[SpecReport]
     given (a spec in two files: the later one). The exit status is what one run would have had: an
     interruption, internal or usage error first, then a failure (a failed spec of a part that never
     finished counts), and "no specs" (5) only when no part ran any."""
-    from sft_spec.session import _is_failure
+    from sft_spec.session import is_failure
 
     from .report_files import case_outcome_counts
 
@@ -205,7 +205,7 @@ def merge_documents(paths: list[Path]) -> tuple[dict[str, Any], list[SpecReport]
     statuses = {m.get("exitstatus") for _, m, _ in metas if isinstance(m.get("exitstatus"), int)}
     ran = statuses - {5}
     worst = [s for s in (2, 3, 4) if s in ran]
-    failed = 1 in ran or any(_is_failure(r) for r in reports)
+    failed = 1 in ran or any(is_failure(r) for r in reports)
     exitstatus = max(worst) if worst else 1 if failed else 5 if statuses == {5} else 0
     meta = dict(metas[0][1])
     meta.pop("shard", None)

@@ -96,7 +96,7 @@ class Session:
                                  self.call_each(self.hook.sft_spec_log_report, report=report, session=self)]
         if report.outcome == "interrupted":
             self.interrupted = True
-        if _is_failure(report):
+        if is_failure(report):
             self.failures += 1
             maxfail = self.config.getoption("maxfail") or 0
             if maxfail and self.failures >= maxfail and not self.shouldstop:
@@ -109,12 +109,12 @@ class Session:
             return ExitCode.INTERNAL_ERROR
         if not self.reports and not self.items:
             return ExitCode.OK if self.empty_ok else ExitCode.NO_TESTS_COLLECTED
-        if any(_is_failure(r) for r in self.reports):
+        if any(is_failure(r) for r in self.reports):
             return ExitCode.TESTS_FAILED
         return ExitCode.OK
 
 
-def _is_failure(report: SpecReport) -> bool:
+def is_failure(report: SpecReport) -> bool:
     return report.outcome in ("failed", "error", "interrupted") or (
         report.outcome == "xpassed" and bool(report.metrics.get("xfail_strict")))
 
