@@ -122,6 +122,13 @@ def _read_jsonl(target: Path, shown: str) -> list[tuple[Any, Location]]:
     return rows
 
 
+def _resolved(path: Path, shown: str) -> Path:
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError) as exc:  # a symlink loop
+        raise SpecError(f"{shown}: {path.name} cannot be resolved: {exc}") from None
+
+
 def check_saved_folder(folder: Path, target: Path, shown: str) -> None:
     """Every file of a ``save_to_disk`` folder, and every file and split its JSON metadata names, lies inside
     the spec's folder: ``state.json`` lists its Arrow files by relative name and ``dataset_dict.json`` its
@@ -130,7 +137,8 @@ def check_saved_folder(folder: Path, target: Path, shown: str) -> None:
         here = Path(directory)
         # Resolved before relpath: "up/../x" through a link "up" to the spec folder is the folder's parent.
         for name in subfolders + files:
-            check_inside(folder, os.path.relpath((here / name).resolve(), Path(folder).resolve()), f"{shown}: file")
+            check_inside(folder, os.path.relpath(_resolved(here / name, shown), Path(folder).resolve()),
+                         f"{shown}: file")
         named = []
         for meta in ("state.json", "dataset_dict.json"):
             if meta in files:
@@ -140,7 +148,7 @@ def check_saved_folder(folder: Path, target: Path, shown: str) -> None:
                 except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
                     raise SpecError(f"{shown}: {meta} is not a datasets metadata file ({type(exc).__name__})") from None
         for name in named:
-            check_inside(folder, os.path.relpath((here / str(name)).resolve(), Path(folder).resolve()),
+            check_inside(folder, os.path.relpath(_resolved(here / str(name), shown), Path(folder).resolve()),
                          f"{shown}: {name!r} (in its metadata)")
 
 

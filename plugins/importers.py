@@ -59,11 +59,15 @@ class Draft:
         self.notes: list[str] = []
 
     def blank(self, config: dict) -> dict:
-        """The config without its blank keys (YAML's ``key:`` with no value: the tool's default), each named."""
+        """The config without its blank keys (YAML's ``key:`` with no value: the tool's default) and its
+        quantization flags set to false (the default), each named."""
         for key, value in config.items():
             if value is None:
                 self.drop(key, value, "left blank: the default is used")
-        return {k: v for k, v in config.items() if v is not None}
+            elif key in ("load_in_4bit", "load_in_8bit") and value is False:
+                self.drop(key, value, "false is the default: the base is not loaded quantized by it")
+        return {k: v for k, v in config.items() if v is not None and not (
+            k in ("load_in_4bit", "load_in_8bit") and v is False)}
 
     def drop(self, key: str, value: Any, why: str) -> None:
         self.dropped.append(f"{key}: {json.dumps(value, ensure_ascii=False, default=str)}  # not carried: {why}")
@@ -105,6 +109,24 @@ def _entry_leftovers(draft: Draft, where: str, entry: dict, known: set[str] = DA
             draft.drop(f"{where}.{key}", value, DATASET_ENTRY_WHY.get(key, "no counterpart in sft-spec's data: reader"))
 
 
+def _saved(folder: Path) -> bool:
+    return any((folder / meta).exists() for meta in ("state.json", "dataset_dict.json"))
+
+
+def _data_files_in(folder: Path, shown: Path) -> list[str]:
+    """A folder of data files as ``load_dataset(folder)`` reads it: each data file, hidden paths (``.x``,
+    ``_x``) left out, and a folder saved with ``save_to_disk`` inside it as one entry."""
+    found = []
+    for entry in sorted(folder.iterdir()):
+        if entry.name.startswith((".", "_")):
+            continue
+        if entry.is_dir():
+            found += [str(shown / entry.name)] if _saved(entry) else _data_files_in(entry, shown / entry.name)
+        elif entry.suffix in (".jsonl", ".json", ".csv", ".parquet", ".arrow"):
+            found.append(str(shown / entry.name))
+    return found
+
+
 def _data_source(draft: Draft, folder: Path, path: str, name: str | None, split: str | None,
                  data_files: Any, extra: dict) -> None:
     """A dataset of the config: a local file (kept if it lies in the spec's folder) or a hub dataset."""
@@ -124,11 +146,7 @@ def _data_source(draft: Draft, folder: Path, path: str, name: str | None, split:
         return
     local = (folder / path)
     if local.exists():
-        saved = any((local / meta).exists() for meta in ("state.json", "dataset_dict.json"))
-        # A folder of data files (what load_dataset reads from a folder): each file, as data.files does.
-        listed = sorted(str(Path(path) / p.relative_to(local)) for p in local.rglob("*")
-                        if p.suffix in (".jsonl", ".json", ".csv", ".parquet", ".arrow")) \
-            if local.is_dir() and not saved else [path]
+        listed = _data_files_in(local, Path(path)) if local.is_dir() and not _saved(local) else [path]
         for file in listed:
             draft.spec.setdefault("data", {}).setdefault("files", []).append({"path": file, **extra})
         for key, value in (("name", name), ("data_files", data_files)):
@@ -281,6 +299,8 @@ def import_axolotl(config: dict, source: Path) -> Draft:
     if adapter in ("lora", "qlora"):
         targets = config.get("lora_target_modules")
         if config.get("lora_target_linear"):
+            if targets:
+                draft.drop("lora_target_modules", targets, "lora_target_linear: true targets every linear layer")
             targets = "all-linear"
         spec["lora"] = {k: v for k, v in (("r", config.get("lora_r")), ("lora_alpha", config.get("lora_alpha")),
                                           ("lora_dropout", config.get("lora_dropout")), ("target_modules", targets),

@@ -181,8 +181,12 @@ def merge_documents(paths: list[Path]) -> tuple[dict[str, Any], list[SpecReport]
 
     from .report_files import case_outcome_counts
 
-    metas, by_id, missing = [], {}, []
+    metas, by_id, missing, seen_paths = [], {}, [], set()
     for path in paths:
+        if Path(path).resolve() in seen_paths:
+            print(f"warning: {path} is given twice: read once", file=sys.stderr)
+            continue
+        seen_paths.add(Path(path).resolve())
         meta, reports = load_document(path)
         metas.append((path, meta, _shard_of(path, meta)))
         for report in reports:
@@ -203,11 +207,13 @@ def merge_documents(paths: list[Path]) -> tuple[dict[str, Any], list[SpecReport]
         missing += [f"{nodeid} has no result" for nodeid in first["specs"] if nodeid not in by_id]
     reports = sorted(by_id.values(), key=lambda r: order.get(r.nodeid, -1)) if order else list(by_id.values())
     statuses = {m.get("exitstatus") for _, m, _ in metas if isinstance(m.get("exitstatus"), int)}
-    ran = statuses - {5}
-    worst = [s for s in (2, 3, 4) if s in ran]
-    failed = 1 in ran or any(is_failure(r) for r in reports)
-    exitstatus = max(worst) if worst else 1 if failed else 5 if statuses == {5} else 0
+    # As Session.exitstatus orders them: interrupted, internal error, usage error, then a failure among
+    # the merged reports (a spec in two files counts as its later report).
+    worst = next((s for s in (2, 3, 4) if s in statuses), None)
+    failed = any(is_failure(r) for r in reports)
+    exitstatus = worst if worst is not None else 1 if failed else 5 if statuses == {5} else 0
     meta = dict(metas[0][1])
+    meta["interrupted"] = any(m.get("interrupted") for _, m, _ in metas)
     meta.pop("shard", None)
     deselected = (meta.get("summary") or {}).get("deselected", 0) - shards[0]["sliced_out"] if shards else 0
     meta.update(complete=not missing, exitstatus=exitstatus, merged_from=[str(p) for p in paths],

@@ -115,7 +115,8 @@ def _csv(text: str, shown: str) -> list[Row]:
     rows = []
     try:
         header = reader.fieldnames or []
-        twice = sorted({name for name in header if header.count(name) > 1})
+        # Unnamed columns (a spreadsheet's empty trailing ones) hold nothing a layout reads.
+        twice = sorted({name for name in header if name and header.count(name) > 1})
         if twice:  # DictReader would keep the last column of a name, and drop the others' cells in silence
             raise SpecError(f"the header names the column{'s' if len(twice) > 1 else ''} "
                             f"{', '.join(map(repr, twice))} twice", Location(shown, 1))

@@ -350,3 +350,18 @@ def test_a_hub_dataset_in_the_local_cache_trains_offline(sft, tmp_path, monkeypa
     assert result.code == 0, result.out
     report = result.recorder.reports[0]
     assert report.mask.examples == len(ROWS) and report.expectations[0].outcome == "passed"
+
+
+def test_a_symlink_loop_inside_a_saved_folder_is_an_error_for_its_spec(sft, tmp_path):
+    import os
+
+    write(tmp_path, "saved", ROWS)
+    os.symlink("loopy", tmp_path / "saved" / "loopy")
+    result = _validate(sft, tmp_path, "{path: saved, split: train}")
+    assert result.code == 1 and "cannot be resolved" in result.out, result.out + result.err
+    assert "INTERNALERROR" not in result.out + result.err
+
+
+def test_a_spreadsheets_empty_trailing_columns_are_not_columns_named_twice(sft, tmp_path):
+    (tmp_path / "t.csv").write_text("prompt,completion,,\n微调测试,我学会了,,\n", encoding="utf-8")
+    assert _validate(sft, tmp_path, "{path: t.csv}").code == 0

@@ -164,3 +164,26 @@ def test_blank_keys_hub_data_files_local_folders_and_bad_shapes(sft, project):
     assert spec["data"]["files"] == [{"path": "folder/part1.jsonl"}, {"path": "folder/part2.jsonl"}]
     taken = sft("import", "trl", project / "dir.yaml", "-o", project / "folder")
     assert taken.code == 4 and "is a folder" in taken.err
+
+
+def test_a_local_folder_is_read_as_load_dataset_reads_it_and_overridden_keys_are_named(sft, project):
+    import datasets
+
+    folder = project / "parts"
+    (folder / ".ipynb_checkpoints").mkdir(parents=True)
+    shutil.copy(project / "data" / "train.jsonl", folder / "a.jsonl")
+    shutil.copy(project / "data" / "train.jsonl", folder / ".ipynb_checkpoints" / "a-checkpoint.jsonl")
+    shutil.copy(project / "data" / "train.jsonl", folder / "_scratch.jsonl")
+    datasets.Dataset.from_list([{"messages": [{"role": "user", "content": "微调测试"},
+                                              {"role": "assistant", "content": "我学会了"}]}]).save_to_disk(
+        str(folder / "saved"))
+    (project / "q.yml").write_text(
+        "base_model: builtin:tiny-gemma\nadapter: lora\nload_in_8bit: false\nlora_r: 8\nlora_alpha: 16\n"
+        "lora_target_linear: true\nlora_target_modules: [q_proj, v_proj]\nnum_epochs: 1\n"
+        "datasets:\n  - path: parts\n    type: chat_template\n", encoding="utf-8")
+    result = sft("import", "axolotl", project / "q.yml")
+    assert result.code == 0, result.out + result.err
+    text = (project / "q.sft.yaml").read_text(encoding="utf-8")
+    paths = [f["path"] for f in yaml.safe_load(text)["data"]["files"]]
+    assert paths == ["parts/a.jsonl", "parts/saved"]  # no hidden file, the saved folder as one entry
+    assert "# lora_target_modules:" in text and "# load_in_8bit: false" in text, text

@@ -141,3 +141,31 @@ def test_the_slices_do_not_depend_on_the_order_files_are_found_in(sft, suite, tm
     backward = sft("run", "--co", "-q", *sorted(suite.glob("*.sft.yaml"), reverse=True), "--shard", "1/3").out
     ids = sorted(line for line in forward.splitlines() if "::" in line)
     assert ids and ids == sorted(line for line in backward.splitlines() if "::" in line)
+
+
+def _doc(path, **changes) -> None:
+    doc = json.loads(path.read_text(encoding="utf-8"))
+    doc.update(changes)
+    path.write_text(json.dumps(doc), encoding="utf-8")
+
+
+def test_plain_merges_take_the_later_result_and_one_runs_order_of_exit_statuses(sft, tmp_path):
+    folder = tmp_path / "specs"
+    folder.mkdir()
+    spec = folder / "a.sft.yaml"
+    spec.write_text(SPEC.format(loss="0.0", rest=""), encoding="utf-8")
+    sft("run", folder, "--no-cache", "--json", tmp_path / "failed.json")
+    spec.write_text(SPEC.format(loss="100.0", rest=""), encoding="utf-8")
+    sft("run", folder, "--no-cache", "--json", tmp_path / "fixed.json")
+    # The same spec rerun: the later file's pass replaces the failure, so nothing failed.
+    merged = sft("report", "--merge", tmp_path / "failed.json", tmp_path / "fixed.json", "--json", tmp_path / "m.json")
+    assert merged.code == 0, merged.err
+    again = sft("report", "--merge", tmp_path / "fixed.json", tmp_path / "fixed.json", "--json", tmp_path / "m.json")
+    assert again.code == 0 and "is given twice: read once" in again.err
+    for name, status in (("interrupted.json", 2), ("internal.json", 3)):
+        (tmp_path / name).write_text((tmp_path / "fixed.json").read_text(encoding="utf-8"), encoding="utf-8")
+        _doc(tmp_path / name, exitstatus=status, interrupted=status == 2)
+    both = sft("report", "--merge", tmp_path / "internal.json", tmp_path / "interrupted.json", "--json",
+               tmp_path / "m.json")
+    doc = json.loads((tmp_path / "m.json").read_text(encoding="utf-8"))
+    assert both.code == doc["exitstatus"] == 2 and doc["interrupted"] is True  # as Session.exitstatus: 2 first
