@@ -133,12 +133,12 @@ def check_saved_folder(folder: Path, target: Path, shown: str) -> None:
     """Every file of a ``save_to_disk`` folder, and every file and split its JSON metadata names, lies inside
     the spec's folder: ``state.json`` lists its Arrow files by relative name and ``dataset_dict.json`` its
     splits as folder names, and ``datasets`` follows either (``../``, a symlink) wherever it points."""
+    root = Path(folder).resolve()
     for directory, subfolders, files in os.walk(target):
         here = Path(directory)
         # Resolved before relpath: "up/../x" through a link "up" to the spec folder is the folder's parent.
         for name in subfolders + files:
-            check_inside(folder, os.path.relpath(_resolved(here / name, shown), Path(folder).resolve()),
-                         f"{shown}: file")
+            check_inside(folder, os.path.relpath(_resolved(here / name, shown), root), f"{shown}: file")
         named = []
         for meta in ("state.json", "dataset_dict.json"):
             if meta in files:
@@ -148,7 +148,7 @@ def check_saved_folder(folder: Path, target: Path, shown: str) -> None:
                 except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
                     raise SpecError(f"{shown}: {meta} is not a datasets metadata file ({type(exc).__name__})") from None
         for name in named:
-            check_inside(folder, os.path.relpath(_resolved(here / str(name), shown), Path(folder).resolve()),
+            check_inside(folder, os.path.relpath(_resolved(here / str(name), shown), root),
                          f"{shown}: {name!r} (in its metadata)")
 
 
@@ -288,9 +288,8 @@ def _turns(value, source, what: str, where: Location) -> list[dict]:
     return turns
 
 
-def to_conversation(record, source, layout: str, where: Location) -> LocatedConversation:
-    if not isinstance(record, dict):
-        raise SpecError(f"each line must be a JSON object, got {kind_of(record)}", where)
+def to_conversation(record: dict, source, layout: str, where: Location) -> LocatedConversation:
+    """One row (an object: conversations_from_rows checks that) in the file's layout."""
     if layout == "text":
         text = record[source.text_key]
         if not isinstance(text, str) or not text:

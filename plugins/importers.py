@@ -61,13 +61,15 @@ class Draft:
     def blank(self, config: dict) -> dict:
         """The config without its blank keys (YAML's ``key:`` with no value: the tool's default) and its
         quantization flags set to false (the default), each named."""
+        kept = {}
         for key, value in config.items():
             if value is None:
                 self.drop(key, value, "left blank: the default is used")
             elif key in ("load_in_4bit", "load_in_8bit") and value is False:
                 self.drop(key, value, "false is the default: the base is not loaded quantized by it")
-        return {k: v for k, v in config.items() if v is not None and not (
-            k in ("load_in_4bit", "load_in_8bit") and v is False)}
+            else:
+                kept[key] = value
+        return kept
 
     def drop(self, key: str, value: Any, why: str) -> None:
         self.dropped.append(f"{key}: {json.dumps(value, ensure_ascii=False, default=str)}  # not carried: {why}")

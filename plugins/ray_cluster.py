@@ -66,9 +66,10 @@ class ResourcesSpec(BaseModel):
     def _memory(cls, value: Any) -> Any:
         if value is None:
             return None
-        if parse_memory(value) <= 0:
+        memory = parse_memory(value)
+        if memory <= 0:
             raise ValueError("memory must be above zero (a size such as 8GB or 512MiB)")
-        return parse_memory(value)
+        return memory
 
 
 RESOURCES = SpecSection("resources", ResourcesSpec, "What a spec needs on a Ray cluster (--ray): cpus, gpus, memory")

@@ -109,14 +109,18 @@ def no_duplicate_keys(pairs: list) -> dict:
     return row
 
 
+def named_twice(names: list[str]) -> list[str]:
+    """The names that occur more than once, sorted: columns a reader would fold into one in silence."""
+    return sorted({name for name in names if names.count(name) > 1})
+
+
 def _csv(text: str, shown: str) -> list[Row]:
     csv.field_size_limit(MAX_ROWS_BYTES)  # a cell may be as large as the file may be; csv's default is 128 KiB
     reader = csv.DictReader(io.StringIO(text, newline=""))
     rows = []
     try:
-        header = reader.fieldnames or []
         # Unnamed columns (a spreadsheet's empty trailing ones) hold nothing a layout reads.
-        twice = sorted({name for name in header if name and header.count(name) > 1})
+        twice = named_twice([name for name in reader.fieldnames or [] if name])
         if twice:  # DictReader would keep the last column of a name, and drop the others' cells in silence
             raise SpecError(f"the header names the column{'s' if len(twice) > 1 else ''} "
                             f"{', '.join(map(repr, twice))} twice", Location(shown, 1))
@@ -140,13 +144,13 @@ def _parquet(raw: bytes, shown: str) -> list[Row]:
 
     rows: list[Row] = []
     try:
-        names = pq.ParquetFile(pyarrow.BufferReader(raw)).schema_arrow.names
-        twice = sorted({name for name in names if names.count(name) > 1})
+        parquet = pq.ParquetFile(pyarrow.BufferReader(raw))
+        twice = named_twice(parquet.schema_arrow.names)
         if twice:  # to_pylist would keep one column of a name, and drop the others in silence
             raise SpecError(f"the file has the column{'s' if len(twice) > 1 else ''} "
                             f"{', '.join(map(repr, twice))} twice", Location(shown))
         # Batch by batch: a whole table's to_pylist() holds Arrow's buffers and every Python row at once.
-        for batch in pq.ParquetFile(pyarrow.BufferReader(raw)).iter_batches(batch_size=4096):
+        for batch in parquet.iter_batches(batch_size=4096):
             # Parquet has no lines: a row is located by its number, as "row N".
             rows += [(row, Location(f"{shown}: row {len(rows) + i + 1}")) for i, row in enumerate(batch.to_pylist())]
     except (pyarrow.ArrowException, OSError) as exc:
