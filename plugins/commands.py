@@ -19,7 +19,7 @@ from sft_spec import hookimpl
 from sft_spec.config import default_cache_dir
 from sft_spec.errors import UsageError
 
-from .files import atomic_write_text
+from .files import atomic_write_text, output_path
 
 _JSON_TYPES = {"bool": "boolean", "int": "integer", "float": "number", "str": "string", "list": "array",
                "dict": "object", "none": "null"}
@@ -102,7 +102,7 @@ def spec_schema(pluginmanager, cache_dir: Path) -> dict[str, Any]:
 
 
 def _schema_arguments(parser) -> None:
-    parser.add_argument("-o", "--output", type=Path, metavar="PATH", help="write to a file instead of stdout")
+    parser.add_argument("-o", "--output", type=output_path, metavar="PATH", help="write to a file instead of stdout")
     parser.add_argument("--cache-dir", type=Path, help="cache folder (default: $SFT_SPEC_CACHE or ~/.cache/sft-spec)")
 
 
@@ -174,7 +174,7 @@ The same files run under pytest: `pytest {folder}`.
 
 
 def _init_arguments(parser) -> None:
-    parser.add_argument("folder", nargs="?", type=Path, default=Path("specs"), metavar="DIR",
+    parser.add_argument("folder", nargs="?", type=output_path, default=Path("specs"), metavar="DIR",
                         help="where to write the spec, its data and a README (default: specs)")
     parser.add_argument("--force", action="store_true", help="overwrite files that exist")
 

@@ -21,6 +21,7 @@ from sft_spec.reports import ExpectationReport, SpecReport
 
 from .escape import md_code, md_text, safe
 from .failures import char_diff
+from .files import output_path
 
 #: Outcomes that count as holding, and those that count as broken, for regressions.
 HELD = {"passed", "xfailed"}
@@ -280,8 +281,9 @@ def _arguments(parser) -> None:
                         "than its --tolerance")
     parser.add_argument("--tolerance", action="append", default=[], metavar="NAME=AMOUNT",
                         help="how much a metric may worsen (final_loss=0.05, chrf=5, pass_rate=0.02, ...)")
-    parser.add_argument("--html", dest="html_path", type=Path, metavar="PATH", help="write the comparison as HTML")
-    parser.add_argument("--md", dest="md_path", type=Path, metavar="PATH",
+    parser.add_argument("--html", dest="html_path", type=output_path, metavar="PATH",
+                        help="write the comparison as HTML")
+    parser.add_argument("--md", dest="md_path", type=output_path, metavar="PATH",
                         help="write the comparison as Markdown (a CI summary)")
     parser.add_argument("-v", "--verbose", action="store_true", help="list unchanged specs and checks too")
 

@@ -244,6 +244,7 @@ def build_set(item, config, name: str, spec: EvalSetSpec) -> EvalSet:
     where = item.locate("eval", name)
     registry = config.registry.checks
     set_checks = {c.name: c for c in m.checks(needs_reference=False)}
+    validators = {}
     for key, argument in spec.checks.items():
         check = registry.get(key)
         if check is None or check.scope != "answer":
@@ -253,8 +254,9 @@ def build_set(item, config, name: str, spec: EvalSetSpec) -> EvalSet:
         if spec.text is not None and key not in ("likelihood", "perplexity"):
             raise SpecError(f"eval set {name!r} has text rows (no prompts, no answers): only perplexity and "
                             f"likelihood apply, not {key}", item.locate("eval", name, "checks", key))
-        validate = (set_checks.get(key) or check).validate
-        problem = plugin_validate(validate, argument, f"check {key!r}")
+        validate = validators[key] = (set_checks.get(key) or check).validate
+        # With {column} placeholders the argument is validated row by row, once filled in (below).
+        problem = None if _placeholders(argument) else plugin_validate(validate, argument, f"check {key!r}")
         if problem:
             raise SpecError(problem, item.locate("eval", name, "checks", key), f"eval.{name}.checks.{key}")
     metric_names = [k for k in spec.checks if k in m.METRICS]
@@ -290,8 +292,11 @@ def build_set(item, config, name: str, spec: EvalSetSpec) -> EvalSet:
                 raise SpecError(problem, row_where)
         reference = _text(values[reference_column]) if reference_column else None
         row_checks = []
-        for key, argument in spec.checks.items():
-            argument = _substitute(argument, values, reference)
+        for key, written in spec.checks.items():
+            argument = _substitute(written, values, reference)
+            # A row's own values are validated as the spec's are (a schema's $ref, a pattern), located at the row.
+            if argument != written and (problem := plugin_validate(validators[key], argument, f"check {key!r}")):
+                raise SpecError(f"checks.{key} with this row's values: {problem}", row_where)
             if key in m.METRICS and "to" not in argument:
                 argument = {**argument, "to": _text(values[spec.text]) if spec.text else reference}
             row_checks.append((key, argument))

@@ -67,3 +67,39 @@ def spec_output_dir(config, item) -> Path:
     hash of the whole id (a file name holds 255 bytes, a spec name can be longer; two ids never share)."""
     readable = re.sub(r"[^\w.\-\[\]]+", "_", item.nodeid, flags=re.ASCII).strip("._")[-60:]
     return Path(config.output_dir) / f"{readable}-{hashlib.sha256(item.nodeid.encode()).hexdigest()[:12]}"
+
+
+class OutsideWrite(PermissionError):
+    """A write (or a read of a file sft-spec itself writes) that a symlink would take out of its folder."""
+
+
+def check_written(path: Path, root: Path) -> Path:
+    """The rule for every place sft-spec writes into (``__snapshots__``, ``__baselines__``, ``.sft-spec``, a
+    report or folder named on the command line), as ``check_inside`` is for the files a spec reads: a path
+    that lies inside ``root`` as written must still lie inside it once resolved, so a committed symlink
+    (``__snapshots__ -> ~/.ssh``) never redirects a write, nor a read of what was written. A path outside
+    ``root`` as written (absolute, or climbing with ``..``) is the user's own choice. An OSError, so that a
+    reporter says why a file was not written instead of crashing."""
+    lexical, base = Path(os.path.abspath(path)), Path(os.path.abspath(root))
+    if lexical != base and base not in lexical.parents:
+        return lexical
+    try:
+        resolved, inside = lexical.resolve(), base.resolve()
+    except (OSError, RuntimeError) as exc:  # a symlink loop
+        raise OutsideWrite(f"{path} cannot be resolved ({exc})") from None
+    if resolved != inside and inside not in resolved.parents:
+        raise OutsideWrite(f"{path} leads outside {base} through a symlink (to {resolved}): sft-spec writes only "
+                           "inside the folders it names")
+    return lexical
+
+
+def output_path(value: str) -> Path:
+    """The argparse type of every file or folder named on the command line to be written (``--json``,
+    ``--html``, ``--history``, ``--output-dir``, ``-o``): check_written against the working directory."""
+    import argparse
+
+    try:
+        check_written(Path(value), Path.cwd())
+    except OutsideWrite as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return Path(value)

@@ -19,7 +19,7 @@ from typing import Any
 from sft_spec import hookimpl
 from sft_spec.state import StashKey
 
-from .files import atomic_write_text
+from .files import atomic_write_text, output_path
 
 #: Runs shown per spec in the HTML report.
 SHOWN_RUNS = 20
@@ -134,7 +134,7 @@ class HistoryWriter:
 
 @hookimpl
 def sft_spec_addoption(parser):
-    parser.add_argument("--history", dest="history_dir", type=Path, metavar="DIR", default=None,
+    parser.add_argument("--history", dest="history_dir", type=output_path, metavar="DIR", default=None,
                         help="append this run's compact results to DIR; the HTML report shows each spec's last runs")
 
 

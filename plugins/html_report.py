@@ -14,7 +14,6 @@ import math
 import re
 import shlex
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from sft_spec import hookimpl
@@ -22,6 +21,7 @@ from sft_spec.reports import ExpectationReport, SpecReport
 
 from .escape import safe
 from .failures import diff_segments
+from .files import output_path
 from .report_files import FileReporter, case_outcome_counts
 
 OUTCOME_ORDER = ("failed", "error", "interrupted", "xpassed", "passed", "xfailed", "skipped")
@@ -313,7 +313,7 @@ class HTMLReporter(FileReporter):
 
 @hookimpl
 def sft_spec_addoption(parser):
-    parser.add_argument("--html", dest="html_path", type=Path, metavar="PATH", default=None,
+    parser.add_argument("--html", dest="html_path", type=output_path, metavar="PATH", default=None,
                         help="write a self-contained HTML report for review")
 
 

@@ -11,6 +11,7 @@ fields in one mapping; ``datasets:`` mixtures); axolotl's is its YAML (``base_mo
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,9 @@ import yaml
 from sft_spec import hookimpl
 from sft_spec.config import default_cache_dir
 from sft_spec.errors import UsageError
+from sft_spec.loading import is_spec_file, spec_stem
+
+from .files import output_path
 
 #: TRL's ModelConfig and ScriptArguments fields, and what becomes of them.
 TRL_MODEL_KEYS = {"model_name_or_path", "model_revision", "dtype", "torch_dtype", "trust_remote_code", "use_peft",
@@ -49,6 +53,56 @@ DATASET_ENTRY_WHY = {
 _DTYPES = {"float32", "bfloat16", "float16", "auto"}
 
 
+#: Keys that hold credentials: never written into a spec, not even as a comment (named as dropped).
+_SECRET_KEY = re.compile(r"(?i)(^|_)(token|secret|password|passwd|credentials?)$|(^|_)(api|access|secret|private|"
+                         r"auth|hub|hf|wandb|comet|neptune|mlflow|github|openai)_?(token|key)$|^use_auth_token$")
+#: Values that are credentials whatever their key is called (Hugging Face, OpenAI, GitHub tokens).
+_SECRET_VALUE = re.compile(r"^\s*(hf_[A-Za-z0-9]{20,}|sk-[A-Za-z0-9_-]{20,}|gh[pousr]_[A-Za-z0-9]{20,}|"
+                           r"github_pat_[A-Za-z0-9_]{20,})\s*$")
+#: Tokens of a model's vocabulary are not credentials.
+_VOCABULARY_TOKEN = re.compile(r"(?i)^(eos|bos|pad|unk|sep|cls|mask|chat|special|additional_special)_tokens?$")
+#: Characters a YAML reader (or Python's splitlines) takes as the end of a line: never raw in a comment.
+_LINE_BREAKS = "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"
+
+
+def one_line(text: str) -> str:
+    """Text for a YAML comment: every line break escaped, so a config's key cannot end the comment and
+    inject keys (``"a\\nxfail: x"``) into the written spec."""
+    return "".join(f"\\u{ord(c):04x}" if c in _LINE_BREAKS else c for c in text)
+
+
+def is_secret(key: Any, value: Any) -> bool:
+    if isinstance(key, str) and _SECRET_KEY.search(key) and not _VOCABULARY_TOKEN.match(key):
+        return True
+    return isinstance(value, str) and bool(_SECRET_VALUE.match(value))
+
+
+def without_secrets(value: Any, where: str = "") -> tuple[Any, list[str]]:
+    """The config with every credential taken out, at any depth, and the dotted names of what was taken."""
+    taken: list[str] = []
+    if isinstance(value, dict):
+        kept = {}
+        for key, sub in value.items():
+            name = f"{where}.{key}" if where else str(key)
+            if is_secret(key, sub):
+                taken.append(name)
+                continue
+            kept[key], inner = without_secrets(sub, name)
+            taken += inner
+        return kept, taken
+    if isinstance(value, list):
+        kept_items = []
+        for i, sub in enumerate(value):
+            if is_secret(None, sub):
+                taken.append(f"{where}[{i}]")
+                continue
+            item, inner = without_secrets(sub, f"{where}[{i}]")
+            kept_items.append(item)
+            taken += inner
+        return kept_items, taken
+    return value, taken
+
+
 class Draft:
     """A spec under construction: its sections, and comments for what was not carried over."""
 
@@ -75,11 +129,12 @@ class Draft:
         self.dropped.append(f"{key}: {json.dumps(value, ensure_ascii=False, default=str)}  # not carried: {why}")
 
     def text(self) -> str:
-        header = [f"# Imported from {self.source.name} by `sft-spec import`. Review it: the checks are a start.",
-                  *(f"# note: {n}" for n in self.notes)]
+        """The spec as YAML emitted by the YAML library; comments (notes and dropped keys) on one line each."""
+        header = [f"# Imported from {one_line(self.source.name)} by `sft-spec import`. Review it: the checks are "
+                  "a start.", *(f"# note: {one_line(n)}" for n in self.notes)]
         body = yaml.safe_dump(self.spec, allow_unicode=True, sort_keys=False, width=110)
-        tail = ["", "# Keys of the original config without a counterpart here:", *(f"# {d}" for d in self.dropped)] \
-            if self.dropped else []
+        tail = ["", "# Keys of the original config without a counterpart here:",
+                *(f"# {one_line(d)}" for d in self.dropped)] if self.dropped else []
         return "\n".join(header) + "\n" + body + "\n".join(tail) + ("\n" if tail else "")
 
 
@@ -115,15 +170,34 @@ def _saved(folder: Path) -> bool:
     return any((folder / meta).exists() for meta in ("state.json", "dataset_dict.json"))
 
 
-def _data_files_in(folder: Path, shown: Path) -> list[str]:
+def _data_files_in(draft: Draft, folder: Path, shown: Path, top: Path | None = None,
+                   seen: set[Path] | None = None) -> list[str]:
     """A folder of data files as ``load_dataset(folder)`` reads it: each data file, hidden paths (``.x``,
-    ``_x``) left out, and a folder saved with ``save_to_disk`` inside it as one entry."""
+    ``_x``) left out, and a folder saved with ``save_to_disk`` inside it as one entry. A link that leaves the
+    folder, or leads back into a folder already listed (a loop), is left out and named."""
+    top = top or folder.resolve()
+    seen = seen if seen is not None else {top}
     found = []
     for entry in sorted(folder.iterdir()):
         if entry.name.startswith((".", "_")):
             continue
+        if entry.is_symlink():
+            try:
+                target = entry.resolve(strict=True)
+            except (OSError, RuntimeError):
+                draft.drop(str(shown / entry.name), "link", "a broken link or a link loop")
+                continue
+            if target != top and top not in target.parents:
+                draft.drop(str(shown / entry.name), "link", "a link out of the data folder (a spec reads files "
+                           "inside its own folder only)")
+                continue
+            if entry.is_dir() and target in seen:
+                draft.drop(str(shown / entry.name), "link", "a link back to a folder already listed")
+                continue
         if entry.is_dir():
-            found += [str(shown / entry.name)] if _saved(entry) else _data_files_in(entry, shown / entry.name)
+            seen.add(entry.resolve())
+            found += [str(shown / entry.name)] if _saved(entry) else _data_files_in(draft, entry, shown / entry.name,
+                                                                                     top, seen)
         elif entry.suffix in (".jsonl", ".json", ".csv", ".parquet", ".arrow"):
             found.append(str(shown / entry.name))
     return found
@@ -148,7 +222,7 @@ def _data_source(draft: Draft, folder: Path, path: str, name: str | None, split:
         return
     local = (folder / path)
     if local.exists():
-        listed = _data_files_in(local, Path(path)) if local.is_dir() and not _saved(local) else [path]
+        listed = _data_files_in(draft, local, Path(path)) if local.is_dir() and not _saved(local) else [path]
         for file in listed:
             draft.spec.setdefault("data", {}).setdefault("files", []).append({"path": file, **extra})
         for key, value in (("name", name), ("data_files", data_files)):
@@ -430,7 +504,7 @@ def _rebase_paths(draft: Draft, config_folder: Path, spec_folder: Path) -> None:
 def _arguments(parser) -> None:
     parser.add_argument("kind", choices=("trl", "axolotl"), help="the config's tool")
     parser.add_argument("config", type=Path, metavar="CONFIG.yaml", help="the recipe's config file")
-    parser.add_argument("-o", "--output", type=Path, metavar="SPEC.sft.yaml",
+    parser.add_argument("-o", "--output", type=output_path, metavar="SPEC.sft.yaml",
                         help="where to write the spec (default: beside the config, CONFIG.sft.yaml)")
     parser.add_argument("--model", help="the model to use instead of the config's (e.g. builtin:tiny-gemma, for "
                         "a quick run of the recipe on a tiny model)")
@@ -448,15 +522,21 @@ def _run(options, pluginmanager) -> int:
         raise UsageError(f"{options.config}: cannot read the config: {exc}") from None
     if not isinstance(config, dict):
         raise UsageError(f"{options.config}: expected a mapping of settings")
+    config, secrets = without_secrets(config)
     draft = (import_trl if options.kind == "trl" else import_axolotl)(config, options.config)
+    draft.dropped += [f"{name}  # not carried: a credential; never written into a spec (give it to the run "
+                      "through the environment)" for name in secrets]
     if options.model:
         draft.notes.append(f"model: {json.dumps(draft.spec.get('model'), ensure_ascii=False)} replaced by --model")
         draft.spec["model"] = options.model
     draft.spec.pop("checks", None)
     _starter_checks(draft, options.config.parent)
-    output = options.output or options.config.with_name(options.config.name.split(".")[0] + ".sft.yaml")
+    output = options.output or options.config.with_name(options.config.name.lstrip(".").split(".")[0] + ".sft.yaml")
     if output.is_dir():
         raise UsageError(f"-o {output} is a folder: give the spec file's path (e.g. {output / 'recipe.sft.yaml'})")
+    if not spec_stem(output).lstrip(".") or output.name.startswith(".") or not is_spec_file(output):
+        raise UsageError(f"{output}: a spec file is named NAME.sft.yaml, not hidden (sft-spec run collects those "
+                         "only); give one with -o")
     if output.exists() and not options.force:
         raise UsageError(f"{output} exists; pass --force to overwrite")
     _rebase_paths(draft, options.config.parent, output.parent)

@@ -17,7 +17,7 @@ from sft_spec import hookimpl
 from sft_spec.errors import UsageError
 from sft_spec.reports import SpecReport, report_from_dict
 
-from .files import atomic_write_text
+from .files import atomic_write_text, output_path
 from .report_files import SCHEMA_VERSION, FileReporter, session_meta
 
 
@@ -127,7 +127,7 @@ class JSONReporter(FileReporter):
 
 @hookimpl
 def sft_spec_addoption(parser):
-    parser.add_argument("--json", dest="json_path", type=Path, metavar="PATH", default=None,
+    parser.add_argument("--json", dest="json_path", type=output_path, metavar="PATH", default=None,
                         help=f"write every result as JSON (schema_version {SCHEMA_VERSION}), "
                         "updated after each spec")
 
@@ -148,11 +148,11 @@ def _add_report_arguments(parser) -> None:
     parser.add_argument("--merge", nargs="+", type=Path, default=None, metavar="RESULTS.json",
                         help="join the results of several runs (--shard slices, CI matrix jobs) into one report; exits "
                         "with the status one run of the whole suite would have, 1 when a part is missing")
-    parser.add_argument("--json", dest="json_path", type=Path, metavar="PATH", help="write the (merged) results")
-    parser.add_argument("--html", dest="html_path", type=Path, metavar="PATH", help="write an HTML report")
-    parser.add_argument("--junitxml", dest="junitxml_path", type=Path, metavar="PATH",
+    parser.add_argument("--json", dest="json_path", type=output_path, metavar="PATH", help="write the (merged) results")
+    parser.add_argument("--html", dest="html_path", type=output_path, metavar="PATH", help="write an HTML report")
+    parser.add_argument("--junitxml", dest="junitxml_path", type=output_path, metavar="PATH",
                         help="write a JUnit XML report")
-    parser.add_argument("--history", dest="history_dir", type=Path, metavar="DIR",
+    parser.add_argument("--history", dest="history_dir", type=output_path, metavar="DIR",
                         help="show each spec's last runs from this --history folder in the HTML report")
 
 

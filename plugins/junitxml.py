@@ -17,6 +17,7 @@ from sft_spec import hookimpl
 from sft_spec.reports import ExpectationReport, SpecReport
 
 from .failures import char_diff
+from .files import output_path
 from .report_files import FileReporter
 
 #: Metrics shown as suite properties, in this order, when a spec has them.
@@ -197,7 +198,7 @@ class JUnitXMLReporter(FileReporter):
 
 @hookimpl
 def sft_spec_addoption(parser):
-    parser.add_argument("--junitxml", "--junit-xml", dest="junitxml_path", type=Path, metavar="PATH",
+    parser.add_argument("--junitxml", "--junit-xml", dest="junitxml_path", type=output_path, metavar="PATH",
                         default=None, help="write a JUnit XML report for CI servers")
 
 

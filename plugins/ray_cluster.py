@@ -33,12 +33,14 @@ from sft_spec import hookimpl
 from sft_spec.errors import UsageError
 from sft_spec.registry import SpecSection
 from sft_spec.reports import ErrorInfo, SpecReport, new_report, report_from_dict
+from sft_spec.state import StashKey
 
 if TYPE_CHECKING:
     from sft_spec.session import Session
 
-#: Folders never sent to the cluster with the project (Ray leaves out .git and .venv itself).
-EXCLUDES = ["venv", "__pycache__", ".sft-spec", ".pytest_cache", ".ruff_cache", ".hypothesis",
+#: Folders never sent to the cluster with the project (Ray's own defaults, which an environment variable can
+#: change, included).
+EXCLUDES = [".git", ".venv", "venv", "__pycache__", ".sft-spec", ".pytest_cache", ".ruff_cache", ".hypothesis",
             "node_modules", "*.egg-info", "build", "dist"]
 _SIZE = re.compile(r"^\s*([0-9.]+)\s*([kKmMgGtT]?)(i?[bB])?\s*$")
 
@@ -140,6 +142,54 @@ def _stage_modules() -> list[str]:
     return out
 
 
+def _escaped_pattern(relative: str) -> str:
+    """An anchored gitwildmatch pattern (Ray's excludes) that matches exactly this path."""
+    return "/" + re.sub(r"([\\*?\[\]!#])", r"\\\1", relative)
+
+
+def upload_excludes(root: Path) -> tuple[list[str], list[str]]:
+    """What Ray's runtime environment must leave out of the project it zips, and a note for each.
+
+    Ray's packaging follows symlinks: a committed link to ``/etc`` or ``~/.ssh`` would unpack those files on
+    every node, and a link to a parent folder would recurse until the path is too long. So every link to a
+    folder, and every link to a file that resolves outside the project (or nowhere), is left out; links to
+    files inside the project are sent as their files. Each pattern is checked with the matcher Ray uses; a
+    name it cannot express stops the run instead of being sent."""
+    from fnmatch import fnmatch
+
+    from ray._private.thirdparty.pathspec import PathSpec  # the matcher Ray applies to excludes
+
+    root = Path(root).resolve()
+    patterns, notes = [], []
+    for folder, dirs, files in os.walk(root):  # never follows links
+        dirs[:] = [d for d in dirs if not any(fnmatch(d, pattern) for pattern in EXCLUDES)]
+        for name in [*dirs, *files]:
+            path = Path(folder) / name
+            if not path.is_symlink():
+                continue
+            relative = path.relative_to(root).as_posix()
+            try:
+                target = path.resolve(strict=True)
+            except (OSError, RuntimeError):
+                why = "a broken link or a link loop"
+            else:
+                inside = target == root or root in target.parents
+                why = ("a link to a folder (Ray would follow it, into a loop or out of the project)" if target.is_dir()
+                       else None if inside else f"a link out of the project (to {target})")
+            if why is None:
+                continue
+            pattern = _escaped_pattern(relative)
+            if not PathSpec.from_lines("gitwildmatch", [pattern]).match_file(relative):
+                raise UsageError(f"--ray: {relative} is {why}, and its name cannot be left out of the upload; "
+                                 "remove or rename it")
+            patterns.append(pattern)
+            notes.append(f"--ray: {relative} is not sent to the cluster: {why}")
+    return patterns, notes
+
+
+UPLOAD_NOTES = StashKey[list[str]]()
+
+
 def _relative(path: Path, root: Path) -> str:
     try:
         return Path(path).resolve().relative_to(root).as_posix()
@@ -222,8 +272,9 @@ def run_on_ray(session: Session, ray, address: str) -> None:
     root = Path(config.rootdir).resolve()
     where = {i: (_relative(items[i].path, root), items[i].nodeid.split("::", 1)[1]) for i in todo}
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    left_out, config.stash[UPLOAD_NOTES] = upload_excludes(root)
     modules = _stage_modules()
-    runtime_env = {"working_dir": str(root), "excludes": EXCLUDES, "py_modules": modules,
+    runtime_env = {"working_dir": str(root), "excludes": [*EXCLUDES, *left_out], "py_modules": modules,
                    "env_vars": {"RAY_USAGE_STATS_ENABLED": os.environ["RAY_USAGE_STATS_ENABLED"],
                                 "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": os.environ.get(
                                     "HF_HUB_OFFLINE", "0")}}
@@ -304,6 +355,12 @@ def run_on_ray(session: Session, ray, address: str) -> None:
             _kill(ray, actor)
         ray.shutdown()
         shutil.rmtree(Path(modules[0]).parent, ignore_errors=True)
+
+
+@hookimpl
+def sft_spec_terminal_summary(session, write_line) -> None:
+    for note in session.config.stash.get(UPLOAD_NOTES, []):
+        write_line(note)
 
 
 def _slots(needs: list[ResourcesSpec], nodes: list[dict]) -> int:

@@ -17,7 +17,7 @@ import yaml
 
 from sft_spec.loading import spec_stem
 
-from .files import atomic_write_text
+from .files import OutsideWrite, atomic_write_text, check_written
 
 #: Libraries whose versions decide a training result (recorded in baselines and result-cache keys).
 LIBRARIES = ("torch", "transformers", "trl", "peft")
@@ -70,6 +70,11 @@ class RecordedFile:
         self.header = header
         self.entries: dict[str, Any] = {}
         self.error = ""
+        try:  # the spec's folder: a committed symlink (__snapshots__ -> ~/.ssh) is neither read nor written
+            check_written(path, path.parent.parent)
+        except OutsideWrite as exc:
+            self.error = str(exc)
+            return
         if path.is_file():
             try:
                 data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
@@ -93,6 +98,7 @@ class RecordedFile:
     def save(self) -> None:
         if not self.changed:
             return
+        check_written(self.path, self.path.parent.parent)
         body = yaml.safe_dump(dict(sorted(self.entries.items())), allow_unicode=True, sort_keys=False,
                               default_flow_style=False, width=100)
         atomic_write_text(self.path, self.header + body)

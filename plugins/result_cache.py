@@ -30,7 +30,7 @@ from sft_spec.state import StashKey
 
 from . import recorded as rec
 from .data import DATA
-from .files import spec_output_dir
+from .files import check_written, spec_output_dir
 
 FORMAT = 2  # bump when the entry layout changes: old entries are then simply never found
 CACHEABLE = ("passed", "failed", "xfailed", "xpassed")
@@ -64,6 +64,15 @@ def _file_hash(path: Path) -> str | None:
         return None
 
 
+def _recorded_hash(path: Path) -> str | None:
+    """A snapshot or baseline file's hash; one linked out of the spec's folder (or to a device) is not read."""
+    try:
+        check_written(path, path.parent.parent)
+    except OSError:
+        return "outside"
+    return _file_hash(path) if path.is_file() else None
+
+
 def _model_identity(item) -> Any:
     model = item.spec.model
     if model.id.startswith("builtin:"):
@@ -94,7 +103,8 @@ def cache_key(item, config) -> str:
         # Plugins' cases read files at collection (an eval set's rows): their str() names the contents.
         "training_checks": [[case.nodeid, str(case.argument)] for case in item.training_checks],
         "data_files": [_file_hash(base / f.path) for f in item.section(DATA).files],
-        "recorded": [_file_hash(rec.recorded_path(item.path, folder)) for folder in ("__snapshots__", "__baselines__")],
+        "recorded": [_recorded_hash(rec.recorded_path(item.path, folder))
+                     for folder in ("__snapshots__", "__baselines__")],
         "model": _model_identity(item),
         "versions": {**rec.library_versions(), "bitsandbytes": rec.optional_version("bitsandbytes")},
         "python": sys.version.split()[0],

@@ -97,13 +97,16 @@ def sft_spec_persist_report(report, session) -> None:
     if not cases:
         return
     recorded = state.load(snapshot_path(Path(report.path)))
+    added, changed = [], []
     for case in cases:
         key = short_id(case.nodeid)
         old = recorded.entries.get(key)
         if old != case.answer:
             recorded.set(key, case.answer)
-            (state.added if old is None else state.changed).append(case.nodeid)
-    recorded.save()
+            (added if old is None else changed).append(case.nodeid)
+    recorded.save()  # counted once written: a refused write is the spec's error, not an "added" line
+    state.added += added
+    state.changed += changed
 
 
 @hookimpl

@@ -14,12 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from sft_spec import hookimpl
-from sft_spec.errors import SpecError
+from sft_spec.errors import SpecError, UsageError
 from sft_spec.loading.paths import check_inside
 from sft_spec.state import StashKey
 
 from . import recipe_policy
-from .files import spec_output_dir
+from .files import OutsideWrite, check_written, spec_output_dir
 from .formatters import FORMAT
 from .generation import GENERATION
 from .support import (
@@ -49,6 +49,18 @@ FORCED: dict[str, Any] = {
 
 #: The losses the trainer's callback records while it trains.
 LOSSES = StashKey[list[float]]()
+
+
+@hookimpl
+def sft_spec_configure(config) -> None:
+    """``--output-dir`` is where the trainer writes: checked as every folder sft-spec writes into is."""
+    chosen = getattr(config.options, "output_dir", None)
+    if chosen:
+        try:
+            check_written(Path(chosen), Path.cwd())
+        except OutsideWrite as exc:
+            raise UsageError(f"--output-dir: {exc}") from None
+
 
 @hookimpl
 def sft_spec_addoption(parser):
@@ -203,6 +215,11 @@ def _tensorboard(item, run, trainer) -> None:
     chosen = config.options.output_dir
     root = Path(chosen) if chosen else config.rootdir / ".sft-spec" / "tensorboard"
     folder = root / spec_output_dir(config, item).name / "runs"
+    try:  # a committed .sft-spec symlink must not take the event files out of the project
+        check_written(folder, config.rootdir if not chosen else Path.cwd())
+    except OutsideWrite as exc:
+        raise SpecError(f"report_to tensorboard: {exc}", item.locate("training", "report_to"),
+                        key="training.report_to") from None
     trainer.add_callback(TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(folder))))
     run.metrics["tensorboard_dir"] = str(folder)
     run.note(f"report_to tensorboard: event files in {folder} (tensorboard --logdir {root})")

@@ -46,8 +46,8 @@ def test_edit_distance_counts_characters():
 
 def test_json_schema_checks_the_answer():
     schema = {"type": "object", "required": ["name"], "properties": {"age": {"type": "integer"}}}
-    assert metrics._valid_schema(schema) is None
-    assert "not a valid JSON Schema" in metrics._valid_schema({"type": "objekt"})
+    assert metrics.schema_problem(schema) is None
+    assert "not a valid JSON Schema" in metrics.schema_problem({"type": "objekt"})
     results = [metrics.json_schema(a, schema, None) for a in ('{"name": "x", "age": 3}', '{"age": "3"}', "not json")]
     assert [r.passed for r in results] == [True, False, False]
     assert [r.score for r in results] == [1.0, 0.0, 0.0]

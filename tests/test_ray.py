@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -222,3 +223,53 @@ def test_ctrl_c_cancels_what_is_left_and_reports_what_finished(cluster, tmp_path
     assert process.returncode == 2, out + err
     doc = json.loads(results.read_text(encoding="utf-8"))
     assert [s["name"] for s in doc["specs"]] == ["a_quick"] and doc["interrupted"] is True
+
+
+def test_links_out_of_the_project_and_link_loops_are_left_out_of_the_upload(tmp_path):
+    from ray._private.runtime_env.packaging import _zip_files
+    from sft_spec_plugins.ray_cluster import EXCLUDES, upload_excludes
+
+    root = project(tmp_path, {"a": SPEC.format(epochs=2)})
+    outside = tmp_path / "outside"
+    (outside / "deep").mkdir(parents=True)
+    (outside / "deep" / "secret.txt").write_text("secret", encoding="utf-8")
+    (root / "specs" / "data").mkdir()
+    (root / "specs" / "data" / "rows.jsonl").write_text("{}\n", encoding="utf-8")
+    (root / "specs" / "data" / "out").symlink_to(outside, target_is_directory=True)
+    (root / "specs" / "data" / "secret [1]*.txt").symlink_to(outside / "deep" / "secret.txt")
+    (root / "specs" / "data" / "same.jsonl").symlink_to(root / "specs" / "data" / "rows.jsonl")
+    (root / "specs" / "loop").symlink_to(root, target_is_directory=True)
+    (root / ".venv").mkdir()
+    (root / ".venv" / "python").symlink_to(sys.executable)  # excluded anyway: never walked
+    patterns, notes = upload_excludes(root)
+    assert sorted(notes) == sorted([
+        "--ray: specs/data/out is not sent to the cluster: a link to a folder (Ray would follow it, into a loop or "
+        "out of the project)",
+        f"--ray: specs/data/secret [1]*.txt is not sent to the cluster: a link out of the project (to "
+        f"{(outside / 'deep' / 'secret.txt').resolve()})",
+        "--ray: specs/loop is not sent to the cluster: a link to a folder (Ray would follow it, into a loop or out "
+        "of the project)"])
+    archive = tmp_path / "upload.zip"
+    _zip_files(str(root), [*EXCLUDES, *patterns], str(archive), include_gitignore=True)  # what Ray uploads
+    import zipfile
+
+    names = sorted(n for n in zipfile.ZipFile(archive).namelist() if not n.endswith("/"))
+    assert names == ["pyproject.toml", "specs/a.sft.yaml", "specs/data/rows.jsonl", "specs/data/same.jsonl"]
+
+
+def test_a_run_with_links_out_and_a_loop_finishes_and_says_what_was_left_out(cluster, tmp_path):
+    root = project(tmp_path, {"a": SPEC.format(epochs=2)})
+    marker = f"sft-spec-outside-{os.getpid()}-{time.time_ns()}.txt"
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / marker).write_text("secret", encoding="utf-8")
+    (root / "specs" / "out").symlink_to(outside, target_is_directory=True)
+    (root / "specs" / "loop").symlink_to(root, target_is_directory=True)
+    done = sft_spec("run", "specs/", "--ray", cluster, "--no-cache", cwd=root, timeout=300,
+                    env={"SFT_SPEC_CACHE": str(tmp_path / "cache")})
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "--ray: specs/out is not sent to the cluster" in done.stdout
+    assert "--ray: specs/loop is not sent to the cluster" in done.stdout
+    unpacked = [p for p in Path(tempfile.gettempdir(), "ray").rglob(marker)] if Path(
+        tempfile.gettempdir(), "ray").is_dir() else []
+    assert unpacked == []
