@@ -19,7 +19,7 @@ from sft_spec import hookimpl
 from sft_spec.config import default_cache_dir
 from sft_spec.errors import UsageError
 
-from .files import atomic_write_text, output_path
+from .files import OutsideWrite, atomic_write_text, check_written, output_path
 
 _JSON_TYPES = {"bool": "boolean", "int": "integer", "float": "number", "str": "string", "list": "array",
                "dict": "object", "none": "null"}
@@ -102,8 +102,10 @@ def spec_schema(pluginmanager, cache_dir: Path) -> dict[str, Any]:
 
 
 def _schema_arguments(parser) -> None:
-    parser.add_argument("-o", "--output", type=output_path, metavar="PATH", help="write to a file instead of stdout")
-    parser.add_argument("--cache-dir", type=Path, help="cache folder (default: $SFT_SPEC_CACHE or ~/.cache/sft-spec)")
+    parser.add_argument("-o", "--output", type=output_path, metavar="PATH",
+                        help="write to a file instead of stdout")
+    parser.add_argument("--cache-dir", type=output_path,
+                        help="cache folder (default: $SFT_SPEC_CACHE or ~/.cache/sft-spec)")
 
 
 def _run_schema(options, pluginmanager) -> int:
@@ -174,7 +176,7 @@ The same files run under pytest: `pytest {folder}`.
 
 
 def _init_arguments(parser) -> None:
-    parser.add_argument("folder", nargs="?", type=output_path, default=Path("specs"), metavar="DIR",
+    parser.add_argument("folder", nargs="?", type=output_path, default="specs", metavar="DIR",
                         help="where to write the spec, its data and a README (default: specs)")
     parser.add_argument("--force", action="store_true", help="overwrite files that exist")
 
@@ -191,7 +193,10 @@ def _run_init(options, pluginmanager) -> int:
     if existing and not options.force:
         raise UsageError(f"{existing[0]} exists; pass --force to overwrite")
     for path, text in files.items():
-        atomic_write_text(path, text)
+        try:  # a committed link (data/ -> elsewhere) inside the folder is not written through
+            atomic_write_text(check_written(path, folder), text)
+        except OutsideWrite as exc:
+            raise UsageError(str(exc)) from None
         print(f"wrote {path}")
     print(f"next: sft-spec run {shown} -v")
     return 0

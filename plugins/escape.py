@@ -10,9 +10,10 @@ from __future__ import annotations
 import html
 import re
 
-# C0 controls, DEL, C1 controls, and the Unicode format characters that reorder or hide text.
-_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2066-\u2069\ufeff]")
-_CONTROLS_BUT_NEWLINE = re.compile("[\x00-\x09\x0b-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2066-\u2069\ufeff]")
+# C0 controls, DEL, C1 controls, the line and paragraph separators, and the Unicode format characters
+# that reorder or hide text.
+_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2066-\u2069\ufeff]")
+_CONTROLS_BUT_NEWLINE = re.compile("[\x00-\x09\x0b-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2066-\u2069\ufeff]")
 
 
 _NAMED = {"\t": "\\t", "\n": "\\n", "\r": "\\r"}  # as repr() and pytest's ids show them

@@ -62,44 +62,63 @@ def building_directory(final: Path) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def spec_output_dir(config, item) -> Path:
+def spec_output_dir(config, item, sub: str = "") -> Path:
     """The spec's own folder under the run's output folder: a readable, file-safe start of its id and a
-    hash of the whole id (a file name holds 255 bytes, a spec name can be longer; two ids never share)."""
+    hash of the whole id (a file name holds 255 bytes, a spec name can be longer; two ids never share).
+    ``sub``: a folder inside it. A link placed at either name (both are predictable) may not lead out of the
+    output folder."""
     readable = re.sub(r"[^\w.\-\[\]]+", "_", item.nodeid, flags=re.ASCII).strip("._")[-60:]
-    return Path(config.output_dir) / f"{readable}-{hashlib.sha256(item.nodeid.encode()).hexdigest()[:12]}"
+    folder = Path(config.output_dir) / f"{readable}-{hashlib.sha256(item.nodeid.encode()).hexdigest()[:12]}"
+    return check_written(folder / sub if sub else folder, Path(config.output_dir))
 
 
 class OutsideWrite(PermissionError):
     """A write (or a read of a file sft-spec itself writes) that a symlink would take out of its folder."""
 
 
-def check_written(path: Path, root: Path) -> Path:
+def _inside(path: Path, root: Path) -> bool:
+    return path == root or root in path.parents
+
+
+def check_written(path: Path, *roots: Path) -> Path:
     """The rule for every place sft-spec writes into (``__snapshots__``, ``__baselines__``, ``.sft-spec``, a
-    report or folder named on the command line), as ``check_inside`` is for the files a spec reads: a path
-    that lies inside ``root`` as written must still lie inside it once resolved, so a committed symlink
-    (``__snapshots__ -> ~/.ssh``) never redirects a write, nor a read of what was written. A path outside
-    ``root`` as written (absolute, or climbing with ``..``) is the user's own choice. An OSError, so that a
-    reporter says why a file was not written instead of crashing."""
-    lexical, base = Path(os.path.abspath(path)), Path(os.path.abspath(root))
-    if lexical != base and base not in lexical.parents:
-        return lexical
-    try:
-        resolved, inside = lexical.resolve(), base.resolve()
-    except (OSError, RuntimeError) as exc:  # a symlink loop
-        raise OutsideWrite(f"{path} cannot be resolved ({exc})") from None
-    if resolved != inside and inside not in resolved.parents:
-        raise OutsideWrite(f"{path} leads outside {base} through a symlink (to {resolved}): sft-spec writes only "
-                           "inside the folders it names")
-    return lexical
+    spec's output folder, a report or folder named on the command line), as ``check_inside`` is for the files
+    a spec reads: no symlink that lies inside one of ``roots`` may lead the path out of it, so a committed
+    link (``__snapshots__ -> ~/.ssh``) never redirects a write, nor a read of what was written. The path is
+    followed as the operating system follows it (a link, then ``..`` from where it led); a path that leaves
+    a root without a link (absolute, or climbing with ``..``) is the user's own choice. An OSError, so that
+    a reporter says why a file was not written instead of crashing."""
+    real_roots = [Path(os.path.realpath(root)) for root in roots]
+    given = Path(path)
+    current = Path(os.path.realpath(Path.cwd() if not given.is_absolute() else given.anchor))
+    for part in given.parts[1:] if given.is_absolute() else given.parts:
+        if part in ("", "."):
+            continue
+        if part == "..":
+            current = current.parent
+            continue
+        step = current / part
+        if step.is_symlink():
+            target = Path(os.path.realpath(step))
+            for root in real_roots:
+                if _inside(current, root) and not _inside(target, root):
+                    raise OutsideWrite(f"{path} leads outside {root} through the symlink {step} (to {target}): "
+                                       "sft-spec writes only inside the folders it names")
+            step = target
+        current = step
+    return Path(path)
 
 
 def output_path(value: str) -> Path:
     """The argparse type of every file or folder named on the command line to be written (``--json``,
-    ``--html``, ``--history``, ``--output-dir``, ``-o``): check_written against the working directory."""
+    ``--html``, ``--history``, ``--output-dir``, ``--cache-dir``, ``-o``): check_written against the working
+    directory and the project around it."""
     import argparse
 
+    from sft_spec.config import project_root
+
     try:
-        check_written(Path(value), Path.cwd())
+        check_written(Path(value), Path.cwd(), *filter(None, [project_root(Path.cwd())]))
     except OutsideWrite as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
     return Path(value)

@@ -78,11 +78,21 @@ def _valid(entry: Any) -> bool:
             and all(_valid_spec(v) for v in entry["specs"].values()))
 
 
+#: A history entry is a compact summary (a few KB per spec); a larger file is not one.
+MAX_ENTRY_BYTES = 16 * 2**20
+
+
 def read_history(folder: Path) -> History:
     history = History()
     if not folder.is_dir():
         return history
     for path in sorted(folder.glob("*.json")):
+        if path.is_symlink() or not path.is_file():  # a link (out of the folder, to /dev/zero) is never followed
+            history.warnings.append(f"skipped {path.name}: not a regular file of the history folder")
+            continue
+        if path.stat().st_size > MAX_ENTRY_BYTES:
+            history.warnings.append(f"skipped {path.name}: over {MAX_ENTRY_BYTES // 2**20} MiB")
+            continue
         try:
             entry = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:

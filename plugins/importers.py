@@ -22,6 +22,7 @@ from sft_spec.config import default_cache_dir
 from sft_spec.errors import UsageError
 from sft_spec.loading import is_spec_file, spec_stem
 
+from .escape import safe
 from .files import output_path
 
 #: TRL's ModelConfig and ScriptArguments fields, and what becomes of them.
@@ -53,28 +54,34 @@ DATASET_ENTRY_WHY = {
 _DTYPES = {"float32", "bfloat16", "float16", "auto"}
 
 
-#: Keys that hold credentials: never written into a spec, not even as a comment (named as dropped).
-_SECRET_KEY = re.compile(r"(?i)(^|_)(token|secret|password|passwd|credentials?)$|(^|_)(api|access|secret|private|"
-                         r"auth|hub|hf|wandb|comet|neptune|mlflow|github|openai)_?(token|key)$|^use_auth_token$")
-#: Values that are credentials whatever their key is called (Hugging Face, OpenAI, GitHub tokens).
-_SECRET_VALUE = re.compile(r"^\s*(hf_[A-Za-z0-9]{20,}|sk-[A-Za-z0-9_-]{20,}|gh[pousr]_[A-Za-z0-9]{20,}|"
-                           r"github_pat_[A-Za-z0-9_]{20,})\s*$")
+#: Keys that hold credentials (in snake case: ``hubToken`` and ``hub-token`` read as ``hub_token``): never
+#: written into a spec, not even as a comment (named as dropped).
+_SECRET_KEY = re.compile(r"(^|_)(token|secret|password|passwd|credentials?|authorization|cookie|bearer)$|"
+                         r"(^|_)(api|access|secret|private|auth|client|hub|hf|wandb|comet|neptune|mlflow|github|"
+                         r"openai)_?(token|key|secret)$|^use_auth_token$")
+#: Credentials inside any value, whatever its key is called: Hugging Face, OpenAI, GitHub and Slack tokens,
+#: a bearer token, a password in a URL (``https://user:secret@host``).
+_SECRET_VALUE = re.compile(r"hf_[A-Za-z0-9]{20,}|sk-[A-Za-z0-9_-]{20,}|gh[pousr]_[A-Za-z0-9]{20,}|"
+                           r"github_pat_[A-Za-z0-9_]{20,}|xox[abpr]-[A-Za-z0-9-]{10,}|(?i:bearer)\s+\S{8,}|"
+                           r"[A-Za-z][A-Za-z0-9+.-]*://[^/\s:@]+:[^/\s@]+@")
 #: Tokens of a model's vocabulary are not credentials.
-_VOCABULARY_TOKEN = re.compile(r"(?i)^(eos|bos|pad|unk|sep|cls|mask|chat|special|additional_special)_tokens?$")
-#: Characters a YAML reader (or Python's splitlines) takes as the end of a line: never raw in a comment.
-_LINE_BREAKS = "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"
+_VOCABULARY_TOKEN = re.compile(r"^(eos|bos|pad|unk|sep|cls|mask|chat|special|additional_special)_tokens?$")
 
 
 def one_line(text: str) -> str:
-    """Text for a YAML comment: every line break escaped, so a config's key cannot end the comment and
-    inject keys (``"a\\nxfail: x"``) into the written spec."""
-    return "".join(f"\\u{ord(c):04x}" if c in _LINE_BREAKS else c for c in text)
+    """Text for a YAML comment: every control character and line break escaped (escape.safe), so a config's
+    key cannot end the comment and inject keys (``"a\\nxfail: x"``) nor make the file unreadable."""
+    return safe(text)
+
+
+def _snake(key: str) -> str:
+    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", key).replace("-", "_").lower()
 
 
 def is_secret(key: Any, value: Any) -> bool:
-    if isinstance(key, str) and _SECRET_KEY.search(key) and not _VOCABULARY_TOKEN.match(key):
+    if isinstance(key, str) and _SECRET_KEY.search(_snake(key)) and not _VOCABULARY_TOKEN.match(_snake(key)):
         return True
-    return isinstance(value, str) and bool(_SECRET_VALUE.match(value))
+    return isinstance(value, str) and bool(_SECRET_VALUE.search(value))
 
 
 def without_secrets(value: Any, where: str = "") -> tuple[Any, list[str]]:
@@ -544,6 +551,9 @@ def _run(options, pluginmanager) -> int:
         draft.notes.append("no dataset was found in the config: add data: (conversations, files or a cached dataset)")
     atomic_write_text(output, draft.text())
     print(f"wrote {output} ({len(draft.dropped)} keys not carried over, listed at its end)")
+    if any(part.startswith(".") and part not in (".", "..") for part in output.parent.parts):
+        print(f"note: {output.parent} is a hidden folder: `sft-spec run .` does not collect it; run the spec by "
+              f"its path (sft-spec run {output})")
     return int(main(["validate", str(output)]))
 
 

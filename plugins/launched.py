@@ -119,7 +119,7 @@ def sft_spec_run_spec(item, session) -> SpecReport | None:
     if launcher is None or item.spec.skip:
         return None
     start = time.perf_counter()
-    work = spec_output_dir(config, item) / "launched"
+    work = spec_output_dir(config, item, "launched")
     work.mkdir(parents=True, exist_ok=True)
     result_path, setup_path = work / "result.json", work / "setup.json"
     result_path.unlink(missing_ok=True)

@@ -356,6 +356,9 @@ def semantic_similarity(answer: str, argument: Any, ctx: CheckContext) -> CheckR
 
 #: Keywords whose values are data, not subschemas: a "$ref" key inside them is not a reference.
 _SCHEMA_DATA = frozenset({"const", "enum", "examples", "default"})
+#: Keywords whose values map names to subschemas: the names are the schema's, not keywords.
+_SCHEMA_MAPS = frozenset({"properties", "patternProperties", "$defs", "definitions", "dependentSchemas",
+                          "dependencies"})
 #: Keywords whose subschemas apply to the same value, not to a part of it: a reference cycle through only
 #: these never reaches the answer's content and recurses for ever.
 _IN_PLACE = frozenset({"allOf", "anyOf", "oneOf", "not", "if", "then", "else", "dependentSchemas", "dependencies",
@@ -363,17 +366,28 @@ _IN_PLACE = frozenset({"allOf", "anyOf", "oneOf", "not", "if", "then", "else", "
 _REFERENCES = ("$ref", "$dynamicRef", "$recursiveRef")
 
 
+def _escape_pointer(key: Any) -> str:
+    return str(key).replace("~", "~0").replace("/", "~1")
+
+
 def _subschemas(node: Any, pointer: str = "") -> Any:
-    """Every mapping of a schema with its JSON pointer, and for each, its in-place children and references."""
-    if isinstance(node, dict):
-        yield pointer, node
-        for key, value in node.items():
-            if key in _SCHEMA_DATA:
-                continue
-            yield from _subschemas(value, f"{pointer}/{str(key).replace('~', '~0').replace('/', '~1')}")
-    elif isinstance(node, list):
+    """Every schema object of a schema with its JSON pointer: keywords are walked by what they hold, so a
+    property named ``enum`` or ``default`` is a schema like any other."""
+    if isinstance(node, list):
         for i, value in enumerate(node):
             yield from _subschemas(value, f"{pointer}/{i}")
+        return
+    if not isinstance(node, dict):
+        return
+    yield pointer, node
+    for key, value in node.items():
+        if key in _SCHEMA_DATA:
+            continue
+        if key in _SCHEMA_MAPS and isinstance(value, dict):
+            for name, sub in value.items():
+                yield from _subschemas(sub, f"{pointer}/{key}/{_escape_pointer(name)}")
+        else:
+            yield from _subschemas(value, f"{pointer}/{_escape_pointer(key)}")
 
 
 def _in_place_children(pointer: str, node: dict) -> list[str]:
@@ -381,13 +395,35 @@ def _in_place_children(pointer: str, node: dict) -> list[str]:
     for key in _IN_PLACE & set(node):
         value = node[key]
         if isinstance(value, dict) and key in ("dependentSchemas", "dependencies"):
-            out += [f"{pointer}/{key}/{str(k).replace('~', '~0').replace('/', '~1')}" for k, v in value.items()
-                    if isinstance(v, dict)]
+            out += [f"{pointer}/{key}/{_escape_pointer(k)}" for k, v in value.items() if isinstance(v, dict)]
         elif isinstance(value, dict):
             out.append(f"{pointer}/{key}")
         elif isinstance(value, list):
             out += [f"{pointer}/{key}/{i}" for i, v in enumerate(value) if isinstance(v, dict)]
     return out
+
+
+def _anchors(nodes: dict[str, dict], legacy: bool) -> tuple[dict[str, str], str | None]:
+    """Named anchors (``$anchor``, ``$dynamicAnchor``, and draft 6/7's ``$id: "#name"``) by name; or why the
+    schema may not be used: an anchor named twice, or a resource embedded with its own ``$id`` (references
+    inside it would resolve against another base)."""
+    anchors: dict[str, str] = {}
+    for pointer, node in nodes.items():
+        names = [node[k] for k in ("$anchor", "$dynamicAnchor") if isinstance(node.get(k), str)]
+        for key in ("$id", "id") if legacy else ("$id",):
+            ident = node.get(key)
+            if not isinstance(ident, str) or (key == "id" and not legacy):
+                continue
+            if ident.startswith("#"):
+                names.append(ident[1:])
+            elif pointer:
+                return anchors, (f"json_schema: {key} {ident!r} at #{pointer} embeds another schema document; keep "
+                                 "one document (an $id at the top only)")
+        for name in names:
+            if name in anchors and anchors[name] != pointer:
+                return anchors, f"json_schema: the anchor {name!r} is named twice (#{anchors[name]} and #{pointer})"
+            anchors[name] = pointer
+    return anchors, None
 
 
 def schema_problem(schema: Any) -> str | None:
@@ -404,11 +440,15 @@ def schema_problem(schema: Any) -> str | None:
         nodes = dict(_subschemas(schema))
     except RecursionError:
         return "json_schema: nested too deeply"
-    anchors = {node[key]: pointer for pointer, node in nodes.items() for key in ("$anchor", "$dynamicAnchor")
-               if isinstance(node.get(key), str)}
+    # Drafts 3 to 7 ignore every keyword beside a $ref; 2019-09 and later apply them too.
+    legacy = jsonschema.validators.validator_for(schema).__name__ in (
+        "Draft3Validator", "Draft4Validator", "Draft6Validator", "Draft7Validator")
+    anchors, problem = _anchors(nodes, legacy)
+    if problem:
+        return problem
     edges: dict[str, list[str]] = {}
     for pointer, node in nodes.items():
-        edges[pointer] = _in_place_children(pointer, node)
+        edges[pointer] = [] if legacy and "$ref" in node else _in_place_children(pointer, node)
         for key in _REFERENCES:
             if key not in node:
                 continue

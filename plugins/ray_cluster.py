@@ -175,7 +175,8 @@ def upload_excludes(root: Path) -> tuple[list[str], list[str]]:
             else:
                 inside = target == root or root in target.parents
                 why = ("a link to a folder (Ray would follow it, into a loop or out of the project)" if target.is_dir()
-                       else None if inside else f"a link out of the project (to {target})")
+                       else f"a link out of the project (to {target})" if not inside
+                       else _not_sent(root, target.relative_to(root)))
             if why is None:
                 continue
             pattern = _escaped_pattern(relative)
@@ -185,6 +186,23 @@ def upload_excludes(root: Path) -> tuple[list[str], list[str]]:
             patterns.append(pattern)
             notes.append(f"--ray: {relative} is not sent to the cluster: {why}")
     return patterns, notes
+
+
+def _not_sent(root: Path, target: Path) -> str | None:
+    """Why a file inside the project that a link points at is not sent itself (so neither is the link):
+    a hidden or excluded folder (``.git/config``, ``.venv``), a hidden file (``.env``), or ignored by git."""
+    import subprocess
+    from fnmatch import fnmatch
+
+    why = f"a link to {target.as_posix()}, which is not sent itself"
+    if any(part.startswith(".") or any(fnmatch(part, pattern) for pattern in EXCLUDES) for part in target.parts):
+        return why + " (hidden or excluded)"
+    try:  # what .gitignore leaves out, Ray leaves out: a link must not carry it
+        ignored = subprocess.run(["git", "-C", str(root), "check-ignore", "-q", "--", target.as_posix()],
+                                 capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        ignored = False
+    return why + " (ignored by git)" if ignored else None
 
 
 UPLOAD_NOTES = StashKey[list[str]]()

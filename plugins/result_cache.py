@@ -16,6 +16,7 @@ worker, and results are stored there as their reports are logged, wherever the s
 
 from __future__ import annotations
 
+import argparse
 import functools
 import json
 import os
@@ -25,12 +26,13 @@ from pathlib import Path
 from typing import Any
 
 from sft_spec import hookimpl
+from sft_spec.errors import UsageError
 from sft_spec.reports import report_from_dict
 from sft_spec.state import StashKey
 
 from . import recorded as rec
 from .data import DATA
-from .files import check_written, spec_output_dir
+from .files import check_written, output_path, spec_output_dir
 
 FORMAT = 2  # bump when the entry layout changes: old entries are then simply never found
 CACHEABLE = ("passed", "failed", "xfailed", "xpassed")
@@ -223,6 +225,12 @@ def sft_spec_addoption(parser) -> None:
 
 @hookimpl
 def sft_spec_configure(config) -> None:
+    chosen = getattr(config.options, "cache_dir", None)
+    if chosen:  # --cache-dir, named on the command line: checked as every folder sft-spec writes into is
+        try:
+            output_path(str(chosen))
+        except argparse.ArgumentTypeError as exc:
+            raise UsageError(f"--cache-dir: {exc}") from None
     if config.role == "main" and not config.getoption("no_cache") and not config.getoption("collect_only"):
         config.pluginmanager.register(ResultCache(config), "result_cache_store")
 
@@ -235,7 +243,7 @@ def sft_spec_after_training(item, run) -> None:
     if (item.spec.method == "full" or not hasattr(run.model, "save_pretrained") or config.getoption("no_cache")
             or config.getoption("collect_only") or _bypass(item, config) or os.environ.get("RANK", "0") != "0"):
         return
-    folder = spec_output_dir(run.config, item) / "cached-adapter"
+    folder = spec_output_dir(run.config, item, "cached-adapter")
     run.model.save_pretrained(str(folder), safe_serialization=True)
     run.stash[_SAVED] = str(folder)
 
@@ -251,7 +259,7 @@ def sft_spec_make_report(item, run, report):
 def _add_arguments(parser) -> None:
     parser.add_argument("action", choices=("clear", "info"), help="clear: remove every cached result; "
                         "info: where the cache is and how much it holds")
-    parser.add_argument("--cache-dir", type=Path, help="cache folder (default: $SFT_SPEC_CACHE or "
+    parser.add_argument("--cache-dir", type=output_path, help="cache folder (default: $SFT_SPEC_CACHE or "
                         "~/.cache/sft-spec)")
 
 

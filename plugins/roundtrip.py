@@ -88,7 +88,7 @@ def _round_trip(item, run) -> CheckResult:
     config = run.config
     expectations = item.selected_expectations
     answers = [run.answers[e.index] for e in expectations]
-    folder = spec_output_dir(config, item) / "adapter"
+    folder = spec_output_dir(config, item, "adapter")
     run.model.save_pretrained(str(folder), safe_serialization=True)
     if not (folder / "adapter_model.safetensors").is_file():
         return CheckResult(False, f"no adapter_model.safetensors was written to {folder}")

@@ -165,7 +165,7 @@ def test_nothing_is_written_through_committed_links_out_of_the_project(project_w
     result = sft("run", "s.sft.yaml", "--no-cache", "--update-snapshots", "--update-baselines")
     assert list(outside.rglob("*")) == [], result.out  # no event file, snapshot or baseline
     assert result.code != 0
-    assert "leads outside" in result.out and "through a symlink" in result.out
+    assert "leads outside" in result.out and "through the symlink" in result.out
     assert "s.sft.yaml:2:" in result.out  # the TensorBoard folder, located at report_to
 
 
@@ -281,3 +281,136 @@ def test_an_output_folder_through_a_link_out_is_a_usage_error(project_with_links
     result = sft("run", "s.sft.yaml", "--output-dir", ".sft-spec/out")
     assert result.code == 4 and "--output-dir" in result.err and "leads outside" in result.err
     assert list(outside.rglob("*")) == []
+
+
+# -- found by a hostile review of the fixes above ---------------------------------------------------------------
+
+
+def test_a_link_at_a_specs_predictable_output_folder_is_not_written_through(tmp_path, monkeypatch, sft):
+    import hashlib
+
+    project, outside = tmp_path / "project", tmp_path / "outside"
+    (project / "out").mkdir(parents=True)
+    outside.mkdir()
+    (project / "pyproject.toml").write_text("[project]\nname = 'x'\n")
+    (project / "s.sft.yaml").write_text(SNAPSHOT_SPEC.replace(", report_to: [tensorboard]", "").replace(
+        "checks: {loss_baseline: true}\n", ""), encoding="utf-8")
+    name = "s.sft.yaml_s-" + hashlib.sha256(b"s.sft.yaml::s").hexdigest()[:12]
+    (project / "out" / name).symlink_to(outside, target_is_directory=True)
+    monkeypatch.chdir(project)
+    result = sft("run", "s.sft.yaml", "--output-dir", "out", "--no-cache")
+    assert list(outside.rglob("*")) == [], result.out
+    assert result.code != 0 and "leads outside" in result.out
+
+
+@pytest.mark.parametrize("cwd,args", [
+    (".", ["init"]),  # the default folder, specs/, is a link out
+    ("sub", ["schema", "-o", "../reports/s.json"]),  # inside the project, outside the working directory
+    ("sub/deeper", ["schema", "-o", "lnk/../../../r.json"]),  # a link, then .. from where it led
+    (".", ["run", "s.sft.yaml", "--cache-dir", ".sft-spec/c"]),
+    (".", ["cache", "info", "--cache-dir", ".sft-spec/c"]),
+])
+def test_command_line_paths_through_links_in_the_project_are_refused_wherever_they_start(project_with_links, sft,
+                                                                                         monkeypatch, cwd, args):
+    project, outside = project_with_links
+    for link in ("specs", "reports", "sub/deeper/lnk"):
+        (project / link).parent.mkdir(parents=True, exist_ok=True)
+        (project / link).symlink_to(outside, target_is_directory=True)
+    monkeypatch.chdir(project / cwd)
+    result = sft(*args)
+    assert result.code == 4, (args, result.out, result.err)
+    assert "leads outside" in result.err
+    assert list(outside.rglob("*")) == []
+
+
+def test_history_entries_that_are_links_are_skipped_not_read(tmp_path, sft, write_spec):
+    from sft_spec_plugins.history import read_history
+
+    folder = tmp_path / "history"
+    folder.mkdir()
+    (folder / "0001.json").symlink_to("/dev/zero")
+    outside = tmp_path / "entry.json"
+    outside.write_text('{"history_version": 1, "created": "x", "specs": {}}', encoding="utf-8")
+    (folder / "0002.json").symlink_to(outside)
+    history = read_history(folder)
+    assert history.entries == []
+    assert len(history.warnings) == 2 and all("not a regular file" in w for w in history.warnings)
+
+
+def test_credentials_under_other_spellings_and_inside_values_are_never_written(sft, tmp_path):
+    import yaml
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train.jsonl").write_text(MESSAGES, encoding="utf-8")
+    secret = "hf_" + "S" * 30
+    config = {"model_name_or_path": "Qwen/Qwen2.5-0.5B", "datasets": [{"path": "data"}], "hub-token": "abc1",
+              "wandbApiKey": "abc2", "hfApiToken": "abc3", "clientSecret": "abc4",
+              "headers": {"Authorization": "Bearer abcdefghijklmnop"}, "run_name": f"exp {secret}",
+              "mlflow_tracking_uri": "https://alice:pa55word@mlflow.example.com", "a\x07b": 1}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
+    result = sft("import", "trl", tmp_path / "r.yaml", "--model", "builtin:tiny-gemma")
+    text = (tmp_path / "r.sft.yaml").read_text(encoding="utf-8")
+    for leaked in ("abc1", "abc2", "abc3", "abc4", "abcdefghijklmnop", secret, "pa55word"):
+        assert leaked not in text and leaked not in result.out, leaked
+    assert yaml.safe_load(text) is not None and "a\\x07b" in text  # a control character is shown, not written
+
+
+def test_a_link_to_a_file_ray_leaves_out_is_left_out_too(tmp_path):
+    pytest.importorskip("ray")
+    import subprocess
+
+    from sft_spec_plugins.ray_cluster import upload_excludes
+
+    root = tmp_path / "p"
+    (root / ".git").mkdir(parents=True)
+    (root / ".git" / "config").write_text("[http]\n extraheader = AUTHORIZATION: basic x\n", encoding="utf-8")
+    (root / ".env").write_text("TOKEN=x\n", encoding="utf-8")
+    (root / "ignored.json").write_text("{}", encoding="utf-8")
+    (root / "kept.jsonl").write_text("{}\n", encoding="utf-8")
+    subprocess.run(["git", "init", "-q", str(root)], check=True)
+    (root / ".gitignore").write_text("ignored.json\n", encoding="utf-8")
+    for name, target in (("cfg.csv", ".git/config"), ("env.txt", ".env"), ("i.json", "ignored.json"),
+                         ("k.jsonl", "kept.jsonl")):
+        (root / name).symlink_to(root / target)
+    patterns, notes = upload_excludes(root)
+    assert sorted(patterns) == ["/cfg.csv", "/env.txt", "/i.json"], notes
+    assert any("ignored by git" in n for n in notes) and any("hidden or excluded" in n for n in notes)
+
+
+@pytest.mark.parametrize("schema,problem", [
+    ({"properties": {"enum": {"$ref": "http://example.com/x"}}}, "leaves the schema"),
+    ({"$defs": {"b": {"$id": "http://x/b", "allOf": [{"$ref": "#"}]}}, "$ref": "#/$defs/b"}, "embeds another schema"),
+    ({"allOf": [{"$ref": "#foo"}], "$defs": {"b": {"$anchor": "foo"}, "z": {"$anchor": "foo"}}}, "named twice"),
+    ({"$ref": "#/properties/default", "properties": {"default": {"type": "string"}}}, None),
+    ({"$schema": "http://json-schema.org/draft-07/schema#", "definitions": {"i": {"$id": "#item"}}, "$ref": "#item"},
+     None),
+    ({"$schema": "http://json-schema.org/draft-07/schema#", "$ref": "#/definitions/a", "allOf": [{"$ref": "#"}],
+      "definitions": {"a": {"type": "string"}}}, None),  # draft 7 ignores what stands beside a $ref
+])
+def test_schema_keywords_are_walked_by_what_they_hold(schema, problem):
+    found = metrics.schema_problem(schema)
+    assert (found is None) if problem is None else (problem in (found or "")), found
+
+
+def test_a_row_value_equal_to_its_placeholder_is_still_validated(tmp_path, sft):
+    (tmp_path / "rows.jsonl").write_text('{"q": "a", "t": "{t}"}\n', encoding="utf-8")
+    path = tmp_path / "s.sft.yaml"
+    path.write_text(SPEC.format(check="equals: 我学会了").replace("expect:", """\
+eval:
+  rows:
+    path: rows.jsonl
+    prompt: q
+    checks: {bleu: {to: x, tokenize: "{t}"}}
+expect:"""), encoding="utf-8")
+    result = sft("validate", path)
+    assert result.code != 0 and "rows.jsonl" in result.out and "bleu.tokenize" in result.out, result.out
+
+
+def test_a_spec_never_reads_gits_own_files(tmp_path, sft):
+    (tmp_path / ".git").mkdir()
+    (tmp_path / ".git" / "config").write_text('{"messages": []}\n', encoding="utf-8")
+    path = tmp_path / "s.sft.yaml"
+    path.write_text(SPEC.format(check="equals: 我学会了").replace(
+        "data:\n  conversations:", "data:\n  files: [{path: .git/config}]\n  conversations:"), encoding="utf-8")
+    result = sft("validate", path)
+    assert result.code != 0 and "inside a .git folder" in result.out, result.out

@@ -1,8 +1,6 @@
-"""The one rule for every file a spec names (data, templates, TRL's config files, a launcher's config):
-it lies inside the spec file's own folder, however the run was started. No ``..``, no absolute path, no
-symlink out."""
-
-from __future__ import annotations
+"""The one rule for every file a spec names (data, templates, TRL's config files, a launcher's config): it
+lies inside the spec file's own folder, however the run was started. No ``..``, absolute path, symlink out
+or ``.git`` (a checkout's credentials live in ``.git/config``)."""
 
 from pathlib import Path
 
@@ -24,4 +22,6 @@ def check_inside(folder: Path, relative: str, what: str = "path") -> Path:
     if target != folder and folder not in target.parents:
         link = " (through a symlink)" if ".." not in Path(relative).parts else ""
         raise ValueError(f"{what} {relative!r} is outside the spec directory {relpath(folder)}{link}")
+    if ".git" in target.relative_to(folder).parts:
+        raise ValueError(f"{what} {relative!r} is inside a .git folder: a spec never reads git's own files")
     return target
