@@ -10,10 +10,11 @@ from .failures import diff_segments
 from .html_report import _shown, loss_chart, visible
 
 
-def _spec_view(index: int, spec) -> dict[str, Any]:
+def _spec_view(index: int, spec, items) -> dict[str, Any]:
     before, after = spec.losses
     return {
-        "anchor": f"change-{index}", "change": spec, "transition": spec.transition,
+        "anchor": f"change-{index}", "change": spec, "transition": spec.transition, "findings": items,
+        "counted": any(f.counted for f in items),
         "chart": loss_chart(after, before) if after or before else None,
         "cases": [{
             "case": case, "changed": case.before != case.after or case.answer_changed,
@@ -23,13 +24,18 @@ def _spec_view(index: int, spec) -> dict[str, Any]:
     }
 
 
-def render_comparison(comparison) -> str:
+def render_comparison(comparison, shown: list, indent: dict[str, str]) -> str:
+    """``shown``: compare.findings(comparison), the evidence every rendering shows; ``indent``: its nesting."""
     import jinja2
 
     env = jinja2.Environment(loader=jinja2.PackageLoader("sft_spec_plugins", "templates"), finalize=_shown,
                              autoescape=True, trim_blocks=True, lstrip_blocks=True)
     counts = [(t, comparison.count(t)) for t in ("regressed", "fixed", "changed", "new", "removed", "unchanged")]
+    order = {id(spec): i for i, (spec, _) in enumerate(shown)}
+    views = [_spec_view(i, s, items) for i, (s, items) in enumerate(shown)]
+    rest = [spec for spec in comparison.specs if id(spec) not in order]
+    views += [_spec_view(len(views) + i, spec, []) for i, spec in enumerate(rest)]
     return env.get_template("compare.html.j2").render(
-        comparison=comparison, counts=[(t, n) for t, n in counts if n],
-        specs=[_spec_view(i, s) for i, s in enumerate(comparison.specs)],
+        comparison=comparison, counts=[(t, n) for t, n in counts if n], specs=views, indent=indent,
+        shown=len(shown),
     )

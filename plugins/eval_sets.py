@@ -26,10 +26,11 @@ import json
 import math
 import re
 import statistics
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, RootModel, field_validator
+from pydantic import BaseModel, ConfigDict, Field, RootModel, field_validator, model_validator
 
 from sft_spec import hookimpl
 from sft_spec.errors import Location, SpecError, did_you_mean
@@ -40,21 +41,40 @@ from sft_spec.spec import XfailSpec, xfail_shorthand
 from sft_spec.state import Answer, Expectation, FormattedText, StashKey, TrainingCheck
 
 from . import metrics as m
+from . import uncertainty as u
 
 CHUNK = 256  # rows formatted, generated and scored together; only their scores are kept
 
 
 class Threshold(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    at_least: float | None = Field(None, description="The value must be at least this")
-    at_most: float | None = Field(None, description="The value must be at most this")
+    at_least: float | None = Field(None, allow_inf_nan=False, description="The value must be at least this")
+    at_most: float | None = Field(None, allow_inf_nan=False, description="The value must be at most this")
+    confidence: float | None = Field(None, gt=0, lt=1, description="Judge on the value's interval at this level "
+                                     "(e.g. 0.95) instead of its point: passes when the whole interval holds the "
+                                     "bound, fails when none of it does, else inconclusive (a failure that says "
+                                     "how many rows would settle it)")
+
+    @model_validator(mode="after")
+    def _a_bound(self) -> Threshold:
+        if self.at_least is None and self.at_most is None:
+            raise ValueError("a threshold needs at_least or at_most (an empty one would pass at any value)")
+        return self
 
 
 class Change(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    max_drop: float | None = Field(None, description="before - after may be at most this")
-    min_gain: float | None = Field(None, description="after - before must be at least this")
-    max_increase: float | None = Field(None, description="after - before may be at most this (perplexity)")
+    max_drop: float | None = Field(None, allow_inf_nan=False, description="before - after may be at most this")
+    min_gain: float | None = Field(None, allow_inf_nan=False, description="after - before must be at least this")
+    max_increase: float | None = Field(None, allow_inf_nan=False, description="after - before may be at most this "
+                                       "(perplexity)")
+
+    @model_validator(mode="after")
+    def _a_bound(self) -> Change:
+        if self.max_drop is None and self.min_gain is None and self.max_increase is None:
+            raise ValueError("a change needs max_drop, min_gain or max_increase (an empty one would pass at any "
+                             "value)")
+        return self
 
 
 class EvalSetSpec(BaseModel):
@@ -67,6 +87,8 @@ class EvalSetSpec(BaseModel):
     prompt: str = Field("prompt", description="Column of the prompt: a string (one user turn) or a chat")
     reference: str | None = Field("reference", description="Column of the reference answer (metrics' to:)")
     text: str | None = Field(None, description="Column of held-out text, instead of prompts: perplexity rows")
+    id: str | None = Field(None, description="Column that names each row, unique in the set: `sft-spec compare` "
+                           "pairs the rows of two runs by it (default: by the row's content)")
     checks: dict[str, Any] = Field(description="Checks and metrics applied to every row")
     limit: int | None = Field(None, gt=0, description="Use the first N rows only")
     pass_rate: Threshold | None = Field(None, description="Share of rows whose checks hold; when the set gives no "
@@ -102,6 +124,7 @@ class Row:
     reference: str | None
     checks: list[tuple[str, Any]]
     location: Location
+    key: str = ""  # names the row across runs: its id column, else a hash of its content
 
 
 @dataclass
@@ -170,19 +193,27 @@ def sft_spec_register_checks(register) -> None:
 _PLACEHOLDER = re.compile(r"\{\{|\}\}|\{([A-Za-z_]\w*)\}")
 
 
-def _substitute(value: Any, row: dict[str, Any], reference: str | None) -> Any:
+#: Checks whose argument is a pattern: a row's value fills it in as literal text (a reference ``.*`` matches
+#: itself, not anything).
+PATTERN_CHECKS = {"regex"}
+
+
+def _substitute(value: Any, row: dict[str, Any], reference: str | None, literal=None) -> Any:
+    """A check's argument with the row's values in its ``{column}`` placeholders; ``literal`` escapes each
+    value first (``re.escape`` for a pattern)."""
     if isinstance(value, str):
         def one(mt: re.Match) -> str:
             name = mt.group(1)
             if name is None:
                 return mt.group(0)[0]  # {{ -> {, }} -> }
-            return reference if name == "reference" and reference is not None else _text(row.get(name))
+            text = reference if name == "reference" and reference is not None else _text(row.get(name))
+            return literal(text) if literal else text
 
         return _PLACEHOLDER.sub(one, value)
     if isinstance(value, dict):
-        return {k: _substitute(v, row, reference) for k, v in value.items()}
+        return {k: _substitute(v, row, reference, literal) for k, v in value.items()}
     if isinstance(value, list):
-        return [_substitute(v, row, reference) for v in value]
+        return [_substitute(v, row, reference, literal) for v in value]
     return value
 
 
@@ -268,7 +299,10 @@ def build_set(item, config, name: str, spec: EvalSetSpec) -> EvalSet:
     raw = _read(item, name, spec)[: spec.limit]
     if not raw:
         raise SpecError(f"eval set {name!r} has no rows", where)
-    rows = []
+    rows: list[Row] = []
+    filled = {key for key, argument in spec.checks.items() if _placeholders(argument)}  # validated row by row
+    keys: dict[str, Location] = {}
+    copies: Counter[str] = Counter()
     named = _placeholders(spec.checks)
     # The reference column is read when a check uses it: {reference}, or a metric without its own to:.
     wants_reference = "reference" in named or (spec.text is None and any(
@@ -293,9 +327,9 @@ def build_set(item, config, name: str, spec: EvalSetSpec) -> EvalSet:
         reference = _text(values[reference_column]) if reference_column else None
         row_checks = []
         for key, written in spec.checks.items():
-            argument = _substitute(written, values, reference)
+            argument = _substitute(written, values, reference, re.escape if key in PATTERN_CHECKS else None)
             # A row's own values are validated as the spec's are (a schema's $ref, a pattern), located at the row.
-            if argument != written and (problem := plugin_validate(validators[key], argument, f"check {key!r}")):
+            if key in filled and (problem := plugin_validate(validators[key], argument, f"check {key!r}")):
                 raise SpecError(f"checks.{key} with this row's values: {problem}", row_where)
             if key in m.METRICS and "to" not in argument:
                 argument = {**argument, "to": _text(values[spec.text]) if spec.text else reference}
@@ -304,7 +338,22 @@ def build_set(item, config, name: str, spec: EvalSetSpec) -> EvalSet:
         if prompt and sum(len(t["content"]) for t in prompt) > MAX_PROMPT_CHARS:
             raise SpecError(f"the prompt has {sum(len(t['content']) for t in prompt)} characters; a prompt may have "
                             f"{MAX_PROMPT_CHARS}", row_where)
-        rows.append(Row(i, prompt, _text(values[spec.text]) if spec.text else None, reference, row_checks, row_where))
+        text = _text(values[spec.text]) if spec.text else None
+        if spec.id is not None:
+            if spec.id not in values:
+                raise SpecError(did_you_mean(spec.id, list(values), "column").replace("unknown", "no") +
+                                " (the set's id:)", row_where)
+            if problem := _cell_problem(spec.id, values[spec.id]):
+                raise SpecError(f"id: {problem}", row_where)
+            key = _text(values[spec.id])
+            if key in keys:
+                raise SpecError(f"id column {spec.id!r}: {key!r} names two rows ({keys[key]} and this one)", row_where)
+        else:  # the row's content; the second copy of a row written twice is told apart by its count
+            content = sha256([prompt, text, reference])[:16]
+            key = content if not copies[content] else f"{content}#{copies[content]}"
+            copies[content] += 1
+        keys[key] = row_where
+        rows.append(Row(i, prompt, text, reference, row_checks, row_where, key))
     digest = sha256([[r.prompt, r.text, r.checks] for r in rows])[:16]
     return EvalSet(name, spec, rows, digest, metric_names)
 
@@ -405,73 +454,149 @@ def sft_spec_evaluate(item, run) -> None:
         base[case.nodeid] = measure(item, run, case.argument, "before")
 
 
-def _aggregate(values: list[float], how: str) -> float:
-    return statistics.fmean(values) if how == "mean" else statistics.median(values)
+def _seed(item) -> Any:
+    """The seed this run trained with (TrainingArguments' default when the spec sets none)."""
+    return item.spec.training.get("seed", 42)
+
+
+#: How each aggregate's uncertainty is estimated, from the rows' values (a rows x seeds matrix).
+ESTIMATORS = {"pass_rate": u.proportion, "retention": u.proportion, "mean": u.mean, "median": u.median,
+              "change": lambda values, level=u.LEVEL: u.mean(values, level, binary_as_share=False)}
+
+
+def rows_needed(estimate: u.Estimate, bound: float, level: float, proportion: bool) -> int | None:
+    """Rows at which the interval at ``level`` would clear ``bound`` (on either side), if the value and its
+    spread held: Wilson's interval for a share of rows, Student's t (as a normal) for a mean."""
+    from scipy import stats
+
+    value, rows = estimate.value, estimate.rows
+    if not rows or value == bound or not math.isfinite(value):
+        return None
+    z = float(stats.norm.ppf(0.5 + level / 2))
+    spread = estimate.stderr * math.sqrt(rows) if estimate.stderr is not None else None
+    n = float(rows)
+    while n < 10_000_000:
+        n *= 1.1
+        if proportion:
+            centre = (value + z * z / (2 * n)) / (1 + z * z / n)
+            half = z / (1 + z * z / n) * math.sqrt(value * (1 - value) / n + z * z / (4 * n * n))
+        elif spread:
+            centre, half = value, z * spread / math.sqrt(n)
+        else:
+            return None
+        if centre - half > bound or centre + half < bound:
+            return math.ceil(n)
+    return None
+
+
+class _Judge:
+    """The set's thresholds applied to its aggregates, each shown with its interval; a threshold with
+    ``confidence`` is judged on the interval at that level (passed, failed, or inconclusive)."""
+
+    def __init__(self) -> None:
+        self.parts: list[str] = []
+        self.failed = self.inconclusive = False
+        self.estimates: dict[str, u.Estimate] = {}
+
+    def __call__(self, name: str, label: str, values: Any, limit: Threshold | None) -> float:
+        how = name.split("_")[0] if name.split("_")[0] in ESTIMATORS else name
+        estimate = ESTIMATORS[how](values)
+        self.estimates[name] = estimate
+        text = f"{label} {estimate.text()}"
+        if limit is None:
+            self.parts.append(text)
+            return estimate.value
+        value = estimate.value
+        if limit.confidence is None:
+            for bound, holds, sign in ((limit.at_least, value >= (limit.at_least or 0), ">="),
+                                       (limit.at_most, value <= (limit.at_most or 0), "<=")):
+                if bound is not None:
+                    self.failed |= not holds
+                    text += f" {sign if holds else {'>=': '<', '<=': '>'}[sign]} {bound:g}"
+            self.parts.append(text)
+            return value
+        at = ESTIMATORS[how](values, level=limit.confidence)
+        shown = f"{round(limit.confidence * 100):g}% interval {at.low:.3g} to {at.high:.3g}" \
+            if at.low is not None else "no interval"
+        low, high = at.low, at.high
+        for bound, word, sure, never in (
+                (limit.at_least, "at least", low is not None and low >= (limit.at_least or 0),
+                 high is not None and high < (limit.at_least or 0)),
+                (limit.at_most, "at most", high is not None and high <= (limit.at_most or 0),
+                 low is not None and low > (limit.at_most or 0))):
+            if bound is None:
+                continue
+            if sure:
+                text += f"; the {shown} holds {word} {bound:g}"
+            elif never:
+                self.failed = True
+                text += f"; the {shown} misses {word} {bound:g}"
+            else:
+                self.inconclusive = True
+                needed = rows_needed(estimate, bound, limit.confidence, how in ("pass_rate", "retention"))
+                text += (f"; inconclusive: the {shown} straddles {word} {bound:g}"
+                         + (f" (about {needed} rows would settle it)" if needed else ""))
+        self.parts.append(text)
+        return value
 
 
 def run_eval_set(_: str, evalset: EvalSet, ctx: CheckContext) -> CheckResult:
     item, run = ctx.item, ctx.run
     after = measure(item, run, evalset, "after")
     before = run.stash.get(BASE_RESULTS, {}).get(ctx.case.nodeid)
-    spec, parts, ok = evalset.spec, [], True
-
-    def threshold(label: str, value: float, limit: Threshold) -> None:
-        nonlocal ok
-        if limit.at_least is not None:
-            ok &= value >= limit.at_least
-            parts.append(f"{label} {value:.4g} {'>=' if value >= limit.at_least else '<'} {limit.at_least:g}")
-        if limit.at_most is not None:
-            ok &= value <= limit.at_most
-            parts.append(f"{label} {value:.4g} {'<=' if value <= limit.at_most else '>'} {limit.at_most:g}")
-        if limit.at_least is None and limit.at_most is None:
-            parts.append(f"{label} {value:.4g}")
-
-    pass_rate = sum(r.passed for r in after) / len(after)
+    spec = evalset.spec
+    judge = _Judge()
     default = spec.pass_rate is None and not (spec.mean or spec.median or spec.retention or spec.change)
-    threshold("pass_rate", pass_rate, spec.pass_rate or Threshold(at_least=1.0 if default else None))
-    aggregates: dict[str, float] = {"pass_rate": pass_rate}
+    aggregates: dict[str, float] = {"pass_rate": judge("pass_rate", "pass_rate", [float(r.passed) for r in after],
+                                                      spec.pass_rate or (Threshold(at_least=1.0) if default else None))}
     for how, table in (("mean", spec.mean), ("median", spec.median)):
         for metric, limit in table.items():
-            values = [r.scores[metric] for r in after if metric in r.scores]
-            value = _aggregate(values, how) if values else math.nan
-            aggregates[f"{how}_{metric}"] = value
-            threshold(f"{how} {metric}", value, limit)
+            values = [r.scores.get(metric, math.nan) for r in after]
+            aggregates[f"{how}_{metric}"] = judge(f"{how}_{metric}", f"{how} {metric}", values, limit)
     if spec.retention is not None:
-        kept = [a.passed for a, b in zip(after, before or [], strict=False) if b.passed]
         if before is None:
-            ok, retention = False, math.nan
-            parts.append("retention: the base model was not measured")
-        elif not kept:
-            retention = 1.0
-            parts.append("retention: no row passed on the base model, nothing to retain")
+            judge.failed = True
+            judge.parts.append("retention: the base model was not measured")
+            aggregates["retention"] = math.nan
+        elif not any(b.passed for b in before):
+            judge.parts.append("retention: no row passed on the base model, nothing to retain")
+            aggregates["retention"] = 1.0
         else:
-            retention = sum(kept) / len(kept)
-            threshold(f"retention ({sum(kept)}/{len(kept)})", retention, spec.retention)
-        aggregates["retention"] = retention
+            kept = [float(a.passed) for a, b in zip(after, before, strict=False) if b.passed]
+            aggregates["retention"] = judge("retention", f"retention ({int(sum(kept))}/{len(kept)})", kept,
+                                            spec.retention)
     for metric, change in spec.change.items():
-        now = [r.scores[metric] for r in after if metric in r.scores]
-        then = [r.scores[metric] for r in before or [] if metric in r.scores]
-        if not now or not then:
-            ok = False
-            parts.append(f"change of {metric}: no base-model scores")
+        paired = [(b.scores[metric], a.scores[metric]) for a, b in zip(after, before or [], strict=False)
+                  if metric in a.scores and metric in b.scores]
+        if not paired:
+            judge.failed = True
+            judge.parts.append(f"change of {metric}: no base-model scores")
             continue
-        delta = statistics.fmean(now) - statistics.fmean(then)
+        delta = judge(f"change_{metric}", f"change of mean {metric}", [a - b for b, a in paired], None)
         aggregates[f"change_{metric}"] = delta
-        text = f"mean {metric} {statistics.fmean(then):.4g} -> {statistics.fmean(now):.4g} ({delta:+.4g})"
+        then = statistics.fmean(b for b, _ in paired)
+        text = f" ({then:.4g} -> {then + delta:.4g})"
         for key, bad in (("max_drop", -delta > (change.max_drop or 0)), ("min_gain", delta < (change.min_gain or 0)),
                          ("max_increase", delta > (change.max_increase or 0))):
             limit = getattr(change, key)
             if limit is not None:
-                ok &= not bad
+                judge.failed |= bad
                 text += f", {key} {limit:g}{' exceeded' if bad and key != 'min_gain' else ' missed' if bad else ''}"
-        parts.append(text)
-    message = "; ".join(parts) + f" ({len(after)} rows)"
+        judge.parts[-1] += text
+    ok = not judge.failed and not judge.inconclusive
+    message = "; ".join(judge.parts) + f" ({len(after)} rows, seed {_seed(item)})"
     run.note(f"eval[{evalset.name}]: {message}")
-    run.stash.setdefault(SET_REPORTS, {})[ctx.case.nodeid] = _set_report(evalset, after, before, aggregates)
+    report = _set_report(evalset, after, before, aggregates)
+    report["uncertainty"] = {name: e.to_dict() for name, e in judge.estimates.items()}
+    report["seeds"] = [_seed(item)]
+    report["outcome"] = "failed" if judge.failed else "inconclusive" if judge.inconclusive else "passed"
+    if report["outcome"] == "inconclusive":
+        report["verdict"] = "inconclusive"
+    run.stash.setdefault(SET_REPORTS, {})[ctx.case.nodeid] = report
     worst = next((r for r in _worst_first(evalset, after) if not r.passed), None)
     if not ok and worst is not None:
         message += f"; worst row {worst.index} ({evalset.rows[worst.index].location}): {'; '.join(worst.failures)}"
-    return CheckResult(ok, message, score=pass_rate)
+    return CheckResult(ok, message, score=aggregates["pass_rate"])
 
 
 def _worst_first(evalset: EvalSet, results: list[RowResult]) -> list[RowResult]:
@@ -493,7 +618,7 @@ def _set_report(evalset: EvalSet, after: list[RowResult], before: list[RowResult
         row = evalset.rows[result.index]
         base = by_index.get(result.index)
         rows.append({
-            "index": row.index, "location": str(row.location),
+            "index": row.index, "key": row.key, "location": str(row.location),
             "prompt": row.prompt[-1]["content"] if row.prompt else None, "text": row.text,
             "reference": row.reference, "answer": result.answer, "stopped": result.stopped, "passed": result.passed,
             "max_new_tokens": result.max_new_tokens,
@@ -510,3 +635,49 @@ def sft_spec_make_report(item, run, report):
     if report is not None and sets:
         report.extra["eval"] = sets
     return report
+
+
+def combine_seed_reports(runs: list[tuple[Any, dict[str, Any]]]) -> dict[str, Any]:
+    """One set's reports from several seeds (``repeat:``) as one: the first seed's rows, each with its
+    values on every seed (``by_seed``), and every aggregate pooled over rows and seeds with an interval
+    clustered by row and by seed."""
+    import copy
+
+    first = copy.deepcopy(runs[0][1])
+    seeds = [seed for seed, _ in runs]
+    by_key = [{row.get("key", row["index"]): row for row in data.get("rows", [])} for _, data in runs]
+    rows = [row for row in first.get("rows", []) if all(row.get("key", row["index"]) in rows_of
+                                                        for rows_of in by_key)]
+    for row in rows:
+        key = row.get("key", row["index"])
+        row["by_seed"] = {str(seed): {"passed": rows_of[key]["passed"], "scores": rows_of[key].get("scores", {}),
+                                      "answer": rows_of[key].get("answer")}
+                          for seed, rows_of in zip(seeds, by_key, strict=True)}
+
+    def matrix(value) -> list[list[float]]:
+        return [[value(row, row["by_seed"][str(seed)]) for seed in seeds] for row in rows]
+
+    aggregates, uncertainty = {}, {}
+    for name in first.get("aggregates", {}):
+        how, _, metric = name.partition("_")
+        if name == "pass_rate":
+            values = matrix(lambda row, at: float(at["passed"]))
+        elif name == "retention":
+            values = [v for row, v in zip(rows, matrix(lambda row, at: float(at["passed"])), strict=True)
+                      if row.get("base") and row["base"].get("passed")]
+        elif how == "change":
+            values = matrix(lambda row, at, metric=metric: at["scores"].get(metric, math.nan) - (
+                (row.get("base") or {}).get("scores", {}).get(metric, math.nan)))
+        else:
+            values = matrix(lambda row, at, metric=metric: at["scores"].get(metric, math.nan))
+        if not values:
+            aggregates[name] = first["aggregates"][name]
+            continue
+        estimate = ESTIMATORS[how if how in ESTIMATORS else name](values)
+        aggregates[name], uncertainty[name] = estimate.value, estimate.to_dict()
+    first.update(aggregates=aggregates, uncertainty=uncertainty, seeds=seeds)
+    outcomes = [data.get("outcome") for _, data in runs]
+    first.pop("verdict", None)  # the first seed's: decided again over every seed
+    if "inconclusive" in outcomes and "failed" not in outcomes:
+        first["verdict"] = "inconclusive"
+    return first

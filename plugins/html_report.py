@@ -225,18 +225,38 @@ def histogram(values: list[float], bins: int = 10) -> list[dict[str, Any]]:
 
 
 def _eval_views(report: SpecReport) -> list[dict[str, Any]]:
+    from .uncertainty import Estimate
+
     views = []
     for nodeid, data in (report.extra.get("eval") or {}).items():
         rows = data.get("rows", [])
+        estimates = {name: Estimate.from_dict(e) for name, e in (data.get("uncertainty") or {}).items()}
+        histograms = []
+        for name in data.get("metrics", []):
+            values = [r["scores"][name] for r in rows if name in r.get("scores", {})]
+            histograms.append({"metric": name, "bins": histogram(values),
+                               "mean": _error_bar(estimates.get(f"mean_{name}"), values)})
         views.append({
             "name": f"eval[{data.get('name', '')}]", "nodeid": nodeid, "aggregates": data.get("aggregates", {}),
+            "uncertainty": {name: e for name, e in estimates.items() if e is not None},
             "metrics": data.get("metrics", []), "total": len(rows), "rows": rows[:SHOWN_ROWS],
-            "has_base": any(r.get("base") for r in rows),
-            "histograms": [{"metric": name, "bins": histogram([r["scores"][name] for r in rows
-                                                                if name in r.get("scores", {})])}
-                           for name in data.get("metrics", [])],
+            "has_base": any(r.get("base") for r in rows), "histograms": histograms,
+            "seeds": data.get("seeds") or [],
         })
     return views
+
+
+def _error_bar(estimate, values: list[float]) -> dict[str, Any] | None:
+    """Where a metric's mean and its 95% interval fall on the histogram's range, in percent of it."""
+    if estimate is None or not values or estimate.low is None:
+        return None
+    low, high = min(values + [estimate.low]), max(values + [estimate.high])
+    span = (high - low) or 1.0
+
+    def at(value: float) -> float:
+        return round(100 * (value - low) / span, 1)
+
+    return {"text": estimate.text(), "mean": at(estimate.value), "low": at(estimate.low), "high": at(estimate.high)}
 
 
 def _seed_views(report: SpecReport) -> list[dict[str, Any]]:

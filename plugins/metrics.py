@@ -36,7 +36,7 @@ from sft_spec.state import StashKey
 BASE_SCORES = StashKey[dict[tuple[str, str, str], float]]()
 #: Logit values one scoring batch may hold (batch x tokens x vocabulary): about 256 MB of float32.
 LOGIT_BUDGET = 64 * 1024 * 1024
-_CJK = re.compile("[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff]")
+CJK = re.compile("[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff]")
 
 
 @dataclass(frozen=True)
@@ -281,7 +281,7 @@ def _bleu_tokenizer_problem(name: Any) -> str | None:
 def bleu_score(answer: str, reference: str, tokenize: str | None = None) -> float:
     import sacrebleu
 
-    tokenize = tokenize or ("zh" if _CJK.search(reference) else "13a")
+    tokenize = tokenize or ("zh" if CJK.search(reference) else "13a")
     if problem := _bleu_tokenizer_problem(tokenize):  # validation refuses it first; never a download here
         raise ValueError(problem)
     return float(sacrebleu.sentence_bleu(answer, [reference], tokenize=tokenize).score)

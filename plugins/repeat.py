@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -19,19 +20,30 @@ from sft_spec import hookimpl
 from sft_spec.registry import SpecSection
 from sft_spec.reports import CheckReport, ExpectationReport, SpecReport
 
+from .eval_sets import combine_seed_reports
 from .protocol import apply_xfail, spec_outcome
+from .uncertainty import Estimate
 
 
 class RepeatSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     seeds: list[int] = Field(description="One training per seed (training.seed), e.g. [1, 2, 3]")
-    pass_rate: float = Field(1.0, ge=0, le=1, description="Share of seeds on which a case must pass, rounded to a "
-                             "number of seeds (0.67 of 3 seeds: 2)")
+    pass_rate: float = Field(1.0, ge=0, le=1, allow_inf_nan=False, description="Share of seeds on which a case "
+                             "must pass, as a count of seeds rounded up (0.5 of 1 seed: 1; 0.67 of 3 seeds: 2)")
 
     @property
     def needed(self) -> int:
-        """Seeds a case must pass on: the share as a count, so 0.67 (or 0.66) of 3 is 2, as written."""
-        return round(self.pass_rate * len(self.seeds))
+        """Seeds a case must pass on: the share as a count, rounded up, so a share above zero never needs no
+        seed (0.5 of 1 is 1). Rounded to a tenth of a seed first, so 0.67 (or 0.66) of 3 is 2, as written."""
+        return math.ceil(round(self.pass_rate * len(self.seeds), 1))
+
+    @field_validator("seeds", mode="before")
+    @classmethod
+    def _integers(cls, value: Any) -> Any:
+        """Seeds are whole numbers from 0 up: ``true`` is not seed 1, -1 is not a seed torch accepts."""
+        if isinstance(value, list) and any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in value):
+            raise ValueError(f"seeds: expected whole numbers from 0 up, got {value}")
+        return value
 
     @field_validator("seeds")
     @classmethod
@@ -114,6 +126,14 @@ def combine(item, repeat: RepeatSpec, runs: list[tuple[int, SpecReport]]) -> Spe
                                             ok, _summary(held, repeat), score=share))
             combined.append(apply_xfail(shown, xfails.get(case.nodeid) or item.spec.xfail))
         setattr(report, kind, combined)
+    sets = {nodeid for _, r in ran for nodeid in (r.extra.get("eval") or {})}
+    if sets:  # every seed's rows, and each aggregate's interval clustered by row and seed
+        report.extra["eval"] = {nodeid: combine_seed_reports([(seed, r.extra["eval"][nodeid]) for seed, r in ran
+                                                              if nodeid in (r.extra.get("eval") or {})])
+                                for nodeid in sorted(sets)}
+        for data in report.extra["eval"].values():
+            pooled = "; ".join(f"{name} {Estimate.from_dict(e).text()}" for name, e in data["uncertainty"].items())
+            report.notes.append(f"eval[{data['name']}] over {len(data['seeds'])} seeds: {pooled}")
     report.outcome = spec_outcome(item, report)
     report.metrics["seeds"] = len(runs)
     report.metrics["seeds_passed"] = sum(r.outcome == "passed" for _, r in runs)

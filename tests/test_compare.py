@@ -91,7 +91,7 @@ def test_a_metric_past_its_tolerance_is_a_regression(runs, sft, tmp_path):
     strict = sft("compare", runs / "base.json", tmp_path / "worse.json", "--fail-on-regression",
                  "--tolerance", "final_loss=0.1")
     assert loose.code == 0 and strict.code == 1
-    assert "final_loss" in strict.out and "(tolerance 0.1)" in strict.out
+    assert "final_loss" in strict.out and "WORSE (beyond the margin 0.1" in strict.out
     assert sft("compare", runs / "base.json", tmp_path / "worse.json", "--tolerance", "x").code == 4
 
 
@@ -126,7 +126,8 @@ def test_the_run_writes_a_markdown_summary_with_the_comparison(runs):
     assert md.startswith("## sft-spec: failed")
     assert "| specs/recipe.sft.yaml::recipe | failed | 0/1 |" in md
     assert "expected: 我学会了" in md  # the failure with its diff
-    assert "### sft-spec compare: 1 regression(s)" in md and "training.learning_rate 0.01 -> 1e-06" in md
+    assert "### sft-spec compare: 2 regression(s)" in md and "training.learning_rate 0.01 -> 1e-06" in md
+    assert "final\\_loss 0.491 -&gt; 8.551" in md or "final_loss: " in md  # the loss's rise, counted
 
 
 def test_github_summary_appends_to_the_step_summary(sft, write_spec, tmp_path, monkeypatch):

@@ -98,7 +98,8 @@ def test_a_trained_recipe_passes_its_golden_set_that_the_base_model_failed(golde
     assert all(b["scores"]["chrf"] < 30 for b in base)
     assert golden["aggregates"]["change_chrf"] >= 30
     message = cases["eval[golden]"].checks[0].message
-    assert message.startswith("pass_rate ") and "mean chrf" in message and "(4 rows)" in message
+    assert message.startswith("pass_rate ") and "mean chrf" in message and "(4 rows, seed 42)" in message
+    assert "pass_rate 1.00 ± 0.12 (95%: 0.51 to 1.00) >= 0.75" in message  # Wilson's interval for 4 of 4 rows
 
 
 def test_every_row_is_in_the_json_worst_first(golden_run):
@@ -166,7 +167,7 @@ def test_retention_fails_when_training_breaks_what_the_base_model_passed(tmp_pat
     result = sft("run", path, "--no-cache")
     case = result.recorder.reports[0].training_checks[0]
     assert case.outcome == "failed", result.out
-    assert "retention (0/2) 0 < 0.5" in case.checks[0].message
+    assert "retention (0/2) 0 ± 0.17 (95%: 0 to 0.658) < 0.5" in case.checks[0].message
 
 
 def test_an_xfail_set_is_xfailed(tmp_path, sft):
@@ -188,7 +189,8 @@ def test_an_xfail_set_is_xfailed(tmp_path, sft):
      "unknown check 'equls'. Did you mean: equals", "s.sft.yaml:9:"),
     ("golden: {path: rows.jsonl, prompt: question, reference: answer, checks: {equals: '{answr}'}}",
      "checks name column(s) answr in braces", "s.sft.yaml:9:"),
-    ("golden: {path: rows.jsonl, prompt: question, reference: answer, checks: {equals: x}, mean: {chrf: {}}}",
+    ("golden: {path: rows.jsonl, prompt: question, reference: answer, checks: {equals: x}, "
+     "mean: {chrf: {at_least: 1}}}",
      "mean.chrf: chrf is not among this set's checks", "s.sft.yaml:9:"),
     ("golden: {path: ../rows.jsonl, prompt: question, reference: answer, checks: {equals: x}}",
      "is outside the spec directory", "s.sft.yaml:9:"),

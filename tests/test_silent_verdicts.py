@@ -1,0 +1,58 @@
+"""Gates that must not pass in silence: shares of seeds rounded up, seeds that are seeds, thresholds that
+bound something, and row values that fill a pattern as literal text."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from sft_spec_plugins.repeat import RepeatSpec
+
+
+@pytest.mark.parametrize("share,seeds,needed", [(0.5, 1, 1), (0.67, 3, 2), (0.66, 3, 2), (0.34, 3, 1),
+                                                (0.01, 5, 1), (1.0, 4, 4), (0.0, 3, 0), (0.5, 4, 2)])
+def test_a_share_of_seeds_is_rounded_up_never_to_no_seed(share, seeds, needed):
+    assert RepeatSpec(seeds=list(range(seeds)), pass_rate=share).needed == needed
+
+
+@pytest.mark.parametrize("seeds", [[-1], [True], [1, "2"], [1.5]])
+def test_seeds_are_whole_numbers_from_zero(seeds):
+    with pytest.raises(ValueError, match="whole numbers from 0 up"):
+        RepeatSpec(seeds=seeds)
+
+
+SET = """\
+model: builtin:tiny-gemma
+training: {{num_train_epochs: 1, learning_rate: 1.0e-3}}
+generation: {{max_new_tokens: 4}}
+data:
+  conversations:
+    - - {{role: user, content: a}}
+      - {{role: assistant, content: b}}
+eval:
+  s:
+    rows: {rows}
+    prompt: q
+    reference: r
+    checks: {checks}
+{extra}
+"""
+
+
+@pytest.mark.parametrize("extra", ["    change: {chrf: {}}", "    change: {chrf: {max_drop: .nan}}",
+                                   "    mean: {chrf: {at_most: .inf}}"])
+def test_a_change_or_bound_that_bounds_nothing_is_a_located_error(tmp_path, sft, extra):
+    path = tmp_path / "s.sft.yaml"
+    path.write_text(SET.format(rows='[{"q": "x", "r": "y"}]', checks="{chrf: {}}", extra=extra), encoding="utf-8")
+    result = sft("validate", path)
+    assert result.code == 1 and "s.sft.yaml:" in result.out, result.out
+
+
+def test_a_reference_fills_a_regex_as_literal_text(tmp_path, sft):
+    rows = json.dumps([{"q": "x", "r": ".*"}, {"q": "y", "r": "a+b"}])
+    path = tmp_path / "s.sft.yaml"
+    path.write_text(SET.format(rows=rows, checks="{regex: '^{reference}$'}", extra=""), encoding="utf-8")
+    result = sft("run", path, "--no-cache")
+    case = result.recorder.reports[0].training_checks[0]
+    assert case.outcome == "failed", case.checks[0].message  # '.*' would have matched any answer
+    assert "pass_rate 0 " in case.checks[0].message
