@@ -41,13 +41,21 @@ from .uncertainty import Difference
 #: Outcomes that count as holding, and those that count as broken, for regressions.
 HELD = {"passed", "xfailed"}
 BROKEN = {"failed", "error", "interrupted"}
+#: What a spec that held in BASE may become in HEAD without running its checks: counted as a removal.
+MUTED = ("skipped", "deselected")
+
+
+def removal(spec) -> str:
+    if spec.after is None:
+        return "removed" + (" (it failed in BASE: the failure is hidden, not fixed)" if spec.before in BROKEN else "")
+    return f"{spec.after} (its checks no longer run)" if spec.after in MUTED else f"{spec.after} (now expected to fail)"
 #: Metrics where a lower value is better (every other metric: higher is better).
-_LOWER_IS_BETTER = re.compile(r"loss|perplexity|edit_distance|seconds|duration|learnt_at_step|learns_within")
+_LOWER_IS_BETTER = re.compile(r"loss|perplexity|edit_distance|seconds|duration|learnt_at_step|learns_within|memory")
 METRIC_HIGHER_IS_BETTER = {name: metric.higher_is_better for name, metric in METRICS.items()}
 
 
 def lower_is_better(name: str) -> bool:
-    return bool(_LOWER_IS_BETTER.search(name))
+    return not name.endswith("_per_second") and bool(_LOWER_IS_BETTER.search(name))
 
 
 @dataclass
@@ -90,6 +98,8 @@ class SpecChange:
     phases: list[tuple[str, float | None, float | None]] = field(default_factory=list)
     losses: tuple[list[float], list[float]] = ([], [])
     error_after: str = ""
+    #: What changed in what the model was taught (the loss mask, the rendered text): the likely cause.
+    causes: list[str] = field(default_factory=list)
 
     @property
     def transition(self) -> str:
@@ -116,9 +126,18 @@ class Comparison:
     quantities: list[Quantity] = field(default_factory=list)
     alpha: float = 0.05
     fail_on_inconclusive: bool = False
-    #: What makes --fail-on-regression fail: outcome regressions, worse quantities (and inconclusive ones
-    #: with --fail-on-inconclusive).
+    #: What makes --fail-on-regression fail: outcome regressions, specs removed or muted, worse quantities
+    #: (and inconclusive ones with --fail-on-inconclusive).
     regressions: list[str] = field(default_factory=list)
+    #: Ids (or globs) of specs whose removal from HEAD is on purpose (--allow-removed).
+    allow_removed: list[str] = field(default_factory=list)
+    #: What a reader must know before reading the rest (few specs matched).
+    notes: list[str] = field(default_factory=list)
+
+    def allowed(self, nodeid: str) -> bool:
+        from fnmatch import fnmatchcase
+
+        return any(fnmatchcase(nodeid, pattern) for pattern in self.allow_removed)
 
     def count(self, transition: str) -> int:
         return sum(s.transition == transition for s in self.specs)
@@ -159,7 +178,7 @@ def _case_name(nodeid: str, spec: str) -> str:
 
 def compare_reports(base_meta: dict, base: list[SpecReport], head_meta: dict, head: list[SpecReport],
                     tolerances: dict[str, tuple[float, float]] | None = None, alpha: float = 0.05,
-                    fail_on_inconclusive: bool = False) -> Comparison:
+                    fail_on_inconclusive: bool = False, allow_removed: list[str] | None = None) -> Comparison:
     tolerances = dict(tolerances or {})
     quantities: list[Quantity] = []
     by_base, by_head = {r.nodeid: r for r in base}, {r.nodeid: r for r in head}
@@ -188,6 +207,7 @@ def compare_reports(base_meta: dict, base: list[SpecReport], head_meta: dict, he
             change.phases = [(k, old.phases.get(k), new.phases.get(k)) for k in dict.fromkeys([*old.phases,
                                                                                                 *new.phases])]
             change.losses = (list(old.losses), list(new.losses))
+            change.causes = mask_causes(old.mask, new.mask)
         if new is not None and new.error is not None:
             change.error_after = new.error.message
         if old and new:
@@ -199,9 +219,18 @@ def compare_reports(base_meta: dict, base: list[SpecReport], head_meta: dict, he
         specs.append(change)
     versions = _differences((base_meta.get("environment") or {}).get("packages") or {},
                             (head_meta.get("environment") or {}).get("packages") or {})
-    u.decide([q.difference for q in quantities], alpha)
+    # Holm's family is what the gate counts; the recipe's cost, named but not counted, is a family of its own.
+    counted = [q.difference.name not in COST or q.difference.name in tolerances for q in quantities]
+    u.decide([q.difference for q, c in zip(quantities, counted, strict=True) if c], alpha)
+    u.decide([q.difference for q, c in zip(quantities, counted, strict=True) if not c], alpha)
     comparison = Comparison(base_meta, head_meta, specs, versions, tolerances, quantities, alpha,
-                            fail_on_inconclusive)
+                            fail_on_inconclusive, allow_removed=list(allow_removed or []))
+    matched = sum(n in by_head for n in by_base)
+    if by_base and matched < len(by_base) / 2:
+        comparison.notes.append(
+            f"only {matched} of BASE's {len(by_base)} specs are in HEAD: specs are matched by their id, relative to "
+            f"the suite's root (BASE {base_meta.get('rootdir', '?')}, HEAD {head_meta.get('rootdir', '?')}); a "
+            "results file of sft-spec before 0.2 named them from the working directory: rerun BASE")
     comparison.regressions = _regressions(comparison)
     return comparison
 
@@ -215,7 +244,11 @@ DEFAULT_MARGINS: dict[str, tuple[float, float]] = {
     "chrf": (2.0, 0.0), "bleu": (2.0, 0.0), "rouge_l": (0.02, 0.0), "semantic_similarity": (0.02, 0.0),
     "edit_distance": (1.0, 0.0), "likelihood": (0.1, 0.0), "perplexity": (0.0, 0.05), "json_schema": (0.05, 0.0),
     "stops": (0.05, 0.0), "final_loss": (0.05, 0.10), "learnt_at_step": (2.0, 0.10),
+    "train_tokens_per_second": (0.0, 0.25), "peak_memory_mb": (0.0, 0.25),
 }
+#: The recipe's own cost: compared and named always, counted by the gate only with a --tolerance of its own
+#: (wall time on a shared CI machine moves more than most regressions do).
+COST = ("train_tokens_per_second", "peak_memory_mb")
 
 
 def margin_for(name: str, base_value: float | None, tolerances: dict[str, tuple[float, float]]) -> float:
@@ -391,7 +424,7 @@ def _seed_quantities(spec: str, old: SpecReport, new: SpecReport, tolerances: di
                 diff.p_worse = u.fisher_worse(held_b, nb, held_h, nh)
                 diff.p_better = u.fisher_worse(held_h, nh, held_b, nb)
             out.append(Quantity(spec, _case_name(nodeid, spec), diff))
-    for name in ("final_loss", "learnt_at_step"):
+    for name in ("final_loss", "learnt_at_step", *COST):
         (seeds_b, before), (seeds_h, after) = _per_seed(old, name), _per_seed(new, name)
         if not before or not after:
             continue
@@ -435,15 +468,64 @@ def _point(name: str, before: float, after: float, seed: Any, margin: float) -> 
         diff.verdict = "better"
     else:
         diff.verdict = "no detectable change"
-    diff.why = (f"{'beyond' if diff.verdict != 'no detectable change' else 'within'} the margin {margin:g}, judged "
+    diff.why = (f"{'beyond' if diff.verdict != 'no detectable change' else 'within'} the margin {margin:.3g}, judged "
                 "on the point: one run per side has no interval (repeat: gives one)")
     return diff
+
+
+def _marked(mask) -> str:
+    """The first training example with its trained tokens in ⟦ ⟧, as the HTML report's mask view shows them."""
+    out, inside = [], False
+    for token, trained in zip(mask.tokens, mask.trained, strict=False):
+        if trained != inside:
+            out.append("⟦" if trained else "⟧")
+            inside = trained
+        out.append(token)
+    return "".join(out) + ("⟧" if inside else "")
+
+
+def mask_causes(base, head) -> list[str]:
+    """Whether the tokens and labels of the training examples changed between the runs (a collator or a
+    chat template change: the silent failure of TRL #5138), and the first changed conversation as a token
+    diff with its trained tokens marked."""
+    if base is None or head is None or not base.fingerprint or not head.fingerprint:
+        return []
+    if not all(isinstance(m.tokens, list) and isinstance(m.trained, list) and isinstance(m.example_fingerprints, list)
+               for m in (base, head)):
+        return ["likely cause: the loss mask changed (a results file's mask summary is malformed: no detail)"]
+    if base.fingerprint == head.fingerprint and base.examples == head.examples:
+        return []
+    pairs = list(zip(base.example_fingerprints, head.example_fingerprints, strict=False))
+    changed = [i for i, (a, b) in enumerate(pairs) if a != b]
+    text = base.text_fingerprint and head.text_fingerprint and base.text_fingerprint != head.text_fingerprint
+    where = (f"{len(changed)} of the first {len(pairs)} training conversations differ in their tokens or labels"
+             if pairs else "the training conversations differ in their tokens or labels")
+    lines = [f"likely cause: the loss mask changed: {where}"
+             + (f" (BASE has {base.examples} conversations, HEAD {head.examples})" if base.examples != head.examples
+                else "") + "; the rendered text " + ("changed too (the chat template or the formatting)" if text
+                                                     else "did not change (the collator: which tokens carry the "
+                                                     "loss)")]
+    if (not changed or changed[0] == 0) and base.tokens and head.tokens:
+        lines.append(f"first conversation, trained tokens in ⟦ ⟧: {char_diff(_marked(base), _marked(head))}   "
+                     "([-BASE-] {+HEAD+})")
+        lines.append(f"trained text: {base.trained_text!r} -> {head.trained_text!r}")
+    elif changed:
+        lines.append(f"the first changed conversation is number {changed[0] + 1}: the reports' mask views show "
+                     "the first conversation only")
+    return lines
 
 
 def _regressions(comparison: Comparison) -> list[str]:
     """What --fail-on-regression counts, each as one line that names it and its evidence."""
     out = []
     for spec in comparison.specs:
+        gone = spec.before not in (None, *MUTED) and (spec.after in (None, *MUTED) or (
+            spec.before == "passed" and spec.after == "xfailed"))
+        if gone and not comparison.allowed(spec.nodeid):  # deleting, skipping or xfailing a check fixes nothing
+            out.append(f"{spec.nodeid}: {spec.before} -> {removal(spec)} (--allow-removed {spec.nodeid} if on "
+                       "purpose)")
+        if spec.before is None and spec.after in BROKEN:
+            out.append(f"{spec.nodeid}: new in HEAD, and {spec.after}")
         if spec.before in HELD and spec.after in BROKEN and not any(c.broke for c in spec.cases):
             out.append(f"{spec.nodeid}: {spec.before} -> {spec.after}")
         for case in spec.cases:
@@ -453,6 +535,8 @@ def _regressions(comparison: Comparison) -> list[str]:
                 out.append(f"{spec.nodeid}::{case.name}: {case.before} -> {case.after} (inconclusive)")
     failing = ("worse", "inconclusive") if comparison.fail_on_inconclusive else ("worse",)
     for q in comparison.quantities:
+        if q.difference.name in COST and q.difference.name not in comparison.tolerances:
+            continue  # named, not counted: see COST
         if q.difference.verdict in failing:
             out.append(f"{q.spec}{'::' + q.case if q.case else ''}: {q.difference.name} {_summary(q.difference)}")
     return out
@@ -483,8 +567,8 @@ SHOWN_ROWS = 5
 
 def _shown(spec: SpecChange, comparison: Comparison, verbose: bool) -> bool:
     quantities = comparison.verdicts(spec.nodeid)
-    return verbose or spec.transition != "unchanged" or any(q.difference.verdict != "no detectable change"
-                                                            for q in quantities)
+    return verbose or spec.transition != "unchanged" or bool(spec.causes) or any(
+        q.difference.verdict != "no detectable change" for q in quantities)
 
 
 def findings(comparison: Comparison, verbose: bool = False) -> list[tuple[SpecChange, list[Finding]]]:
@@ -495,11 +579,13 @@ def findings(comparison: Comparison, verbose: bool = False) -> list[tuple[SpecCh
     for spec in comparison.specs:
         if not _shown(spec, comparison, verbose):
             continue
+        counted_spec = any(r.startswith(f"{spec.nodeid}: ") for r in counted)
         items = [Finding("transition", f"{spec.nodeid}: {spec.before or 'new'} -> {spec.after or 'removed'} ("
-                         + ("REGRESSION" if spec.transition == "regressed" else spec.transition) + ")",
-                         f"{spec.nodeid}: {spec.before} -> {spec.after}" in counted)]
+                         + ("REGRESSION" if spec.transition == "regressed" or counted_spec else spec.transition)
+                         + ")", counted_spec)]
         if spec.error_after:
             items.append(Finding("error", f"error: {spec.error_after.splitlines()[0]}"))
+        items += [Finding("cause", line) for line in spec.causes]
         for case in spec.cases:
             if case.before == case.after and not case.answer_changed and not verbose:
                 continue
@@ -529,7 +615,12 @@ def findings(comparison: Comparison, verbose: bool = False) -> list[tuple[SpecCh
         if spec.settings:
             items.append(Finding("settings", "settings: " + ", ".join(f"{k} {a} -> {b}" for k, a, b in spec.settings)))
         out.append((spec, items))
-    return sorted(out, key=lambda pair: not any(f.counted for f in pair[1]))
+    def order(pair) -> int:  # removals first (a deleted check hides what it would have said), then regressions
+        spec, items = pair
+        return 0 if items[0].counted and spec.after in (None, *MUTED, "xfailed") else 1 if any(
+            f.counted for f in items) else 2
+
+    return sorted(out, key=order)
 
 
 def _evidence_text(d: Difference) -> str:
@@ -545,10 +636,17 @@ def _evidence_text(d: Difference) -> str:
     return text
 
 
+def _commit(meta: dict) -> str:
+    git = meta.get("git") if isinstance(meta.get("git"), dict) else {}
+    commit = str(git.get("commit") or "")[:10]
+    return f" (commit {commit}{', with uncommitted changes' if git.get('dirty') else ''})" if commit else ""
+
+
 def _header(comparison: Comparison) -> list[str]:
     base, head = comparison.base, comparison.head
-    lines = [f"BASE: {base.get('created', '?')} {' '.join(base.get('command', []))}",
-             f"HEAD: {head.get('created', '?')} {' '.join(head.get('command', []))}"]
+    lines = [f"BASE: {base.get('created', '?')} {' '.join(base.get('command', []))}{_commit(base)}",
+             f"HEAD: {head.get('created', '?')} {' '.join(head.get('command', []))}{_commit(head)}",
+             *(f"note: {note}" for note in comparison.notes)]
     if comparison.versions:
         lines.append("library versions differ (a likely cause of what changed): "
                      + ", ".join(f"{k} {a} -> {b}" for k, a, b in comparison.versions))
@@ -565,7 +663,7 @@ def _counts(comparison: Comparison) -> str:
     return text
 
 
-INDENT = {"transition": "", "error": "    ", "case": "    ", "answer": "        ", "diff": "        ",
+INDENT = {"transition": "", "error": "    ", "cause": "    ", "case": "    ", "answer": "        ", "diff": "        ",
           "quantity": "    ", "design": "        ", "settle": "        ", "row": "        ", "settings": "    "}
 
 
@@ -588,6 +686,7 @@ def comparison_markdown(comparison: Comparison, heading: str = "##") -> str:
     if comparison.versions:
         lines += ["Library versions differ (a likely cause): " + md_text(
             ", ".join(f"{k} {a} -> {b}" for k, a, b in comparison.versions)), ""]
+    lines += [f"> note: {md_text(note)}\n" for note in comparison.notes]
     if comparison.regressions:
         lines += ["| counted by the gate |", "| --- |", *(f"| {md_text(r)} |" for r in comparison.regressions), ""]
     for spec, items in findings(comparison):
@@ -605,6 +704,7 @@ def comparison_json(comparison: Comparison) -> dict[str, Any]:
         "head": {k: comparison.head.get(k) for k in ("created", "command", "rootdir")},
         "versions": [{"package": k, "base": a, "head": b} for k, a, b in comparison.versions],
         "alpha": comparison.alpha,
+        "notes": comparison.notes,
         "regressions": comparison.regressions,
         "counts": _counts(comparison),
         "specs": [{"nodeid": spec.nodeid, "base": spec.before, "head": spec.after, "transition": spec.transition,
@@ -657,6 +757,9 @@ def _arguments(parser) -> None:
                         "than its margin (after Holm's correction, at --alpha)")
     parser.add_argument("--fail-on-inconclusive", action="store_true",
                         help="with --fail-on-regression, exit 1 on an inconclusive quantity too")
+    parser.add_argument("--allow-removed", action="append", default=[], metavar="ID",
+                        help="a spec id (or a glob) that HEAD removed or skipped on purpose: not counted as a "
+                        "regression")
     parser.add_argument("--alpha", type=float, default=0.05, metavar="LEVEL",
                         help="the family-wise error rate of the verdicts (default 0.05)")
     parser.add_argument("--tolerance", action="append", default=[], metavar="NAME=AMOUNT",
@@ -681,7 +784,7 @@ def _run(options, pluginmanager) -> int:
     base_meta, base = load_document(options.base)
     head_meta, head = load_document(options.head)
     comparison = compare_reports(base_meta, base, head_meta, head, tolerances, options.alpha,
-                                 options.fail_on_inconclusive)
+                                 options.fail_on_inconclusive, options.allow_removed)
     check_tolerance_names(tolerances, comparison)
     for line in text_lines(comparison, options.verbose):
         print(line)

@@ -32,12 +32,15 @@ class History:
     warnings: list[str] = field(default_factory=list)
 
     def trend(self, nodeid: str) -> list[dict[str, Any]]:
+        """The spec's last runs, oldest first; a rerun answered from the result cache repeats an earlier
+        result, so it is not a run of its own here."""
         out = []
-        for entry in self.entries[-SHOWN_RUNS:]:
+        for entry in self.entries:
             spec = entry["specs"].get(nodeid)
-            if spec is not None:
-                out.append({"created": entry.get("created", ""), **spec})
-        return out
+            if spec is not None and not spec.get("cached"):
+                commit = (entry.get("git") or {}).get("commit") or ""
+                out.append({"created": entry.get("created", ""), "commit": commit[:10], **spec})
+        return out[-SHOWN_RUNS:]
 
 
 #: The history read at the end of this run (the HTML report reads it).
@@ -57,7 +60,8 @@ def compact(report) -> dict[str, Any]:
                 metrics[f"{nodeid.rsplit('::', 1)[-1]}.{name}"] = float(value)
     final = report.metrics.get("final_loss")
     return {"outcome": report.outcome, "final_loss": final if isinstance(final, int | float) else None,
-            "metrics": metrics, "cases": {c.nodeid: c.outcome for c in report.cases}}
+            "metrics": metrics, "cases": {c.nodeid: c.outcome for c in report.cases},
+            "cached": bool(report.metrics.get("cached"))}
 
 
 def _number(value: Any) -> bool:
@@ -73,8 +77,10 @@ def _valid_spec(spec: Any) -> bool:
 
 def _valid(entry: Any) -> bool:
     """Every field the report reads, with its type: anything else is skipped, never a crash later."""
+    git = entry.get("git") if isinstance(entry, dict) else None
     return (isinstance(entry, dict) and entry.get("history_version") == HISTORY_VERSION
             and isinstance(entry.get("created", ""), str) and isinstance(entry.get("specs"), dict)
+            and (git is None or (isinstance(git, dict) and isinstance(git.get("commit") or "", str)))
             and all(_valid_spec(v) for v in entry["specs"].values()))
 
 
@@ -114,8 +120,10 @@ class HistoryWriter:
     @hookimpl
     def sft_spec_session_finish(self, session, exitstatus):
         created = time.strftime("%Y%m%dT%H%M%S", time.gmtime(session.start_time))
+        from .report_files import git_state
+
         entry = {"history_version": HISTORY_VERSION, "created": created, "exitstatus": int(exitstatus),
-                 "command": ["sft-spec", *self.config.invocation_args],
+                 "command": ["sft-spec", *self.config.invocation_args], "git": git_state(self.config),
                  "specs": {r.nodeid: compact(r) for r in session.reports if r.outcome != "deselected"}}
         # Sorted by name is in time order; the microseconds, pid and a random part keep two runs of one second
         # (or of one process) apart.

@@ -79,6 +79,11 @@ def load_document(path: Path) -> tuple[dict[str, Any], list[SpecReport]]:
         reports = [report_from_dict(d) for d in specs]
     except (TypeError, KeyError, AttributeError) as exc:
         raise UsageError(f"{path}: malformed spec entry: {exc}") from None
+    seen: dict[str, int] = {}
+    for i, report in enumerate(reports):  # one id twice: which one is the result? Neither is taken.
+        if report.nodeid in seen:
+            raise UsageError(f"{path}: spec entries {seen[report.nodeid]} and {i} have the same id {report.nodeid!r}")
+        seen[report.nodeid] = i
     meta = {k: v for k, v in doc.items() if k != "specs"}
     return meta, reports
 

@@ -47,10 +47,8 @@ def classname(path: str) -> str:
 
 
 def case_name(report: SpecReport, nodeid: str) -> str:
-    prefix = report.path + "::"
-    if nodeid.startswith(prefix):
-        return nodeid[len(prefix):]
-    return nodeid.rsplit("/", 1)[-1]
+    """The id after its file part (the file is the classname); a file that did not load: its name."""
+    return nodeid.split("::", 1)[1] if "::" in nodeid else nodeid.rsplit("/", 1)[-1]
 
 
 def _seconds(value: float) -> str:

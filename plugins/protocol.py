@@ -8,6 +8,7 @@ are final when the check hook returns them. This built-in plugin implements ``sf
 
 from __future__ import annotations
 
+import json
 import re
 import time
 import traceback
@@ -260,12 +261,33 @@ def _mask_summary(run: SpecRun) -> MaskSummary | None:
         columns = run.examples.with_format("arrow")
         trained_tokens = pc.sum(columns["trained"]).as_py() or 0
         total_tokens = pc.sum(pc.list_value_length(columns["input_ids"])).as_py() or 0
+        fingerprints = {"fingerprint": str(getattr(run.examples, "_fingerprint", ""))}
     else:
         trained_tokens = sum(sum(1 for lab in ex.labels if lab != -100) for ex in run.examples)
         total_tokens = sum(len(ex.input_ids) for ex in run.examples)
+        fingerprints = _fingerprints(run.examples)
     return MaskSummary(tokens=tokens, trained=trained,
                        trained_text="".join(t for t, on in zip(tokens, trained, strict=True) if on),
-                       examples=len(run.examples), trained_tokens=trained_tokens, total_tokens=total_tokens)
+                       examples=len(run.examples), trained_tokens=trained_tokens, total_tokens=total_tokens,
+                       **fingerprints)
+
+
+#: Examples whose own fingerprint a report keeps (the whole set's is always kept).
+FINGERPRINTED = 1000
+
+
+def _fingerprints(examples) -> dict[str, Any]:
+    import hashlib
+
+    whole, text, each = hashlib.sha256(), hashlib.sha256(), []
+    for example in examples:
+        one = hashlib.sha256(json.dumps([example.input_ids, example.labels]).encode()).hexdigest()[:16]
+        whole.update(one.encode())
+        text.update(hashlib.sha256(example.formatted.text.encode("utf-8", "surrogatepass")).digest())
+        if len(each) < FINGERPRINTED:
+            each.append(one)
+    return {"fingerprint": whole.hexdigest()[:16], "text_fingerprint": text.hexdigest()[:16],
+            "example_fingerprints": each}
 
 
 def decode_tokens(tokenizer, ids: list[int]) -> list[str]:

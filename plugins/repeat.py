@@ -104,6 +104,7 @@ def combine(item, repeat: RepeatSpec, runs: list[tuple[int, SpecReport]]) -> Spe
     report.extra["seeds"] = [{
         "seed": seed, "outcome": r.outcome, "losses": list(r.losses),
         "final_loss": r.losses[-1] if r.losses else None, "learnt_at_step": r.metrics.get("learnt_at_step"),
+        **{k: r.metrics.get(k) for k in ("train_tokens_per_second", "peak_memory_mb")},
         "cases": {c.nodeid: c.outcome for c in r.cases},
         "error": r.error.message if r.error else None,
     } for seed, r in runs]

@@ -3,6 +3,7 @@ the file (or why it could not be written) in the terminal summary."""
 
 from __future__ import annotations
 
+import functools
 import platform
 import time
 from datetime import datetime, timezone
@@ -12,6 +13,7 @@ from typing import Any
 
 from sft_spec import __version__, hookimpl
 from sft_spec.reports import SpecReport
+from sft_spec.state import StashKey
 
 from .files import atomic_write_text
 
@@ -41,6 +43,21 @@ def _version(dist: str) -> str | None:
         return None
 
 
+@functools.cache
+def plugin_distributions() -> dict[str, str]:
+    """Every installed distribution that provides an sft-spec plugin, with its version: a plugin decides
+    results as much as a library does (and `sft-spec bisect` can bisect it)."""
+    from sft_spec.pluginmanager import ENTRY_POINT_GROUP
+
+    found = {}
+    for dist in metadata.distributions():
+        if any(ep.group == ENTRY_POINT_GROUP for ep in dist.entry_points):
+            name = dist.metadata["Name"]
+            if name and name != "sft-spec":
+                found[name] = dist.version
+    return dict(sorted(found.items()))
+
+
 def environment(reports: list[SpecReport], requested_device: str | None) -> dict[str, Any]:
     """Versions and device, so a result can be compared with another machine's."""
     devices = sorted({str(r.settings["device"]) for r in reports if r.settings.get("device")})
@@ -48,9 +65,33 @@ def environment(reports: list[SpecReport], requested_device: str | None) -> dict
         "python": platform.python_version(),
         "platform": platform.platform(),
         "packages": {name: _version(name) for name in PACKAGES},
+        "plugins": plugin_distributions(),
         "device": ", ".join(devices) or requested_device or "",
         "requested_device": requested_device or "",
     }
+
+
+_GIT = StashKey[Any]()
+
+
+def git_state(config) -> dict[str, Any] | None:
+    """The project's git commit and whether its tracked files differ from it, read once per run: what a
+    reviewer would otherwise dig for. None outside a git checkout."""
+    if _GIT not in config.stash:
+        import subprocess
+
+        def git(*args: str) -> str | None:
+            try:
+                done = subprocess.run(["git", "-C", str(config.rootdir), *args], capture_output=True, text=True,
+                                      timeout=10)
+            except (OSError, subprocess.SubprocessError):
+                return None
+            return done.stdout.strip() if done.returncode == 0 else None
+
+        commit = git("rev-parse", "HEAD")
+        changes = git("status", "--porcelain", "--untracked-files=no") if commit else None
+        config.stash[_GIT] = {"commit": commit, "dirty": bool(changes)} if commit else None
+    return config.stash[_GIT]
 
 
 def session_meta(session, complete: bool, exitstatus: int | None) -> dict[str, Any]:
@@ -69,6 +110,7 @@ def session_meta(session, complete: bool, exitstatus: int | None) -> dict[str, A
         "interrupted": bool(session.interrupted),
         "command": ["sft-spec", *config.invocation_args],
         "rootdir": str(config.rootdir),
+        "git": git_state(config),
         "environment": environment(reports, config.getoption("device")),
         "summary": {
             "outcomes": case_outcome_counts(reports),

@@ -191,6 +191,7 @@ class ResultCache:
         report = self.load(key)
         if report is None:
             return None
+        report.path = str(item.location.path)  # ids are the root's; the path is this run's working directory's
         report.metrics["cached"] = True
         report.metrics["cached_duration"] = report.duration
         report.duration = 0.0

@@ -344,16 +344,56 @@ def sft_spec_make_trainer(item, run, examples):
 
 @hookimpl(trylast=True)
 def sft_spec_train(item, run, trainer) -> list[float]:
+    cuda = _on_cuda(run.model)
+    if cuda:
+        import torch
+
+        torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     trainer.train()
     run.model = trainer.model
     run.model.eval()
     losses = run.stash.get(LOSSES, [])
-    run.metrics["train_seconds"] = round(time.perf_counter() - start, 3)
+    seconds = time.perf_counter() - start
+    run.metrics["train_seconds"] = round(seconds, 3)
     run.metrics["steps"] = trainer.state.global_step
     if losses:
         run.metrics["final_loss"] = losses[-1]
+    run.metrics.update(_cost(run, trainer, seconds, cuda))
     return losses
+
+
+def _on_cuda(model) -> bool:
+    try:
+        return next(model.parameters()).device.type == "cuda"
+    except (StopIteration, AttributeError):
+        return False
+
+
+def _cost(run, trainer, seconds: float, cuda: bool) -> dict[str, Any]:
+    """What the recipe costs, for compare to name a slowdown or a memory growth: tokens trained (the
+    examples' tokens times the epochs done), tokens per second, and peak memory (CUDA's max allocated on a
+    GPU, else the process's peak resident memory so far)."""
+    examples = run.examples
+    if isinstance(examples, list):
+        tokens_per_epoch = sum(len(example.input_ids) for example in examples)
+    else:  # large data, a datasets.Dataset: counted in Arrow
+        import pyarrow.compute as pc
+
+        tokens_per_epoch = pc.sum(pc.list_value_length(examples.with_format("arrow")["input_ids"])).as_py() or 0
+    tokens = int(tokens_per_epoch * float(trainer.state.epoch or 0))
+    if cuda:
+        import torch
+
+        memory, kind = torch.cuda.max_memory_allocated() / 2**20, "CUDA max allocated"
+    else:
+        import resource
+        import sys
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        memory, kind = peak / (2**20 if sys.platform == "darwin" else 2**10), "process peak RSS"
+    return {"train_tokens": tokens, "train_tokens_per_second": round(tokens / seconds, 1) if seconds else None,
+            "peak_memory_mb": round(memory, 1), "peak_memory_kind": kind}
 
 
 @hookimpl

@@ -458,23 +458,23 @@ def decide(differences: list[Difference], alpha: float = 0.05) -> None:
             if "one seed" in d.design else ""
         if d.p_worse_adjusted < alpha:
             d.verdict = "worse"
-            d.why = (f"worse by more than the margin {d.margin:g} (p = {d.p_worse_adjusted:.3g} after Holm over "
+            d.why = (f"worse by more than the margin {d.margin:.3g} (p = {d.p_worse_adjusted:.3g} after Holm over "
                      f"{len(tested)}){caveat}")
         elif d.p_better_adjusted is not None and d.p_better_adjusted < alpha:
             d.verdict = "better"
-            d.why = (f"better by more than the margin {d.margin:g} (p = {d.p_better_adjusted:.3g} after Holm over "
+            d.why = (f"better by more than the margin {d.margin:.3g} (p = {d.p_better_adjusted:.3g} after Holm over "
                      f"{len(tested)}){caveat}")
         elif worse_end is not None and worse_end > -d.margin:
             d.verdict = "no detectable change"
             d.why = (f"the {round(d.diff.level * 100):g}% interval rules out getting worse by the margin "
-                     f"{d.margin:g}{caveat}")
+                     f"{d.margin:.3g}{caveat}")
         else:
             d.verdict = "inconclusive"
             if d.diff.stderr is None:  # a test without an interval (Fisher's, on seeds passed)
                 d.why = f"p = {d.p_worse_adjusted:.3g} after Holm over {len(tested)}: too few seeds to tell"
                 d.settle = "more seeds (repeat:)"
             else:
-                d.why = f"the interval is too wide to rule out getting worse by the margin {d.margin:g}{caveat}"
+                d.why = f"the interval is too wide to rule out getting worse by the margin {d.margin:.3g}{caveat}"
                 d.settle = _settle(d, improvement)
 
 

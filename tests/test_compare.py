@@ -34,6 +34,7 @@ def runs(tmp_path_factory):
     folder = tmp_path_factory.mktemp("runs")
     specs = folder / "specs"
     specs.mkdir()
+    (folder / "pyproject.toml").write_text("[project]\nname = 'p'\n", encoding="utf-8")  # the suite's root
     (specs / "steady.sft.yaml").write_text(textwrap.dedent(STEADY), encoding="utf-8")
     recipe = specs / "recipe.sft.yaml"
     cwd = os.getcwd()

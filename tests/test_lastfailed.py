@@ -33,6 +33,7 @@ def test_lf_reruns_failures_then_everything(tmp_path, monkeypatch, sft):
     monkeypatch.chdir(tmp_path)
     specs = tmp_path / "specs"
     specs.mkdir()
+    (tmp_path / "pyproject.toml").write_text("[project]\nname = 'p'\n", encoding="utf-8")  # the suite's root
     (specs / "a.sft.yaml").write_text(SPEC.format(second="equals"), encoding="utf-8")  # expect[1] fails
     (specs / "b.sft.yaml").write_text(SPEC.format(second="not_contains"), encoding="utf-8")
     (specs / "bad.sft.yaml").write_text("model: builtin:tiny-gemma\nmodle: x\n", encoding="utf-8")

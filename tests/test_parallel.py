@@ -46,6 +46,7 @@ def test_parallel_reports_equal_serial_and_survive_a_crash(tmp_path, monkeypatch
     (tmp_path / "crashy.py").write_text(CRASHING_PLUGIN, encoding="utf-8")
     specs = tmp_path / "specs"
     specs.mkdir()
+    (tmp_path / "pyproject.toml").write_text("[project]\nname = 'p'\n", encoding="utf-8")  # the suite's root
     (specs / "a-full.sft.yaml").write_text(SPEC.format(method="full", lr=3e-3), encoding="utf-8")
     (specs / "b-lora.sft.yaml").write_text(SPEC.format(method="lora", lr=1e-2), encoding="utf-8")
     (specs / "crash.sft.yaml").write_text(SPEC.format(method="lora", lr=1e-2), encoding="utf-8")

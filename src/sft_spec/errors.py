@@ -77,6 +77,18 @@ def did_you_mean(name: str, choices: list[str] | tuple[str, ...] | set[str], wha
     return message
 
 
+def nodeid_path(path: Path | str, rootdir: Path | None) -> str:
+    """A spec file as test ids name it: relative to the suite's root, as pytest's node ids are, so two
+    checkouts of one project (``main/specs``, ``pr/specs``) name their specs alike; outside the root, as
+    :func:`relpath` shows it."""
+    if rootdir is not None:
+        try:
+            return Path(path).resolve().relative_to(Path(rootdir).resolve()).as_posix()
+        except ValueError:
+            pass
+    return relpath(path)
+
+
 def relpath(path: Path | str) -> str:
     """A path as the user would type it: relative to the working directory when below it."""
     p = Path(path)

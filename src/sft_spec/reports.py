@@ -67,6 +67,11 @@ class MaskSummary:
     examples: int = 0
     trained_tokens: int = 0
     total_tokens: int = 0
+    #: What decides what the model is taught, fingerprinted, so compare can name a change as its likely cause:
+    #: every example's token ids and labels, their rendered text, and each example's own (the first 1,000).
+    fingerprint: str = ""
+    text_fingerprint: str = ""
+    example_fingerprints: list[str] = field(default_factory=list)
 
 
 @dataclass

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from . import hookimpl
 from .config import Config
-from .errors import PluginProblem, SpecError, SpecErrors, UsageError, relpath
+from .errors import PluginProblem, SpecError, SpecErrors, UsageError, nodeid_path, relpath
 from .loading import LoadContext, is_spec_file, load_spec_file
 from .reports import ErrorInfo, SpecReport
 from .state import SpecItem
@@ -64,7 +64,7 @@ class Session:
                 self.items.extend(self.hook.sft_spec_collect_file(path=file, session=self) or [])
             except SpecError as exc:  # the file's broken matrix entries; the others still run
                 self.items.extend(getattr(exc, "items", []))
-                self.collect_errors.append(collect_error_report(file, exc))
+                self.collect_errors.append(collect_error_report(file, exc, self.config.rootdir))
         self.hook.sft_spec_collection_modifyitems(session=self, items=self.items)
 
     def run_item(self, item: SpecItem) -> SpecReport:
@@ -128,10 +128,11 @@ def _spec_files(root: Path) -> list[Path]:
     return sorted(found)
 
 
-def collect_error_report(file: Path, exc: SpecError) -> SpecReport:
+def collect_error_report(file: Path, exc: SpecError, rootdir: Path | None = None) -> SpecReport:
     """A file that did not load: the user's input, not a crash, so its located message is the whole story."""
     shown, errors = relpath(file), (exc.errors if isinstance(exc, SpecErrors) else [exc])
-    return SpecReport(nodeid=shown, path=shown, name=shown, variant=None, outcome="error", error=ErrorInfo(
+    nodeid = nodeid_path(file, rootdir)
+    return SpecReport(nodeid=nodeid, path=shown, name=nodeid, variant=None, outcome="error", error=ErrorInfo(
         "\n".join(map(str, errors)), location=str(errors[0].location or shown), phase="collect"))
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..errors import Location, SpecError, SpecErrors, relpath
+from ..errors import Location, SpecError, SpecErrors, nodeid_path, relpath
 from ..state import SpecItem
 from .build import build_item
 from .matrix import dedupe, expand_matrix, tag_variant
@@ -74,7 +74,7 @@ def load_spec_file(path: Path, ctx: LoadContext) -> list[SpecItem]:
     items: list[SpecItem] = []
     errors: list[SpecError] = []
     for variant in variants:
-        nodeid = f"{shown}::{name}" + (f"[{variant.id}]" if variant.id else "")
+        nodeid = f"{nodeid_path(path, ctx.config.rootdir)}::{name}" + (f"[{variant.id}]" if variant.id else "")
         try:
             items.append(build_item(path, nodeid, name, variant.id, variant.doc, ctx))
         except SpecErrors as exc:
