@@ -791,7 +791,8 @@ def _run(options, pluginmanager) -> int:
     if options.html_path:
         from .compare_html import render_comparison
 
-        atomic_write_text(options.html_path, render_comparison(comparison, findings(comparison), INDENT))
+        atomic_write_text(options.html_path, render_comparison(comparison, findings(comparison), INDENT,
+                                                               _header(comparison)))
         print(f"comparison HTML: {options.html_path}")
     if options.md_path:
         atomic_write_text(options.md_path, comparison_markdown(comparison))

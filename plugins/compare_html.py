@@ -24,8 +24,9 @@ def _spec_view(index: int, spec, items) -> dict[str, Any]:
     }
 
 
-def render_comparison(comparison, shown: list, indent: dict[str, str]) -> str:
-    """``shown``: compare.findings(comparison), the evidence every rendering shows; ``indent``: its nesting."""
+def render_comparison(comparison, shown: list, indent: dict[str, str], header: list[str]) -> str:
+    """``shown``: compare.findings(comparison), the evidence every rendering shows; ``indent``: its nesting;
+    ``header``: the lines every rendering starts with (BASE, HEAD and their commits, notes)."""
     import jinja2
 
     env = jinja2.Environment(loader=jinja2.PackageLoader("sft_spec_plugins", "templates"), finalize=_shown,
@@ -37,5 +38,5 @@ def render_comparison(comparison, shown: list, indent: dict[str, str]) -> str:
     views += [_spec_view(len(views) + i, spec, []) for i, spec in enumerate(rest)]
     return env.get_template("compare.html.j2").render(
         comparison=comparison, counts=[(t, n) for t, n in counts if n], specs=views, indent=indent,
-        shown=len(shown),
+        shown=len(shown), header=[line for line in header if not line.startswith("library versions")],
     )

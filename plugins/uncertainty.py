@@ -492,6 +492,9 @@ def _settle(d: Difference, improvement: float) -> str:
     rows = max(d.diff.rows + 1, math.ceil(d.diff.rows * factor))
     if d.diff.seeds > 1 and "seed" in d.diff.method:
         seeds = d.diff.seeds if "Welch" not in d.diff.method else d.diff.seeds // 2
-        return (f"about {max(seeds + 1, math.ceil(seeds * factor))} seeds per run (repeat:), or {rows} rows, "
-                "would settle it (whichever dominates the spread)")
+        more_seeds = max(seeds + 1, math.ceil(seeds * factor))
+        if d.diff.rows <= 1:  # one value per seed (a final loss): only seeds add information
+            return f"about {more_seeds} seeds per run (repeat:) would settle it"
+        return (f"about {more_seeds} seeds per run (repeat:), or {rows} rows, would settle it (whichever dominates "
+                "the spread)")
     return f"about {rows} rows, and `repeat:` with 3 seeds or more to measure seed noise, would settle it"
