@@ -186,7 +186,7 @@ def merge_documents(paths: list[Path]) -> tuple[dict[str, Any], list[SpecReport]
 
     from .report_files import case_outcome_counts
 
-    metas, by_id, missing, seen_paths = [], {}, [], set()
+    metas, by_id, missing, seen_paths, unexplained = [], {}, [], set(), []
     for path in paths:
         if Path(path).resolve() in seen_paths:
             print(f"warning: {path} is given twice: read once", file=sys.stderr)
@@ -194,6 +194,8 @@ def merge_documents(paths: list[Path]) -> tuple[dict[str, Any], list[SpecReport]
         seen_paths.add(Path(path).resolve())
         meta, reports = load_document(path)
         metas.append((path, meta, _shard_of(path, meta)))
+        if meta.get("exitstatus") == 1 and not any(is_failure(r) for r in reports):
+            unexplained.append(path)
         for report in reports:
             by_id[report.nodeid] = report
         if not meta.get("complete") or not isinstance(meta.get("exitstatus"), int):
@@ -216,6 +218,10 @@ def merge_documents(paths: list[Path]) -> tuple[dict[str, Any], list[SpecReport]
     # the merged reports (a spec in two files counts as its later report).
     worst = next((s for s in (2, 3, 4) if s in statuses), None)
     failed = any(is_failure(r) for r in reports)
+    # A part that exited 1 with no failing report of its own failed for a reason its reports do not hold (a
+    # baseline it could not write, an interrupted collection): the merge cannot clear it. A part whose failure
+    # a later file reran and passed is cleared, as a rerun clears it.
+    failed = failed or bool(unexplained)
     exitstatus = worst if worst is not None else 1 if failed else 5 if statuses == {5} else 0
     meta = dict(metas[0][1])
     meta["interrupted"] = any(m.get("interrupted") for _, m, _ in metas)

@@ -99,8 +99,12 @@ def _tokenizer_settings(item) -> dict:
 
 
 def _cache_key(item, device: str, quantized: bool) -> str:
+    from .recipe_fields import named_files
+
     spec = item.spec
-    return json.dumps([spec.model.model_dump(), device, quantized, spec.quantization, _tokenizer_settings(item)],
+    files = named_files(item)  # a template file's contents, not its name: two folders may hold one name
+    settings = {k: files.get(k, v) for k, v in _tokenizer_settings(item).items()}
+    return json.dumps([spec.model.model_dump(), device, quantized, spec.quantization, settings],
                       sort_keys=True, default=str)
 
 

@@ -213,6 +213,25 @@ _PATH_NAME = re.compile(r"(_path|_dir|_file|_config)$|^deepspeed$")
 _PATH_HELP = re.compile(r"\b(path|file|director(y|ies))\b", re.I)
 
 
+def named_files(item) -> dict[str, str | None]:
+    """Every file the spec's training settings name (``chat_template_path``, ``deepspeed``, ...), as the hash
+    of its contents: what a cache key holds, because the same name in another spec's folder, or an edited
+    file, is another recipe."""
+    import hashlib
+
+    out: dict[str, str | None] = {}
+    for key, value in sorted(item.spec.training.items()):
+        if not isinstance(value, str) or not value or "\n" in value:
+            continue
+        try:
+            path = check_inside(item.folder, value, f"training.{key}")
+        except ValueError:
+            continue
+        if path.is_file():
+            out[key] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return out
+
+
 def path_fields(fields: dict[str, FieldInfo]) -> set[str]:
     """The fields of SFTConfig (or LoraConfig) that name files, found from their types, names and help."""
     return {name for name, info in fields.items()
@@ -306,6 +325,14 @@ def _special_training_keys(item, config) -> list[SpecError]:
         if not template.endswith((".jinja", ".j2")):  # TRL would take anything else for a hub id to load
             errors.append(SpecError(f"training.chat_template_path {template!r}: expected a .jinja or .j2 file "
                                     "inside the spec's folder", where, key="training.chat_template_path"))
+        else:
+            try:
+                found = check_inside(item.folder, template, "training.chat_template_path").is_file()
+            except ValueError:
+                found = True  # the path rule says why, at the same key
+            if not found:
+                errors.append(SpecError(f"training.chat_template_path {template!r}: no such file in the spec's "
+                                        "folder", where, key="training.chat_template_path"))
         if fmt is not None and fmt.template:
             errors.append(SpecError("both format.template and training.chat_template_path give a chat template: "
                                     "keep one", where, key="training.chat_template_path"))

@@ -33,6 +33,7 @@ from sft_spec.state import StashKey
 from . import recorded as rec
 from .data import DATA
 from .files import check_written, output_path, spec_output_dir
+from .recipe_fields import named_files
 
 FORMAT = 2  # bump when the entry layout changes: old entries are then simply never found
 CACHEABLE = ("passed", "failed", "xfailed", "xpassed")
@@ -105,6 +106,7 @@ def cache_key(item, config) -> str:
         # Plugins' cases read files at collection (an eval set's rows): their str() names the contents.
         "training_checks": [[case.nodeid, str(case.argument)] for case in item.training_checks],
         "data_files": [_file_hash(base / f.path) for f in item.section(DATA).files],
+        "training_files": named_files(item),  # chat_template_path and the like: their contents
         "recorded": [_recorded_hash(rec.recorded_path(item.path, folder))
                      for folder in ("__snapshots__", "__baselines__")],
         "model": _model_identity(item),

@@ -162,6 +162,12 @@ def test_plain_merges_take_the_later_result_and_one_runs_order_of_exit_statuses(
     assert merged.code == 0, merged.err
     again = sft("report", "--merge", tmp_path / "fixed.json", tmp_path / "fixed.json", "--json", tmp_path / "m.json")
     assert again.code == 0 and "is given twice: read once" in again.err
+    # A part that exited 1 with nothing failing in it failed for a reason its reports do not hold.
+    (tmp_path / "unexplained.json").write_text((tmp_path / "fixed.json").read_text(encoding="utf-8"),
+                                               encoding="utf-8")
+    _doc(tmp_path / "unexplained.json", exitstatus=1)
+    unexplained = sft("report", "--merge", tmp_path / "unexplained.json", "--json", tmp_path / "m.json")
+    assert unexplained.code == 1, unexplained.err
     for name, status in (("interrupted.json", 2), ("internal.json", 3)):
         (tmp_path / name).write_text((tmp_path / "fixed.json").read_text(encoding="utf-8"), encoding="utf-8")
         _doc(tmp_path / name, exitstatus=status, interrupted=status == 2)

@@ -56,3 +56,40 @@ def test_a_reference_fills_a_regex_as_literal_text(tmp_path, sft):
     case = result.recorder.reports[0].training_checks[0]
     assert case.outcome == "failed", case.checks[0].message  # '.*' would have matched any answer
     assert "pass_rate 0 " in case.checks[0].message
+
+
+TEMPLATED = """\
+model: builtin:tiny-gemma
+training: {num_train_epochs: 4, learning_rate: 1.0e-2, chat_template_path: chat.jinja}
+data:
+  conversations:
+    - - {role: user, content: a}
+      - {role: assistant, content: b}
+checks: {loss_decreased: true}
+"""
+CHAT = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}<start_of_turn>user\\n{{ m['content'] }}"
+        "<end_of_turn>\\n{% else %}<start_of_turn>model\\n{{ m['content'] }}END\\n{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}<start_of_turn>model\\n{% endif %}")
+
+
+def test_two_specs_with_one_template_name_in_two_folders_each_train_with_their_own(tmp_path, sft, monkeypatch):
+    monkeypatch.setenv("SFT_SPEC_CACHE", str(tmp_path / "cache"))
+    for folder, end in (("one", "<end_of_turn>"), ("two", "")):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "chat.jinja").write_text(CHAT.replace("END", end), encoding="utf-8")
+        (tmp_path / folder / f"{folder}.sft.yaml").write_text(TEMPLATED, encoding="utf-8")
+    result = sft("run", tmp_path / "one", tmp_path / "two", "--no-cache")
+    trained = {r.name: r.mask.trained_text for r in result.recorder.reports}
+    assert "<end_of_turn>" in trained["one"] and "<end_of_turn>" not in trained["two"], trained
+    sft("run", tmp_path / "two")
+    again = sft("run", tmp_path / "two")
+    assert "result cache: 1 reused" in again.out, again.out
+    (tmp_path / "two" / "chat.jinja").write_text(CHAT.replace("END", "<end_of_turn>"), encoding="utf-8")
+    edited = sft("run", tmp_path / "two")  # an edited template file is another recipe
+    assert "result cache: 0 reused" in edited.out and "<end_of_turn>" in edited.recorder.reports[0].mask.trained_text
+
+
+def test_a_missing_template_file_is_an_error_at_its_key(tmp_path, sft):
+    (tmp_path / "s.sft.yaml").write_text(TEMPLATED, encoding="utf-8")
+    result = sft("validate", tmp_path / "s.sft.yaml")
+    assert result.code == 1 and "s.sft.yaml:2:" in result.out and "no such file" in result.out, result.out
