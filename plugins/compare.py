@@ -690,8 +690,8 @@ def comparison_markdown(comparison: Comparison, heading: str = "##") -> str:
     if comparison.regressions:
         lines += ["| counted by the gate |", "| --- |", *(f"| {md_text(r)} |" for r in comparison.regressions), ""]
     for spec, items in findings(comparison):
-        lines += [f"**{md_text(spec.nodeid)}**: {spec.before or 'new'} -> {spec.after or 'removed'} "
-                  f"({'**regression**' if spec.transition == 'regressed' else spec.transition})", "",
+        lines += [f"**{md_text(spec.nodeid)}**: {md_text(spec.before or 'new')} -> {md_text(spec.after or 'removed')} "
+                  f"({'**regression**' if spec.transition == 'regressed' else md_text(spec.transition)})", "",
                   md_code("\n".join(INDENT[f.kind] + f.text for f in items[1:]) or "(no details)"), ""]
     return "\n".join(lines) + "\n"
 

@@ -35,10 +35,18 @@ def safe(text: object, keep_newlines: bool = False) -> str:
 _MARKUP = re.compile(r"([\\`*_\[\]|~])")
 
 
+#: What GitHub turns into a link or a notification by itself: URLs, www., @mentions, #issue references.
+_AUTOLINKS = ((re.compile(r"@(?=\w)"), "&#64;"), (re.compile(r":(?=//)"), "&#58;"),
+              (re.compile(r"(?i)\bwww\."), "www&#46;"), (re.compile(r"#(?=\d)"), "&#35;"))
+
+
 def md_text(value: object) -> str:
-    """Text as Markdown shows it literally: one line, HTML and Markdown markup escaped."""
-    text = html.escape(safe(value), quote=False)
-    return _MARKUP.sub(r"\\\1", text)
+    """Text as Markdown shows it literally: one line, HTML and Markdown markup escaped, and nothing GitHub
+    would turn into a link or a notification (a spec named ``@team https://x`` pings no one, links nowhere)."""
+    text = _MARKUP.sub(r"\\\1", html.escape(safe(value), quote=False))
+    for pattern, entity in _AUTOLINKS:
+        text = pattern.sub(entity, text)
+    return text
 
 
 def md_code(text: str) -> str:

@@ -109,8 +109,19 @@ class EvalSetSpec(BaseModel):
         return None if value is False else xfail_shorthand(value)
 
 
+#: An eval set's name is part of test ids (``spec::eval[NAME]``): no brackets or colons that could forge another.
+SET_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+
+
 class EvalSection(RootModel[dict[str, EvalSetSpec]]):
-    pass
+    @field_validator("root")
+    @classmethod
+    def _names(cls, value: dict[str, EvalSetSpec]) -> dict[str, EvalSetSpec]:
+        for name in value:
+            if not SET_NAME.match(name):
+                raise ValueError(f"eval set name {name!r}: letters, digits, _, . and - only (it is part of test "
+                                 "ids, as eval[NAME])")
+        return value
 
 
 EVAL = SpecSection("eval", EvalSection, "Evaluation sets: rows of prompts and references, each set one test case")
@@ -218,8 +229,11 @@ def _substitute(value: Any, row: dict[str, Any], reference: str | None, literal=
 
 
 def _text(value: Any) -> str:
-    """A cell as text: strings as they are, numbers as written; other values are refused before this."""
-    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+    """A cell as text: strings as they are, numbers as written (rows.WrittenNumber keeps a JSON number's own
+    text); other values are refused before this."""
+    if isinstance(value, str):
+        return value
+    return getattr(value, "text", None) or json.dumps(value, ensure_ascii=False)
 
 
 def _cell_problem(column: str, value: Any) -> str | None:

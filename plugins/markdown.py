@@ -34,10 +34,10 @@ def run_markdown(reports: list[SpecReport], meta: dict[str, Any], comparison=Non
     for r in reports:
         final = r.metrics.get("final_loss")
         passed = sum(c.outcome in ("passed", "xfailed") for c in r.cases)
-        lines.append(f"| {md_text(r.nodeid)} | {r.outcome} | {passed}/{len(r.cases)} | "
+        lines.append(f"| {md_text(r.nodeid)} | {md_text(r.outcome)} | {passed}/{len(r.cases)} | "
                      f"{f'{final:.4g}' if isinstance(final, int | float) else ''} |")
     for r in failed:
-        lines += ["", f"### {md_text(r.nodeid)}: {r.outcome}"]
+        lines += ["", f"### {md_text(r.nodeid)}: {md_text(r.outcome)}"]
         if r.error is not None:
             lines.append(md_code(f"{r.error.location}: {r.error.message}"))
         for case in r.cases:

@@ -68,7 +68,7 @@ def read_rows(folder: Path, path: str, given_format: str | None = None, what: st
 def _json(text: str, shown: str, lines: bool) -> list[Row]:
     if not lines:  # a .json file: one document, or JSON Lines after all (datasets reads both)
         try:
-            value = json.loads(text, object_pairs_hook=no_duplicate_keys)
+            value = loads(text)
         except json.JSONDecodeError as exc:
             if exc.msg != "Extra data":
                 raise SpecError(f"not valid JSON: {exc.msg}", Location(shown, exc.lineno, exc.colno)) from None
@@ -90,13 +90,35 @@ def _json(text: str, shown: str, lines: bool) -> list[Row]:
         if not line.strip():
             continue
         try:
-            rows.append((json.loads(line, object_pairs_hook=no_duplicate_keys), Location(shown, lineno)))
+            rows.append((loads(line), Location(shown, lineno)))
         except json.JSONDecodeError as exc:
             raise SpecError(f"not valid JSON: {exc.msg}", Location(shown, lineno, exc.colno)) from None
         except (ValueError, RecursionError) as exc:
             raise SpecError(f"not valid JSON: {type(exc).__name__}: {str(exc)[:100]}", Location(shown, lineno)) \
                 from None
     return rows
+
+
+class WrittenNumber(float):
+    """A JSON number that remembers how it was written: a reference ``1.50`` stays "1.50", ``1e2`` stays
+    "1e2" (as text, never "1.5" or "100.0")."""
+
+    text: str
+
+    def __new__(cls, text: str):
+        number = super().__new__(cls, text)
+        number.text = text
+        return number
+
+
+def _not_json(constant: str):
+    raise ValueError(f"{constant} is not JSON (JSON numbers are finite; write it as a string)")
+
+
+def loads(text: str):
+    """JSON as the standard defines it: duplicate keys, NaN and Infinity refused, numbers kept as written."""
+    return json.loads(text, object_pairs_hook=no_duplicate_keys, parse_float=WrittenNumber,
+                      parse_constant=_not_json)
 
 
 def no_duplicate_keys(pairs: list) -> dict:

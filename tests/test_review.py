@@ -208,3 +208,30 @@ def test_the_recipes_cost_is_named_and_gates_only_with_a_tolerance_of_its_own(ch
     gated = sft("compare", checkouts / "main.json", head, "--fail-on-regression",
                 "--tolerance", "train_tokens_per_second=30%", "--tolerance", "peak_memory_mb=50%")
     assert gated.code == 1 and gated.out.count("WORSE") >= 2, gated.out
+
+
+def test_markdown_from_results_files_and_names_links_nothing_and_renders_no_html(checkouts, sft, tmp_path):
+    from sft_spec_plugins.escape import md_text
+
+    shown = md_text("@team see https://evil.example www.evil.example #123 <img src=x>")
+    for raw in ("@team", "https://", "www.evil", "#123", "<img"):
+        assert raw not in shown, shown
+
+    def hostile(doc):
+        doc["specs"][0]["outcome"] = "<img src=https://evil.example/x.png>"
+        doc["specs"][0]["nodeid"] = "specs/a.sft.yaml::@team https://evil.example"
+
+    head = _edited(checkouts, tmp_path, hostile)
+    sft("compare", checkouts / "main.json", head, "--md", tmp_path / "c.md")
+    md = (tmp_path / "c.md").read_text(encoding="utf-8")
+    outside_code = "".join(md.split("```")[::2])
+    assert "<img" not in outside_code and "@team" not in outside_code and "https://evil" not in outside_code
+
+
+@pytest.mark.parametrize("name", ["x]::expect[0", "", "a b", "é/x"])
+def test_an_eval_set_name_that_could_forge_a_test_id_is_a_located_error(tmp_path, sft, name):
+    path = tmp_path / "s.sft.yaml"
+    path.write_text(textwrap.dedent(SPEC) + f"eval:\n  {json.dumps(name)}:\n    rows: [{{prompt: a}}]\n"
+                    "    checks: {not_equals: b}\n", encoding="utf-8")
+    result = sft("validate", path)
+    assert result.code == 1 and "s.sft.yaml:" in result.out and "eval set name" in result.out, result.out

@@ -93,3 +93,18 @@ def test_a_missing_template_file_is_an_error_at_its_key(tmp_path, sft):
     (tmp_path / "s.sft.yaml").write_text(TEMPLATED, encoding="utf-8")
     result = sft("validate", tmp_path / "s.sft.yaml")
     assert result.code == 1 and "s.sft.yaml:2:" in result.out and "no such file" in result.out, result.out
+
+
+def test_a_reference_is_kept_as_written_and_nan_is_not_json(tmp_path, sft):
+    (tmp_path / "rows.jsonl").write_text('{"q": "x", "r": 1.50}\n{"q": "y", "r": 1e2}\n', encoding="utf-8")
+    path = tmp_path / "s.sft.yaml"
+    path.write_text(SET.format(rows="[]", checks="{equals: '{reference}'}", extra="").replace(
+        "rows: []", "path: rows.jsonl"), encoding="utf-8")
+    result = sft("run", path, "--no-cache", "--json", tmp_path / "r.json")
+    data = next(iter(json.loads((tmp_path / "r.json").read_text(encoding="utf-8"))["specs"][0]["extra"]["eval"]
+                     .values()))
+    assert sorted(row["reference"] for row in data["rows"]) == ["1.50", "1e2"], data["rows"]
+    assert result.code == 1  # a tiny model does not answer "1.50"
+    (tmp_path / "rows.jsonl").write_text('{"q": "x", "r": NaN}\n', encoding="utf-8")
+    invalid = sft("validate", path)
+    assert invalid.code == 1 and "rows.jsonl:1" in invalid.out and "NaN is not JSON" in invalid.out, invalid.out
