@@ -520,12 +520,16 @@ def _arguments(parser) -> None:
 
 def _run(options, pluginmanager) -> int:
     from sft_spec.cli import main
+    from sft_spec.errors import SpecError
+    from sft_spec.loading.yamlsource import load_yaml_file
 
     from .files import atomic_write_text
 
-    try:
-        config = yaml.safe_load(options.config.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as exc:
+    try:  # the spec loader's YAML: safe, bounded in size, depth and expansion (an alias bomb is refused)
+        config = load_yaml_file(options.config).data
+    except SpecError as exc:
+        raise UsageError(f"cannot read the config: {exc}") from None
+    except OSError as exc:
         raise UsageError(f"{options.config}: cannot read the config: {exc}") from None
     if not isinstance(config, dict):
         raise UsageError(f"{options.config}: expected a mapping of settings")

@@ -169,10 +169,14 @@ def _shard_of(path: Path, meta: dict) -> dict | None:
     ok = (isinstance(shard, dict) and all(isinstance(shard.get(k), int) and not isinstance(shard.get(k), bool)
                                           for k in ("index", "count", "sliced_out"))
           and isinstance(shard.get("specs"), list) and all(isinstance(i, str) for i in shard["specs"]))
-    if not ok or not 1 <= shard["index"] <= shard["count"]:
-        raise UsageError(f"{path}: malformed results file: shard must hold index and count (1 <= index <= count), "
-                         "sliced_out and specs (a list of ids)")
+    if not ok or not 1 <= shard["index"] <= shard["count"] <= MAX_SHARDS:
+        raise UsageError(f"{path}: malformed results file: shard must hold index and count (1 <= index <= count "
+                         f"<= {MAX_SHARDS}), sliced_out and specs (a list of ids)")
     return shard
+
+
+#: More parts than any CI matrix runs; a record claiming more is forged (and would be listed shard by shard).
+MAX_SHARDS = 10_000
 
 
 def merge_documents(paths: list[Path]) -> tuple[dict[str, Any], list[SpecReport]]:

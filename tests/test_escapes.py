@@ -414,3 +414,11 @@ def test_a_spec_never_reads_gits_own_files(tmp_path, sft):
         "data:\n  conversations:", "data:\n  files: [{path: .git/config}]\n  conversations:"), encoding="utf-8")
     result = sft("validate", path)
     assert result.code != 0 and "inside a .git folder" in result.out, result.out
+
+
+def test_an_alias_bomb_in_an_imported_config_is_refused(tmp_path, sft):
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]" for i in range(1, 9)]
+    (tmp_path / "bomb.yaml").write_text("\n".join(lines) + "\nmodel_name_or_path: x\n", encoding="utf-8")
+    result = sft("import", "trl", tmp_path / "bomb.yaml")
+    assert result.code == 4 and "alias bomb" in result.err, result.err  # refused before anything walks it

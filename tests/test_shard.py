@@ -109,7 +109,8 @@ def test_shards_of_different_suites_do_not_merge_as_complete(sft, suite, tmp_pat
 
 @pytest.mark.parametrize("shard", [{}, {"index": 1, "count": "2", "specs": [], "sliced_out": 0},
                                    {"index": 1, "count": 2, "specs": [["x"]], "sliced_out": 0},
-                                   {"index": 3, "count": 2, "specs": [], "sliced_out": 0}])
+                                   {"index": 3, "count": 2, "specs": [], "sliced_out": 0},
+                                   {"index": 1, "count": 10 ** 9, "specs": [], "sliced_out": 0}])  # forged
 def test_a_malformed_shard_record_is_a_usage_error(sft, suite, tmp_path, shard):
     sft("run", suite, "--no-cache", "-k", "a", "--shard", "1/2", "--json", tmp_path / "p.json")
     doc = json.loads((tmp_path / "p.json").read_text(encoding="utf-8"))
