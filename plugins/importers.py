@@ -521,7 +521,7 @@ def _arguments(parser) -> None:
 def _run(options, pluginmanager) -> int:
     from sft_spec.cli import main
     from sft_spec.errors import SpecError
-    from sft_spec.loading.yamlsource import load_yaml_file
+    from sft_spec.loading import load_yaml_file
 
     from .files import atomic_write_text
 

@@ -55,19 +55,42 @@ def write_document(path: Path, doc: dict[str, Any]) -> None:
 # -- reading back ------------------------------------------------------------------------------------
 
 
+#: A results file larger than this is not one sft-spec wrote (a 10,000-row eval set is a few MB).
+MAX_RESULTS_BYTES = 512 * 2**20
+
+
+def _schema_problem(doc: Any) -> str | None:
+    """Where a results document departs from schemas/results.schema.json, as ``$.json.path: message``."""
+    from importlib.resources import files
+
+    import jsonschema
+
+    schema = json.loads(files("sft_spec_plugins").joinpath("schemas/results.schema.json").read_text("utf-8"))
+    error = jsonschema.exceptions.best_match(jsonschema.validators.validator_for(schema)(schema).iter_errors(doc))
+    return None if error is None else f"{error.json_path}: {error.message[:300]}"
+
+
 def load_document(path: Path) -> tuple[dict[str, Any], list[SpecReport]]:
-    """The meta part and the reports of a results file; a usage error for anything else."""
+    """The meta part and the reports of a results file, validated against the results schema before anything
+    reads it (results files come from CI artifacts: untrusted); a usage error naming the file and the JSON
+    path for anything else."""
+    path = Path(path)
+    if not path.exists():
+        raise UsageError(f"results file not found: {path}")
+    if not path.is_file() or path.stat().st_size > MAX_RESULTS_BYTES:
+        raise UsageError(f"{path}: not a results file (a regular file of at most {MAX_RESULTS_BYTES // 2**20} MiB)")
     try:
-        doc = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UsageError(f"results file not found: {path}") from None
-    except (OSError, ValueError) as exc:
+        doc = json.loads(path.read_text(encoding="utf-8"), parse_constant=_refuse_constant)
+    except (OSError, ValueError, RecursionError) as exc:
         raise UsageError(f"{path}: not a results file: {exc}") from None
     if not isinstance(doc, dict) or "schema_version" not in doc:
         raise UsageError(f"{path}: not an sft-spec results file (no schema_version)")
     if doc["schema_version"] != SCHEMA_VERSION:
         raise UsageError(f"{path}: schema_version {doc['schema_version']!r} is not supported "
                          f"(this sft-spec reads version {SCHEMA_VERSION})")
+    problem = _schema_problem(doc)
+    if problem:
+        raise UsageError(f"{path}: malformed results file at {problem}")
     specs = doc.get("specs", [])
     if not isinstance(specs, list):
         raise UsageError(f"{path}: malformed results file: specs must be a list")
@@ -104,6 +127,10 @@ def _malformed(spec: Any) -> str | None:
                 not all(isinstance(c, dict) for c in case.get("checks", [])):
             return "a case must be an object with a list of checks"
     return None
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not JSON (sft-spec writes a non-finite number as a string)")
 
 
 # -- the reporter ------------------------------------------------------------------------------------

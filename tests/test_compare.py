@@ -160,7 +160,8 @@ def test_a_spec_that_errors_in_head_is_a_regression(runs, sft, tmp_path):
     doc = json.loads((runs / "base.json").read_text(encoding="utf-8"))
     recipe = next(s for s in doc["specs"] if s["name"] == "recipe")
     recipe.update(outcome="error", expectations=[], training_checks=[],
-                  error={"message": "TemplateError: System role not supported", "location": "specs/recipe.sft.yaml:1"})
+                  error={"message": "TemplateError: System role not supported", "location": "specs/recipe.sft.yaml:1",
+                         "phase": "format", "plugin": "", "traceback": "", "kind": "error"})
     (tmp_path / "head.json").write_text(json.dumps(doc), encoding="utf-8")
     result = sft("compare", runs / "base.json", tmp_path / "head.json", "--fail-on-regression",
                  "--md", tmp_path / "m.md")
@@ -185,7 +186,7 @@ def test_a_malformed_results_file_is_a_usage_error_not_a_crash(runs, sft, tmp_pa
     doc["specs"][0]["metrics"] = None
     (tmp_path / "bad.json").write_text(json.dumps(doc), encoding="utf-8")
     result = sft("compare", tmp_path / "bad.json", runs / "head.json")
-    assert result.code == 4 and "malformed spec entry 0: metrics must be an object" in result.err
+    assert result.code == 4 and "malformed results file at $.specs[0].metrics: None is not of type" in result.err
 
 
 def test_a_foreign_base_file_stops_the_run_before_anything_trains(sft, write_spec, tmp_path):

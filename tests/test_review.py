@@ -218,14 +218,20 @@ def test_markdown_from_results_files_and_names_links_nothing_and_renders_no_html
         assert raw not in shown, shown
 
     def hostile(doc):
-        doc["specs"][0]["outcome"] = "<img src=https://evil.example/x.png>"
-        doc["specs"][0]["nodeid"] = "specs/a.sft.yaml::@team https://evil.example"
+        doc["specs"][0]["nodeid"] = "specs/a.sft.yaml::@team https://evil.example <img src=x.png>"
 
     head = _edited(checkouts, tmp_path, hostile)
     sft("compare", checkouts / "main.json", head, "--md", tmp_path / "c.md")
     md = (tmp_path / "c.md").read_text(encoding="utf-8")
+    assert "evil" in md  # the hostile id is shown, as text
     outside_code = "".join(md.split("```")[::2])
     assert "<img" not in outside_code and "@team" not in outside_code and "https://evil" not in outside_code
+
+    # A value the schema names is checked before anything renders it: a forged outcome is refused where it is.
+    forged = _edited(checkouts, tmp_path, lambda d: d["specs"][0].update(outcome="<img src=x>"))
+    refused = sft("compare", checkouts / "main.json", forged, "--md", tmp_path / "d.md")
+    assert refused.code == 4 and "malformed results file at $.specs[0].outcome" in refused.out + refused.err
+    assert not (tmp_path / "d.md").exists()
 
 
 @pytest.mark.parametrize("name", ["x]::expect[0", "", "a b", "é/x"])
