@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from .failures import diff_segments
-from .html_report import _shown, loss_chart, visible
+from .html_report import loss_chart, page_environment, visible
 
 
 def _spec_view(index: int, spec, items) -> dict[str, Any]:
@@ -27,10 +27,7 @@ def _spec_view(index: int, spec, items) -> dict[str, Any]:
 def render_comparison(comparison, shown: list, indent: dict[str, str], header: list[str]) -> str:
     """``shown``: compare.findings(comparison), the evidence every rendering shows; ``indent``: its nesting;
     ``header``: the lines every rendering starts with (BASE, HEAD and their commits, notes)."""
-    import jinja2
-
-    env = jinja2.Environment(loader=jinja2.PackageLoader("sft_spec_plugins", "templates"), finalize=_shown,
-                             autoescape=True, trim_blocks=True, lstrip_blocks=True)
+    env = page_environment()
     counts = [(t, comparison.count(t)) for t in ("regressed", "fixed", "changed", "new", "removed", "unchanged")]
     order = {id(spec): i for i, (spec, _) in enumerate(shown)}
     views = [_spec_view(i, s, items) for i, (s, items) in enumerate(shown)]

@@ -233,8 +233,10 @@ def _eval_views(report: SpecReport) -> list[dict[str, Any]]:
         estimates = {name: Estimate.from_dict(e) for name, e in (data.get("uncertainty") or {}).items()}
         histograms = []
         for name in data.get("metrics", []):
-            values = [r["scores"][name] for r in rows if name in r.get("scores", {})]
-            histograms.append({"metric": name, "bins": histogram(values),
+            scored = [r["scores"][name] for r in rows if name in r.get("scores", {})]
+            # NaN and infinity (read back from JSON as text) have no bin: counted beside the bars instead.
+            values = [v for v in scored if isinstance(v, int | float) and math.isfinite(v)]
+            histograms.append({"metric": name, "bins": histogram(values), "unbinned": len(scored) - len(values),
                                "mean": _error_bar(estimates.get(f"mean_{name}"), values)})
         views.append({
             "name": f"eval[{data.get('name', '')}]", "nodeid": nodeid, "aggregates": data.get("aggregates", {}),
@@ -296,11 +298,27 @@ def _shown(value: Any) -> Any:
     return value if value is None or isinstance(value, int | float) else safe(value, keep_newlines=True)
 
 
-def render_html(reports: list[SpecReport], meta: dict[str, Any], history=None) -> str:
+def _format(template: str, *args: Any) -> str:
+    """jinja2's ``format`` for numbers read back from a results file: a non-finite value is written there as
+    text (``"nan"``, ``"inf"``), and is shown as that text instead of failing the page."""
+    try:
+        return template % args
+    except TypeError:
+        return " ".join(str(a) for a in args)
+
+
+def page_environment():
+    """The jinja2 environment of every HTML page: autoescaped, control characters shown, numbers tolerant."""
     import jinja2
 
     env = jinja2.Environment(loader=jinja2.PackageLoader("sft_spec_plugins", "templates"), finalize=_shown,
                              autoescape=True, trim_blocks=True, lstrip_blocks=True)
+    env.filters["format"] = _format
+    return env
+
+
+def render_html(reports: list[SpecReport], meta: dict[str, Any], history=None) -> str:
+    env = page_environment()
     counts = case_outcome_counts(reports)
     spec_counts: dict[str, int] = {}
     for report in reports:

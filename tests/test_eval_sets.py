@@ -290,3 +290,21 @@ def test_junit_carries_a_passing_sets_aggregate(golden_run):
     tree = ET.parse(golden_run["out"] / "j.xml")
     case = next(c for c in tree.iter("testcase") if c.get("name", "").endswith("eval[golden]"))
     assert case.find("system-out") is not None and "pass_rate" in case.find("system-out").text
+
+
+def test_a_run_whose_eval_mean_is_nan_is_rendered_again_by_report(golden_run, tmp_path):
+    # A metric can be NaN (a diverged model's perplexity); the JSON writes it as text, and every rendering of
+    # that file must show it as such instead of failing.
+    from sft_spec.cli import main
+
+    doc = json.loads((golden_run["out"] / "r.json").read_text(encoding="utf-8"))
+    heldout = next(v for k, v in doc["specs"][0]["extra"]["eval"].items() if k.endswith("[heldout]"))
+    heldout["aggregates"]["mean_perplexity"] = "nan"
+    heldout["rows"][0]["scores"]["perplexity"] = "inf"
+    edited = tmp_path / "nan.json"
+    edited.write_text(json.dumps(doc), encoding="utf-8")
+    code = main(["report", str(edited), "--html", str(tmp_path / "r.html"),
+                 "--junitxml", str(tmp_path / "j.xml")])
+    assert code == 0
+    html = (tmp_path / "r.html").read_text(encoding="utf-8")
+    assert '<td class="mono">nan</td>' in html and "&rarr; inf</td>" in html and "1 not a finite number" in html
