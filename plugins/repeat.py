@@ -18,7 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from sft_spec import hookimpl
 from sft_spec.registry import SpecSection
-from sft_spec.reports import CheckReport, ExpectationReport, SpecReport
+from sft_spec.errors import SpecTimeout
+from sft_spec.reports import CheckReport, ErrorInfo, ExpectationReport, SpecReport, new_report
 
 from .eval_sets import combine_seed_reports
 from .protocol import apply_xfail, spec_outcome
@@ -78,9 +79,18 @@ def sft_spec_run_spec(item, session) -> SpecReport | None:
         return None
     runs = []
     for seed in repeat.seeds:
-        report = session.config.hook.sft_spec_run_spec(item=seeded(item, seed), session=session)
+        try:
+            report = session.config.hook.sft_spec_run_spec(item=seeded(item, seed), session=session)
+        except SpecTimeout as exc:  # the time ran out between two seeds
+            report = new_report(item)
+            report.outcome = "error"
+            report.error = ErrorInfo(f"timed out: {exc}", location=str(item.location), kind="timeout")
         runs.append((seed, report))
         if report.outcome == "interrupted":
+            return report
+        if report.error is not None and report.error.kind == "timeout":  # --timeout bounds the spec, not a seed
+            report.error.message += f" (at seed {seed}; seeds run: {', '.join(str(s) for s, _ in runs)} " \
+                                    f"of {len(repeat.seeds)})"
             return report
     return combine(item, repeat, runs)
 

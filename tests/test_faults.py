@@ -71,6 +71,34 @@ def test_timeout_ends_a_long_spec_and_the_next_one_runs(sft, write_spec, one_ans
     assert (tmp_path / "j.xml").read_text().count("<testcase") == 2
 
 
+class SlowSeeds:
+    """Records the seeds whose training started and holds each one after the first for 6 s: the eight seeds
+    need 42 s or more, whatever the machine's speed, and the first one none of it."""
+
+    def __init__(self):
+        self.seeds = []
+
+    @hookimpl
+    def sft_spec_run_progress(self, item, phase, step, total, loss):
+        seed = item.spec.training.get("seed")
+        if phase == "train" and seed not in self.seeds:
+            self.seeds.append(seed)
+            if len(self.seeds) > 1:
+                time.sleep(6)
+
+
+def test_timeout_bounds_a_repeated_spec_with_all_its_seeds_together(sft, write_spec, one_answer_spec):
+    # Each seed once restarted the timer: eight seeds that each fit under --timeout all ran, far past it.
+    text = one_answer_spec(method="full", epochs=3, lr=3e-3) + "repeat: {seeds: [1, 2, 3, 4, 5, 6, 7, 8]}\n"
+    path = write_spec("repeated.sft.yaml", text)
+    slow = SlowSeeds()
+    result = sft("run", path, "--timeout", "20", "--no-cache", plugins=[slow])
+    report = result.recorder.by_id("repeated")
+    assert report.outcome == "error" and report.error.kind == "timeout", report.error
+    assert "--timeout=20s" in report.error.message and "seeds run:" in report.error.message, report.error.message
+    assert 2 <= len(slow.seeds) < 8, (slow.seeds, report.error.message)
+
+
 #: A plugin that touches a marker file when the spec named in it starts training: the event a test waits on.
 MARKER_PLUGIN = """\
 import os, pathlib
