@@ -1,7 +1,9 @@
 """When it was learnt: ``checks: {learns_within: 20}`` and ``--stop-when-learnt``.
 
-While the model trains, its expectations are checked every few steps (one batched generation of their
-prompts) and the first step at which every one passes is recorded (``learnt_at_step`` in every report).
+While the model trains, its expectations are checked every few steps and at each step a ``learns_within``
+names (one batched generation of their prompts), and the first checked step at which every one passes is
+recorded (``learnt_at_step`` in every report; ``learnt_checked_every`` says how fine the steps were). A
+probe draws nothing from the training's random number generators: adding the check changes no loss.
 A recipe change that makes the model need 25 steps instead of 12 is a regression a loss curve hides.
 ``--stop-when-learnt`` ends training at that step (CI time saved); the final checks then run on the
 model as trained, like any other run. Expectations marked ``xfail`` (forgetting probes) and checks on
@@ -35,10 +37,15 @@ def _valid(value: Any) -> str | None:
 
 def learns_within(_: str, steps: int, ctx: CheckContext) -> CheckResult:
     learnt = ctx.run.metrics.get("learnt_at_step") if ctx.run else None
+    every = ctx.run.metrics.get("learnt_checked_every", 1) if ctx.run else 1
+    # Step `steps` itself is always checked, so the verdict is exact; the step found is exact to `every`.
+    granularity = f"; checked every {every} steps and at step {steps}" if every > 1 else ""
     if learnt is None:
         total = ctx.run.metrics.get("steps", "?") if ctx.run else "?"
-        return CheckResult(False, f"not learnt in {total} steps (every expectation passing; needs {steps})")
-    return CheckResult(learnt <= steps, f"learnt at step {learnt} (needs {steps} or fewer)", score=float(learnt))
+        return CheckResult(False, f"not learnt in {total} steps (every expectation passing; needs {steps}"
+                                  f"{granularity})")
+    return CheckResult(learnt <= steps, f"learnt at step {learnt} (needs {steps} or fewer{granularity})",
+                       score=float(learnt))
 
 
 @hookimpl
@@ -62,12 +69,13 @@ def sft_spec_validate_spec(item, config) -> list[SpecError]:
 
 
 class LearntProbe:
-    """A ``TrainerCallback`` that checks the expectations every ``every`` steps until they all pass."""
+    """A ``TrainerCallback`` that checks the expectations every ``every`` steps, and at the steps in ``at``,
+    until they all pass."""
 
-    def __init__(self, item, run, stop: bool, every: int):
+    def __init__(self, item, run, stop: bool, every: int, at: frozenset[int] = frozenset()):
         from .generation import GENERATION, generate_answers, stop_token_ids
 
-        self.item, self.run, self.stop, self.every = item, run, stop, every
+        self.item, self.run, self.stop, self.every, self.at = item, run, stop, every, at
         self.cases = [(exp, prompt) for exp, prompt in zip(item.selected_expectations, run.prompts, strict=True)
                       if exp.checks and not exp.xfail]
         self.generate, self.settings = generate_answers, item.section(GENERATION)
@@ -76,11 +84,17 @@ class LearntProbe:
         self.probes = 0
 
     def all_pass(self, model) -> bool:
+        import torch
+
         run = self.run
         registry = run.config.registry.checks
-        answers = self.generate(model, run.loaded.tokenizer, [p.text for _, p in self.cases], stop_ids=self.stop_ids,
-                                settings=self.settings, budgets=[p.max_new_tokens for _, p in self.cases],
-                                device=getattr(model, "device", run.loaded.device))
+        device = getattr(model, "device", run.loaded.device)
+        # A sampled probe must not move the RNG that shuffles the next epoch: it draws from a forked state.
+        cuda = [torch.device(device).index or 0] if torch.device(device).type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):
+            answers = self.generate(model, run.loaded.tokenizer, [p.text for _, p in self.cases],
+                                    stop_ids=self.stop_ids, settings=self.settings,
+                                    budgets=[p.max_new_tokens for _, p in self.cases], device=device)
         self.probes += 1
         for (exp, prompt), answer in zip(self.cases, answers, strict=True):
             base = run.base_answers.get(exp.index)
@@ -94,7 +108,7 @@ class LearntProbe:
         step = state.global_step
         if "learnt_at_step" in self.run.metrics or not self.cases:
             return control
-        if step % self.every and step != state.max_steps:
+        if step % self.every and step != state.max_steps and step not in self.at:
             return control
         if self.all_pass(model if model is not None else self.run.model):
             self.run.metrics["learnt_at_step"] = step
@@ -118,8 +132,9 @@ def sft_spec_make_trainer(item, run, examples):
         per_epoch = -(-len(examples) // (trainer.args.per_device_train_batch_size
                                          * trainer.args.gradient_accumulation_steps))
         steps = max(1, int(per_epoch * trainer.args.num_train_epochs))
+    within = frozenset(argument for name, argument in item.spec.checks.items() if name == "learns_within")
     probe = LearntProbe(item, run, bool(run.config.getoption("stop_when_learnt", False)),
-                        every=max(1, -(-steps // MAX_PROBES)))
+                        every=max(1, -(-steps // MAX_PROBES)), at=within)
     trainer.add_callback(type("LearntCallback", (TrainerCallback,), {"on_step_end": probe.on_step_end})())
     run.metrics["learnt_checked_every"] = probe.every
     return trainer

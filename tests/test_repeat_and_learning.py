@@ -109,3 +109,59 @@ def test_learns_within_needs_expectations(sft, write_spec):
     text = LEARN.format(lr="3.0e-3", within=5).split("expect:")[0] + "checks: {learns_within: 5}\n"
     result = sft("validate", write_spec("l.sft.yaml", text))
     assert result.code == 1 and "learns_within needs expectations" in result.out and "l.sft.yaml:8:" in result.out
+
+
+FROM_THE_START = """\
+model: builtin:tiny-gemma
+method: full
+training: {num_train_epochs: 250, learning_rate: 1.0e-9, per_device_train_batch_size: 8}
+data:
+  conversations:
+    - - {role: user, content: 微调测试}
+      - {role: assistant, content: 我学会了}
+expect:
+  - prompt: 微调测试
+    not_equals: an answer no model gives
+checks: {learns_within: 1}
+"""
+
+
+def test_learns_within_is_checked_at_its_own_step_whatever_the_probe_spacing(sft, write_spec):
+    # 250 steps are probed every 3; a check that holds from the first step once failed as "learnt at step 3".
+    result = sft("run", write_spec("l.sft.yaml", FROM_THE_START), "--no-cache", "--stop-when-learnt")
+    report = result.recorder.reports[0]
+    assert report.metrics["learnt_checked_every"] == 3 and report.metrics["learnt_at_step"] == 1, report.metrics
+    check = report.training_checks[0]
+    assert check.outcome == "passed", check
+    assert check.checks[0].message == "learnt at step 1 (needs 1 or fewer; checked every 3 steps and at step 1)"
+
+
+SAMPLED = """\
+model: builtin:tiny-gemma
+method: lora
+lora: {{r: 8, lora_alpha: 16, lora_dropout: 0.1, target_modules: [q_proj, v_proj]}}
+training: {{num_train_epochs: 4, learning_rate: 1.0e-3, per_device_train_batch_size: 2}}
+generation: {{do_sample: true}}
+data:
+  conversations:
+    - - {{role: user, content: 微调测试}}
+      - {{role: assistant, content: 我学会了}}
+    - - {{role: user, content: apple}}
+      - {{role: assistant, content: 苹果}}
+    - - {{role: user, content: grape}}
+      - {{role: assistant, content: 葡萄}}
+    - - {{role: user, content: melon}}
+      - {{role: assistant, content: 西瓜}}
+expect:
+  - prompt: 微调测试
+    equals: 我学会了
+{checks}"""
+
+
+def test_a_sampled_probe_does_not_change_training(sft, write_spec):
+    # The probe sampled from the training's RNG: the next steps' dropout masks, and so their losses, moved.
+    plain = sft("run", write_spec("a.sft.yaml", SAMPLED.format(checks="")), "--no-cache").recorder.reports[0]
+    probed = sft("run", write_spec("b.sft.yaml", SAMPLED.format(checks="checks: {learns_within: 8}\n")),
+                 "--no-cache").recorder.reports[0]
+    assert probed.metrics["learnt_checked_every"] == 1 and len(plain.losses) == 8
+    assert probed.losses == plain.losses
