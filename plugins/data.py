@@ -99,14 +99,16 @@ def _size(n: float) -> str:
 
 def _read_jsonl(target: Path, shown: str) -> list[tuple[Any, Location]]:
     """JSON Lines, line by line: a bad line is named with its line and column."""
-    from .rows import no_duplicate_keys
+    from .rows import Budget, no_duplicate_keys
 
     raw = target.read_bytes()
     rows = []
+    budget = Budget(shown)
     for lineno, line in enumerate(raw.split(b"\n"), start=1):
         if not line.strip():
             continue
         where = Location(shown, lineno)
+        budget.add(1, 1, where=where)
         try:
             text = line.decode("utf-8")
         except UnicodeDecodeError as exc:
@@ -156,6 +158,10 @@ def _read_datasets(target: Path, shown: str, fmt: str, split: str | None) -> lis
     """Arrow files and save_to_disk folders through datasets (memory-mapped); rows are located by number."""
     import datasets
 
+    from .rows import check_arrow_stream
+
+    for arrow in [target] if fmt == "arrow" else sorted(target.rglob("*.arrow")):
+        check_arrow_stream(arrow, shown if arrow == target else f"{shown}/{arrow.relative_to(target)}")
     try:
         loaded = datasets.Dataset.from_file(str(target)) if fmt == "arrow" else datasets.load_from_disk(str(target))
     except Exception as exc:  # noqa: BLE001 - a file datasets cannot read is this spec's problem

@@ -410,7 +410,10 @@ def _with_budgets(item, run, rows: list[Row], contexts: list[CheckContext]) -> N
     from .generation import answer_budget
 
     for row, ctx in zip(rows, contexts, strict=True):
-        ctx.prompt.max_new_tokens = answer_budget(item, run, row.checks)
+        try:
+            ctx.prompt.max_new_tokens = answer_budget(item, run, row.checks)
+        except SpecError as exc:
+            raise SpecError(f"eval set row {row.index}: {exc.message}", row.location) from None
 
 
 def measure(item, run, evalset: EvalSet, when: Literal["before", "after"]) -> list[RowResult]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field
 
 from sft_spec import hookimpl
+from sft_spec.errors import SpecError
 from sft_spec.registry import SpecSection
 from sft_spec.state import Answer
 
@@ -83,7 +84,16 @@ def answer_budget(item, run, checks: list[tuple[str, object]]) -> int | None:
     if not texts:
         return None
     tokens = max(len(run.loaded.tokenizer(text, add_special_tokens=False)["input_ids"]) for text in texts)
-    return max(generation.max_new_tokens, tokens + max(8, tokens // 2))
+    budget = max(generation.max_new_tokens, tokens + max(8, tokens // 2))
+    if budget > MAX_DERIVED_BUDGET:  # a 300 KB reference once asked for a 450,000-token answer
+        raise SpecError(f"the reference is {tokens:,} tokens: the answer budget derived from it ({budget:,} tokens) "
+                        f"is past the {MAX_DERIVED_BUDGET:,} sft-spec derives by itself; set "
+                        "generation.max_new_tokens to generate that much")
+    return budget
+
+
+#: The largest answer budget derived from a reference; a spec that wants more says so in generation:.
+MAX_DERIVED_BUDGET = 4096
 
 
 def stop_token_ids(tokenizer, model, end_of_turn: str | None) -> list[int]:

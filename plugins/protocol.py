@@ -201,7 +201,10 @@ def _run_phases(item: SpecItem, run: SpecRun, report: SpecReport, hook) -> None:
         run.prompts = [hook.sft_spec_format(item=item, run=run, messages=exp.prompt, add_generation_prompt=True)
                        for exp in expectations]
         for exp, prompt in zip(expectations, run.prompts, strict=True):
-            prompt.max_new_tokens = answer_budget(item, run, exp.checks)
+            try:
+                prompt.max_new_tokens = answer_budget(item, run, exp.checks)
+            except SpecError as exc:  # said where the expectation was written
+                raise SpecError(exc.message, exp.location) from None
     prompts = dict(zip((e.index for e in expectations), run.prompts, strict=True))
     needs_base = [e for e in expectations if e.needs_base_answer or _needs_base(e, run.config)]
     if needs_base:

@@ -17,8 +17,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from sft_spec import hookimpl
-from sft_spec.registry import SpecSection
 from sft_spec.errors import SpecTimeout
+from sft_spec.registry import SpecSection
 from sft_spec.reports import CheckReport, ErrorInfo, ExpectationReport, SpecReport, new_report
 
 from .eval_sets import combine_seed_reports

@@ -22,8 +22,56 @@ from sft_spec.loading.wording import kind_of
 FORMATS = {".jsonl": "json", ".ndjson": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 #: A file larger than this is refused: a spec is a test, not a training job.
 MAX_ROWS_BYTES = 64 * 1024 * 1024
+#: What a file may decode to. A compressed table (Parquet, Arrow) or a wide header over empty cells (CSV)
+#: expands far past its size on disk: rows, cells and decoded bytes are counted before and while decoding.
+MAX_ROWS = 1_000_000
+MAX_CELLS = 10_000_000
+MAX_DECODED_BYTES = 1024 * 2**20
 
 Row = tuple[dict[str, Any], Location]
+
+
+class Budget:
+    """Rows, cells and decoded bytes read so far from one file; a located error past any bound."""
+
+    def __init__(self, shown: str):
+        self.shown, self.rows, self.cells, self.bytes = shown, 0, 0, 0
+
+    def add(self, rows: int, cells: int, nbytes: int = 0, where: Location | None = None) -> None:
+        self.rows, self.cells, self.bytes = self.rows + rows, self.cells + cells, self.bytes + nbytes
+        for count, limit, what in ((self.rows, MAX_ROWS, "rows"), (self.cells, MAX_CELLS, "cells"),
+                                   (self.bytes, MAX_DECODED_BYTES, "bytes decoded")):
+            if count > limit:
+                raise SpecError(f"the file holds more than {limit:,} {what} (the limit for a spec's table: a spec is "
+                                "a test, not a training job)", where or Location(self.shown))
+
+
+def check_parquet_metadata(metadata, shown: str) -> None:
+    """A Parquet footer's row count and uncompressed size, against the bounds, before any page is decoded."""
+    declared = sum(metadata.row_group(i).total_byte_size for i in range(metadata.num_row_groups))
+    Budget(shown).add(metadata.num_rows, metadata.num_rows * max(1, metadata.num_columns), declared)
+
+
+def check_arrow_stream(path: Path, shown: str) -> None:
+    """An Arrow IPC file (``datasets``' cache format) read batch by batch, each counted before the next is
+    decompressed: a few KB of compressed buffers can declare gigabytes."""
+    import pyarrow
+    import pyarrow.ipc
+
+    budget = Budget(shown)
+    try:
+        with pyarrow.memory_map(str(path)) as source:
+            try:
+                reader = pyarrow.ipc.open_stream(source)
+                batches = iter(reader)
+            except pyarrow.ArrowInvalid:
+                source.seek(0)
+                file_reader = pyarrow.ipc.open_file(source)
+                batches = (file_reader.get_batch(i) for i in range(file_reader.num_record_batches))
+            for batch in batches:
+                budget.add(batch.num_rows, batch.num_rows * max(1, batch.num_columns), batch.nbytes)
+    except (pyarrow.ArrowException, OSError) as exc:
+        raise SpecError(f"not a readable Arrow file: {exc}", Location(shown)) from None
 
 
 def file_format(path: str, given: str | None) -> str:
@@ -84,13 +132,17 @@ def _json(text: str, shown: str, lines: bool) -> list[Row]:
         if not isinstance(value, list):
             raise SpecError(f"a JSON file holds a list of rows, got {kind_of(value)}", Location(shown, 1))
         # One document: a row is located by its number in the list, as "row N".
+        budget = Budget(shown)
+        budget.add(len(value), sum(len(row) if isinstance(row, dict) else 1 for row in value))
         return [(row, Location(f"{shown}: row {i + 1}")) for i, row in enumerate(value)]
     rows = []
+    budget = Budget(shown)
     for lineno, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
             rows.append((loads(line), Location(shown, lineno)))
+            budget.add(1, len(rows[-1][0]) if isinstance(rows[-1][0], dict) else 1, where=Location(shown, lineno))
         except json.JSONDecodeError as exc:
             raise SpecError(f"not valid JSON: {exc.msg}", Location(shown, lineno, exc.colno)) from None
         except (ValueError, RecursionError) as exc:
@@ -140,6 +192,7 @@ def _csv(text: str, shown: str) -> list[Row]:
     csv.field_size_limit(MAX_ROWS_BYTES)  # a cell may be as large as the file may be; csv's default is 128 KiB
     reader = csv.DictReader(io.StringIO(text, newline=""))
     rows = []
+    budget = Budget(shown)
     try:
         # Unnamed columns (a spreadsheet's empty trailing ones) hold nothing a layout reads.
         twice = named_twice([name for name in reader.fieldnames or [] if name])
@@ -154,6 +207,8 @@ def _csv(text: str, shown: str) -> list[Row]:
                 missing = [k for k, v in row.items() if v is None]
                 raise SpecError(f"row has no cell for {', '.join(map(repr, missing))} (fewer cells than the header)",
                                 Location(shown, reader.line_num))
+            # A header of 100,000 names over rows of bare commas: a few bytes a row, 100,000 cells each.
+            budget.add(1, len(row), where=Location(shown, reader.line_num))
             rows.append((dict(row), Location(shown, reader.line_num)))
     except csv.Error as exc:
         raise SpecError(f"not valid CSV: {exc}", Location(shown, reader.line_num)) from None
@@ -165,14 +220,18 @@ def _parquet(raw: bytes, shown: str) -> list[Row]:
     import pyarrow.parquet as pq
 
     rows: list[Row] = []
+    budget = Budget(shown)
     try:
         parquet = pq.ParquetFile(pyarrow.BufferReader(raw))
         twice = named_twice(parquet.schema_arrow.names)
         if twice:  # to_pylist would keep one column of a name, and drop the others in silence
             raise SpecError(f"the file has the column{'s' if len(twice) > 1 else ''} "
                             f"{', '.join(map(repr, twice))} twice", Location(shown))
-        # Batch by batch: a whole table's to_pylist() holds Arrow's buffers and every Python row at once.
-        for batch in parquet.iter_batches(batch_size=4096):
+        check_parquet_metadata(parquet.metadata, shown)
+        # Batch by batch: a whole table's to_pylist() holds Arrow's buffers and every Python row at once; each
+        # batch is counted before it becomes Python objects (the footer's sizes are the writer's word).
+        for batch in parquet.iter_batches(batch_size=1024):
+            budget.add(batch.num_rows, batch.num_rows * max(1, batch.num_columns), batch.nbytes)
             # Parquet has no lines: a row is located by its number, as "row N".
             rows += [(row, Location(f"{shown}: row {len(rows) + i + 1}")) for i, row in enumerate(batch.to_pylist())]
     except (pyarrow.ArrowException, OSError) as exc:
