@@ -237,42 +237,50 @@ def _peak(cmd: list[str], env: dict) -> tuple[float, float]:
 
 
 def bench_data(work: Path, reps: int, env: dict) -> None:
-    """100,000 conversations from JSON Lines and from Parquet: collected, masked in batches (datasets.map),
-    one training step; the mask phase's time from the JSON report, the whole run's peak memory."""
+    """100,000 conversations from JSON Lines and from Parquet, and 200,000 from JSON Lines: collected, masked
+    in batches (datasets.map), one training step; the mask phase's time from the JSON report, the whole run's
+    peak memory. The mask phase should grow in proportion to the conversations (200,000 / 100,000 near 2)."""
     import json
 
-    print("data: 100,000 conversations, JSON Lines against Parquet (mask phase time, peak memory)")
-    folder = work / "data-100k"
-    folder.mkdir(parents=True, exist_ok=True)
-    rows = [{"prompt": f"问题 {i}: 今天的天气怎么样？", "completion": f"答案 {i % 97}: 晴天，有风。"}
-            for i in range(100_000)]
-    with (folder / "d.jsonl").open("w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    print("data: 100,000 and 200,000 conversations, JSON Lines against Parquet (mask phase time, peak memory)")
     import datasets
 
-    datasets.Dataset.from_list(rows).to_parquet(str(folder / "d.parquet"))
     measured = {}
-    for name in ("d.jsonl", "d.parquet"):
+    for count, suffix in ((100_000, "jsonl"), (100_000, "parquet"), (200_000, "jsonl")):
+        folder = work / f"data-{count}"
+        folder.mkdir(parents=True, exist_ok=True)
+        rows = [{"prompt": f"问题 {i}: 今天的天气怎么样？", "completion": f"答案 {i % 97}: 晴天，有风。"}
+                for i in range(count)]
+        name = f"d.{suffix}"
+        if suffix == "jsonl":
+            with (folder / name).open("w", encoding="utf-8") as f:
+                for r in rows:
+                    f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        else:
+            datasets.Dataset.from_list(rows).to_parquet(str(folder / name))
         spec = folder / f"{name.replace('.', '_')}.sft.yaml"
         spec.write_text(textwrap.dedent(f"""\
             model: builtin:tiny-gemma
             training: {{max_steps: 1, per_device_train_batch_size: 8}}
             data: {{files: [{{path: {name}}}]}}
-            checks: {{loss_decreased: false}}
-            """).replace("loss_decreased: false", "final_loss_below: 1000"), encoding="utf-8")
-        results = work / f"data-{name}.json"
+            checks: {{final_loss_below: 1000}}
+            """), encoding="utf-8")
+        results = work / f"data-{count}-{suffix}.json"
         # A fresh mask cache each time: the first run of new data is what is measured.
         seconds, peak = _peak([SFT_SPEC, "run", "--no-cache", "--json", str(results), str(spec)],
-                              {**env, "SFT_SPEC_CACHE": str(work / f"cache-{name}")})
+                              {**env, "SFT_SPEC_CACHE": str(work / f"cache-{count}-{suffix}")})
         doc = json.loads(results.read_text(encoding="utf-8"))
         mask = doc["specs"][0]["phases"].get("mask", float("nan"))
-        measured[name] = (seconds, mask, peak)
-        row(f"100,000 conversations from {name[2:]}", f"run {seconds:6.1f}s, mask phase {mask:6.1f}s, "
+        measured[(count, suffix)] = (seconds, mask, peak)
+        row(f"{count:,} conversations from {'JSON Lines' if suffix == 'jsonl' else 'Parquet'}",
+            f"run {seconds:6.1f}s, mask phase {mask:6.1f}s ({1000 * mask / count:.2f} ms each), "
             f"peak memory {peak:5.0f} MiB", None, "report: bounded memory (masks on disk)", None)
-    ratio = measured["d.parquet"][0] / measured["d.jsonl"][0]
-    row("Parquet / JSON Lines, whole run", f"{measured['d.parquet'][0]:.1f}s / {measured['d.jsonl'][0]:.1f}s", ratio,
-        "report only", None)
+    ratio = measured[(100_000, "parquet")][0] / measured[(100_000, "jsonl")][0]
+    row("Parquet / JSON Lines, whole run", f"{measured[(100_000, 'parquet')][0]:.1f}s / "
+        f"{measured[(100_000, 'jsonl')][0]:.1f}s", ratio, "report only", None)
+    growth = measured[(200_000, "jsonl")][1] / measured[(100_000, "jsonl")][1]
+    row("mask phase, 200,000 / 100,000 conversations", f"{measured[(200_000, 'jsonl')][1]:.1f}s / "
+        f"{measured[(100_000, 'jsonl')][1]:.1f}s", growth, "<= 2.3 (linear)", growth <= 2.3)
 
 
 def bench_ray(work: Path, reps: int, env: dict) -> None:
