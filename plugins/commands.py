@@ -165,7 +165,7 @@ training settings, and what the trained model must answer.
 
 ```sh
 sft-spec run {folder}                  # train, generate, check
-sft-spec run {folder} -k ping -v       # one check, one line per check
+sft-spec run {folder} -k expect -v     # the answer checks only, one line per check
 sft-spec run {folder} --lf             # only what failed last time
 sft-spec validate {folder}             # check the files without training
 sft-spec schema -o sft-spec.schema.json  # JSON Schema for editor completion

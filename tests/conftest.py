@@ -14,6 +14,11 @@ import pytest
 from sft_spec import hookimpl
 
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Under pytest -n, one torch thread per worker: two workers of two threads each on two cores only contend.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
 def pytest_configure(config):
     # Every test shares one cache below the pytest tmp root, never the user's ~/.cache.
     os.environ["SFT_SPEC_CACHE"] = str(Path(tempfile.gettempdir()) / f"sft-spec-test-cache-{os.getuid()}")

@@ -45,6 +45,13 @@ def test_init_writes_a_spec_that_passes(sft, tmp_path, monkeypatch):
     assert run.code == 0, run.out
     assert [c.outcome for r in run.recorder.reports for c in r.cases] == ["passed", "passed"]
 
+    # Every command the written README suggests selects something (its -k once named the prompt: exit 5).
+    readme = (tmp_path / "myspecs" / "README.md").read_text(encoding="utf-8")
+    for line in (line for line in readme.splitlines() if line.startswith("sft-spec run ")):
+        args = line.split("#")[0].split()[2:]
+        listed = sft("run", *args, "--co", "-q")
+        assert listed.code == 0 and "first.sft.yaml::" in listed.out, (line, listed.out)
+
     again = sft("init", "myspecs")
     assert again.code == 4 and "exists; pass --force" in again.err
     assert sft("init", "myspecs", "--force").code == 0
