@@ -59,6 +59,11 @@ def sft_spec_validate_spec(item, config):
     if gen.repetition_penalty is not None and gen.repetition_penalty <= 0:
         errors.append(SpecError(f"repetition_penalty {gen.repetition_penalty!r}: expected a number > 0",
                                 item.locate("generation", "repetition_penalty"), key="generation.repetition_penalty"))
+    if not gen.do_sample:  # transformers ignores them when greedy: said, not dropped in silence
+        for key in ("temperature", "top_p", "top_k"):
+            if getattr(gen, key) is not None and not any(key in n and "do_sample" in n for n in item.notes):
+                item.notes.append(f"{item.locate('generation', key)}: note: generation.{key} is not used: answers "
+                                  "are greedy (set do_sample: true to sample)")
     return errors
 
 

@@ -148,3 +148,11 @@ def test_sampled_base_answers_are_the_same_in_every_run(sft, write_spec):
     answers = [sft("run", write_spec(f"s{i}.sft.yaml", text), "--no-cache").recorder.reports[0]
                .expectations[0].base_answer for i in range(2)]
     assert answers[0] == answers[1] and answers[0]
+
+
+def test_sampling_settings_without_do_sample_are_noted_not_dropped(sft, write_spec, one_answer_spec):
+    text = one_answer_spec(epochs=1) + "generation: {temperature: 0.7, top_p: 0.9}\n"
+    result = sft("validate", write_spec("g.sft.yaml", text), "-v")
+    for key in ("temperature", "top_p"):
+        assert f"note: generation.{key} is not used: answers are greedy" in result.out, result.out
+    assert "generation.top_k" not in result.out
