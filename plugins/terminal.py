@@ -33,7 +33,7 @@ class TerminalReporter:
         self.verbosity = config.getoption("verbose", 0) - config.getoption("quiet", 0)
         self.tb = config.getoption("tb", "auto")
         self.isatty = hasattr(self.file, "isatty") and self.file.isatty()
-        self.color = self.isatty and not os.environ.get("NO_COLOR")
+        self.color = wants_color(config.getoption("color", "auto"), self.isatty)
         self.width = shutil.get_terminal_size((100, 20)).columns if self.isatty else 100
         self.total = 0
         self.done = 0
@@ -286,6 +286,27 @@ class TerminalReporter:
         for word, nodeid, message in lines:
             self.write_line(f"{word} {nodeid} - {message}" if message else f"{word} {nodeid}",
                             "failed" if word != "XPASS" else "xpassed")
+
+
+def wants_color(option: str, isatty: bool) -> bool:
+    """pytest's rule: ``--color=yes|no`` decides; with ``auto``, ``PY_COLORS=1|0``, then ``NO_COLOR``, then
+    ``FORCE_COLOR`` (a CI log that renders colours), then whether the output is a terminal."""
+    if option in ("yes", "no"):
+        return option == "yes"
+    if os.environ.get("PY_COLORS") in ("0", "1"):
+        return os.environ["PY_COLORS"] == "1"
+    if os.environ.get("NO_COLOR"):
+        return False
+    if os.environ.get("FORCE_COLOR"):
+        return True
+    return isatty and os.environ.get("TERM") != "dumb"
+
+
+@hookimpl
+def sft_spec_addoption(parser):
+    parser.add_argument("--color", choices=("yes", "no", "auto"), default="auto",
+                        help="colour the terminal output: yes, no, or auto (a terminal, unless NO_COLOR is set; "
+                        "FORCE_COLOR or PY_COLORS=1 force it), as pytest's --color")
 
 
 def _seconds(value: float) -> str:

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -108,3 +110,26 @@ def test_pyproject_addopts_apply(sft, write_spec, one_answer_spec, tmp_path, mon
     monkeypatch.chdir(tmp_path)
     result = sft("run", "--co")
     assert "x.sft.yaml::x" in result.out and "y.sft.yaml::y" not in result.out
+
+
+@pytest.mark.parametrize("args,env,coloured", [
+    (["--color", "yes"], {}, True),
+    ([], {"FORCE_COLOR": "1"}, True),
+    (["--color", "no"], {"FORCE_COLOR": "1"}, False),
+    ([], {"FORCE_COLOR": "1", "NO_COLOR": "1"}, False),
+    ([], {"PY_COLORS": "1", "NO_COLOR": "1"}, True),
+    ([], {}, False),  # captured output is no terminal
+])
+def test_color_as_pytest_decides_it(sft, write_spec, monkeypatch, args, env, coloured):
+    for name in ("FORCE_COLOR", "NO_COLOR", "PY_COLORS"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    spec = write_spec("s.sft.yaml", """\
+        model: builtin:tiny-gemma
+        skip: not today
+        data: {conversations: [[{role: user, content: a}, {role: assistant, content: b}]]}
+        expect: [{prompt: a, equals: b}]
+        """)
+    result = sft("run", spec, *args)
+    assert ("\x1b[" in result.out) is coloured, result.out
