@@ -108,7 +108,8 @@ class TerminalReporter:
         for report in errors:
             for i, line in enumerate((report.error.message if report.error else "").split("\n") or [""]):
                 self.write_line(("ERROR " if i == 0 else "      ") + line)
-        summary = f"{len(session.items)} specs, {sum(len(i.selected_cases) for i in session.items)} checks"
+        specs, checks = len(session.items), sum(len(i.selected_cases) for i in session.items)
+        summary = f"{specs} spec{'' if specs == 1 else 's'}, {checks} check{'' if checks == 1 else 's'}"
         if session.deselected:
             summary += f" ({session.deselected} deselected)"
         if errors:

@@ -39,7 +39,7 @@ def test_validate_checks_without_training(sft, write_spec, one_answer_spec):
     path = write_spec("ok.sft.yaml", one_answer_spec())
     result = sft("validate", path)
     assert result.code == 0
-    assert "1 specs, 1 checks valid" in result.out
+    assert "1 spec, 1 check valid" in result.out
     bad = write_spec("bad.sft.yaml", one_answer_spec().replace("method: lora", "method: lroa"))
     result = sft("validate", bad)
     assert result.code == 1

@@ -35,7 +35,7 @@ def test_an_imported_config_validates_and_runs(sft, project, kind, config, model
     result = sft("import", kind, project / config, "--model", model)
     assert result.code == 0, result.out + result.err
     spec_path = project / (config.split(".")[0] + ".sft.yaml")
-    assert "1 specs, 2 checks valid" in result.out
+    assert "1 spec, 2 checks valid" in result.out
     ran = sft("run", spec_path, "--no-cache")
     assert ran.code == 0, ran.out
 
