@@ -41,16 +41,35 @@ def diff_segments(expected: str, actual: str) -> list[tuple[str, str]]:
     return segments
 
 
-def format_failure(case: ExpectationReport) -> list[tuple[str, str | None]]:
+def format_failure(case: ExpectationReport, losses: list[float] | None = None) -> list[tuple[str, str | None]]:
     """``[(line, style)]``: style ``"failed"`` for lines a colour terminal paints red, else ``None``.
+    ``losses``: the spec's training losses, for the strongest "why" line.
 
     Every line is safe to print: control characters from specs and answers are escaped.
     """
-    return [(safe(line), style) for line, style in _failure_lines(case)]
+    return [(safe(line), style) for line, style in _failure_lines(case, losses or [])]
 
 
-def _failure_lines(case: ExpectationReport) -> list[tuple[str, str | None]]:
+#: A final loss above this share of the first: training "barely moved" it.
+BARELY_MOVED = 0.9
+
+
+def why(case: ExpectationReport, losses: list[float]) -> str | None:
+    """The likeliest reason an answer check failed, when the run says it plainly."""
+    if len(losses) >= 2 and losses[0] > 0 and losses[-1] > BARELY_MOVED * losses[0]:
+        return (f"why:      the loss barely moved ({losses[0]:.4g} -> {losses[-1]:.4g} over {len(losses)} logged "
+                "steps): the recipe did not train (learning rate, steps, or tokens carrying loss)")
+    failed_after = [c for c in case.checks if not c.passed and c.on == "after"]
+    if failed_after and case.answer is not None and case.answer == case.base_answer:
+        return "why:      the answer is identical to the base model's: training did not change it"
+    return None
+
+
+def _failure_lines(case: ExpectationReport, losses: list[float]) -> list[tuple[str, str | None]]:
     lines: list[tuple[str, str | None]] = [(case.location, None)]
+    reason = why(case, losses)
+    if reason:
+        lines.append((reason, "failed"))
     if case.prompt:
         prompt = case.prompt[-1]["content"] if len(case.prompt) == 1 else case.prompt
         shown = prompt if isinstance(prompt, str) else repr(prompt)

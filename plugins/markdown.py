@@ -42,7 +42,7 @@ def run_markdown(reports: list[SpecReport], meta: dict[str, Any], comparison=Non
             lines.append(md_code(f"{r.error.location}: {r.error.message}"))
         for case in r.cases:
             if case.outcome == "failed":
-                lines.append(md_code("\n".join(text for text, _ in format_failure(case))))
+                lines.append(md_code("\n".join(text for text, _ in format_failure(case, r.losses))))
     if comparison is not None:
         lines += ["", comparison_markdown(comparison, heading="###")]
     return "\n".join(lines) + "\n"

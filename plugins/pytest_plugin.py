@@ -260,8 +260,8 @@ class CaseItem(pytest.Item):
             if first is not None and first.name == XPASS_STRICT:
                 return  # the checks passed: pytest's own xfail(strict=True) mark reports XPASS(strict)
             headline = [f"{first.name}: {first.message}"] if first and first.message else []
-            pytest.fail(safe("\n".join(headline + [text for text, _ in format_failure(case)]), keep_newlines=True),
-                        pytrace=False)
+            shown = headline + [text for text, _ in format_failure(case, report.losses)]
+            pytest.fail(safe("\n".join(shown), keep_newlines=True), pytrace=False)
 
     def reportinfo(self) -> tuple[Path, int | None, str]:
         # Without the file part: pytest shows it already, and rewrites dots in a "domain" into "::".

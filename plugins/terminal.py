@@ -265,7 +265,7 @@ class TerminalReporter:
 
     def _show_failure(self, report: SpecReport, case) -> None:
         self.sep("_", case.nodeid, "failed")
-        for text, style in format_failure(case):
+        for text, style in format_failure(case, report.losses):
             self.write_line(text, style)
 
     def _short_summary(self, reports: list[SpecReport]) -> None:

@@ -124,3 +124,25 @@ def test_a_skipped_spec_counts_every_case_as_pytest_does(sft, write_spec, one_an
     assert json.loads((tmp_path / "r.json").read_text())["summary"]["outcomes"] == {"skipped": 2}
     suite = ET.parse(tmp_path / "j.xml").getroot()
     assert (suite.get("tests"), suite.get("skipped")) == ("2", "2")
+
+
+def test_a_failure_says_its_strongest_why(sft, write_spec, one_answer_spec):
+    result = sft("run", write_spec("slow.sft.yaml", one_answer_spec(method="full", epochs=3, lr=1e-9)), "--no-cache")
+    assert result.code == 1
+    line = next(line for line in result.out.splitlines() if line.startswith("why:"))
+    assert "the loss barely moved" in line and "over 3 logged steps" in line, result.out
+
+
+def test_an_answer_the_training_left_as_it_was_is_named():
+    from sft_spec.reports import CheckReport, ExpectationReport
+
+    from sft_spec_plugins.failures import why
+
+    case = ExpectationReport(nodeid="s::expect[0]", index=0, prompt=[{"role": "user", "content": "q"}],
+                             location="s.sft.yaml:8:5", outcome="failed", answer="a", base_answer="a",
+                             checks=[CheckReport("equals", "b", False, "differs", on="after")])
+    assert why(case, [7.7, 1.2]) == ("why:      the answer is identical to the base model's: training did not "
+                                     "change it")
+    assert why(case, []) is not None and why(case, [7.7, 7.5]).startswith("why:      the loss barely moved")
+    case.base_answer = "c"
+    assert why(case, [7.7, 1.2]) is None
