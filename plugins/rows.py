@@ -46,10 +46,39 @@ class Budget:
                                 "a test, not a training job)", where or Location(self.shown))
 
 
+def values_in(array) -> int:
+    """Every value an Arrow array holds, nested ones included: a row holding a list of 100,000,000 nulls is
+    a few bytes of Arrow and 100,000,001 Python objects."""
+    import pyarrow
+
+    kind = array.type
+    if pyarrow.types.is_dictionary(kind):
+        return len(array)
+    if pyarrow.types.is_list(kind) or pyarrow.types.is_large_list(kind) or pyarrow.types.is_fixed_size_list(kind) \
+            or pyarrow.types.is_map(kind):
+        return len(array) + values_in(array.flatten())
+    if pyarrow.types.is_struct(kind):
+        return len(array) + sum(values_in(array.field(i)) for i in range(kind.num_fields))
+    return len(array)
+
+
+def batch_values(batch) -> int:
+    return sum(values_in(column) for column in batch.columns)
+
+
 def check_parquet_metadata(metadata, shown: str) -> None:
-    """A Parquet footer's row count and uncompressed size, against the bounds, before any page is decoded."""
-    declared = sum(metadata.row_group(i).total_byte_size for i in range(metadata.num_row_groups))
-    Budget(shown).add(metadata.num_rows, metadata.num_rows * max(1, metadata.num_columns), declared)
+    """A Parquet footer's row count, values (nested ones included: each column chunk counts its leaf values)
+    and uncompressed size, against the bounds, before any page is decoded."""
+    groups = [metadata.row_group(i) for i in range(metadata.num_row_groups)]
+    declared = sum(group.total_byte_size for group in groups)
+    leaves = sum(group.column(j).num_values for group in groups for j in range(group.num_columns))
+    Budget(shown).add(metadata.num_rows, max(leaves, metadata.num_rows * max(1, metadata.num_columns)), declared)
+
+
+def check_separators(text: str, shown: str) -> None:
+    """A text table's values, bounded before it is parsed: each value after the first follows a separator
+    (``,`` in JSON and CSV, or an opening bracket), so their count bounds what parsing builds."""
+    Budget(shown).add(0, text.count(",") + text.count("[") + text.count("{"))
 
 
 def check_arrow_stream(path: Path, shown: str) -> None:
@@ -69,7 +98,7 @@ def check_arrow_stream(path: Path, shown: str) -> None:
                 file_reader = pyarrow.ipc.open_file(source)
                 batches = (file_reader.get_batch(i) for i in range(file_reader.num_record_batches))
             for batch in batches:
-                budget.add(batch.num_rows, batch.num_rows * max(1, batch.num_columns), batch.nbytes)
+                budget.add(batch.num_rows, batch_values(batch), batch.nbytes)
     except (pyarrow.ArrowException, OSError) as exc:
         raise SpecError(f"not a readable Arrow file: {exc}", Location(shown)) from None
 
@@ -106,6 +135,7 @@ def read_rows(folder: Path, path: str, given_format: str | None = None, what: st
         line = raw[: exc.start].count(b"\n") + 1
         raise SpecError(f"not valid UTF-8 (byte 0x{raw[exc.start]:02x})", Location(shown, line)) from None
     lines = Path(path).suffix.lower() in (".jsonl", ".ndjson")
+    check_separators(text, shown)
     rows = _csv(text, shown) if fmt == "csv" else _json(text, shown, lines)
     for row, where in rows:
         if not isinstance(row, dict):
@@ -155,7 +185,7 @@ class WrittenNumber(float):
     """A JSON number that remembers how it was written: a reference ``1.50`` stays "1.50", ``1e2`` stays
     "1e2" (as text, never "1.5" or "100.0")."""
 
-    text: str
+    __slots__ = ("text",)  # no __dict__: a file of many numbers costs what floats cost, not twice that
 
     def __new__(cls, text: str):
         number = super().__new__(cls, text)
@@ -231,7 +261,7 @@ def _parquet(raw: bytes, shown: str) -> list[Row]:
         # Batch by batch: a whole table's to_pylist() holds Arrow's buffers and every Python row at once; each
         # batch is counted before it becomes Python objects (the footer's sizes are the writer's word).
         for batch in parquet.iter_batches(batch_size=1024):
-            budget.add(batch.num_rows, batch.num_rows * max(1, batch.num_columns), batch.nbytes)
+            budget.add(batch.num_rows, batch_values(batch), batch.nbytes)
             # Parquet has no lines: a row is located by its number, as "row N".
             rows += [(row, Location(f"{shown}: row {len(rows) + i + 1}")) for i, row in enumerate(batch.to_pylist())]
     except (pyarrow.ArrowException, OSError) as exc:

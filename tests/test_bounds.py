@@ -65,8 +65,8 @@ def test_a_csv_of_a_wide_header_over_bare_commas_is_refused_by_its_cells(tmp_pat
     spec = tmp_path / "w.sft.yaml"
     spec.write_text(HEAD + "data:\n  files: [{path: wide.csv}]\n", encoding="utf-8")
     result = sft("validate", spec)
-    # 100 cells a row: the 11th row passes 1,000 cells, and is named.
-    assert result.code == 1 and "wide.csv:12" in result.out and "more than 1,000 cells" in result.out, result.out
+    # 100 cells a row, 21 rows: refused from its separators, before a row is built.
+    assert result.code == 1 and "wide.csv" in result.out and "more than 1,000 cells" in result.out, result.out
 
 
 def test_a_long_reference_sets_no_answer_budget_past_the_bound(tmp_path, sft):
@@ -100,3 +100,45 @@ def test_a_held_out_text_longer_than_the_model_scores_is_an_error_at_its_row(tmp
     report = result.recorder.reports[0]
     shown = report.error.message if report.error else str([c.checks for c in report.cases])
     assert "this model scores at most 2,048 at once" in shown and "held.jsonl:2" in result.out, result.out
+
+
+def _nested_nulls(count: int):
+    import pyarrow
+
+    # One row whose column "x" is a list of `count` nulls: a few bytes of Arrow, `count` Python objects.
+    return pyarrow.table({"prompt": ["微调测试"], "completion": ["我学会了"],
+                          "x": pyarrow.array([[None] * count], type=pyarrow.list_(pyarrow.null()))})
+
+
+@pytest.mark.parametrize("suffix", ["parquet", "arrow"])
+def test_values_nested_in_a_row_are_counted(tmp_path, sft, suffix):
+    import pyarrow
+    import pyarrow.ipc
+    import pyarrow.parquet as pq
+
+    table = _nested_nulls(12_000_000)
+    path = tmp_path / f"nested.{suffix}"
+    if suffix == "parquet":
+        pq.write_table(table, path)
+    else:
+        with pyarrow.OSFile(str(path), "wb") as sink, pyarrow.ipc.new_stream(sink, table.schema) as writer:
+            writer.write_table(table)
+    spec = tmp_path / "n.sft.yaml"
+    spec.write_text(HEAD + f"data:\n  files: [{{path: nested.{suffix}}}]\n", encoding="utf-8")
+    result = sft("validate", spec)
+    assert result.code == 1 and "more than 10,000,000 cells" in result.out, result.out
+
+
+@pytest.mark.parametrize("name,text", [
+    ("rows.json", '[{"prompt": "微调测试", "completion": "我学会了", "x": [' + "0.0," * 1500 + "0.0]}]"),
+    ("rows.jsonl", '{"prompt": "微调测试", "completion": "我学会了", "x": [' + "0.0," * 1500 + "0.0]}\n"),
+])
+def test_values_in_a_json_file_are_bounded_before_it_is_parsed(tmp_path, sft, monkeypatch, name, text):
+    from sft_spec_plugins import rows
+
+    monkeypatch.setattr(rows, "MAX_CELLS", 1000)  # the rule, at a size a test writes quickly
+    (tmp_path / name).write_text(text, encoding="utf-8")
+    spec = tmp_path / "j.sft.yaml"
+    spec.write_text(HEAD + f"data:\n  files: [{{path: {name}}}]\n", encoding="utf-8")
+    result = sft("validate", spec)
+    assert result.code == 1 and "more than 1,000 cells" in result.out and name in result.out, result.out
