@@ -67,13 +67,17 @@ def sft_spec_validate_spec(item, config):
     return errors
 
 
+#: Checks whose ``to`` is scored by teacher forcing, never compared with a generated answer: no budget.
+SCORED_NOT_GENERATED = ("likelihood", "perplexity")
+
+
 def references(checks: list[tuple[str, object]]) -> list[str]:
     """The texts an expectation's checks expect the answer to be (or to be close to)."""
     out = []
     for name, argument in checks:
         if name in ("equals", "startswith") and isinstance(argument, str):
             out.append(argument)
-        elif isinstance(argument, dict) and isinstance(argument.get("to"), str):
+        elif isinstance(argument, dict) and isinstance(argument.get("to"), str) and name not in SCORED_NOT_GENERATED:
             out.append(argument["to"])
         elif name == "contains":
             out.append("".join([argument] if isinstance(argument, str) else argument))

@@ -20,6 +20,7 @@ from sft_spec import hookimpl
 from sft_spec.state import StashKey
 
 from .files import atomic_write_text, output_path
+from .report_files import strict_loads
 
 #: Runs shown per spec in the HTML report.
 SHOWN_RUNS = 20
@@ -100,8 +101,8 @@ def read_history(folder: Path) -> History:
             history.warnings.append(f"skipped {path.name}: over {MAX_ENTRY_BYTES // 2**20} MiB")
             continue
         try:
-            entry = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
+            entry = strict_loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError, RecursionError) as exc:
             history.warnings.append(f"skipped {path.name}: not readable JSON ({type(exc).__name__})")
             continue
         if not _valid(entry):

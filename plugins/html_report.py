@@ -262,7 +262,9 @@ def _error_bar(estimate, values: list[float]) -> dict[str, Any] | None:
 
 
 def _seed_views(report: SpecReport) -> list[dict[str, Any]]:
-    return [{**seed, "chart": loss_chart(seed["losses"]) if seed.get("losses") else None}
+    # Every key the page reads, present: a seed entry from an older or a foreign results file may lack some.
+    return [{"outcome": "", "final_loss": None, **seed,
+             "chart": loss_chart(seed["losses"]) if seed.get("losses") else None}
             for seed in report.extra.get("seeds") or []]
 
 
@@ -303,7 +305,7 @@ def _format(template: str, *args: Any) -> str:
     text (``"nan"``, ``"inf"``), and is shown as that text instead of failing the page."""
     try:
         return template % args
-    except TypeError:
+    except (TypeError, ValueError, OverflowError):
         return " ".join(str(a) for a in args)
 
 

@@ -18,7 +18,7 @@ from sft_spec.errors import UsageError
 from sft_spec.reports import SpecReport, report_from_dict
 
 from .files import atomic_write_text, output_path
-from .report_files import SCHEMA_VERSION, FileReporter, session_meta
+from .report_files import SCHEMA_VERSION, FileReporter, session_meta, strict_loads
 
 
 def results_document(session, complete: bool, exitstatus: int | None) -> dict[str, Any]:
@@ -80,7 +80,7 @@ def load_document(path: Path) -> tuple[dict[str, Any], list[SpecReport]]:
     if not path.is_file() or path.stat().st_size > MAX_RESULTS_BYTES:
         raise UsageError(f"{path}: not a results file (a regular file of at most {MAX_RESULTS_BYTES // 2**20} MiB)")
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"), parse_constant=_refuse_constant)
+        doc = strict_loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError) as exc:
         raise UsageError(f"{path}: not a results file: {exc}") from None
     if not isinstance(doc, dict) or "schema_version" not in doc:
@@ -129,8 +129,8 @@ def _malformed(spec: Any) -> str | None:
     return None
 
 
-def _refuse_constant(name: str):
-    raise ValueError(f"{name} is not JSON (sft-spec writes a non-finite number as a string)")
+
+
 
 
 # -- the reporter ------------------------------------------------------------------------------------

@@ -91,17 +91,18 @@ class LearntProbe:
         device = getattr(model, "device", run.loaded.device)
         # A sampled probe must not move the RNG that shuffles the next epoch: it draws from a forked state.
         cuda = [torch.device(device).index or 0] if torch.device(device).type == "cuda" else []
+        # Generation and the checks (a metric that loads a model draws from it too) use a forked state.
         with torch.random.fork_rng(devices=cuda):
             answers = self.generate(model, run.loaded.tokenizer, [p.text for _, p in self.cases],
                                     stop_ids=self.stop_ids, settings=self.settings,
                                     budgets=[p.max_new_tokens for _, p in self.cases], device=device)
-        self.probes += 1
-        for (exp, prompt), answer in zip(self.cases, answers, strict=True):
-            base = run.base_answers.get(exp.index)
-            ctx = CheckContext(item=self.item, run=run, case=exp, answer=answer, prompt=prompt,
-                               base_answer=base.text if base else None, losses=run.losses)
-            if not all(registry[name].func(answer.text, argument, ctx).passed for name, argument in exp.checks):
-                return False
+            self.probes += 1
+            for (exp, prompt), answer in zip(self.cases, answers, strict=True):
+                base = run.base_answers.get(exp.index)
+                ctx = CheckContext(item=self.item, run=run, case=exp, answer=answer, prompt=prompt,
+                                   base_answer=base.text if base else None, losses=run.losses)
+                if not all(registry[name].func(answer.text, argument, ctx).passed for name, argument in exp.checks):
+                    return False
         return True
 
     def on_step_end(self, args, state, control, model=None, **kwargs):

@@ -62,7 +62,12 @@ class MarkdownReporter(FileReporter):
             from .json_report import load_document
 
             base_meta, base = load_document(self.base)
-            comparison = compare_reports(base_meta, base, meta, reports)
+            try:
+                comparison = compare_reports(base_meta, base, meta, reports)
+            except Exception as exc:  # noqa: BLE001 - the run's own summary is still written
+                text = run_markdown(reports, meta, None)
+                return text + f"\nThe comparison with {md_text(str(self.base))} could not be made: " \
+                              f"{md_text(type(exc).__name__)}: {md_text(str(exc)[:300])}\n"
         return run_markdown(reports, meta, comparison)
 
 

@@ -4,6 +4,8 @@ the file (or why it could not be written) in the terminal summary."""
 from __future__ import annotations
 
 import functools
+import json
+import math
 import platform
 import time
 from datetime import datetime, timezone
@@ -154,3 +156,43 @@ class FileReporter:
             write_line(f"{self.label}: could not write {self.path}: {self.problem}")
         elif self.written:
             write_line(f"{self.label}: {self.path}")
+
+
+# -- reading files sft-spec may not have written ----------------------------------------------------
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not JSON (sft-spec writes a non-finite number as a string)")
+
+
+#: Deeper than this is no file sft-spec wrote (its deepest values sit about ten levels down).
+MAX_DEPTH = 64
+
+
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > 18:  # int("1" + 400 zeros) parses, then overflows every float() downstream
+        raise ValueError(f"an integer of {len(text.lstrip('-'))} digits is no count or measure sft-spec writes")
+    return int(text)
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e999: infinity by another spelling
+        raise ValueError(f"{text} is not a finite number (sft-spec writes a non-finite number as a string)")
+    return value
+
+
+def strict_loads(text: str) -> Any:
+    """JSON from a file sft-spec may not have written (results, history, shard records): NaN, Infinity,
+    numbers that overflow a float and nesting deeper than ``MAX_DEPTH`` are refused with a ValueError."""
+    doc = json.loads(text, parse_constant=_refuse_constant, parse_int=_bounded_int, parse_float=_finite_float)
+    stack = [(doc, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise ValueError(f"nested deeper than {MAX_DEPTH} levels")
+        if isinstance(value, dict):
+            stack += [(v, depth + 1) for v in value.values()]
+        elif isinstance(value, list):
+            stack += [(v, depth + 1) for v in value]
+    return doc

@@ -12,7 +12,7 @@ from sft_spec.errors import SpecTimeout
 
 @hookimpl
 def sft_spec_addoption(parser):
-    parser.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+    parser.add_argument("--timeout", type=_seconds, default=None, metavar="SECONDS",
                         help="end a spec that runs longer than SECONDS (load, training and generation together)")
 
 
@@ -32,14 +32,32 @@ def sft_spec_run_spec(item, session):
         raise SpecTimeout(f"the spec ran longer than --timeout={seconds:g}s")
 
     previous = signal.signal(signal.SIGALRM, expire)
-    _deadline.append(time.monotonic() + seconds)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
     try:
+        _deadline.append(time.monotonic() + seconds)
+        signal.setitimer(signal.ITIMER_REAL, seconds)
         return (yield)
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
         _deadline.clear()
+
+
+#: A year: longer is no timeout a run could reach, and setitimer refuses what overflows it.
+MAX_TIMEOUT = 365 * 24 * 3600.0
+
+
+def _seconds(text: str) -> float:
+    import argparse
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not math.isfinite(value) or not 0 < value <= MAX_TIMEOUT:
+        raise argparse.ArgumentTypeError(f"expected seconds above 0 and at most {MAX_TIMEOUT:.0f} (a year), "
+                                         f"got {text!r}")
+    return value
 
 
 #: When the running spec's time is up (monotonic clock); empty between specs. Only the main thread sets it.

@@ -162,3 +162,9 @@ def test_a_process_killed_while_writing_leaves_a_whole_file(tmp_path, kill_at):
     proc.wait()
     data = json.loads(target.read_text())  # the old file or the new one, never half of one
     assert data["i"] >= kill_at and len(data["pad"]) == 2_000_000
+
+
+@pytest.mark.parametrize("value", ["-1", "0", "nan", "inf", "1e300"])
+def test_a_timeout_no_timer_can_keep_is_a_usage_error(sft, write_spec, one_answer_spec, value):
+    result = sft("run", write_spec("t.sft.yaml", one_answer_spec()), "--timeout", value)
+    assert result.code == 4 and "--timeout" in result.err and "seconds above 0" in result.err, result.err

@@ -156,3 +156,11 @@ def test_sampling_settings_without_do_sample_are_noted_not_dropped(sft, write_sp
     for key in ("temperature", "top_p"):
         assert f"note: generation.{key} is not used: answers are greedy" in result.out, result.out
     assert "generation.top_k" not in result.out
+
+
+def test_a_reference_only_scored_sets_no_answer_budget():
+    from sft_spec_plugins.generation import references
+
+    # likelihood's `to` is scored by teacher forcing, never generated: a long one needs no long answer.
+    assert references([("likelihood", {"to": "x" * 100}), ("perplexity", {"to": "y"})]) == []
+    assert references([("chrf", {"to": "z"}), ("equals", "w")]) == ["z", "w"]

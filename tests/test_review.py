@@ -241,3 +241,48 @@ def test_an_eval_set_name_that_could_forge_a_test_id_is_a_located_error(tmp_path
                     "    checks: {not_equals: b}\n", encoding="utf-8")
     result = sft("validate", path)
     assert result.code == 1 and "s.sft.yaml:" in result.out and "eval set name" in result.out, result.out
+
+
+def _deep(levels: int):
+    value: object = 1
+    for _ in range(levels):
+        value = {"x": value}
+    return value
+
+
+@pytest.mark.parametrize("edit,where", [
+    (lambda d: d["specs"][0]["metrics"].update(final_loss=10 ** 400), "not a results file"),
+    (lambda d: d["specs"][0].update(duration=10 ** 400), "not a results file"),
+    (lambda d: d["specs"][0]["training_checks"][0]["checks"][0].update(score="abc"), "$.specs[0].training_checks[0]"),
+    (lambda d: d["specs"][0]["settings"].update(training=[1]), "$.specs[0].settings.training"),
+    (lambda d: d["specs"][0]["extra"].update(seeds=[{"seed": 1, "cases": {"x": ["passed"]}}]), "$.specs[0].extra"),
+    (lambda d: d["specs"][0]["settings"].update(x=_deep(100)), "nested deeper than 64 levels"),
+])
+def test_a_schema_valid_looking_results_file_that_would_crash_a_reader_is_refused(checkouts, sft, tmp_path, edit,
+                                                                                 where):
+    head = _edited(checkouts, tmp_path, edit)
+    for args in (("compare", checkouts / "main.json", head), ("report", head, "--html", tmp_path / "r.html")):
+        result = sft(*args)
+        assert result.code == 4 and where in result.out + result.err, (args, result.out + result.err)
+
+
+def test_a_number_spelled_past_a_float_is_refused(checkouts, sft, tmp_path):
+    text = (checkouts / "pr.json").read_text(encoding="utf-8")
+    doc = json.loads(text)
+    doc["specs"][0]["duration"] = 12345.5
+    (tmp_path / "inf.json").write_text(json.dumps(doc).replace("12345.5", "1e999"), encoding="utf-8")
+    result = sft("report", tmp_path / "inf.json", "--html", tmp_path / "r.html")
+    assert result.code == 4 and "1e999 is not a finite number" in result.err, result.err
+
+
+def test_a_seed_entry_with_only_its_seed_renders(checkouts, sft, tmp_path):
+    head = _edited(checkouts, tmp_path, lambda d: d["specs"][0]["extra"].update(seeds=[{"seed": 1}]))
+    assert sft("report", head, "--html", tmp_path / "r.html").code == 0
+
+
+def test_a_history_entry_nested_too_deep_is_a_warning(checkouts, sft, tmp_path):
+    history = tmp_path / "history"
+    history.mkdir()
+    (history / "2026.json").write_text("[" * 100_000 + "]" * 100_000, encoding="utf-8")
+    result = sft("report", checkouts / "pr.json", "--history", history, "--html", tmp_path / "r.html")
+    assert result.code == 0, result.out + result.err
