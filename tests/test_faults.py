@@ -122,6 +122,8 @@ def test_ctrl_c_stops_cleanly_with_exit_2_and_reports_what_finished(write_spec, 
          "--html", str(tmp_path / "r.html")],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(tmp_path), "MARKER": str(marker)},
+        # A pytest-xdist worker ignores SIGINT, and a child inherits an ignored signal: Ctrl-C as a user's.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.time() + 240
     while not marker.exists():  # the event: the first spec has finished and the second is training

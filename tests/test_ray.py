@@ -212,7 +212,9 @@ def test_ctrl_c_cancels_what_is_left_and_reports_what_finished(cluster, tmp_path
     results = tmp_path / "r.json"
     process = subprocess.Popen([str(BIN / "sft-spec"), "run", "specs/", "--ray", cluster, "--json", str(results),
                                 "--no-cache"], cwd=root, env={**ENV, "SFT_SPEC_CACHE": str(tmp_path / "cache")},
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               # under pytest -n, SIGINT is ignored and the child would inherit that
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:  # until the quick spec's report is in the JSON
         if results.exists() and any(s["name"] == "a_quick" for s in json.loads(results.read_text())["specs"]):
