@@ -7,6 +7,7 @@ show a failure the same way; the diffs are shared with the JUnit and HTML report
 from __future__ import annotations
 
 import difflib
+from typing import Any
 
 from sft_spec.reports import ExpectationReport
 
@@ -39,6 +40,15 @@ def diff_segments(expected: str, actual: str) -> list[tuple[str, str]]:
         if op in ("insert", "replace"):
             segments.append(("insert", actual[b0:b1]))
     return segments
+
+
+def shown_argument(name: str, argument: Any) -> str:
+    """A check's argument as a reader meets it: an eval set as a sentence (the same in a fresh and a cached
+    run, whatever order its keys came back in), any other argument as Python shows it."""
+    if name == "eval" and isinstance(argument, dict) and "set" in argument:
+        rows = argument.get("rows", "?")
+        return f"eval set {argument['set']}: {rows} row{'' if rows == 1 else 's'} from {argument.get('source', '?')}"
+    return repr(argument)
 
 
 def format_failure(case: ExpectationReport, losses: list[float] | None = None) -> list[tuple[str, str | None]]:
@@ -79,7 +89,7 @@ def _failure_lines(case: ExpectationReport, losses: list[float]) -> list[tuple[s
             continue
         answer = case.base_answer if check.on == "before" else case.answer
         label = "before training" if check.on == "before" else "after training"
-        lines.append((f"check:    {check.name} {check.argument!r} ({label})", "failed"))
+        lines.append((f"check:    {check.name} {shown_argument(check.name, check.argument)} ({label})", "failed"))
         if answer is not None:
             lines.append((f"answer:   {answer}", None))
         if check.on == "after" and case.raw_answer is not None and case.raw_answer != case.answer:

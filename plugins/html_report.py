@@ -20,7 +20,7 @@ from sft_spec import hookimpl
 from sft_spec.reports import ExpectationReport, SpecReport
 
 from .escape import safe
-from .failures import diff_segments
+from .failures import diff_segments, shown_argument
 from .files import output_path
 from .report_files import FileReporter, case_outcome_counts
 
@@ -200,7 +200,8 @@ def _case_view(report: SpecReport, case: ExpectationReport) -> dict[str, Any]:
         "answer": None if case.answer is None else visible(case.answer),
         "raw_answer": None if case.raw_answer is None else visible(case.raw_answer),
         "base_answer": None if case.base_answer is None else visible(case.base_answer),
-        "checks": [{"name": c.name, "argument": _json(c.argument), "on": c.on, "passed": c.passed,
+        "checks": [{"name": c.name, "argument": shown_argument(c.name, c.argument) if c.name == "eval"
+                    else _json(c.argument), "on": c.on, "passed": c.passed,
                     "message": visible(c.message), "expected": c.expected} for c in case.checks],
         "diffs": _diffs(case),
     }

@@ -16,7 +16,7 @@ from typing import Any
 from sft_spec import hookimpl
 from sft_spec.reports import ExpectationReport, SpecReport
 
-from .failures import char_diff
+from .failures import char_diff, shown_argument
 from .files import output_path
 from .report_files import FileReporter
 
@@ -65,7 +65,7 @@ def _failure_text(case: ExpectationReport) -> tuple[str, str]:
     for check in case.failed_checks:
         answer = case.base_answer if check.on == "before" else case.answer
         when = "before training" if check.on == "before" else "after training"
-        lines.append(f"check:    {check.name} {check.argument!r} ({when})")
+        lines.append(f"check:    {check.name} {shown_argument(check.name, check.argument)} ({when})")
         if answer is not None:
             lines.append(f"answer:   {answer}")
         if check.on == "after" and case.raw_answer is not None and case.raw_answer != case.answer:

@@ -15,7 +15,7 @@ from sft_spec import __version__, hookimpl
 from sft_spec.reports import SpecReport
 
 from .escape import safe
-from .failures import format_failure
+from .failures import format_failure, shown_argument
 from .recorded import optional_version
 from .report_files import case_outcome_counts
 
@@ -103,7 +103,7 @@ class TerminalReporter:
                 self.write_line(f"  <Expectation {exp.nodeid.rsplit('::', 1)[1]}> {prompt!r}: {'; '.join(checks)}")
             for check in item.selected_training_checks:
                 shown = getattr(check.argument, "shown", check.argument)  # an eval set: its name and size
-                self.write_line(f"  <Check {check.nodeid.rsplit('::', 1)[1]}> {shown!r}")
+                self.write_line(f"  <Check {check.nodeid.rsplit('::', 1)[1]}> {shown_argument(check.name, shown)}")
         errors = session.collect_errors
         for report in errors:
             for i, line in enumerate((report.error.message if report.error else "").split("\n") or [""]):

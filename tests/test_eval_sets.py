@@ -142,7 +142,7 @@ def test_rows_come_from_every_format(tmp_path, name, sft):
         """), encoding="utf-8")
     result = sft("run", path, "--co")
     assert result.code == 0, result.out
-    assert "<Check eval[golden]> {'set': 'golden', 'rows': 4" in result.out
+    assert "<Check eval[golden]> eval set golden: 4 rows from golden." in result.out
 
 
 def test_k_selects_sets_by_name(tmp_path, sft):
@@ -308,3 +308,10 @@ def test_a_run_whose_eval_mean_is_nan_is_rendered_again_by_report(golden_run, tm
     assert code == 0
     html = (tmp_path / "r.html").read_text(encoding="utf-8")
     assert '<td class="mono">nan</td>' in html and "&rarr; inf</td>" in html and "1 not a finite number" in html
+
+
+def test_an_eval_sets_check_reads_as_a_sentence_everywhere(golden_run, sft):
+    listed = sft("run", golden_run["folder"], "--co")
+    assert "<Check eval[golden]> eval set golden: 4 rows from data/golden.jsonl" in listed.out, listed.out
+    html = (golden_run["out"] / "r.html").read_text(encoding="utf-8")
+    assert "eval: eval set golden: 4 rows from data/golden.jsonl" in html and "&#39;set&#39;" not in html
