@@ -186,6 +186,8 @@ def _add_report_arguments(parser) -> None:
                         help="write a JUnit XML report")
     parser.add_argument("--history", dest="history_dir", type=output_path, metavar="DIR",
                         help="show each spec's last runs from this --history folder in the HTML report")
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="with no file to write: a line per check, as `sft-spec run -v`")
 
 
 def _shard_of(path: Path, meta: dict) -> dict | None:
@@ -267,11 +269,14 @@ def merge_documents(paths: list[Path]) -> tuple[dict[str, Any], list[SpecReport]
 
 
 def _run_report(options, pluginmanager) -> int:
-    if not options.html_path and not options.junitxml_path and not options.json_path:
-        raise UsageError("nothing to write: give --html PATH, --junitxml PATH and/or --json PATH")
     if bool(options.merge) == bool(options.results):
         raise UsageError("give one RESULTS.json, or --merge A.json B.json ...")
     meta, reports = merge_documents(options.merge) if options.merge else load_document(options.results)
+    if not options.html_path and not options.junitxml_path and not options.json_path:
+        from .terminal import print_results  # no file asked for: the run as its terminal showed it
+
+        print_results(reports, meta, verbose=options.verbose)
+        return int(meta["exitstatus"]) or (1 if meta.get("missing") else 0) if options.merge else 0
     for problem in meta.get("missing", []) if options.merge else []:
         print(f"warning: {problem}: the merged report is marked incomplete", file=sys.stderr)
     if options.json_path:

@@ -289,6 +289,30 @@ class TerminalReporter:
                             "failed" if word != "XPASS" else "xpassed")
 
 
+def print_results(reports: list[SpecReport], meta: dict, verbose: int = 0) -> None:
+    """A results file shown as the terminal showed its run: a line per spec, the failures with their diffs,
+    the short summary and the closing line (``sft-spec report RESULTS.json`` with no file to write)."""
+    import shlex
+    from types import SimpleNamespace
+
+    options = {"verbose": verbose, "quiet": 0, "tb": "auto", "color": "auto"}
+    # What a run's reporter reads from its config; plugins' terminal summaries belong to a live run.
+    config = SimpleNamespace(getoption=lambda name, default=None: options.get(name, default),
+                             hook=SimpleNamespace(sft_spec_terminal_summary=lambda session, write_line: None))
+    summary = meta.get("summary") or {}
+    session = SimpleNamespace(reports=reports, deselected=summary.get("deselected", 0), shouldstop=False,
+                              interrupted=bool(meta.get("interrupted")))
+    reporter = TerminalReporter(config)
+    reporter.total = len(reports)
+    reporter.write_line(f"results of: {shlex.join(str(a) for a in meta.get('command') or [])} "
+                        f"({meta.get('created', 'no date')})")
+    for report in reports:
+        reporter.sft_spec_log_report(report, session)
+    duration = summary.get("duration", sum(r.duration for r in reports))
+    reporter.start = time.time() - (duration if isinstance(duration, int | float) else 0)
+    reporter.sft_spec_session_finish(session, meta.get("exitstatus", 0))
+
+
 def wants_color(option: str, isatty: bool) -> bool:
     """pytest's rule: ``--color=yes|no`` decides; with ``auto``, ``PY_COLORS=1|0``, then ``NO_COLOR``, then
     ``FORCE_COLOR`` (a CI log that renders colours), then whether the output is a terminal."""

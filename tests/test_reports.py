@@ -267,8 +267,8 @@ def test_report_command_refuses_unknown_files(tmp_path, capsys):
     future.write_text(json.dumps({"schema_version": 99, "specs": []}), encoding="utf-8")
     assert main(["report", str(future), "--html", str(tmp_path / "x.html")]) == 4
     assert "schema_version 99 is not supported" in capsys.readouterr().err
-    assert main(["report", str(future)]) == 4
-    assert "nothing to write" in capsys.readouterr().err
+    assert main(["report", str(future)]) == 4  # the version is checked before anything is shown
+    assert "schema_version 99 is not supported" in capsys.readouterr().err
     assert main(["report", str(tmp_path / "missing.json"), "--html", str(tmp_path / "x.html")]) == 4
     assert not (tmp_path / "x.html").exists()
 
@@ -424,3 +424,12 @@ def test_unwritable_report_path_is_reported_not_fatal(tmp_path, capsys):
     code = main(["run", str(tmp_path / "a.sft.yaml"), "--json", str(blocker / "r.json")])
     assert code == 1
     assert f"JSON report: could not write {blocker / 'r.json'}" in capsys.readouterr().out
+
+
+def test_report_with_no_file_to_write_shows_the_run_as_its_terminal_did(run, capsys):
+    meta, reports = load_document(run["out"] / "results.json")
+    assert main(["report", str(run["out"] / "results.json")]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("results of: ") and all(r.nodeid in out for r in reports)
+    failed = [c.nodeid for r in reports for c in r.cases if c.outcome == "failed"]
+    assert failed and "FAILURES" in out and all(f"FAILED {nodeid}" in out for nodeid in failed), out
