@@ -22,7 +22,7 @@ from sft_spec.reports import ExpectationReport, SpecReport
 from .escape import safe
 from .failures import diff_segments, shown_argument
 from .files import output_path
-from .report_files import FileReporter, case_outcome_counts
+from .report_files import FileReporter, case_outcome_counts, logged_every
 
 OUTCOME_ORDER = ("failed", "error", "interrupted", "xpassed", "passed", "xfailed", "skipped")
 PHASE_LABELS = {"load": "load model", "generate_before": "generate before", "format": "format",
@@ -129,7 +129,9 @@ def _finite_steps(losses: list[float]) -> list[tuple[int, float]]:
     return [(i, float(v)) for i, v in enumerate(losses) if isinstance(v, (int, float)) and math.isfinite(v)]
 
 
-def loss_chart(losses: list[float], overlay: list[float] | None = None) -> Chart | None:
+def loss_chart(losses: list[float], overlay: list[float] | None = None, every: int = 1) -> Chart | None:
+    """The loss per logged step; ``every``: optimizer steps between two logged losses, so the x axis counts
+    the run's real steps."""
     steps, other = _finite_steps(losses), _finite_steps(overlay or [])
     if not steps:
         return None
@@ -162,10 +164,10 @@ def loss_chart(losses: list[float], overlay: list[float] | None = None) -> Chart
     def sy(v: float) -> float:
         return top + plot_h * (1 - (v - y0) / (y1 - y0))
 
-    points = [(round(sx(i), 2), round(sy(ymap(v)), 2), i + 1, _fmt(v)) for i, v in steps]
+    points = [(round(sx(i), 2), round(sy(ymap(v)), 2), (i + 1) * every, _fmt(v)) for i, v in steps]
     xstep = max(1, math.ceil(n / 8))
     # Every xstep-th step and the last one, unless a regular tick sits too close to the last to read.
-    xticks = [(round(sx(i - 1), 2), str(i)) for i in range(1, n + 1)
+    xticks = [(round(sx(i - 1), 2), str(i * every)) for i in range(1, n + 1)
               if i == n or ((i - 1) % xstep == 0 and n - i >= max(1, xstep // 2))]
     return Chart(width, height, left, right, top, bottom, log, points,
                  " ".join(f"{x},{y}" for x, y, _, _ in points),
@@ -265,7 +267,7 @@ def _error_bar(estimate, values: list[float]) -> dict[str, Any] | None:
 def _seed_views(report: SpecReport) -> list[dict[str, Any]]:
     # Every key the page reads, present: a seed entry from an older or a foreign results file may lack some.
     return [{"outcome": "", "final_loss": None, **seed,
-             "chart": loss_chart(seed["losses"]) if seed.get("losses") else None}
+             "chart": loss_chart(seed["losses"], every=logged_every(report)) if seed.get("losses") else None}
             for seed in report.extra.get("seeds") or []]
 
 
@@ -284,7 +286,8 @@ def _spec_view(index: int, report: SpecReport, history=None) -> dict[str, Any]:
         "mask": mask,
         "runs": (token_runs(mask.tokens, mask.trained)
                  if mask and len(mask.tokens) == len(mask.trained) else []),
-        "chart": loss_chart(report.losses, report.extra.get("recorded_loss_baseline")) if report.losses else None,
+        "chart": loss_chart(report.losses, report.extra.get("recorded_loss_baseline"), logged_every(report))
+        if report.losses else None,
         "cases": [_case_view(report, c) for c in report.cases],
         "eval_sets": _eval_views(report),
         "seeds": _seed_views(report),

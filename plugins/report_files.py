@@ -158,6 +158,16 @@ class FileReporter:
             write_line(f"{self.label}: {self.path}")
 
 
+def logged_every(report: SpecReport) -> int:
+    """Optimizer steps between two logged losses (``training.logging_steps``; a ratio below 1 is a share of
+    the run's steps, as in transformers)."""
+    every = ((report.settings or {}).get("training") or {}).get("logging_steps", 1)
+    steps = report.metrics.get("steps")
+    if isinstance(every, float) and 0 < every < 1 and isinstance(steps, int | float):
+        return max(1, math.ceil(every * steps))
+    return every if isinstance(every, int) and not isinstance(every, bool) and every >= 1 else 1
+
+
 # -- reading files sft-spec may not have written ----------------------------------------------------
 
 

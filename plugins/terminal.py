@@ -17,7 +17,7 @@ from sft_spec.reports import SpecReport
 from .escape import safe
 from .failures import format_failure, shown_argument
 from .recorded import optional_version
-from .report_files import case_outcome_counts
+from .report_files import case_outcome_counts, logged_every
 
 LETTERS = {"passed": ".", "failed": "F", "error": "E", "skipped": "s", "xfailed": "x", "xpassed": "X",
            "interrupted": "!"}
@@ -205,7 +205,10 @@ class TerminalReporter:
             self.write_parts(f"{report.nodeid} ", (letters, report.outcome), f"{timing} {percent}")
         losses = report.losses
         if losses and self.verbosity > 0:
-            self.write_line(f"    loss {losses[0]:.4g} -> {losses[-1]:.4g} over {len(losses)} steps"
+            every = logged_every(report)
+            steps = report.metrics.get("steps", len(losses) * every)
+            logged = f" ({len(losses)} logged, every {every})" if every > 1 else ""
+            self.write_line(f"    loss {losses[0]:.4g} -> {losses[-1]:.4g} over {steps} steps{logged}"
                             + (f", {report.metrics['train_seconds']:.1f}s training"
                                if "train_seconds" in report.metrics else ""))
         for note in report.notes:

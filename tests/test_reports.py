@@ -433,3 +433,13 @@ def test_report_with_no_file_to_write_shows_the_run_as_its_terminal_did(run, cap
     assert out.startswith("results of: ") and all(r.nodeid in out for r in reports)
     failed = [c.nodeid for r in reports for c in r.cases if c.outcome == "failed"]
     assert failed and "FAILURES" in out and all(f"FAILED {nodeid}" in out for nodeid in failed), out
+
+
+def test_losses_logged_every_few_steps_are_counted_and_plotted_at_their_steps(sft, write_spec, one_answer_spec,
+                                                                             tmp_path):
+    text = one_answer_spec(epochs=30).replace("per_device_train_batch_size: 8}",
+                                              "per_device_train_batch_size: 8, logging_steps: 5}")
+    result = sft("run", write_spec("l.sft.yaml", text), "--no-cache", "-v", "--html", tmp_path / "r.html")
+    assert "over 30 steps (6 logged, every 5)" in result.out, result.out
+    html = (tmp_path / "r.html").read_text(encoding="utf-8")
+    assert ">30</text>" in html and ">6</text>" not in html
