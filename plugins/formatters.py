@@ -12,7 +12,7 @@ from functools import lru_cache
 from pydantic import BaseModel, ConfigDict, Field
 
 from sft_spec import hookimpl
-from sft_spec.errors import SpecError, did_you_mean
+from sft_spec.errors import Location, SpecError, did_you_mean, relpath
 from sft_spec.loading.expectations import plugin_validate
 from sft_spec.loading.paths import check_inside
 from sft_spec.registry import SpecSection
@@ -108,7 +108,9 @@ def _compile(source: str):
     try:
         return env.from_string(source)
     except TemplateSyntaxError as exc:
-        raise SpecError(f"format.template: Jinja2 syntax error on template line {exc.lineno}: {exc.message}") from None
+        error = SpecError(f"format.template: Jinja2 syntax error on template line {exc.lineno}: {exc.message}")
+        error.template_line = exc.lineno  # for validation to point at the line in the spec or the file
+        raise error from None
 
 
 def _placeholder_spans(render, messages, tokenizer, template, text) -> list[tuple[int, int]] | None:
@@ -264,7 +266,25 @@ def sft_spec_validate_spec(item, config) -> list[SpecError]:
         item.chat_template = _template(item)
     except ValueError as exc:
         errors.append(SpecError(str(exc), item.locate("format", "template"), key="format.template"))
+    if item.chat_template and fmt.formatter == "template":
+        try:  # parsed now (sandboxed, nothing rendered): a syntax error is found by validate, at its line
+            _compile(item.chat_template)
+        except SpecError as exc:
+            errors.append(SpecError(exc.message, _template_line(item, getattr(exc, "template_line", 0)),
+                                    key="format.template"))
     return errors
+
+
+def _template_line(item, line: int) -> Location:
+    """Where line ``line`` of ``format.template`` is: in its file, or in the spec (a block scalar starts on
+    the line after its key)."""
+    template = item.section(FORMAT).template or ""
+    key = item.locate("format", "template")
+    if "{{" not in template and "{%" not in template and "\n" not in template:  # a file's name
+        return Location(relpath(check_inside(item.folder, template, "template")), line)
+    if "\n" in template and key.line:
+        return Location(key.path, key.line + line)
+    return key
 
 
 @hookimpl(trylast=True)

@@ -388,3 +388,25 @@ def test_a_broken_matrix_entry_is_an_error_and_its_siblings_still_run(tmp_path, 
     errors = [line for line in result.out.splitlines() if "max_seq_length" in line]
     assert len(errors) == 1 and "both 'max_seq_length' and its new name 'max_length' are set" in errors[0], \
         result.out
+
+
+def test_a_jinja_syntax_error_in_format_template_is_found_by_validate_at_its_line(sft, tmp_path):
+    head = ("model: builtin:tiny-gemma\n"
+            "data:\n"
+            "  conversations:\n"
+            "    - - {role: user, content: a}\n"
+            "      - {role: assistant, content: b}\n")
+    inline = head + ("format:\n"
+                     "  formatter: template\n"
+                     "  template: |\n"
+                     "    {% for m in messages %}{{ m.content }}\n"
+                     "    {% if m.role == 'user' %}U{% endfor %}\n")
+    (tmp_path / "inline.sft.yaml").write_text(inline, encoding="utf-8")
+    result = sft("validate", tmp_path / "inline.sft.yaml")
+    # The block scalar starts on line 9; its second line, line 10, closes a loop while an if is open.
+    assert result.code == 1 and "inline.sft.yaml:10" in result.out and "syntax error" in result.out, result.out
+    (tmp_path / "chat.jinja").write_text("{% for m in messages %}\n{{ m.content }\n{% endfor %}\n", encoding="utf-8")
+    (tmp_path / "file.sft.yaml").write_text(head + "format: {formatter: template, template: chat.jinja}\n",
+                                            encoding="utf-8")
+    result = sft("validate", tmp_path / "file.sft.yaml")
+    assert result.code == 1 and "chat.jinja:2" in result.out and "syntax error" in result.out, result.out
