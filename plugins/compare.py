@@ -100,6 +100,13 @@ class SpecChange:
     error_after: str = ""
     #: What changed in what the model was taught (the loss mask, the rendered text): the likely cause.
     causes: list[str] = field(default_factory=list)
+    #: The gate counts something of this spec (set once the comparison's regressions are known).
+    counted: bool = False
+
+    @property
+    def label(self) -> str:
+        """What every rendering calls this spec: "regressed" whenever the gate counts something of it."""
+        return "regressed" if self.counted else self.transition
 
     @property
     def transition(self) -> str:
@@ -110,7 +117,8 @@ class SpecChange:
         broke = [c for c in self.cases if c.broke]
         if any(c.regressed for c in broke) or (self.before in HELD and self.after in BROKEN and not broke):
             return "regressed"
-        if self.before in BROKEN and self.after in HELD:
+        hidden = self.after == "xfailed" or any(c.before is not None and c.after is None for c in self.cases)
+        if self.before in BROKEN and self.after in HELD and not hidden:  # a check deleted or xfailed fixes nothing
             return "fixed"
         changed = self.before != self.after or any(c.before != c.after or c.answer_changed for c in self.cases)
         return "changed" if changed or self.settings else "unchanged"
@@ -137,10 +145,11 @@ class Comparison:
     def allowed(self, nodeid: str) -> bool:
         from fnmatch import fnmatchcase
 
-        return any(fnmatchcase(nodeid, pattern) for pattern in self.allow_removed)
+        # The id itself first: its brackets ("expect[0]", "eval[golden]") are a character class to a glob.
+        return any(nodeid == pattern or fnmatchcase(nodeid, pattern) for pattern in self.allow_removed)
 
     def count(self, transition: str) -> int:
-        return sum(s.transition == transition for s in self.specs)
+        return sum(s.label == transition for s in self.specs)
 
     def verdicts(self, spec: str) -> list[Quantity]:
         return [q for q in self.quantities if q.spec == spec]
@@ -232,6 +241,8 @@ def compare_reports(base_meta: dict, base: list[SpecReport], head_meta: dict, he
             f"the suite's root (BASE {base_meta.get('rootdir', '?')}, HEAD {head_meta.get('rootdir', '?')}); a "
             "results file of sft-spec before 0.2 named them from the working directory: rerun BASE")
     comparison.regressions = _regressions(comparison)
+    for spec in comparison.specs:
+        spec.counted = any(r.startswith((f"{spec.nodeid}: ", f"{spec.nodeid}::")) for r in comparison.regressions)
     return comparison
 
 
@@ -520,7 +531,7 @@ def _regressions(comparison: Comparison) -> list[str]:
     out = []
     for spec in comparison.specs:
         gone = spec.before not in (None, *MUTED) and (spec.after in (None, *MUTED) or (
-            spec.before == "passed" and spec.after == "xfailed"))
+            spec.before != "xfailed" and spec.after == "xfailed"))
         if gone and not comparison.allowed(spec.nodeid):  # deleting, skipping or xfailing a check fixes nothing
             out.append(f"{spec.nodeid}: {spec.before} -> {removal(spec)} (--allow-removed {spec.nodeid} if on "
                        "purpose)")
@@ -529,17 +540,28 @@ def _regressions(comparison: Comparison) -> list[str]:
         if spec.before in HELD and spec.after in BROKEN and not any(c.broke for c in spec.cases):
             out.append(f"{spec.nodeid}: {spec.before} -> {spec.after}")
         for case in spec.cases:
+            case_id = f"{spec.nodeid}::{case.name}"
+            if spec.after not in (None, *MUTED) and case.before not in (None, *MUTED) and (
+                    case.after is None or (case.before != "xfailed" and case.after == "xfailed")) \
+                    and not comparison.allowed(case_id):  # a check of a spec that stays, deleted or xfailed
+                shown = "removed (its checks no longer run)" if case.after is None else "xfailed (now expected to fail)"
+                out.append(f"{case_id}: {case.before} -> {shown} (--allow-removed '{case_id}' if on purpose)")
             if case.regressed:
                 out.append(f"{spec.nodeid}::{case.name}: {case.before} -> {case.after}")
             elif case.broke and comparison.fail_on_inconclusive:
                 out.append(f"{spec.nodeid}::{case.name}: {case.before} -> {case.after} (inconclusive)")
     failing = ("worse", "inconclusive") if comparison.fail_on_inconclusive else ("worse",)
     for q in comparison.quantities:
-        if q.difference.name in COST and q.difference.name not in comparison.tolerances:
+        if not counts(comparison, q):
             continue  # named, not counted: see COST
         if q.difference.verdict in failing:
             out.append(f"{q.spec}{'::' + q.case if q.case else ''}: {q.difference.name} {_summary(q.difference)}")
     return out
+
+
+def counts(comparison: Comparison, q: Quantity) -> bool:
+    """Whether the gate may count this quantity: a cost (throughput, memory) only with a tolerance of its own."""
+    return not (q.difference.name in COST and q.difference.name not in comparison.tolerances)
 
 
 def _summary(d: Difference) -> str:
@@ -581,16 +603,19 @@ def findings(comparison: Comparison, verbose: bool = False) -> list[tuple[SpecCh
             continue
         counted_spec = any(r.startswith(f"{spec.nodeid}: ") for r in counted)
         items = [Finding("transition", f"{spec.nodeid}: {spec.before or 'new'} -> {spec.after or 'removed'} ("
-                         + ("REGRESSION" if spec.transition == "regressed" or counted_spec else spec.transition)
-                         + ")", counted_spec)]
+                         + ("REGRESSION" if spec.label == "regressed" else spec.label) + ")", counted_spec)]
         if spec.error_after:
             items.append(Finding("error", f"error: {spec.error_after.splitlines()[0]}"))
         items += [Finding("cause", line) for line in spec.causes]
         for case in spec.cases:
             if case.before == case.after and not case.answer_changed and not verbose:
                 continue
-            counted_case = case.regressed or (case.broke and comparison.fail_on_inconclusive)
-            items.append(Finding("case", f"{case.name}: {case.before or 'new'} -> {case.after or 'removed'}"
+            counted_case = case.regressed or (case.broke and comparison.fail_on_inconclusive) or any(
+                r.startswith(f"{spec.nodeid}::{case.name}: ") for r in counted)
+            after = case.after or ("removed (its checks no longer run)" if case.before else "removed")
+            after = "xfailed (now expected to fail)" if after == "xfailed" and case.before not in (None, "xfailed") \
+                else after
+            items.append(Finding("case", f"{case.name}: {case.before or 'new'} -> {after}"
                                  + (" (inconclusive: its interval straddles the threshold)" if case.inconclusive
                                     else ""), counted_case))
             if case.answer_changed:
@@ -601,7 +626,9 @@ def findings(comparison: Comparison, verbose: bool = False) -> list[tuple[SpecCh
             if d.verdict == "no detectable change" and not verbose and d.diff.method == "identical":
                 continue
             line = f"{q.spec + '::' + q.case if q.case else q.spec}: {d.name} {_summary(d)}"
-            items.append(Finding("quantity", f"{q.label}: {_summary(d)}", line in counted, d.to_dict()))
+            uncounted = "" if counts(comparison, q) or d.verdict not in ("worse", "inconclusive") else \
+                f"; named, not counted: --tolerance {d.name}=AMOUNT gates it"
+            items.append(Finding("quantity", f"{q.label}: {_summary(d)}{uncounted}", line in counted, d.to_dict()))
             items.append(Finding("design", f"how: {d.design}" + _evidence_text(d)))
             if d.settle:
                 items.append(Finding("settle", f"to settle it: {d.settle}"))
@@ -691,7 +718,7 @@ def comparison_markdown(comparison: Comparison, heading: str = "##") -> str:
         lines += ["| counted by the gate |", "| --- |", *(f"| {md_text(r)} |" for r in comparison.regressions), ""]
     for spec, items in findings(comparison):
         lines += [f"**{md_text(spec.nodeid)}**: {md_text(spec.before or 'new')} -> {md_text(spec.after or 'removed')} "
-                  f"({'**regression**' if spec.transition == 'regressed' else md_text(spec.transition)})", "",
+                  f"({'**regression**' if spec.label == 'regressed' else md_text(spec.label)})", "",
                   md_code("\n".join(INDENT[f.kind] + f.text for f in items[1:]) or "(no details)"), ""]
     return "\n".join(lines) + "\n"
 
@@ -707,7 +734,7 @@ def comparison_json(comparison: Comparison) -> dict[str, Any]:
         "notes": comparison.notes,
         "regressions": comparison.regressions,
         "counts": _counts(comparison),
-        "specs": [{"nodeid": spec.nodeid, "base": spec.before, "head": spec.after, "transition": spec.transition,
+        "specs": [{"nodeid": spec.nodeid, "base": spec.before, "head": spec.after, "transition": spec.label,
                    "findings": [{"kind": f.kind, "text": f.text, "counted": f.counted, **(
                        {"detail": f.detail} if f.detail else {})} for f in items]}
                   for spec, items in findings(comparison, verbose=True)],

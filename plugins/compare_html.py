@@ -13,7 +13,7 @@ from .html_report import loss_chart, page_environment, visible
 def _spec_view(index: int, spec, items) -> dict[str, Any]:
     before, after = spec.losses
     return {
-        "anchor": f"change-{index}", "change": spec, "transition": spec.transition, "findings": items,
+        "anchor": f"change-{index}", "change": spec, "transition": spec.label, "findings": items,
         "counted": any(f.counted for f in items),
         "chart": loss_chart(after, before) if after or before else None,
         "cases": [{

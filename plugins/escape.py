@@ -36,8 +36,9 @@ _MARKUP = re.compile(r"([\\`*_\[\]|~])")
 
 
 #: What GitHub turns into a link or a notification by itself: URLs, www., @mentions, #issue references.
-_AUTOLINKS = ((re.compile(r"@(?=\w)"), "&#64;"), (re.compile(r":(?=//)"), "&#58;"),
-              (re.compile(r"(?i)\bwww\."), "www&#46;"), (re.compile(r"#(?=\d)"), "&#35;"))
+#: The "#" rule first: the entities the others write hold "#" and a digit themselves.
+_AUTOLINKS = ((re.compile(r"#(?=\d)"), "&#35;"), (re.compile(r"@(?=\w)"), "&#64;"),
+              (re.compile(r":(?=//)"), "&#58;"), (re.compile(r"(?i)\bwww\."), "www&#46;"))
 
 
 def md_text(value: object) -> str:

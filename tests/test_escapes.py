@@ -422,3 +422,10 @@ def test_an_alias_bomb_in_an_imported_config_is_refused(tmp_path, sft):
     (tmp_path / "bomb.yaml").write_text("\n".join(lines) + "\nmodel_name_or_path: x\n", encoding="utf-8")
     result = sft("import", "trl", tmp_path / "bomb.yaml")
     assert result.code == 4 and "alias bomb" in result.err, result.err  # refused before anything walks it
+
+
+def test_markdown_shows_a_mention_a_url_and_an_issue_number_as_their_text():
+    from sft_spec_plugins.escape import md_text
+
+    # The entities of the later rules once had their own "#" rewritten: "@org" showed as "&#64;org".
+    assert md_text("@org/team see https://x.example #12") == "&#64;org/team see https&#58;//x.example &#35;12"

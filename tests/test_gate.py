@@ -231,3 +231,46 @@ def test_empty_nan_and_impossible_thresholds_are_located_errors(tmp_path, sft, t
     path.write_text(text.replace("pass_rate: {at_least: 0.5, confidence: 0.95}", threshold), encoding="utf-8")
     result = sft("validate", path)
     assert result.code == 1 and "c.sft.yaml:" in result.out, result.out
+
+
+def _rewritten(source, tmp_path, name, edit):
+    doc = json.loads(source.read_text(encoding="utf-8"))
+    edit(doc["specs"][0])
+    path = tmp_path / name
+    path.write_text(json.dumps(doc), encoding="utf-8")
+    return path
+
+
+def _without_eval(spec):
+    spec["training_checks"] = [c for c in spec["training_checks"] if "eval[" not in c["nodeid"]]
+    spec["extra"].pop("eval", None)
+    spec["outcome"] = "passed"
+
+
+def test_a_failing_check_deleted_or_xfailed_is_counted_not_fixed(gate_runs, sft, tmp_path):
+    planted = gate_runs / "planted.json"
+    deleted = _rewritten(planted, tmp_path, "deleted.json", _without_eval)
+    result = sft("compare", planted, deleted, "--fail-on-regression")
+    assert result.code == 1 and "eval[golden]: failed -> removed (its checks no longer run)" in result.out, result.out
+    assert "(fixed)" not in result.out
+    allowed = sft("compare", planted, deleted, "--fail-on-regression", "--allow-removed", "g.sft.yaml::g::eval[golden]")
+    assert allowed.code == 0, allowed.out
+    muted = _rewritten(planted, tmp_path, "muted.json", lambda spec: spec.update(outcome="xfailed"))
+    result = sft("compare", planted, muted, "--fail-on-regression")
+    assert result.code == 1 and "failed -> xfailed (now expected to fail)" in result.out, result.out
+
+
+def test_every_rendering_calls_a_spec_with_a_counted_quantity_a_regression(gate_runs, sft, tmp_path):
+    def slower_to_learn(spec):  # the outcome holds; only the final loss got worse, on every seed
+        spec["metrics"]["final_loss"] *= 5000
+        for seed in spec["extra"]["seeds"]:
+            seed["final_loss"] *= 5000
+
+    head = _rewritten(gate_runs / "base.json", tmp_path, "head.json", slower_to_learn)
+    result = sft("compare", gate_runs / "base.json", head, "--fail-on-regression", "--md", tmp_path / "c.md",
+                 "--html", tmp_path / "c.html", "--json", tmp_path / "c.json")
+    assert result.code == 1 and "g.sft.yaml::g: passed -> passed (REGRESSION)" in result.out, result.out
+    assert "(**regression**)" in (tmp_path / "c.md").read_text(encoding="utf-8")
+    assert 'data-transition="regressed"' in (tmp_path / "c.html").read_text(encoding="utf-8")
+    assert json.loads((tmp_path / "c.json").read_text(encoding="utf-8"))["specs"][0]["transition"] == "regressed"
+    assert "1 regressed" in result.out
