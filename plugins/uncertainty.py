@@ -311,8 +311,10 @@ def _one_sided(improvement: float, stderr: float | None, df: float, margin: floa
 
     if stderr is None or not math.isfinite(stderr) or not math.isfinite(improvement):
         return None, None
-    if stderr == 0:
-        return (0.0 if improvement < -margin else 1.0), (0.0 if improvement > margin else 1.0)
+    if stderr == 0:  # every paired difference the same: no spread to test with, so a sign test over the
+        # units (df + 1 of them): two rows that both dropped are p = 0.25, not certainty
+        units = max(1, round(df) + 1)
+        return (0.5 ** units if improvement < -margin else 1.0), (0.5 ** units if improvement > margin else 1.0)
     worse = float(stats.t.cdf((improvement + margin) / stderr, df))
     better = float(stats.t.sf((improvement - margin) / stderr, df))
     return worse, better
@@ -456,11 +458,15 @@ def decide(differences: list[Difference], alpha: float = 0.05) -> None:
         worse_end = None if d.diff.low is None else (d.diff.low if d.higher_is_better else -d.diff.high)
         caveat = "; one seed on both sides: the seed's own noise is not in this interval" \
             if "one seed" in d.design else ""
-        if d.p_worse_adjusted < alpha:
+        caveat += "; every paired difference the same: a sign test" if d.diff.stderr == 0 else ""
+        best_end = None if d.diff.low is None else (d.diff.high if d.higher_is_better else -d.diff.low)
+        # The verdict never contradicts the interval shown: "worse" needs the whole 95% interval past the margin.
+        if d.p_worse_adjusted < alpha and (best_end is None or best_end < -d.margin):
             d.verdict = "worse"
             d.why = (f"worse by more than the margin {d.margin:.3g} (p = {d.p_worse_adjusted:.3g} after Holm over "
                      f"{len(tested)}){caveat}")
-        elif d.p_better_adjusted is not None and d.p_better_adjusted < alpha:
+        elif d.p_better_adjusted is not None and d.p_better_adjusted < alpha and (
+                worse_end is None or worse_end > d.margin):
             d.verdict = "better"
             d.why = (f"better by more than the margin {d.margin:.3g} (p = {d.p_better_adjusted:.3g} after Holm over "
                      f"{len(tested)}){caveat}")
@@ -470,7 +476,10 @@ def decide(differences: list[Difference], alpha: float = 0.05) -> None:
                      f"{d.margin:.3g}{caveat}")
         else:
             d.verdict = "inconclusive"
-            if d.diff.stderr is None:  # a test without an interval (Fisher's, on seeds passed)
+            if d.diff.stderr is None and improvement >= 0:  # Fisher's on seeds passed, and HEAD is no worse
+                d.verdict = "no detectable change"
+                d.why = f"HEAD did no worse (p = {d.p_worse_adjusted:.3g} for worse, after Holm over {len(tested)})"
+            elif d.diff.stderr is None:  # a test without an interval (Fisher's, on seeds passed)
                 d.why = f"p = {d.p_worse_adjusted:.3g} after Holm over {len(tested)}: too few seeds to tell"
                 d.settle = "more seeds (repeat:)"
             else:

@@ -216,3 +216,30 @@ def test_holm_spans_every_difference_of_a_comparison():
     worse = [d for d in differences if d.verdict == "worse"]
     assert worse and all("after Holm over 6" in d.why for d in worse)
     assert any(d.p_worse < 0.05 <= d.p_worse_adjusted for d in differences)  # the correction changed a verdict
+
+
+def test_a_zero_spread_is_a_sign_test_not_certainty():
+    # Two rows that both lost 5 points of chrF on the same seed: once "± 0, p = 0, WORSE"; a sign test over
+    # two rows is p = 0.25.
+    d = u.compare("mean_chrf", [[100.0], [90.0]], [[95.0], [85.0]], [1], [1], 2.0)
+    u.decide([d])
+    assert d.p_worse == 0.25 and d.verdict != "worse", (d.p_worse, d.verdict)
+    assert "sign test" in d.why
+
+
+def test_worse_is_never_said_beside_an_interval_that_reaches_the_margin():
+    # One-sided p = 0.0478 (scipy's ttest_1samp), but the two-sided 95% interval is -23.9 to 1.92.
+    d = u.compare("mean_chrf", [[100.0], [100.0], [100.0]], [[94.2], [89.0], [83.8]], [1], [1], 2.0)
+    u.decide([d])
+    assert d.p_worse_adjusted < 0.05 and d.diff.high > -2.0
+    assert d.verdict == "inconclusive", (d.verdict, d.why)
+
+
+def test_a_share_of_seeds_that_rose_is_no_detectable_change():
+    # Fisher's test has no interval: HEAD passing on more seeds than BASE is not "inconclusive" (which
+    # --fail-on-inconclusive would count).
+    d = u.compare("case_pass_share", [[1.0, 1.0, 0.0]], [[1.0, 1.0, 1.0]], [1, 2, 3], [1, 2, 3], 0.0,
+                  kind="proportion")
+    d.diff.stderr = None  # as the seed quantities give it
+    u.decide([d])
+    assert d.verdict in ("no detectable change", "better"), (d.verdict, d.why)
