@@ -359,7 +359,7 @@ def _corpus_test(metric: str, pairs: list[tuple[dict, dict]]) -> dict[str, Any] 
     rows = [(b["answer"], a["answer"], a["reference"]) for b, a in pairs
             if isinstance(b.get("answer"), str) and isinstance(a.get("answer"), str)
             and isinstance(a.get("reference"), str)]
-    if len(rows) < 2:
+    if len(rows) < 2 or all(b == a for b, a, _ in rows):  # the same answers: no change to test
         return None
     references = [r for _, _, r in rows]
     scorer = CHRF() if metric == "chrf" else BLEU(tokenize="zh" if any(CJK.search(r) for r in references)
@@ -368,8 +368,10 @@ def _corpus_test(metric: str, pairs: list[tuple[dict, dict]]) -> dict[str, Any] 
                       references=[references], test_type="bs", n_samples=1000)
     _, scores = test()
     base, head = next(v for k, v in scores.items() if k != "System")
-    return {"metric": scorer.__class__.__name__, "before": base.score, "after": head.score, "ci": head.ci,
-            "p": head.p_value, "test": "sacrebleu paired bootstrap (1000 resamples)"}
+    # sacrebleu gives numpy floats; JSON wants plain ones. Its p-value is two-sided (a change either way).
+    return {"metric": scorer.__class__.__name__, "before": float(base.score), "after": float(head.score),
+            "ci": float(head.ci), "p": float(head.p_value),
+            "test": "sacrebleu paired bootstrap (1000 resamples, two-sided)"}
 
 
 def _flipped(pairs: list[tuple[dict, dict]], base_set: dict, seeds_b: list, seeds_h: list) -> list[dict[str, Any]]:

@@ -274,3 +274,18 @@ def test_every_rendering_calls_a_spec_with_a_counted_quantity_a_regression(gate_
     assert 'data-transition="regressed"' in (tmp_path / "c.html").read_text(encoding="utf-8")
     assert json.loads((tmp_path / "c.json").read_text(encoding="utf-8"))["specs"][0]["transition"] == "regressed"
     assert "1 regressed" in result.out
+
+
+def test_compare_json_follows_its_schema(gate_runs, sft, tmp_path):
+    from importlib.resources import files
+
+    import jsonschema
+
+    schema = json.loads(files("sft_spec_plugins").joinpath("schemas/compare.schema.json").read_text("utf-8"))
+    for base, head in (("base.json", "planted.json"), ("one1.json", "one1.json")):
+        out = tmp_path / f"{base}-{head}"
+        sft("compare", gate_runs / base, gate_runs / head, "--json", out)
+        doc = json.loads(out.read_text(encoding="utf-8"))
+        jsonschema.validate(doc, schema)
+        # A run compared with itself has no change for sacrebleu to test (its p-value was tiny there).
+        assert base != head or not any(q["evidence"].get("corpus") for q in doc["quantities"]), doc["quantities"]
