@@ -363,7 +363,13 @@ def compare(name: str, before: Any, after: Any, seeds_before: list[Any], seeds_a
     seeds_before, seeds_after = list(seeds_before)[:x.shape[1]], list(seeds_after)[:y.shape[1]]
     if len(seeds_before) != x.shape[1] or len(seeds_after) != y.shape[1]:  # seeds unknown: numbered
         seeds_before, seeds_after = list(range(x.shape[1])), list(range(100, 100 + y.shape[1]))
-    same_seeds = [str(s) for s in seeds_before] == [str(s) for s in seeds_after]
+    names_before, names_after = [str(s) for s in seeds_before], [str(s) for s in seeds_after]
+    if names_before != names_after and sorted(names_before) == sorted(names_after) \
+            and len(set(names_after)) == len(names_after):  # the same seeds listed in another order: paired
+        order = [names_after.index(name) for name in names_before]
+        y, seeds_after = y[:, order], [seeds_after[i] for i in order]
+        names_after = names_before
+    same_seeds = names_before == names_after
     x, y, seeds_before, seeds_after = _drop_empty_seeds(x, y, seeds_before, seeds_after, same_seeds)
     estimate = proportion if kind == "proportion" else mean
     est_before, est_after = estimate(x, level), estimate(y, level)

@@ -243,3 +243,11 @@ def test_a_share_of_seeds_that_rose_is_no_detectable_change():
     d.diff.stderr = None  # as the seed quantities give it
     u.decide([d])
     assert d.verdict in ("no detectable change", "better"), (d.verdict, d.why)
+
+
+def test_the_same_seeds_in_another_order_are_paired():
+    before = [[0.9, 0.5, 0.7], [0.8, 0.4, 0.6]]
+    after = [[0.6, 0.4, 0.8], [0.5, 0.3, 0.7]]  # seeds 3, 2, 1: each seed's values dropped by 0.1
+    d = u.compare("mean_chrf", before, after, [1, 2, 3], [3, 2, 1], 0.0)
+    assert "the same seeds on both sides" in d.design, d.design
+    assert abs(d.diff.value + 0.1) < 1e-9
