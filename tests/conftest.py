@@ -13,7 +13,6 @@ import pytest
 
 from sft_spec import hookimpl
 
-
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # Under pytest -n, one torch thread per worker: two workers of two threads each on two cores only contend.
     os.environ.setdefault("OMP_NUM_THREADS", "1")

@@ -24,7 +24,8 @@ if TYPE_CHECKING:
     from ..config import Config
 
 SPEC_SUFFIXES = (".sft.yaml", ".sft.yml")
-__all__ = ["DEFAULTS_NAME", "SPEC_SUFFIXES", "LoadContext", "is_spec_file", "load_spec_file", "load_yaml_file", "spec_stem"]
+__all__ = ["DEFAULTS_NAME", "SPEC_SUFFIXES", "LoadContext", "is_spec_file", "load_spec_file", "load_yaml_file",
+           "spec_stem"]
 
 
 def is_spec_file(path: Path) -> bool:
