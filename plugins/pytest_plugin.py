@@ -53,6 +53,16 @@ if TYPE_CHECKING:
     from sft_spec.state import SpecItem
 
 
+#: Deprecation warnings the training libraries raise inside themselves while a spec runs: not the user's
+#: code, so not in their warnings summary (their own DeprecationWarnings still show).
+LIBRARY_WARNINGS = ("torch", "transformers", "trl", "peft", "accelerate", "datasets")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    for module in LIBRARY_WARNINGS:
+        config.addinivalue_line("filterwarnings", f"ignore::DeprecationWarning:{module}")
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addini("sft_spec_collect", type="bool", default=False,
                   help="collect *.sft.yaml files wherever pytest looks (default: only below paths given "
