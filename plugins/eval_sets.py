@@ -369,7 +369,26 @@ def build_set(item, config, name: str, spec: EvalSetSpec) -> EvalSet:
         keys[key] = row_where
         rows.append(Row(i, prompt, text, reference, row_checks, row_where, key))
     digest = sha256([[r.prompt, r.text, r.checks] for r in rows])[:16]
+    _note_surprises(item, name, spec, raw[0][0], rows)
     return EvalSet(name, spec, rows, digest, metric_names)
+
+
+def _note_surprises(item, name: str, spec: EvalSetSpec, first_row: dict, rows: list[Row]) -> None:
+    """What a spec probably did not mean, said in every report: a check compared with the literal name of a
+    column (``equals: reference``), and prompts the model was trained on (the set then measures memory)."""
+    columns = {*first_row, "reference"}
+    for key, argument in spec.checks.items():
+        if isinstance(argument, str) and argument in columns and not _placeholders(argument):
+            item.notes.append(f"{item.locate('eval', name, 'checks', key)}: note: eval set {name!r}: {key} "
+                              f"{argument!r} is compared as that literal word; did you mean \"{{{argument}}}\" "
+                              f"(each row's {argument})?")
+    trained = {json.dumps(turn["content"], ensure_ascii=False) for conversation in item.conversations
+               for turn in conversation if isinstance(turn, dict) and turn.get("role") == "user"}
+    seen = [r for r in rows if r.prompt and json.dumps(r.prompt[-1]["content"], ensure_ascii=False) in trained]
+    if seen:
+        item.notes.append(f"{item.locate('eval', name)}: note: eval set {name!r}: {len(seen)} of {len(rows)} "
+                          f"prompts are also in the training data (first: {seen[0].location}): the set measures "
+                          "what was memorised, not what generalises")
 
 
 @hookimpl

@@ -315,3 +315,19 @@ def test_an_eval_sets_check_reads_as_a_sentence_everywhere(golden_run, sft):
     assert "<Check eval[golden]> eval set golden: 4 rows from data/golden.jsonl" in listed.out, listed.out
     html = (golden_run["out"] / "r.html").read_text(encoding="utf-8")
     assert "eval: eval set golden: 4 rows from data/golden.jsonl" in html and "&#39;set&#39;" not in html
+
+
+def test_a_check_on_a_columns_literal_name_and_trained_prompts_are_noted(tmp_path, sft):
+    write_rows(tmp_path, "rows.jsonl", [{"question": q, "answer": a} for q, a in PAIRS] +
+               [{"question": "从未训练过的问题", "answer": "无"}])
+    (tmp_path / "s.sft.yaml").write_text(spec("""\
+        golden:
+          path: rows.jsonl
+          prompt: question
+          reference: answer
+          checks: {equals: answer}
+        """), encoding="utf-8")
+    result = sft("validate", tmp_path / "s.sft.yaml", "-v")
+    assert result.code == 0, result.out
+    assert "equals 'answer' is compared as that literal word; did you mean \"{answer}\"" in result.out, result.out
+    assert f"{len(PAIRS)} of {len(PAIRS) + 1} prompts are also in the training data" in result.out
