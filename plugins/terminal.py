@@ -41,6 +41,7 @@ class TerminalReporter:
         self.start = time.time()
         self._first_step: dict[str, tuple[int, float]] = {}  # nodeid -> (step, time) of its first step
         self._deciles: dict[str, int] = {}  # nodeid -> last tenth of the steps printed (plain output)
+        self._started = self._heartbeat = time.monotonic()
 
     # -- writing ---------------------------------------------------------------------------------
 
@@ -144,7 +145,8 @@ class TerminalReporter:
     @hookimpl
     def sft_spec_run_progress(self, item, phase, step, total, loss):
         """A tty gets one line, rewritten in place. Elsewhere (CI logs) ``-v`` prints a plain line every
-        10% of the training steps; without ``-v`` nothing, so logs and captured output stay short."""
+        10% of the training steps; without ``-v`` a heartbeat line at most once a minute, so a long training
+        is not silent and a short one prints nothing more."""
         if self.verbosity < 0:
             return
         eta = self._eta(item.nodeid, phase, step, total)
@@ -159,6 +161,15 @@ class TerminalReporter:
             self.file.write("\r\x1b[K" + safe(text)[: self.width - 1])
             self.file.flush()
             self.progress_shown = True
+            return
+        if self.verbosity == 0:  # a CI log without -v: a heartbeat now and then, so a long run is not silent
+            now = time.monotonic()
+            if now - self._heartbeat < HEARTBEAT_SECONDS:
+                return
+            self._heartbeat = now
+            text = f"  {item.nodeid} {phase}" + (f" {step}/{total}" if total else "")
+            text += (f" loss {loss:.4g}" if loss is not None else "") + (f" eta {_seconds(eta)}" if eta else "")
+            self.write_line(text + f" (running for {_seconds(now - self._started)})")
             return
         if self.verbosity < 1 or phase != "train" or not total or step <= 0:
             return
@@ -335,6 +346,10 @@ def sft_spec_addoption(parser):
     parser.add_argument("--color", choices=("yes", "no", "auto"), default="auto",
                         help="colour the terminal output: yes, no, or auto (a terminal, unless NO_COLOR is set; "
                         "FORCE_COLOR or PY_COLORS=1 force it), as pytest's --color")
+
+
+#: Without -v and without a terminal, a progress line at most this often (seconds).
+HEARTBEAT_SECONDS = 60.0
 
 
 def _seconds(value: float) -> str:

@@ -133,3 +133,14 @@ def test_color_as_pytest_decides_it(sft, write_spec, monkeypatch, args, env, col
         """)
     result = sft("run", spec, *args)
     assert ("\x1b[" in result.out) is coloured, result.out
+
+
+def test_a_ci_log_without_v_gets_a_heartbeat_during_a_long_run(sft, write_spec, one_answer_spec, monkeypatch):
+    from sft_spec_plugins import terminal
+
+    quiet = sft("run", write_spec("a.sft.yaml", one_answer_spec(epochs=3)), "--no-cache")
+    assert "running for" not in quiet.out  # a short run, under a minute: nothing more than its line
+    monkeypatch.setattr(terminal, "HEARTBEAT_SECONDS", 0.0)  # as if every step came a minute after the last
+    beating = sft("run", write_spec("b.sft.yaml", one_answer_spec(epochs=3)), "--no-cache")
+    lines = [line for line in beating.out.splitlines() if "running for" in line]
+    assert any("b.sft.yaml::b train 3/3" in line for line in lines), beating.out
