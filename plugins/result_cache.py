@@ -46,6 +46,10 @@ def results_dir(cache_dir: Path) -> Path:
 
 
 @functools.lru_cache(maxsize=1)
+def _built_in(module: str) -> bool:
+    return module.split(".")[0] in ("sft_spec", "sft_spec_plugins")
+
+
 def code_hash() -> str:
     """The source of sft-spec and its built-in plugins: editing either invalidates every result."""
     import sft_spec_plugins
@@ -115,8 +119,11 @@ def cache_key(item, config) -> str:
         "code": code_hash(),
         # Plugin modules (installed or -p) and their code, not objects: reporters registered for --json,
         # --html and the like do not change a result; an edited or upgraded plugin may.
+        # Built-in plugins are in "code" already: which of them a front end loads (the CLI's terminal
+        # reporter, pytest's bridge) decides nothing, so `pytest specs/` and `sft-spec run specs/` share results.
         "plugins": sorted(f"{name}={p.__name__}:{_file_hash(Path(p.__file__))}"
-                          for name, p in config.pluginmanager.list_name_plugin() if getattr(p, "__file__", None)),
+                          for name, p in config.pluginmanager.list_name_plugin()
+                          if getattr(p, "__file__", None) and not _built_in(p.__name__)),
         "device": device_without_torch(config.getoption("device", "auto")),
         "deterministic": bool(config.getoption("deterministic", False)),
         "stop_when_learnt": bool(config.getoption("stop_when_learnt", False)),

@@ -187,3 +187,14 @@ def test_expectation_xfail_becomes_pytests_xfail_mark(tmp_path):
     assert "[XPASS(strict)] learnt too well" in run.stdout
     assert "XFAIL probe.sft.yaml::probe::expect[1] - a probe we know fails" in run.stdout
     assert run.returncode == 1
+
+
+def test_pytest_and_the_cli_share_cached_results(tmp_path, monkeypatch, sft):
+    # The key held the CLI's terminal reporter, which pytest does not load: each retrained the other's specs.
+    project = _project(tmp_path)
+    monkeypatch.setenv("SFT_SPEC_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(project)
+    run = _pytest(project, "specs/learn.sft.yaml")
+    assert run.returncode == 1, run.stdout + run.stderr  # expect[1] fails, as written
+    cli = sft("run", "specs/learn.sft.yaml")
+    assert cli.recorder.reports[0].metrics.get("cached"), cli.out
