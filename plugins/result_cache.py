@@ -177,13 +177,15 @@ class ResultCache:
         from .files import atomic_write_text
 
         folder = self.entry(key)
-        data = report.to_dict()
-        body = json.dumps(data, sort_keys=True, ensure_ascii=False, default=str)
-        doc = {"key": key, "sha256": rec.sha256(body.encode("utf-8")), "report": json.loads(body)}
         if adapter is not None and adapter.is_dir():  # a worker on this machine saved it; a remote one did not
             target = folder / "adapter"
             shutil.rmtree(target, ignore_errors=True)
             shutil.copytree(adapter, target)
+            # The run's folder was temporary: the report names where the adapter is kept.
+            report.extra[ADAPTER] = str(target)
+        data = report.to_dict()
+        body = json.dumps(data, sort_keys=True, ensure_ascii=False, default=str)
+        doc = {"key": key, "sha256": rec.sha256(body.encode("utf-8")), "report": json.loads(body)}
         # The report goes last: an entry without it is not an entry.
         atomic_write_text(folder / "report.json", json.dumps(doc, ensure_ascii=False) + "\n")
         self.stored.append(report.nodeid)

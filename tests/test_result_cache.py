@@ -153,3 +153,15 @@ def test_an_edited_plugin_invalidates_the_cached_results(sft, write_spec, tmp_pa
     importlib.invalidate_caches()
     second = sft("run", path, "-p", "canned").recorder.reports[0]
     assert first.outcome == "failed" and not second.metrics.get("cached") and second.outcome == "passed"
+
+
+def test_the_reports_name_the_adapter_where_the_cache_keeps_it(tmp_path, monkeypatch, sft, write_spec,
+                                                                 one_answer_spec):
+    import json
+    from pathlib import Path
+
+    monkeypatch.setenv("SFT_SPEC_CACHE", str(tmp_path / "cache"))
+    spec = write_spec("a.sft.yaml", one_answer_spec(method="lora", epochs=2))
+    sft("run", spec, "--json", tmp_path / "r.json")
+    named = json.loads((tmp_path / "r.json").read_text(encoding="utf-8"))["specs"][0]["extra"]["cached_adapter"]
+    assert Path(named).is_dir() and Path(named).is_relative_to(tmp_path / "cache"), named
