@@ -99,12 +99,10 @@ def _size(n: float) -> str:
 
 def _read_jsonl(target: Path, shown: str) -> list[tuple[Any, Location]]:
     """JSON Lines, line by line: a bad line is named with its line and column."""
-    from .rows import MAX_CELLS, Budget, no_duplicate_keys
+    from .rows import Budget, check_separators, no_duplicate_keys
 
     raw = target.read_bytes()
-    if raw.count(b",") + raw.count(b"[") + raw.count(b"{") > MAX_CELLS:  # values, bounded before parsing
-        raise SpecError(f"the file holds more than {MAX_CELLS:,} cells (the limit for a spec's table: a spec is a "
-                        "test, not a training job)", Location(shown))
+    check_separators(raw, shown)  # values, bounded before parsing
     rows = []
     budget = Budget(shown)
     for lineno, line in enumerate(raw.split(b"\n"), start=1):

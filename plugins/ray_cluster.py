@@ -427,7 +427,7 @@ class SpecWorker:
     keeps a shared base model loaded between them)."""
 
     def __init__(self, setup: dict):
-        from .workers import WorkerSetup, _worker_session
+        from .workers import WorkerSetup, worker_session
 
         setup = dict(setup)
         cache = Path(setup["cache_dir"])
@@ -439,7 +439,7 @@ class SpecWorker:
         root = Path.cwd().resolve()  # the project, unpacked by Ray's runtime environment
         setup.update(cwd=str(root), paths=[str(root)], rootdir=str(root), output_dir=self.output)
         # Every spec of the project: the driver selected (-k, -m, --lf, --shard) and sends each by its place.
-        self.session = _worker_session(WorkerSetup(**setup), select=False)
+        self.session = worker_session(WorkerSetup(**setup), select=False)
         self.by_place = {(Path(i.path).resolve().relative_to(root).as_posix(), i.nodeid.split("::", 1)[1]): i
                          for i in self.session.items}
 

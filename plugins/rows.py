@@ -75,10 +75,11 @@ def check_parquet_metadata(metadata, shown: str) -> None:
     Budget(shown).add(metadata.num_rows, max(leaves, metadata.num_rows * max(1, metadata.num_columns)), declared)
 
 
-def check_separators(text: str, shown: str) -> None:
+def check_separators(text: str | bytes, shown: str) -> None:
     """A text table's values, bounded before it is parsed: each value after the first follows a separator
     (``,`` in JSON and CSV, or an opening bracket), so their count bounds what parsing builds."""
-    Budget(shown).add(0, text.count(",") + text.count("[") + text.count("{"))
+    separators = (b",", b"[", b"{") if isinstance(text, bytes) else (",", "[", "{")
+    Budget(shown).add(0, sum(text.count(s) for s in separators))
 
 
 def check_arrow_stream(path: Path, shown: str) -> None:

@@ -259,7 +259,7 @@ class _Forward:
 SELECTION_OPTIONS = {"keyword": None, "markexpr": None, "shard": None, "last_failed": False}
 
 
-def _worker_session(setup: WorkerSetup, select: bool = True) -> Session:
+def worker_session(setup: WorkerSetup, select: bool = True) -> Session:
     """The same bootstrap as the main process, as a worker: no reporters, no result cache. ``select=False``:
     every spec under its paths, whatever -k, -m, --lf or --shard the command line had."""
     prepared = prepare_config(setup.argv, role="worker", addopts=False, paths=[Path(p) for p in setup.paths],
@@ -282,7 +282,7 @@ def worker_main(conn, setup: WorkerSetup) -> None:
     os.environ.update(setup.env)
     os.chdir(setup.cwd)
     try:
-        session = _worker_session(setup)
+        session = worker_session(setup)
     except BaseException as exc:  # noqa: BLE001 - told to the main process, which reports it
         conn.send(("setup_failed", f"{type(exc).__name__}: {exc}"))
         return
