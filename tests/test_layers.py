@@ -39,7 +39,10 @@ def private_uses(source: str) -> list[str]:
     """Modules outside ``PUBLIC_MODULES``, and ``_names``, that ``source`` takes from the core."""
     found = []
     for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "sft_spec":
+        if isinstance(node, ast.ImportFrom) and node.level:  # another plugin's private name, imported relatively
+            found += [f"{'.' * node.level}{node.module or ''}.{a.name}" for a in node.names
+                      if a.name.startswith("_") and a.name != "__version__"]
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "sft_spec":
             module = node.module or ""
             found += [f"{module}.{a.name}" for a in node.names if a.name.startswith("_") and a.name != "__version__"]
             found += [module] if module not in PUBLIC_MODULES else []
@@ -61,9 +64,10 @@ def test_plugins_use_only_the_cores_public_names(path):
 
 def test_the_check_sees_private_uses():
     source = ("from sft_spec.runner import _new_report\nimport sft_spec._private\nfrom sft_spec.loading.build "
-              "import build_item\nimport sft_spec\nsft_spec.bootstrap._Parser\nfrom sft_spec import __version__\n")
+              "import build_item\nimport sft_spec\nsft_spec.bootstrap._Parser\nfrom sft_spec import __version__\n"
+              "from .workers import WorkerSetup, _worker_session\n")
     assert private_uses(source) == ["sft_spec.runner._new_report", "sft_spec.runner", "sft_spec._private",
-                                    "sft_spec.loading.build", "sft_spec.bootstrap._Parser"]
+                                    "sft_spec.loading.build", ".workers._worker_session", "sft_spec.bootstrap._Parser"]
 
 
 def test_the_core_imports_no_training_library_even_lazily():
