@@ -32,11 +32,10 @@ eval:
 
 
 def main(rows: int, mode: str, out: str) -> None:
-    from sft_spec_plugins.eval_sets import measure
-
     from sft_spec.bootstrap import prepare_config
     from sft_spec.loading import LoadContext, load_spec_file
     from sft_spec.state import SpecRun
+    from sft_spec_plugins.check.eval_sets import measure
 
     folder = Path(tempfile.mkdtemp(prefix="sft-spec-bench-eval-"))
     with (folder / "rows.jsonl").open("w", encoding="utf-8") as f:

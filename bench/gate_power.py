@@ -7,7 +7,7 @@ the noise-aware one, at 1, 2 and 3 seeds per run, side by side in one run.
 
 The recipe: a LoRA fine-tune of builtin:tiny-gemma on 50 question/answer pairs, evaluated on the same 50
 prompts (an eval set of 50 rows: equals and chrF). Every training is one seed; a k-seed run is k of them
-put together by `repeat:`'s own code (plugins/repeat.py). No-change pairs are two runs of the unchanged
+put together by `repeat:`'s own code (src/sft_spec_plugins/run/repeat.py). No-change pairs are two runs of the unchanged
 recipe with different seeds; each planted regression is a run of a broken recipe against an unchanged run,
 with different seeds too:
 
@@ -18,7 +18,8 @@ with different seeds too:
 - ``eval template``: another chat template at evaluation than at training.
 
 Today's gate: a drop of the pooled point estimate past ``--tolerance pass_rate=0.05`` or ``mean_chrf=2``,
-or a case that went passed -> failed. The new gate: the verdicts of ``compare`` (plugins/uncertainty.py),
+or a case that went passed -> failed. The new gate: the verdicts of ``compare``
+(src/sft_spec_plugins/common/uncertainty.py),
 its default margins, alpha 0.05 with Holm, and the same outcome transitions.
 """
 
@@ -106,7 +107,7 @@ def train_everything(folder: Path) -> tuple[dict, dict[str, dict[int, object]], 
     elapsed = time.perf_counter() - start
     if not out.is_file():
         raise SystemExit(f"the run wrote no results ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-    from sft_spec_plugins.json_report import load_document
+    from sft_spec_plugins.report.json_report import load_document
 
     meta, reports = load_document(out)
     by_kind: dict[str, dict[int, object]] = {kind: {} for kind in KINDS}
@@ -133,7 +134,7 @@ def canonical(report, nodeid: str = "recipe.sft.yaml::recipe"):
 
 def combined(item, reports: list, seeds: list[int]):
     """k one-seed reports as one `repeat:` report, by repeat's own code."""
-    from sft_spec_plugins.repeat import RepeatSpec, combine
+    from sft_spec_plugins.run.repeat import RepeatSpec, combine
 
     return combine(item, RepeatSpec(seeds=seeds, pass_rate=0.5), [(seed, canonical(r)) for seed, r in
                                                                    zip(seeds, reports, strict=True)])
@@ -141,7 +142,7 @@ def combined(item, reports: list, seeds: list[int]):
 
 def old_gate(base, head) -> bool:
     """Today's gate: a case passed -> failed, or a pooled point estimate past its fixed tolerance."""
-    from sft_spec_plugins.compare import BROKEN, HELD
+    from sft_spec_plugins.report.compare import BROKEN, HELD
 
     def aggregates(report) -> dict[str, float]:
         return next(iter(report.extra["eval"].values()))["aggregates"]
@@ -154,7 +155,7 @@ def old_gate(base, head) -> bool:
 
 
 def new_gate(meta, base, head) -> bool:
-    from sft_spec_plugins.compare import compare_reports
+    from sft_spec_plugins.report.compare import compare_reports
 
     regressions = compare_reports(meta, [base], meta, [head]).regressions
     if regressions and os.environ.get("GATE_POWER_DEBUG"):

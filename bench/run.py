@@ -80,9 +80,8 @@ def write_specs(folder: Path, count: int, **kwargs) -> Path:
 
 def bench_overhead(work: Path, reps: int, env: dict) -> None:
     print("overhead: one LoRA spec (tiny-gemma, 30 epochs), whole process, sft-spec vs plain TRL script")
-    from sft_spec_plugins.builtin_models import builtin_model_dir
-
     from sft_spec.config import default_cache_dir
+    from sft_spec_plugins.model.builtin_models import builtin_model_dir
 
     model_dir = builtin_model_dir("tiny-gemma", default_cache_dir())
     spec = write_specs(work / "overhead", 1)
@@ -133,11 +132,11 @@ def bench_generation(work: Path, reps: int, env: dict) -> None:
     print("batched generation: 32 prompts, one generate() per batch vs one by one")
     from types import SimpleNamespace
 
-    from sft_spec_plugins.builtin_models import builtin_model_dir
-    from sft_spec_plugins.generation import generate_answers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from sft_spec.config import default_cache_dir
+    from sft_spec_plugins.check.generation import generate_answers
+    from sft_spec_plugins.model.builtin_models import builtin_model_dir
 
     model_dir = builtin_model_dir("tiny-gemma", default_cache_dir())
     tokenizer = AutoTokenizer.from_pretrained(model_dir)

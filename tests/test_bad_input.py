@@ -11,9 +11,9 @@ import shutil
 from pathlib import Path
 
 import pytest
-from sft_spec_plugins import data as data_reader
 
 from sft_spec.cli import main
+from sft_spec_plugins.collect import data as data_reader
 
 BAD = Path(__file__).parent / "bad_specs"
 

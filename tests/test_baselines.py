@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import yaml
-from sft_spec_plugins import recorded
-from sft_spec_plugins.baselines import compare_curves, fingerprint_changes, tolerances
 
 from sft_spec import hookimpl
+from sft_spec_plugins.check.baselines import compare_curves, fingerprint_changes, tolerances
+from sft_spec_plugins.common import recorded
 
 SPEC = """\
     model: builtin:tiny-gemma
@@ -106,7 +106,7 @@ def test_loss_baseline_arguments_are_validated(sft, write_spec):
 
 
 def test_bitsandbytes_version_is_fingerprinted_only_for_recipes_that_use_it():
-    from sft_spec_plugins.baselines import _bitsandbytes_version
+    from sft_spec_plugins.check.baselines import _bitsandbytes_version
 
     assert _bitsandbytes_version({"training": {"optim": "adamw_torch"}}) == {}
     assert _bitsandbytes_version({"training": {"optim": "adamw_torch_8bit"}}) == {}  # torchao's

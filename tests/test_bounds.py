@@ -57,7 +57,7 @@ def test_a_small_arrow_file_that_decodes_to_millions_of_rows_is_refused(tmp_path
 
 
 def test_a_csv_of_a_wide_header_over_bare_commas_is_refused_by_its_cells(tmp_path, sft, monkeypatch):
-    from sft_spec_plugins import rows
+    from sft_spec_plugins.collect import rows
 
     monkeypatch.setattr(rows, "MAX_CELLS", 1000)  # the rule, at a size a test writes quickly
     header = ",".join(["prompt", "completion"] + [f"c{i}" for i in range(98)])
@@ -134,7 +134,7 @@ def test_values_nested_in_a_row_are_counted(tmp_path, sft, suffix):
     ("rows.jsonl", '{"prompt": "微调测试", "completion": "我学会了", "x": [' + "0.0," * 1500 + "0.0]}\n"),
 ])
 def test_values_in_a_json_file_are_bounded_before_it_is_parsed(tmp_path, sft, monkeypatch, name, text):
-    from sft_spec_plugins import rows
+    from sft_spec_plugins.collect import rows
 
     monkeypatch.setattr(rows, "MAX_CELLS", 1000)  # the rule, at a size a test writes quickly
     (tmp_path / name).write_text(text, encoding="utf-8")

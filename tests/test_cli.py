@@ -136,7 +136,7 @@ def test_color_as_pytest_decides_it(sft, write_spec, monkeypatch, args, env, col
 
 
 def test_a_ci_log_without_v_gets_a_heartbeat_during_a_long_run(sft, write_spec, one_answer_spec, monkeypatch):
-    from sft_spec_plugins import terminal
+    from sft_spec_plugins.report import terminal
 
     quiet = sft("run", write_spec("a.sft.yaml", one_answer_spec(epochs=3)), "--no-cache")
     assert "running for" not in quiet.out  # a short run, under a minute: nothing more than its line

@@ -214,9 +214,8 @@ def json_quote(text: str) -> str:
 
 
 def test_a_token_across_the_prompt_and_answer_is_warned_of():
-    from sft_spec_plugins.collators import mask_from_spans
-
     from sft_spec.state import FormattedText
+    from sft_spec_plugins.train.collators import mask_from_spans
 
     class Words:  # a tokenizer whose one token spans "ab|c": the answer starts inside it
         def __call__(self, text, **kwargs):

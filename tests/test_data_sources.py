@@ -168,7 +168,7 @@ def test_a_hub_dataset_that_is_not_cached_is_an_error_at_once(sft, tmp_path, mon
 
 
 def test_large_data_is_masked_in_batches_like_small_data_and_cached(sft, tmp_path, monkeypatch):
-    from sft_spec_plugins import collators
+    from sft_spec_plugins.train import collators
 
     rows = [{"prompt": f"问题{i}", "completion": f"答案{i % 7}"} for i in range(40)]
     write(tmp_path, "d.parquet", rows)

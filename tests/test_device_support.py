@@ -84,8 +84,9 @@ def test_4bit_layers_keep_their_standard_layout_after_generation(prepare):
 def test_bitsandbytes_message_about_the_kernels_hub_package_is_dropped():
     import logging
 
-    import sft_spec_plugins.support  # noqa: F401 - installs the filter
     from bitsandbytes.backends.cpu import ops
+
+    import sft_spec_plugins.model.device  # noqa: F401 - installs the filter
 
     message = "Failed to load CPU gemm_4bit_forward from kernels-community: No module named 'kernels'."
     record = ops.logger.makeRecord(ops.logger.name, logging.WARNING, __file__, 1, message, (), None)
@@ -126,7 +127,7 @@ def test_8bit_optimizer_without_bitsandbytes_falls_back_to_adamw_torch(sft, writ
 
 
 def test_torchao_8bit_adamw_is_not_mistaken_for_a_bitsandbytes_optimizer():
-    from sft_spec_plugins.support import BITSANDBYTES_OPTIMIZERS, PAGED_TO_UNPAGED
+    from sft_spec_plugins.model.device import BITSANDBYTES_OPTIMIZERS, PAGED_TO_UNPAGED
 
     assert "adamw_torch_8bit" not in BITSANDBYTES_OPTIMIZERS and "galore_adamw_8bit" not in BITSANDBYTES_OPTIMIZERS
     from transformers.training_args import OptimizerNames
@@ -147,7 +148,7 @@ def test_paged_optimizer_off_cuda_runs_unpaged_and_says_so(sft, write_spec, one_
 
 @pytest.mark.parametrize("native", [False, True])
 def test_bfloat16_weights_on_a_cpu_follow_its_bf16_support(sft, write_spec, one_answer_spec, monkeypatch, native):
-    monkeypatch.setattr("sft_spec_plugins.support.cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr("sft_spec_plugins.model.device.cpu_has_native_bf16", lambda: native)
     text = one_answer_spec(method="lora", epochs=2).replace(
         "model: builtin:tiny-gemma", "model: {id: 'builtin:tiny-gemma', dtype: bfloat16}")
     result, report = run_one(sft, write_spec, text, "--device", "cpu", name=f"bf16-{native}.sft.yaml")
@@ -195,7 +196,7 @@ def test_precision_transformers_refuses_falls_back_to_fp32(sft, write_spec, one_
         original(self)
 
     monkeypatch.setattr(SFTConfig, "__post_init__", refuse_bf16)
-    monkeypatch.setattr("sft_spec_plugins.trainer.cpu_has_native_bf16", lambda: True)  # so our own check keeps it
+    monkeypatch.setattr("sft_spec_plugins.train.trainer.cpu_has_native_bf16", lambda: True)  # so our own check keeps it
     text = one_answer_spec(method="lora").replace("per_device_train_batch_size: 8", "bf16: true")
     result, report = run_one(sft, write_spec, text, "--device", "cpu")
     assert result.code == 0, result.out

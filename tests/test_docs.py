@@ -38,7 +38,7 @@ def test_spec_reference_is_generated_from_the_code():
 
 
 def test_spec_reference_follows_field_descriptions(monkeypatch):
-    from sft_spec_plugins.generation import GenerationSpec
+    from sft_spec_plugins.check.generation import GenerationSpec
 
     field = GenerationSpec.model_fields["max_new_tokens"]
     monkeypatch.setattr(field, "description", "A description only this test writes")
@@ -68,7 +68,7 @@ def test_spec_reference_lists_every_key_and_check():
         assert f"| `{name}` |" in text
     assert "| `max_seq_length` | `max_length` |" in text
     assert "| `output_dir` |" in text and "| `task_type` |" in text
-    from sft_spec_plugins import recipe_policy
+    from sft_spec_plugins.train import recipe_policy
 
     for name in [*recipe_policy.TRAINING, *recipe_policy.LORA]:  # every classified field is on the page
         assert f"`{name}`" in text, name

@@ -9,7 +9,8 @@ import json
 import threading
 
 import pytest
-from sft_spec_plugins import metrics
+
+from sft_spec_plugins.check import metrics
 
 SPEC = """\
 model: builtin:tiny-gemma
@@ -324,7 +325,7 @@ def test_command_line_paths_through_links_in_the_project_are_refused_wherever_th
 
 
 def test_history_entries_that_are_links_are_skipped_not_read(tmp_path, sft, write_spec):
-    from sft_spec_plugins.history import read_history
+    from sft_spec_plugins.report.history import read_history
 
     folder = tmp_path / "history"
     folder.mkdir()
@@ -359,7 +360,7 @@ def test_a_link_to_a_file_ray_leaves_out_is_left_out_too(tmp_path):
     pytest.importorskip("ray")
     import subprocess
 
-    from sft_spec_plugins.ray_cluster import upload_excludes
+    from sft_spec_plugins.suite.ray_cluster import upload_excludes
 
     root = tmp_path / "p"
     (root / ".git").mkdir(parents=True)
@@ -425,7 +426,7 @@ def test_an_alias_bomb_in_an_imported_config_is_refused(tmp_path, sft):
 
 
 def test_markdown_shows_a_mention_a_url_and_an_issue_number_as_their_text():
-    from sft_spec_plugins.escape import md_text
+    from sft_spec_plugins.common.escape import md_text
 
     # The entities of the later rules once had their own "#" rewritten: "@org" showed as "&#64;org".
     assert md_text("@org/team see https://x.example #12") == "&#64;org/team see https&#58;//x.example &#35;12"

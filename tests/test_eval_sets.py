@@ -103,7 +103,7 @@ def test_a_trained_recipe_passes_its_golden_set_that_the_base_model_failed(golde
 
 
 def test_every_row_is_in_the_json_worst_first(golden_run):
-    from sft_spec_plugins.json_report import load_document
+    from sft_spec_plugins.report.json_report import load_document
 
     _, reports = load_document(golden_run["out"] / "r.json")
     rows = next(iter(v for k, v in reports[0].extra["eval"].items() if k.endswith("[golden]")))["rows"]

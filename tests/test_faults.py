@@ -145,7 +145,7 @@ def test_ctrl_c_stops_cleanly_with_exit_2_and_reports_what_finished(write_spec, 
 def test_a_process_killed_while_writing_leaves_a_whole_file(tmp_path, kill_at):
     target = tmp_path / "report.json"
     writer = (
-        "import json, sys; from pathlib import Path; from sft_spec_plugins.files import atomic_write_text\n"
+        "import json, sys; from pathlib import Path; from sft_spec_plugins.common.files import atomic_write_text\n"
         "i = 0\n"
         "while True:\n"
         "    i += 1\n"

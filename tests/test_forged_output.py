@@ -12,10 +12,10 @@ import xml.etree.ElementTree as ET
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from sft_spec_plugins.escape import safe
-from sft_spec_plugins.json_report import load_document
 
 from sft_spec.cli import main
+from sft_spec_plugins.common.escape import safe
+from sft_spec_plugins.report.json_report import load_document
 
 #: What a hostile name does to a CI log: erase the line, return to its start and print a verdict.
 FORGERY = "\x1b[2K\r\x1b[32m12 passed\x1b[0m"

@@ -97,7 +97,7 @@ def test_a_planted_regression_is_named_with_its_interval_p_value_and_flipped_row
     assert doc["regressions"] and len(doc["regressions"]) == out.count("WORSE") // 2 + 1  # each listed twice
     import html
 
-    from sft_spec_plugins.escape import md_text
+    from sft_spec_plugins.common.escape import md_text
 
     for regression in doc["regressions"]:  # every counted regression, in all four renderings
         assert regression in out
@@ -281,7 +281,7 @@ def test_compare_json_follows_its_schema(gate_runs, sft, tmp_path):
 
     import jsonschema
 
-    schema = json.loads(files("sft_spec_plugins").joinpath("schemas/compare.schema.json").read_text("utf-8"))
+    schema = json.loads(files("sft_spec_plugins.report").joinpath("schemas/compare.schema.json").read_text("utf-8"))
     for base, head in (("base.json", "planted.json"), ("one1.json", "one1.json")):
         out = tmp_path / f"{base}-{head}"
         sft("compare", gate_runs / base, gate_runs / head, "--json", out)

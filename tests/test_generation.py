@@ -5,7 +5,8 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
-from sft_spec_plugins.generation import generate_answers, stop_token_ids
+
+from sft_spec_plugins.check.generation import generate_answers, stop_token_ids
 
 
 def _settings(batch_size: int) -> SimpleNamespace:
@@ -38,7 +39,7 @@ def test_lora_spec_leaves_the_shared_base_weights_unchanged(sft, write_spec, one
     class Watch:
         @hookimpl
         def sft_spec_log_report(self, report, session):
-            from sft_spec_plugins.models import MODEL_CACHE
+            from sft_spec_plugins.model.models import MODEL_CACHE
 
             loaded = session.config.stash[MODEL_CACHE].loaded
             snapshots.append({k: v.clone() for k, v in loaded.model.state_dict().items()})
@@ -127,7 +128,7 @@ expect:
 def test_a_recipe_that_never_trains_the_end_of_turn_fails_stops_and_says_why(sft, write_spec, masked, monkeypatch,
                                                                              tmp_path):
     if masked == "in_batches":  # large data's path: the masks as a datasets.Dataset, looked at in Arrow
-        from sft_spec_plugins import collators
+        from sft_spec_plugins.train import collators
 
         monkeypatch.setattr(collators, "BULK_CONVERSATIONS", 0)
         monkeypatch.setenv("SFT_SPEC_CACHE", str(tmp_path / "cache"))
@@ -159,7 +160,7 @@ def test_sampling_settings_without_do_sample_are_noted_not_dropped(sft, write_sp
 
 
 def test_a_reference_only_scored_sets_no_answer_budget():
-    from sft_spec_plugins.generation import references
+    from sft_spec_plugins.check.generation import references
 
     # likelihood's `to` is scored by teacher forcing, never generated: a long one needs no long answer.
     assert references([("likelihood", {"to": "x" * 100}), ("perplexity", {"to": "y"})]) == []

@@ -65,7 +65,7 @@ def test_a_specs_result_is_the_same_alone_and_after_another(name, sft, write_spe
 
 
 def test_activation_checkpointing_is_switched_off_again_in_the_shared_base(sft, write_spec, tmp_path):
-    from sft_spec_plugins.models import MODEL_CACHE
+    from sft_spec_plugins.model.models import MODEL_CACHE
 
     write_spec("a_first.sft.yaml", CONTAMINATORS["activation_checkpointing"])
     write_spec("b_probe.sft.yaml", PROBE)
@@ -76,7 +76,7 @@ def test_activation_checkpointing_is_switched_off_again_in_the_shared_base(sft, 
 
 
 def test_a_change_to_the_shared_model_is_found_and_said(sft, write_spec, tmp_path):
-    from sft_spec_plugins.models import MODEL_CACHE
+    from sft_spec_plugins.model.models import MODEL_CACHE
 
     write_spec("a_first.sft.yaml", CONTAMINATORS["modules_to_save"])
     write_spec("b_probe.sft.yaml", PROBE)

@@ -6,7 +6,7 @@ import json
 import os
 from pathlib import Path
 
-from sft_spec_plugins.lastfailed import lastfailed_path, read_lastfailed
+from sft_spec_plugins.collect.lastfailed import lastfailed_path, read_lastfailed
 
 SPEC = """\
 model: builtin:tiny-gemma

@@ -1,5 +1,6 @@
 """The layering written down: the core never imports the plugins, no modules import each other in a
-cycle (import-linter's contracts in pyproject.toml), and plugins use only the core's public names."""
+cycle, a phase package imports only the phases below it (import-linter's contracts in pyproject.toml),
+and plugins use only the core's public names and no other plugin's private ones."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-PLUGIN_SOURCES = sorted((REPO / "plugins").glob("*.py")) + sorted((REPO / "examples" / "plugins").rglob("*.py"))
+PLUGIN_SOURCES = (sorted((REPO / "src" / "sft_spec_plugins").rglob("*.py"))
+                  + sorted((REPO / "examples" / "plugins").rglob("*.py")))
 
 
 def test_the_import_contracts_hold(capsys):
@@ -24,7 +26,7 @@ def test_the_import_contracts_hold(capsys):
         os.chdir(cwd)
     out = capsys.readouterr().out
     assert code == 0, out
-    assert out.count(" KEPT") == 3, out  # every contract was checked, not skipped
+    assert out.count(" KEPT") == 4, out  # every contract was checked, not skipped
 
 
 #: The core's public modules: state and registry types, reports, errors, the spec model and loading helpers,
@@ -42,6 +44,8 @@ def private_uses(source: str) -> list[str]:
         if isinstance(node, ast.ImportFrom) and node.level:  # another plugin's private name, imported relatively
             found += [f"{'.' * node.level}{node.module or ''}.{a.name}" for a in node.names
                       if a.name.startswith("_") and a.name != "__version__"]
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "sft_spec_plugins":
+            found += [f"{node.module}.{a.name}" for a in node.names if a.name.startswith("_")]
         elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "sft_spec":
             module = node.module or ""
             found += [f"{module}.{a.name}" for a in node.names if a.name.startswith("_") and a.name != "__version__"]
@@ -65,9 +69,12 @@ def test_plugins_use_only_the_cores_public_names(path):
 def test_the_check_sees_private_uses():
     source = ("from sft_spec.runner import _new_report\nimport sft_spec._private\nfrom sft_spec.loading.build "
               "import build_item\nimport sft_spec\nsft_spec.bootstrap._Parser\nfrom sft_spec import __version__\n"
-              "from .workers import WorkerSetup, _worker_session\n")
+              "from .workers import WorkerSetup, _worker_session\n"
+              "from sft_spec_plugins.report.html_report import _shown\n")
     assert private_uses(source) == ["sft_spec.runner._new_report", "sft_spec.runner", "sft_spec._private",
-                                    "sft_spec.loading.build", ".workers._worker_session", "sft_spec.bootstrap._Parser"]
+                                    "sft_spec.loading.build", ".workers._worker_session",
+                                    "sft_spec_plugins.report.html_report._shown",
+                                    "sft_spec.bootstrap._Parser"]
 
 
 def test_the_core_imports_no_training_library_even_lazily():

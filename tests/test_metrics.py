@@ -7,9 +7,9 @@ import importlib.util
 import math
 
 import pytest
-from sft_spec_plugins import metrics
 
 from sft_spec.registry import CheckContext
+from sft_spec_plugins.check import metrics
 
 REFERENCE = "我学会了"
 

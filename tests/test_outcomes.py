@@ -134,9 +134,8 @@ def test_a_failure_says_its_strongest_why(sft, write_spec, one_answer_spec):
 
 
 def test_an_answer_the_training_left_as_it_was_is_named():
-    from sft_spec_plugins.failures import why
-
     from sft_spec.reports import CheckReport, ExpectationReport
+    from sft_spec_plugins.report.failures import why
 
     case = ExpectationReport(nodeid="s::expect[0]", index=0, prompt=[{"role": "user", "content": "q"}],
                              location="s.sft.yaml:8:5", outcome="failed", answer="a", base_answer="a",

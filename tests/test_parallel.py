@@ -5,9 +5,9 @@ from __future__ import annotations
 import re
 
 import pytest
-from sft_spec_plugins.workers import worker_count
 
 from sft_spec.errors import UsageError
+from sft_spec_plugins.suite.workers import worker_count
 
 SPEC = """\
 model: builtin:tiny-gemma

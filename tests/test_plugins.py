@@ -48,7 +48,7 @@ class ShoutingFormatter:
 
     @hookimpl
     def sft_spec_register_formatters(self, register):
-        from sft_spec_plugins.formatters import ChatTemplateFormatter
+        from sft_spec_plugins.train.formatters import ChatTemplateFormatter
 
         class Upper(ChatTemplateFormatter):
             def render(self, messages, tokenizer, template, add_generation_prompt):
@@ -146,7 +146,7 @@ def test_broken_plugins_are_reported_and_the_specs_still_run(sft, write_spec, on
     monkeypatch.syspath_prepend(str(tmp_path))
     path = write_spec("one.sft.yaml", one_answer_spec())
     # -p of a module that is registered already (the built-in checks plugin) is no error at all.
-    result = sft("run", path, "-p", "raises_at_import", "-p", "syntax_error", "-p", "sft_spec_plugins.checks",
+    result = sft("run", path, "-p", "raises_at_import", "-p", "syntax_error", "-p", "sft_spec_plugins.check.checks",
                  "--json", tmp_path / "r.json")
     assert result.code == 1
     broken = "plugin 'raises_at_import' is broken: cannot be imported: RuntimeError: this plugin needs a GPU"

@@ -229,7 +229,8 @@ def test_ctrl_c_cancels_what_is_left_and_reports_what_finished(cluster, tmp_path
 
 def test_links_out_of_the_project_and_link_loops_are_left_out_of_the_upload(tmp_path):
     from ray._private.runtime_env.packaging import _zip_files
-    from sft_spec_plugins.ray_cluster import EXCLUDES, upload_excludes
+
+    from sft_spec_plugins.suite.ray_cluster import EXCLUDES, upload_excludes
 
     root = project(tmp_path, {"a": SPEC.format(epochs=2)})
     outside = tmp_path / "outside"

@@ -10,9 +10,9 @@ from types import SimpleNamespace
 
 import pytest
 from conftest import packaged_model_installed
-from sft_spec_plugins import gguf
 
 from sft_spec.spec import ModelSpec
+from sft_spec_plugins.model import gguf
 
 REPO = Path(__file__).resolve().parents[1]
 

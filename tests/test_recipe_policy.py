@@ -9,7 +9,8 @@ import re
 import pytest
 import yaml
 from conftest import GEMMA_ONE_ANSWER
-from sft_spec_plugins import recipe_policy
+
+from sft_spec_plugins.train import recipe_policy
 
 REFERENCE = GEMMA_ONE_ANSWER.format(method="lora", epochs=2, lr=1e-2)
 KINDS = {"passed", "path", "sft-spec", "managed", "refused"}
@@ -33,7 +34,8 @@ def test_every_field_of_the_installed_trl_and_peft_is_classified():
 
     for cls, table in ((SFTConfig, recipe_policy.TRAINING), (LoraConfig, recipe_policy.LORA)):
         fields = {f.name for f in dataclasses.fields(cls)}
-        assert fields - set(table) == set(), f"classify these {cls.__name__} fields in plugins/recipe_policy.py"
+        assert fields - set(table) == set(), (f"classify these {cls.__name__} fields in "
+                                           "src/sft_spec_plugins/train/recipe_policy.py")
         assert {kind for kind, _ in table.values()} <= KINDS
         assert all(why for kind, why in table.values() if kind != "passed")  # every non-plain field says why
 
@@ -115,7 +117,7 @@ def _just_outside(bound) -> list:
 
 
 def _bad_values():
-    from sft_spec_plugins.recipe_fields import BOUNDS
+    from sft_spec_plugins.train.recipe_fields import BOUNDS
 
     table = [(section, key, value) for (section, key), bound in BOUNDS.items() for value in _just_outside(bound)]
     return table + [("training", "learning_rate", float("nan")), ("training", "max_length", -5)]
@@ -136,7 +138,7 @@ def test_values_training_would_reject_are_errors_at_their_own_key(sft, write_spe
 
 
 def _inclusive_edges():
-    from sft_spec_plugins.recipe_fields import BOUNDS
+    from sft_spec_plugins.train.recipe_fields import BOUNDS
 
     return [(s, k, bound[0]) for (s, k), bound in BOUNDS.items()
             if bound[0] is not None and not isinstance(bound[0], tuple) and (s, k) != ("training", "max_length")]

@@ -10,13 +10,13 @@ from importlib import resources
 from pathlib import Path
 
 import pytest
-from sft_spec_plugins.html_report import loss_chart, token_runs
-from sft_spec_plugins.json_report import load_document, report_from_dict
-from sft_spec_plugins.junitxml import classname, xml_text
 
 from sft_spec import hookimpl
 from sft_spec.cli import main
 from sft_spec.reports import SpecReport
+from sft_spec_plugins.report.html_report import loss_chart, token_runs
+from sft_spec_plugins.report.json_report import load_document, report_from_dict
+from sft_spec_plugins.report.junitxml import classname, xml_text
 
 SCRIPT = "<script>alert(1)</script>"
 IMG = '"><img src=x onerror=alert(1)>'
@@ -173,7 +173,7 @@ def validate(instance, schema: dict, root: dict | None = None, path: str = "$") 
 
 
 def load_schema() -> dict:
-    schema = resources.files("sft_spec_plugins").joinpath("schemas/results.schema.json")
+    schema = resources.files("sft_spec_plugins.report").joinpath("schemas/results.schema.json")
     return json.loads(schema.read_text(encoding="utf-8"))
 
 

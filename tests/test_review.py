@@ -138,7 +138,7 @@ def test_a_results_file_that_names_one_spec_twice_is_refused(checkouts, sft, tmp
 
 
 def test_a_cached_rerun_is_not_a_new_run_in_the_history(tmp_path, sft, monkeypatch):
-    from sft_spec_plugins.history import read_history
+    from sft_spec_plugins.report.history import read_history
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("SFT_SPEC_CACHE", str(tmp_path / "cache"))
@@ -211,7 +211,7 @@ def test_the_recipes_cost_is_named_and_gates_only_with_a_tolerance_of_its_own(ch
 
 
 def test_markdown_from_results_files_and_names_links_nothing_and_renders_no_html(checkouts, sft, tmp_path):
-    from sft_spec_plugins.escape import md_text
+    from sft_spec_plugins.common.escape import md_text
 
     shown = md_text("@team see https://evil.example www.evil.example #123 <img src=x>")
     for raw in ("@team", "https://", "www.evil", "#123", "<img"):

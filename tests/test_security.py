@@ -267,10 +267,9 @@ def outside_values(tmp_path: Path) -> list[str]:
 
 
 def training_path_fields() -> list[str]:
-    from sft_spec_plugins import recipe_policy
-    from sft_spec_plugins.recipe_fields import path_fields, recipe_fields
-
     from sft_spec.config import default_cache_dir
+    from sft_spec_plugins.train import recipe_policy
+    from sft_spec_plugins.train.recipe_fields import path_fields, recipe_fields
 
     fields = path_fields(recipe_fields(default_cache_dir())["training"])
     return sorted(name for name in fields if recipe_policy.kind("training", name) != "refused")
@@ -278,7 +277,7 @@ def training_path_fields() -> list[str]:
 
 def test_the_path_fields_are_found_from_types_names_and_help():
     # Not a hand list: the rule finds TRL's file-valued fields, and the policy table agrees with it.
-    from sft_spec_plugins import recipe_policy
+    from sft_spec_plugins.train import recipe_policy
 
     found = set(training_path_fields())
     assert {"deepspeed", "fsdp_config", "accelerator_config", "chat_template_path"} <= found

@@ -6,7 +6,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from sft_spec_plugins.repeat import RepeatSpec
+
+from sft_spec_plugins.run.repeat import RepeatSpec
 
 
 @pytest.mark.parametrize("share,seeds,needed", [(0.5, 1, 1), (0.67, 3, 2), (0.66, 3, 2), (0.34, 3, 1),

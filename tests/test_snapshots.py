@@ -4,7 +4,8 @@ to record it, and entries no test uses any more are reported."""
 from __future__ import annotations
 
 import yaml
-from sft_spec_plugins.escape import safe
+
+from sft_spec_plugins.common.escape import safe
 
 SPEC = """\
     model: builtin:tiny-gemma

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from sft_spec_plugins.models import MODEL_CACHE
+
+from sft_spec_plugins.model.models import MODEL_CACHE
 
 
 @pytest.mark.parametrize("model", ["builtin:tiny-gemma", "builtin:tiny-chatml"])

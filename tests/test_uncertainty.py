@@ -1,6 +1,6 @@
-"""The statistics behind every interval and verdict (plugins/uncertainty.py), each against a known answer:
-a hand-computed McNemar table, Wilson's interval by its formula, Student's t by its formula, a two-way
-clustered variance worked by hand, bootstrap intervals against an independent resampling, Holm on a
+"""The statistics behind every interval and verdict (src/sft_spec_plugins/common/uncertainty.py), each
+against a known answer: a hand-computed McNemar table, Wilson's interval by its formula, Student's t by its
+formula, a two-way clustered variance worked by hand, bootstrap intervals against an independent resampling, Holm on a
 textbook example; and each of the four verdicts made to occur."""
 
 from __future__ import annotations
@@ -9,7 +9,8 @@ import math
 
 import numpy as np
 import pytest
-from sft_spec_plugins import uncertainty as u
+
+from sft_spec_plugins.common import uncertainty as u
 
 Z = 1.959963984540054
 

@@ -1,0 +1,1 @@
+"""Check: generating answers and judging them (checks, metrics, eval sets, snapshots, baselines)."""

@@ -1,0 +1,1 @@
+"""Commands: plugins, schema, init, import and bisect."""

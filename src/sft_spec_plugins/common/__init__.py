@@ -1,0 +1,1 @@
+"""Helpers shared by the phases (paths and writes, escaping, recorded files, statistics); not plugins."""

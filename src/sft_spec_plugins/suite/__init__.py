@@ -1,0 +1,1 @@
+"""Suite: running many specs at once (worker processes, a Ray cluster)."""

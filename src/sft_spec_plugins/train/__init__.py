@@ -1,0 +1,1 @@
+"""Train: formatting conversations, making the loss mask, and running TRL's SFTTrainer."""
