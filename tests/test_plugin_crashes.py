@@ -59,3 +59,55 @@ def test_a_crash_in_configure_is_an_internal_error(tmp_path, monkeypatch, capsys
     (tmp_path / "a.sft.yaml").write_text(SPEC, encoding="utf-8")
     assert main(["run", str(tmp_path), "-p", "crashing"]) == 3
     assert "INTERNALERROR> " in capsys.readouterr().err
+
+
+WRAPPING = """\
+from sft_spec import hookimpl
+
+SEEN = []
+
+
+@hookimpl(wrapper=True)
+def {hook}({args}):
+    SEEN.append("before")
+    result = yield
+    SEEN.append("after")
+    return result
+"""
+
+
+@pytest.mark.parametrize("hook,args", [
+    ("sft_spec_log_report", "report"),
+    ("sft_spec_persist_report", "report"),
+    ("sft_spec_session_finish", "session"),
+])
+def test_a_wrapper_on_a_report_or_session_hook_runs_around_it(tmp_path, monkeypatch, hook, args):
+    # pluggy makes these calls (with each plain implementation guarded), so a wrapper is honoured as on any
+    # other hook: a loop of our own over get_hookimpls() used to skip it without a word.
+    import importlib
+
+    from sft_spec.cli import main
+
+    module = f"wrapping_{hook}"  # one module per case: an imported one stays in sys.modules
+    (tmp_path / f"{module}.py").write_text(WRAPPING.format(hook=hook, args=args), encoding="utf-8")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "a.sft.yaml").write_text(SPEC, encoding="utf-8")
+    assert main(["run", str(tmp_path), "-p", module]) == 0
+    seen = importlib.import_module(module).SEEN
+    assert seen == ["before", "after"], seen
+
+
+def test_later_implementations_still_run_and_see_the_internal_error(tmp_path, monkeypatch, capsys):
+    from sft_spec.cli import main
+
+    (tmp_path / "crashing.py").write_text(CRASHING.format(hook="sft_spec_session_finish", args="session"),
+                                          encoding="utf-8")
+    (tmp_path / "seeing.py").write_text(
+        "from sft_spec import hookimpl\nSEEN = []\n\n\n@hookimpl(trylast=True)\n"
+        "def sft_spec_session_finish(session, exitstatus):\n    SEEN.append(exitstatus)\n", encoding="utf-8")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "a.sft.yaml").write_text(SPEC, encoding="utf-8")
+    assert main(["run", str(tmp_path), "-p", "crashing", "-p", "seeing"]) == 3
+    import seeing
+
+    assert seeing.SEEN == [3]

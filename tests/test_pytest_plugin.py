@@ -198,3 +198,44 @@ def test_pytest_and_the_cli_share_cached_results(tmp_path, monkeypatch, sft):
     assert run.returncode == 1, run.stdout + run.stderr  # expect[1] fails, as written
     cli = sft("run", "specs/learn.sft.yaml")
     assert cli.recorder.reports[0].metrics.get("cached"), cli.out
+
+
+MISSPELLED_AT_CONFIGURE = """\
+from sft_spec import hookimpl
+
+
+class Reporter:
+    @hookimpl
+    def sft_spec_log_reprot(self, report):  # misspelled: would never be called
+        pass
+
+
+@hookimpl
+def sft_spec_configure(config):
+    if config.role in {roles}:
+        config.pluginmanager.register(Reporter(), "misspelled-reporter")
+"""
+
+
+def test_a_misspelled_hook_registered_at_configure_is_an_error_under_pytest(tmp_path):
+    # The CLI checked hook names after configure (pluggy's check_pending); `pytest specs/` did not, so a
+    # reporter with a typo was silently never called. One session lifecycle now checks it everywhere.
+    project = _project(tmp_path)
+    (project / "misspelled.py").write_text(MISSPELLED_AT_CONFIGURE.format(roles='("main", "worker")'),
+                                           encoding="utf-8")
+    run = _pytest(project, "specs/later.sft.yaml", "--sft-spec-args=-p misspelled")
+    assert run.returncode != 0, run.stdout
+    assert "sft_spec_log_reprot" in run.stdout + run.stderr, run.stdout + run.stderr
+
+
+def test_a_misspelled_hook_registered_in_a_worker_is_an_error_under_n(tmp_path, monkeypatch, sft):
+    project = _project(tmp_path)
+    (project / "misspelled.py").write_text(MISSPELLED_AT_CONFIGURE.format(roles='("worker",)'), encoding="utf-8")
+    monkeypatch.chdir(project)
+    monkeypatch.syspath_prepend(str(project))
+    monkeypatch.setenv("PYTHONPATH", str(project))
+    (project / "specs" / "later.sft.yaml").write_text(
+        textwrap.dedent(SKIPPED).replace("skip: not today\n", "training: {max_steps: 1}\n"), encoding="utf-8")
+    result = sft("run", "specs/later.sft.yaml", "-n", "2", "--no-cache", "-p", "misspelled")
+    assert result.code != 0, result.out
+    assert "sft_spec_log_reprot" in result.out + result.err, result.out + result.err

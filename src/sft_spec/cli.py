@@ -55,17 +55,14 @@ def run_session(prepared: Prepared) -> int:
     options, pm = config.options, config.pluginmanager
     session = Session(config)
     exitstatus: int = ExitCode.INTERNAL_ERROR
-    configured = False
     try:
-        pm.hook.sft_spec_configure(config=config)
-        configured = True
-        pm.check_pending()  # reporters registered at configure time, with their hooks' names spelt right
+        session.configure()
         session.collect(list(options.paths))
         pm.hook.sft_spec_collection_finish(session=session)
         if options.collect_only:
             exitstatus = _collection_exitstatus(session)
         else:
-            pm.hook.sft_spec_session_start(session=session)
+            session.start()
             for report in session.collect_errors:
                 session.log_report(report)
             try:
@@ -87,11 +84,8 @@ def run_session(prepared: Prepared) -> int:
         session.internal_errors.append(traceback.format_exc().rstrip())
         exitstatus = ExitCode.INTERNAL_ERROR
     finally:
-        if configured and not options.collect_only:
-            session.internal_errors += [f"sft_spec_session_finish: {p}" for p in session.call_each(
-                pm.hook.sft_spec_session_finish, session=session, exitstatus=int(exitstatus))]
-        if configured:
-            pm.hook.sft_spec_unconfigure(config=config)
+        session.finish(exitstatus)
+        session.unconfigure()
         for problem in session.internal_errors:
             print("\n".join(f"INTERNALERROR> {line}" for line in problem.split("\n")), file=sys.stderr)
     return ExitCode.INTERNAL_ERROR if session.internal_errors else exitstatus

@@ -7,8 +7,10 @@ tox-style; the session reports each as an error and the other specs still run.
 
 from __future__ import annotations
 
+import copy
 import os
 import sys
+from contextlib import contextmanager
 from difflib import get_close_matches
 from importlib import import_module, metadata
 from typing import Any
@@ -25,12 +27,37 @@ ESSENTIAL_PLUGINS = ("protocol", "selection", "data", "models", "formatters", "c
                      "checks", "terminal")
 
 
+#: Hooks where one plugin's bug must not lose the others' work (a report, the files it records, a summary):
+#: every implementation runs even after one raised (see :meth:`PluginManager.each_runs`).
+RESILIENT_HOOKS = frozenset({"sft_spec_persist_report", "sft_spec_log_report", "sft_spec_session_finish"})
+
+
 class PluginManager(pluggy.PluginManager):
     def __init__(self) -> None:
         super().__init__("sft_spec")
         self.add_hookspecs(hookspecs)
         self.problems: list[PluginProblem] = []
         self.commands: dict[str, tuple] | None = None  # sft-spec's subcommands, once plugins registered them
+        self._raised: list[str] | None = None  # an each_runs block's problems
+
+    @contextmanager
+    def each_runs(self):
+        """Inside the block, an implementation of a resilient hook that raises is recorded (as
+        ``"plugin: Error: message"`` in the yielded list) and the next one still runs, seeing ``exitstatus``
+        3; wrappers (``wrapper=True``) wrap the call as on any other hook, since pluggy makes it."""
+        outer, self._raised = self._raised, []
+        try:
+            yield self._raised
+        finally:
+            self._raised = outer
+
+    def _hookexec(self, hook_name, methods, kwargs, firstresult):
+        # pluggy's own call loop, with each plain implementation of a resilient hook guarded: no loop of ours
+        # to keep in step with pluggy's ordering, wrappers and tracing.
+        raised = self._raised
+        if raised is not None and hook_name in RESILIENT_HOOKS:
+            methods = [m if m.wrapper or m.hookwrapper else _guarded(m, kwargs, raised) for m in methods]
+        return super()._hookexec(hook_name, methods, kwargs, firstresult)
 
     def add(self, plugin: Any, name: str) -> None:
         """Register one plugin; a misspelled hook unregisters it, naming the plugin and the hook."""
@@ -45,6 +72,22 @@ class PluginManager(pluggy.PluginManager):
         if unknown:
             self.unregister(plugin)
             self.problems.append(PluginProblem(name, f"implements no such hook: {', '.join(unknown)}"))
+
+
+def _guarded(impl, kwargs: dict, raised: list[str]):
+    guarded = copy.copy(impl)
+
+    def call(*args):
+        try:
+            return impl.function(*args)
+        except Exception as exc:  # noqa: BLE001 - one plugin's bug must not lose the others' reports
+            raised.append(f"{impl.plugin_name}: {type(exc).__name__}: {exc}")
+            if "exitstatus" in kwargs:
+                kwargs["exitstatus"] = 3  # what the session will exit with (INTERNAL_ERROR)
+            return None
+
+    guarded.function = call
+    return guarded
 
 
 def make_plugin_manager(extra_plugins: list[Any] | None = None, disabled: set[str] | None = None) -> PluginManager:

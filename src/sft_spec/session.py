@@ -42,6 +42,34 @@ class Session:
         self.failures = 0
         self.internal_errors: list[str] = []  # plugins' bugs: exit 3, as pytest's INTERNALERROR
         self.load_context = LoadContext(config)
+        self.configured = False
+        self.started = False
+
+    # -- the lifecycle, the same in every process: the CLI, -n workers, launched ranks, Ray actors, pytest --
+
+    def configure(self) -> None:
+        """``sft_spec_configure``, then pluggy's ``check_pending``: a plugin registered at configure time (a
+        reporter) with a misspelled hook is a usage error in every process, not a hook never called."""
+        self.hook.sft_spec_configure(config=self.config)
+        self.configured = True
+        self.config.pluginmanager.check_pending()
+
+    def start(self) -> None:
+        if not self.started:
+            self.started = True
+            self.hook.sft_spec_session_start(session=self)
+
+    def finish(self, exitstatus: int) -> None:
+        """``sft_spec_session_finish`` (not for ``--collect-only``), even when collection or the run failed,
+        so reports are written: every implementation runs, one's bug is an internal error."""
+        if self.configured and not getattr(self.config.options, "collect_only", False):
+            self.internal_errors += [f"sft_spec_session_finish: {p}" for p in self.call_each(
+                self.hook.sft_spec_session_finish, session=self, exitstatus=int(exitstatus))]
+
+    def unconfigure(self) -> None:
+        if self.configured:
+            self.configured = False
+            self.hook.sft_spec_unconfigure(config=self.config)
 
     @property
     def hook(self):
@@ -73,15 +101,10 @@ class Session:
         return report if report is not None else self.hook.sft_spec_run_spec(item=item, session=self)
 
     def call_each(self, hook, **kwargs) -> list[str]:
-        """Every implementation of a broadcast hook, even after one raised: its problem is returned (and, for
-        a report's or the session's hooks, an internal error); later ones see ``exitstatus`` 3."""
-        problems: list[str] = []
-        for impl in reversed(hook.get_hookimpls()):
-            try:
-                impl.function(**{name: kwargs[name] for name in impl.argnames})
-            except Exception as exc:  # noqa: BLE001 - one plugin's bug must not lose the others' reports
-                problems.append(f"{impl.plugin_name}: {type(exc).__name__}: {exc}")
-                kwargs["exitstatus"] = ExitCode.INTERNAL_ERROR
+        """Call a resilient hook (a report's or the session's): every implementation runs even after one
+        raised, whose problem is returned; later ones see ``exitstatus`` 3. Wrappers wrap it as usual."""
+        with self.config.pluginmanager.each_runs() as problems:
+            hook(**kwargs)
         return problems
 
     def log_report(self, report: SpecReport) -> None:

@@ -80,7 +80,6 @@ class _Bridge:
         self._session: Session | None = None
         self._prepared: Prepared | None = None
         self.started = False
-        self.configured = False
         self.problems_shown = False  # broken plugins are reported once, by the first spec file
 
     @property
@@ -99,28 +98,29 @@ class _Bridge:
         # pytest's own arguments are paths or node ids (specs/x.sft.yaml::x[lora]): the files they name.
         paths = [Path(a.split("::", 1)[0]) for a in self.pytest_config.args]
         self._prepared = prepare_config(argv, disable=["terminal"], paths=paths, rootdir=rootdir, addopts_from=rootdir)
-        config = self._prepared.config
-        session = Session(config)
-        config.hook.sft_spec_configure(config=config)
-        self.configured = True
+        session = Session(self._prepared.config)
+        self._session = session  # closed by close() even when configure raised
+        session.configure()
         return session
 
     def start(self) -> None:
         if not self.started:
             self.started = True
-            self.session.hook.sft_spec_session_start(session=self.session)
+            self.session.start()
 
     def finish(self, exitstatus: int) -> None:
         if self._session is not None and self.started:
-            self._session.hook.sft_spec_session_finish(session=self._session, exitstatus=int(exitstatus))
+            self._session.finish(exitstatus)
+            if self._session.internal_errors:  # after every reporter ran: pytest's INTERNALERROR, as before
+                raise RuntimeError("\n".join(self._session.internal_errors))
 
     def summary(self, write_line) -> None:
         if self._session is not None and self.started:
             self._session.hook.sft_spec_terminal_summary(session=self._session, write_line=write_line)
 
     def close(self) -> None:
-        if self._session is not None and self.configured:
-            self._session.hook.sft_spec_unconfigure(config=self._session.config)
+        if self._session is not None:
+            self._session.unconfigure()
         if self._prepared is not None:
             self._prepared.close()
         self._session = None

@@ -271,8 +271,8 @@ def worker_session(setup: WorkerSetup, select: bool = True) -> Session:
     for name, value in ({} if select else SELECTION_OPTIONS).items():
         if hasattr(config.options, name):
             setattr(config.options, name, value)
-    config.hook.sft_spec_configure(config=config)
     session = Session(config)
+    session.configure()
     session.collect(list(config.options.paths))
     return session
 
@@ -289,6 +289,13 @@ def worker_main(conn, setup: WorkerSetup) -> None:
     forward = _Forward(conn)
     session.config.pluginmanager.register(forward, "sft-spec-worker-progress")
     by_id = {item.nodeid: item for item in session.items}
+    try:
+        _serve(conn, session, forward, by_id)
+    finally:
+        session.unconfigure()
+
+
+def _serve(conn, session: Session, forward: _Forward, by_id: dict) -> None:
     while True:
         try:
             message = conn.recv()

@@ -175,8 +175,8 @@ def main(argv: list[str] | None = None) -> int:
                               rootdir=Path(setup["rootdir"]), cache_dir=Path(setup["cache_dir"]),
                               output_dir=Path(setup["output_dir"]))
     config = prepared.config
-    config.hook.sft_spec_configure(config=config)
     session = Session(config)
+    session.configure()
     session.collect(list(config.options.paths))
     item = next((i for i in session.items if i.nodeid == args.item_id), None)
     if item is None:
@@ -184,7 +184,10 @@ def main(argv: list[str] | None = None) -> int:
         return 3
     for case in item.cases:
         case.selected = case.nodeid in setup["selected"]
-    report = session.hook.sft_spec_run_spec(item=item, session=session)
+    try:
+        report = session.hook.sft_spec_run_spec(item=item, session=session)
+    finally:
+        session.unconfigure()
     report.metrics["world_size"] = int(os.environ.get("WORLD_SIZE", "1"))
     if rank == 0:
         atomic_write_text(args.result_json, json.dumps(report_to_dict(report), default=str, ensure_ascii=False))
