@@ -165,3 +165,34 @@ def test_a_sampled_probe_does_not_change_training(sft, write_spec):
                  "--no-cache").recorder.reports[0]
     assert probed.metrics["learnt_checked_every"] == 1 and len(plain.losses) == 8
     assert probed.losses == plain.losses
+
+
+class CannedFromStepThree:
+    """A user's generator: answers "我学会了" from its third probe on (30 steps are probed at every step),
+    and records each call."""
+
+    def __init__(self):
+        self.calls = []
+
+    @hookimpl(tryfirst=True)
+    def sft_spec_generate(self, item, run, prompts, when):
+        from sft_spec.state import Answer
+
+        step = sum(w == "during" for w, _ in self.calls) + 1 if when == "during" else None
+        self.calls.append((when, step))
+        if when == "before":
+            return None
+        text = "我学会了" if when == "after" or step >= 3 else "?"
+        return [Answer(text=text, raw=text, stopped=True) for _ in prompts]
+
+
+def test_a_plugins_generator_answers_the_learns_within_probes(sft, write_spec):
+    # The probes generated through the built-in generator directly, so a user's sft_spec_generate (a
+    # serving stack, a canned answer) was never asked while the model trained.
+    canned = CannedFromStepThree()
+    spec = write_spec("l.sft.yaml", LEARN.format(lr="1.0e-9", within=30))  # the weights barely move
+    result = sft("run", spec, "--no-cache", plugins=[canned])
+    report = result.recorder.reports[0]
+    during = [step for when, step in canned.calls if when == "during"]
+    assert during and report.metrics["learnt_at_step"] == 3, (canned.calls, report.metrics)
+    assert result.code == 0, result.out

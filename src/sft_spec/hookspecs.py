@@ -147,7 +147,8 @@ def sft_spec_format(item: SpecItem, run: SpecRun, messages: list[dict], add_gene
 @hookspec(firstresult=True)
 def sft_spec_generate(item: SpecItem, run: SpecRun, prompts: list[FormattedText], when: When
                       ) -> list[Answer] | None:
-    """One ``Answer`` per formatted prompt; ``when``: ``"before"`` (the base model) or ``"after"`` training."""
+    """One ``Answer`` per formatted prompt; ``when``: ``"before"`` (the base model), ``"during"`` (a probe
+    while ``run.model`` trains: draw no random numbers of your own) or ``"after"`` training."""
 
 
 @hookspec

@@ -28,8 +28,9 @@ class LocatedConversation(list):
     these, so an error about a conversation points at its line."""
 
     location: Location | None = None
-#: When an answer is generated: from the base model, or from the trained one.
-When = Literal["before", "after"]
+#: When an answer is generated: from the base model, while it trains (``learns_within`` and
+#: ``--stop-when-learnt`` probes), or from the trained one.
+When = Literal["before", "during", "after"]
 
 
 class StashKey(Generic[T]):

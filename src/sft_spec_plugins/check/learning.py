@@ -73,17 +73,13 @@ class LearntProbe:
     until they all pass."""
 
     def __init__(self, item, run, stop: bool, every: int, at: frozenset[int] = frozenset()):
-        from .generation import GENERATION, generate_answers, stop_token_ids
-
         self.item, self.run, self.stop, self.every, self.at = item, run, stop, every, at
         self.cases = [(exp, prompt) for exp, prompt in zip(item.selected_expectations, run.prompts, strict=True)
                       if exp.checks and not exp.xfail]
-        self.generate, self.settings = generate_answers, item.section(GENERATION)
-        self.stop_ids = stop_token_ids(run.loaded.tokenizer, run.model,
-                                       run.markers.end_of_turn if run.markers else None)
         self.probes = 0
 
     def all_pass(self, model) -> bool:
+        """Whether every expectation passes on ``model``, the one being trained (``run.model``)."""
         import torch
 
         run = self.run
@@ -93,9 +89,9 @@ class LearntProbe:
         cuda = [torch.device(device).index or 0] if torch.device(device).type == "cuda" else []
         # Generation and the checks (a metric that loads a model draws from it too) use a forked state.
         with torch.random.fork_rng(devices=cuda):
-            answers = self.generate(model, run.loaded.tokenizer, [p.text for _, p in self.cases],
-                                    stop_ids=self.stop_ids, settings=self.settings,
-                                    budgets=[p.max_new_tokens for _, p in self.cases], device=device)
+            # Through the hook, as every other generation: a plugin's sft_spec_generate answers the probes too.
+            answers = run.config.hook.sft_spec_generate(item=self.item, run=run, prompts=[p for _, p in self.cases],
+                                                        when="during")
             self.probes += 1
             for (exp, prompt), answer in zip(self.cases, answers, strict=True):
                 base = run.base_answers.get(exp.index)
@@ -111,7 +107,7 @@ class LearntProbe:
             return control
         if step % self.every and step != state.max_steps and step not in self.at:
             return control
-        if self.all_pass(model if model is not None else self.run.model):
+        if self.all_pass(self.run.model):
             self.run.metrics["learnt_at_step"] = step
             self.run.note(f"learnt at step {step} of {state.max_steps}: every expectation passed")
             if self.stop and step < state.max_steps:
