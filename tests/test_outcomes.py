@@ -145,3 +145,62 @@ def test_an_answer_the_training_left_as_it_was_is_named():
     assert why(case, []) is not None and why(case, [7.7, 7.5]).startswith("why:      the loss barely moved")
     case.base_answer = "c"
     assert why(case, [7.7, 1.2]) is None
+
+
+def test_a_cases_own_non_strict_xfail_wins_over_its_specs_strict_one(sft, write_spec, tmp_path):
+    # As pytest's closest mark: expect[2]'s own non-strict xfail decides it (XPASS, not a failure) inside a
+    # spec whose xfail is strict. It used to read [XPASS(strict)] in JUnit, the terminal's summary and --lf.
+    text = XFAIL_CHECKS.replace("    expect:\n", '    xfail: {reason: "known broken", strict: true}\n    expect:\n')
+    text = text.replace("# learnt: a real pass\n        equals: 我学会了",
+                        "# xfailed by the spec's mark\n        equals: 我没学会吗")
+    path = write_spec("mixed.sft.yaml", text)
+    result = sft("run", path, "-v", "--no-cache", "--junitxml", tmp_path / "j.xml")
+    report = result.recorder.reports[0]
+    assert [c.outcome for c in report.expectations] == ["xfailed", "xfailed", "xpassed"], result.out
+    assert report.outcome == "xfailed" and result.code == 0, result.out
+    assert "XPASS(strict)" not in result.out
+    junit = (tmp_path / "j.xml").read_text(encoding="utf-8")
+    assert "XPASS(strict)" not in junit and 'failures="0"' in junit, junit
+    from sft_spec_plugins.collect.lastfailed import lastfailed_path, read_lastfailed
+
+    failed = read_lastfailed(lastfailed_path(result.recorder.session.config.cache_dir))
+    assert not [nodeid for nodeid in failed if "mixed" in nodeid], failed  # --lf reruns none of it
+
+
+def test_apply_xfail_decides_a_cases_outcome_from_its_mark():
+    from sft_spec.reports import XPASS_STRICT, ExpectationReport
+    from sft_spec.spec import XfailSpec as XFail
+    from sft_spec_plugins.run.protocol import apply_xfail
+
+    def case(outcome):
+        return ExpectationReport(nodeid="x", index=0, prompt=[], location="x", outcome=outcome)
+
+    assert apply_xfail(case("passed"), None).outcome == "passed"
+    assert apply_xfail(case("failed"), None).outcome == "failed"
+    assert apply_xfail(case("failed"), XFail(reason="r")).outcome == "xfailed"
+    assert apply_xfail(case("passed"), XFail(reason="r")).outcome == "xpassed"
+    strict = apply_xfail(case("passed"), XFail(reason="r", strict=True))
+    assert strict.outcome == "failed" and strict.checks[-1].name == XPASS_STRICT
+    assert apply_xfail(case("failed"), XFail(reason="r", strict=True)).outcome == "xfailed"
+
+
+def test_spec_outcome_comes_from_its_cases_final_outcomes():
+    from types import SimpleNamespace
+
+    from sft_spec.reports import ExpectationReport, SpecReport
+    from sft_spec.spec import XfailSpec as XFail
+    from sft_spec_plugins.run.protocol import spec_outcome
+
+    def spec(xfail, *outcomes):
+        cases = [ExpectationReport(nodeid=f"x{i}", index=i, prompt=[], location="x", outcome=o)
+                 for i, o in enumerate(outcomes)]
+        item = SimpleNamespace(spec=SimpleNamespace(xfail=xfail))
+        return spec_outcome(item, SpecReport(nodeid="x", path="x", name="x", variant=None, outcome="passed",
+                                             expectations=cases))
+
+    assert spec(None, "passed", "xfailed", "xpassed") == "passed"
+    assert spec(None, "passed", "failed") == "failed"
+    mark = XFail(reason="r", strict=True)
+    assert spec(mark, "xfailed", "xpassed") == "xfailed"
+    assert spec(mark, "xpassed", "xpassed") == "xpassed"
+    assert spec(mark, "failed", "xfailed") == "failed"

@@ -292,9 +292,7 @@ class TerminalReporter:
                 if case.outcome == "failed":
                     first = next((c for c in case.checks if not c.passed), None)
                     message = f"{first.name}: {first.message}" if first else ""
-                    lines.append(("FAILED", case.nodeid, message))
-                elif case.outcome == "xpassed" and report.metrics.get("xfail_strict"):
-                    lines.append(("XPASS(strict)", case.nodeid, report.xfail_reason))
+                    lines.append(("FAILED", case.nodeid, message))  # a strict XPASS is a failed case
         if not lines:
             return
         self.sep("=", "short test summary info")
