@@ -144,3 +144,16 @@ def test_a_ci_log_without_v_gets_a_heartbeat_during_a_long_run(sft, write_spec, 
     beating = sft("run", write_spec("b.sft.yaml", one_answer_spec(epochs=3)), "--no-cache")
     lines = [line for line in beating.out.splitlines() if "running for" in line]
     assert any("b.sft.yaml::b train 3/3" in line for line in lines), beating.out
+
+
+def test_counts_agree_with_what_is_listed(sft, write_spec):
+    # "1 error collected" stood above a file's two located errors, and "(1 checks)" in the header.
+    write_spec("two.sft.yaml", "model: builtin:tiny-gemma\nmodle: x\ntrainin: {}\n")
+    folder = write_spec("one.sft.yaml", "model: builtin:tiny-gemma\nskip: later\ndata:\n  conversations:\n"
+                        "    - - {role: user, content: a}\n      - {role: assistant, content: b}\n"
+                        "expect:\n  - {prompt: a, equals: b}\n").parent
+    result = sft("validate", folder)
+    assert result.out.count("unknown key") == 2
+    assert "1 spec, 1 check, 3 errors collected" in result.out, result.out  # data is missing too
+    result = sft("run", folder)
+    assert "collected 1 spec (1 check) / 3 errors" in result.out, result.out

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import textwrap
 
 import pytest
@@ -117,6 +118,7 @@ def test_comparison_html_and_markdown_escape_what_the_runs_hold(runs, sft, tmp_p
     html = (tmp_path / "c.html").read_text(encoding="utf-8")
     assert "<img" not in html and "&lt;img src=x onerror=alert(1)&gt;" in html and "\x1b" not in html
     assert "default-src 'none'" in html and 'data-transition="regressed"' in html
+    assert re.search(r"<h1>sft-spec compare: \d+ specs? regressed \(\d+ findings? counted by the gate\)</h1>", html)
     md = (tmp_path / "c.md").read_text(encoding="utf-8")
     assert "\x1b" not in md and r"\x1b[2K" in md and "<img" not in md.split("```")[0]
     assert "\x1b" not in result.out
@@ -127,7 +129,8 @@ def test_the_run_writes_a_markdown_summary_with_the_comparison(runs):
     assert md.startswith("## sft-spec: failed")
     assert "| specs/recipe.sft.yaml::recipe | failed | 0/1 |" in md
     assert "expected: 我学会了" in md  # the failure with its diff
-    assert "### sft-spec compare: 2 regression(s)" in md and "training.learning_rate 0.01 -> 1e-06" in md
+    # The title counts specs, as the counts beside it do; the gate's findings in brackets.
+    assert "### sft-spec compare: 1 spec regressed (2 findings counted by the gate)" in md and "training.learning_rate 0.01 -> 1e-06" in md
     assert "final\\_loss 0.491 -&gt; 8.551" in md or "final_loss: " in md  # the loss's rise, counted
 
 
@@ -166,8 +169,9 @@ def test_a_spec_that_errors_in_head_is_a_regression(runs, sft, tmp_path):
     result = sft("compare", runs / "base.json", tmp_path / "head.json", "--fail-on-regression",
                  "--md", tmp_path / "m.md")
     assert result.code == 1, result.out
-    assert "expect[0]: passed -> error" in result.out and "1 regression(s)" in result.out
-    assert (tmp_path / "m.md").read_text(encoding="utf-8").startswith("## sft-spec compare: 1 regression(s)")
+    headline = "1 spec regressed (1 finding counted by the gate)"
+    assert "expect[0]: passed -> error" in result.out and headline in result.out
+    assert (tmp_path / "m.md").read_text(encoding="utf-8").startswith(f"## sft-spec compare: {headline}")
 
 
 def test_learning_later_is_the_regression_not_learning_sooner(runs, sft, tmp_path):

@@ -55,6 +55,7 @@ class ErrorInfo:
     plugin: str = ""
     traceback: str = ""
     kind: str = "error"  # error | interrupted | timeout | oom | nan
+    count: int = 1  # located errors in ``message``, one per line (a spec file's collection reports them all)
 
 
 @dataclass

@@ -157,7 +157,7 @@ def collect_error_report(file: Path, exc: SpecError, rootdir: Path | None = None
     shown, errors = relpath(file), (exc.errors if isinstance(exc, SpecErrors) else [exc])
     nodeid = nodeid_path(file, rootdir)
     return SpecReport(nodeid=nodeid, path=shown, name=nodeid, variant=None, outcome="error", error=ErrorInfo(
-        "\n".join(map(str, errors)), location=str(errors[0].location or shown), phase="collect"))
+        "\n".join(map(str, errors)), location=str(errors[0].location or shown), phase="collect", count=len(errors)))
 
 
 def plugin_error_report(problem: PluginProblem) -> SpecReport:

@@ -151,6 +151,15 @@ class Comparison:
     def count(self, transition: str) -> int:
         return sum(s.label == transition for s in self.specs)
 
+    def headline(self) -> str:
+        """The title every rendering uses: specs, as the counts beside it are, then the gate's findings."""
+        if not self.regressions:
+            return "no regression"
+        specs = sum(s.counted for s in self.specs)
+        findings = len(self.regressions)
+        return (f"{specs} spec{'' if specs == 1 else 's'} regressed ({findings} finding"
+                f"{'' if findings == 1 else 's'} counted by the gate)")
+
     def verdicts(self, spec: str) -> list[Quantity]:
         return [q for q in self.quantities if q.spec == spec]
 
@@ -703,14 +712,14 @@ def text_lines(comparison: Comparison, verbose: bool = False) -> list[str]:
         lines += [INDENT[f.kind] + f.text for f in items]
     lines.append(_counts(comparison))
     if comparison.regressions:
-        lines.append(f"{len(comparison.regressions)} regression(s): " + "; ".join(comparison.regressions))
+        lines.append(f"{comparison.headline()}: " + "; ".join(comparison.regressions))
     return [safe(line) for line in lines]
 
 
 def comparison_markdown(comparison: Comparison, heading: str = "##") -> str:
     """The same findings as the terminal, for a pull request: a table of what the gate counts, then each
     spec's evidence in a code block."""
-    lines = [f"{heading} sft-spec compare: {len(comparison.regressions)} regression(s)", "",
+    lines = [f"{heading} sft-spec compare: {comparison.headline()}", "",
              md_text(_counts(comparison)), ""]
     if comparison.versions:
         lines += ["Library versions differ (a likely cause): " + md_text(

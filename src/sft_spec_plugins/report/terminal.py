@@ -114,7 +114,8 @@ class TerminalReporter:
         if session.deselected:
             summary += f" ({session.deselected} deselected)"
         if errors:
-            summary += f", {len(errors)} error{'s' if len(errors) > 1 else ''}"
+            count = sum(r.error.count if r.error else 1 for r in errors)
+            summary += f", {count} error{'s' if count > 1 else ''}"
         verb = "valid" if options.command == "validate" and not errors else "collected"
         self.write_line(f"{summary} {verb}")
 
@@ -134,9 +135,11 @@ class TerminalReporter:
         for shadowed in self.config.registry.shadowed:  # a plugin's name that another plugin's took over
             self.write_line(f"note: {shadowed}")
         checks = sum(len(i.selected_cases) for i in session.items)
-        line = f"collected {len(session.items)} spec{'s' if len(session.items) != 1 else ''} ({checks} checks)"
+        line = (f"collected {len(session.items)} spec{'s' if len(session.items) != 1 else ''} "
+                f"({checks} check{'s' if checks != 1 else ''})")
         if session.collect_errors:
-            line += f" / {len(session.collect_errors)} error{'s' if len(session.collect_errors) > 1 else ''}"
+            count = sum(r.error.count if r.error else 1 for r in session.collect_errors)
+            line += f" / {count} error{'s' if count > 1 else ''}"
         if session.deselected:
             line += f" / {session.deselected} deselected"
         self.write_line(line, bold=True)
