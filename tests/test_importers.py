@@ -51,7 +51,8 @@ def test_trl_keys_are_carried_over_or_named(sft, project):
     for dropped in ("attn_implementation", "report_to: \"wandb\"", "output_dir", "push_to_hub", "hub_model_id"):
         assert f"# {dropped}" in text, text
     original = yaml.safe_load((project / "trl_sft.yaml").read_text(encoding="utf-8"))
-    covered = {*spec["training"], "model_name_or_path", "model_revision", "torch_dtype", "datasets", "use_peft",
+    covered = {*spec["training"], "gradient_checkpointing",  # written as activation_checkpointing, its new name
+               "model_name_or_path", "model_revision", "torch_dtype", "datasets", "use_peft",
                *(f"lora_{k}" for k in ("r", "alpha", "dropout", "target_modules"))}
     named = {line.split(":")[0][2:] for line in text.splitlines() if line.startswith("# ") and "not carried" in line}
     assert set(original) <= covered | named  # nothing silently dropped
@@ -61,6 +62,9 @@ def test_axolotl_keys_are_carried_over_or_named(sft, project):
     sft("import", "axolotl", project / "axolotl_lora.yml")
     text = (project / "axolotl_lora.sft.yaml").read_text(encoding="utf-8")
     spec = yaml.safe_load(text)
+    # roles_to_train (default: the assistant's) trains every assistant turn: assistant_only, not
+    # completion_only (the last answer alone), as the imported comment used to say while writing the other.
+    assert spec["format"]["collator"] == "assistant_only"
     assert spec["data"]["files"][0] == {"path": "data/sharegpt.jsonl", "layout": "messages",
                                         "conversation_key": "conversations", "role_key": "from",
                                         "content_key": "value", "role_map": {"human": "user", "gpt": "assistant"}}
@@ -100,7 +104,9 @@ def test_axolotl_lora_on_an_8bit_base_becomes_qlora_and_every_dataset_key_is_nam
     named = _commented(text)
     # Keys that change which tokens carry the loss, or which turns are read, are never dropped in silence.
     assert {"datasets[0].roles_to_train", "datasets[0].train_on_eos", "datasets[0].drop_system_message",
-            "datasets[0].field_system"} <= named, text
+            "datasets[0].field_system"} <= named, text  # roles_to_train: [assistant, user] has no counterpart
+    # gradient_checkpointing is written by its current name: validation would note the rename on each run.
+    assert spec["training"]["activation_checkpointing"] is True and "gradient_checkpointing" not in spec["training"]
     carried = {"base_model", "load_in_8bit", "load_in_4bit", "datasets", "adapter", "lora_r", "lora_alpha",
                "lora_dropout", "lora_target_linear", "lora_modules_to_save", "sequence_len", "micro_batch_size",
                "num_epochs", "optimizer", "lr_scheduler", "learning_rate", "bf16", "tf32", "gradient_checkpointing",
@@ -187,3 +193,15 @@ def test_a_local_folder_is_read_as_load_dataset_reads_it_and_overridden_keys_are
     paths = [f["path"] for f in yaml.safe_load(text)["data"]["files"]]
     assert paths == ["parts/a.jsonl", "parts/saved"]  # no hidden file, the saved folder as one entry
     assert "# lora_target_modules:" in text and "# load_in_8bit: false" in text, text
+
+
+def test_trl_with_both_dataset_name_and_datasets_reads_datasets_as_trl_does(sft, project):
+    config = project / "both.yaml"
+    config.write_text("model_name_or_path: builtin:tiny-gemma\ndataset_name: trl-lib/Capybara\n"
+                      "datasets:\n  - path: json\n    data_files: data/train.jsonl\n", encoding="utf-8")
+    result = sft("import", "trl", config)
+    assert result.code == 0, result.out + result.err  # the written spec validates
+    text = (project / "both.sft.yaml").read_text(encoding="utf-8")
+    spec = yaml.safe_load(text)
+    assert "dataset" not in spec["data"] and spec["data"]["files"] == [{"path": "data/train.jsonl"}], text
+    assert "dataset_name" in _commented(text)

@@ -42,9 +42,11 @@ NO_COUNTERPART = {
 }
 #: Keys of one dataset entry sft-spec reads; any other is named in a comment.
 DATASET_ENTRY_KEYS = {"path", "name", "split", "data_files", "ds_type", "type", "field_messages",
-                      "message_property_mappings", "message_field_role", "message_field_content", "roles"}
+                      "message_property_mappings", "message_field_role", "message_field_content", "roles",
+                      "roles_to_train"}
+#: Names axolotl's chat_template datasets give the assistant (its default roles_to_train).
+ASSISTANT_ROLES = {"assistant", "gpt", "model"}
 DATASET_ENTRY_WHY = {
-    "roles_to_train": "sft-spec trains the assistant turns (format.collator: completion_only; full trains all)",
     "train_on_eos": "sft-spec trains each assistant turn's end-of-turn and EOS (format.add_eos)",
     "drop_system_message": "a spec keeps every turn of its data; remove system turns from the file",
     "field_system": "system prompts are turns of the conversation in sft-spec's layouts",
@@ -149,7 +151,8 @@ def _training_fields(draft: Draft, key: str, value: Any, fields: dict, policy) -
     """An SFTConfig field: carried as it is, or commented when a spec may not set it."""
     from ..train.recipe_fields import RENAMED_TRAINING_KEYS
 
-    name = RENAMED_TRAINING_KEYS.get(key, key) if key in RENAMED_TRAINING_KEYS and key not in fields else key
+    # A renamed field is written by its new name (validation would note the rename on every run).
+    name = RENAMED_TRAINING_KEYS[key] if RENAMED_TRAINING_KEYS.get(key) in fields else key
     if name not in fields:
         return False
     kind = policy.kind("training", name)
@@ -158,7 +161,7 @@ def _training_fields(draft: Draft, key: str, value: Any, fields: dict, policy) -
     elif key == "report_to" and value not in ("none", "tensorboard", ["tensorboard"], [], None):
         draft.drop(key, value, "network loggers need --allow-network-loggers on the sft-spec run; set it back then")
     else:
-        draft.spec.setdefault("training", {})[key] = value
+        draft.spec.setdefault("training", {})[name] = value
     return True
 
 
@@ -304,7 +307,10 @@ def import_trl(config: dict, source: Path) -> Draft:
             if key in config:
                 draft.drop(key, config[key], "no 4-bit loading in this recipe")
     folder = source.parent
-    if config.get("dataset_name"):
+    if config.get("dataset_name") and config.get("datasets"):
+        draft.drop("dataset_name", config["dataset_name"], "TRL reads datasets when both are given and ignores "
+                   "dataset_name (with a warning)")
+    elif config.get("dataset_name"):
         _data_source(draft, folder, config["dataset_name"], config.get("dataset_config"),
                      config.get("dataset_train_split"), None, {})
     for i, entry in enumerate(config.get("datasets") or []):  # TRL's dataset mixtures
@@ -421,6 +427,13 @@ def import_axolotl(config: dict, source: Path) -> Draft:
             extra["format"] = entry["ds_type"]
         if kind == "chat_template":
             extra["layout"] = "messages"
+            # axolotl trains every assistant turn (roles_to_train, default the assistant's): assistant_only.
+            trained = entry.get("roles_to_train") or ["assistant"]
+            if isinstance(trained, list) and set(trained) <= ASSISTANT_ROLES:
+                spec.setdefault("format", {})["collator"] = "assistant_only"
+            else:
+                draft.drop(f"datasets[{i}].roles_to_train", trained, "sft-spec trains assistant turns only "
+                           "(format.collator: assistant_only; method: full with the default collator trains all)")
             if entry.get("field_messages") not in (None, "messages"):
                 extra["conversation_key"] = entry["field_messages"]
             mapping = entry.get("message_property_mappings") or {}
