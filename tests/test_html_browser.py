@@ -192,3 +192,22 @@ def test_comparison_screenshot(comparison_page, tmp_path):
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
     if os.environ.get("SFT_SPEC_UPDATE_SCREENSHOT"):
         shutil.copyfile(shot, COMPARE_SCREENSHOT)
+
+
+def test_histogram_bars_are_drawn_in_proportion_to_their_counts(tmp_path):
+    # Bars were capped at 300 px inside a full-width row: a bin of 7 rows and one of 4 drew the same length.
+    from sft_spec.reports import SpecReport
+    from sft_spec_plugins.report.html_report import render_html
+
+    rows = [{"scores": {"chrf": v}} for v in [100.0] * 7 + [50.0] * 4 + [0.0] * 2]
+    report = SpecReport(nodeid="s.sft.yaml::s", path="s.sft.yaml", name="s", variant=None, outcome="passed",
+                        extra={"eval": {"s.sft.yaml::s::eval[golden]": {
+                            "name": "golden", "rows": rows, "metrics": ["chrf"], "aggregates": {}}}})
+    page = tmp_path / "bars.html"
+    measure = ("<script>document.documentElement.dataset.bars = [...document.querySelectorAll('.histogram .bar')]"
+               ".map(b => Math.round(b.getBoundingClientRect().width)).filter(w => w > 0).join(',');</script>")
+    page.write_text(render_html([report], {}).replace("</body>", measure + "</body>"), encoding="utf-8")
+    dom, _ = chromium(page.as_uri(), tmp_path, "--dump-dom", "--window-size=1400,900")
+    widths = [int(w) for w in re.search(r'data-bars="([\d,]+)"', dom).group(1).split(",")]
+    expected = [300 * 2 / 7, 300 * 4 / 7, 300]  # bins 0-10, 50-60, 90-100 (percents are whole numbers)
+    assert len(widths) == 3 and all(abs(w - e) <= 2 for w, e in zip(widths, expected, strict=True)), widths

@@ -382,12 +382,32 @@ def test_html_pieces():
     assert [(r.trained, [t.text for t in r.tokens]) for r in runs] == [(False, ["<bos>", "hi"]),
                                                                         (True, ["我", "<eos>"])]
     assert runs[1].tokens[0].title.startswith("tokens 2-4 (one character, 3 byte tokens)")
-    linear = loss_chart([3.0, 2.0, 1.5])
-    assert linear is not None and not linear.log and len(linear.points) == 3
-    assert linear.points[0][1] < linear.points[-1][1]  # SVG y grows downwards: a falling loss goes down
+    gentle = loss_chart([3.0, 2.0, 1.5])
+    assert gentle is not None and len(gentle.points) == 3
+    assert gentle.points[0][1] < gentle.points[-1][1]  # SVG y grows downwards: a falling loss goes down
     steep = loss_chart([8.0, float("nan"), 0.01, 0.0001])
     assert steep is not None and steep.log and [p[2] for p in steep.points] == [1, 3, 4]
     assert loss_chart([float("nan")]) is None
+    signed = loss_chart([1.0, -0.5])  # a loss at or below zero has no log axis
+    assert signed is not None and not signed.log
+
+
+def test_two_reports_draw_their_losses_on_the_same_axes():
+    # One report's axis ran 0-16 and the next 0-100 (log in one, linear in the other): not comparable by eye.
+    a, b = loss_chart([3.0, 2.0, 1.5]), loss_chart([9.0, 0.4, 0.05])
+    assert a.log and b.log and a.yticks == b.yticks
+    assert [label for _, label in a.yticks] == ["1e-2", "1e-1", "1", "10"]
+    assert loss_chart([200.0, 0.001]).yticks[-1][1] == "1e3"  # widened, never clipped
+
+
+def test_a_bounded_metric_is_binned_over_its_own_range_and_bars_share_one_scale():
+    from sft_spec_plugins.report.html_report import histogram
+
+    bins = histogram([100.0] * 7 + [0.0] * 2, low=0.0, high=100.0)
+    assert [b["label"] for b in bins][:2] == ["0-10", "10-20"] and len(bins) == 10
+    assert [b["count"] for b in bins] == [2, 0, 0, 0, 0, 0, 0, 0, 0, 7]
+    assert [b["percent"] for b in bins if b["count"]] == [29, 100]  # 2 of 7 draws 29% of 7's length
+    assert histogram([55.0, 56.0], low=0.0, high=100.0)[5]["count"] == 2  # the same bins for other values
 
 
 # -- runs that fail or stop ----------------------------------------------------------------------------

@@ -129,6 +129,10 @@ def _finite_steps(losses: list[float]) -> list[tuple[int, float]]:
     return [(i, float(v)) for i, v in enumerate(losses) if isinstance(v, (int, float)) and math.isfinite(v)]
 
 
+#: The loss chart's y axis, as powers of ten: the same in every report unless a loss falls outside it.
+LOSS_AXIS = (-2, 1)
+
+
 def loss_chart(losses: list[float], overlay: list[float] | None = None, every: int = 1) -> Chart | None:
     """The loss per logged step; ``every``: optimizer steps between two logged losses, so the x axis counts
     the run's real steps."""
@@ -138,11 +142,11 @@ def loss_chart(losses: list[float], overlay: list[float] | None = None, every: i
     values = [v for _, v in steps + other]
     width, height, left, right, top, bottom = 560, 230, 64, 16, 14, 40
     lo, hi = min(values), max(values)
-    # Losses often fall by orders of magnitude: a linear axis would show a cliff and a flat line.
-    log = lo > 0 and hi / lo > 50
+    # Losses often fall by orders of magnitude: a linear axis would show a cliff and a flat line. One axis
+    # for every report (log, 0.01 to 10, widened only for a loss outside it), so two reports compare by eye.
+    log = lo > 0
     if log:
-        y0, y1 = math.floor(math.log10(lo)), math.ceil(math.log10(hi))
-        y1 = y1 if y1 > y0 else y0 + 1
+        y0, y1 = min(LOSS_AXIS[0], math.floor(math.log10(lo))), max(LOSS_AXIS[1], math.ceil(math.log10(hi)))
         ticks = [(float(e), f"1e{e}" if e not in (0, 1, 2) else _fmt(10.0 ** e)) for e in range(y0, y1 + 1)]
         def ymap(v: float) -> float:
             return math.log10(v)
@@ -213,11 +217,14 @@ def _case_view(report: SpecReport, case: ExpectationReport) -> dict[str, Any]:
 SHOWN_ROWS = 200
 
 
-def histogram(values: list[float], bins: int = 10) -> list[dict[str, Any]]:
-    """Counts of ``values`` in equal-width bins, for a bar per bin."""
+def histogram(values: list[float], bins: int = 10, low: float | None = None, high: float | None = None
+              ) -> list[dict[str, Any]]:
+    """Counts of ``values`` in equal-width bins, for a bar per bin; over the metric's own range when it has
+    one (chrF 0-100), so the same metric is binned alike in every report."""
     if not values:
         return []
-    low, high = min(values), max(values)
+    low = min(values) if low is None else min(low, *values)
+    high = max(values) if high is None else max(high, *values)
     width = (high - low) / bins or 1.0
     counts = [0] * (bins if high > low else 1)
     for value in values:
@@ -228,6 +235,7 @@ def histogram(values: list[float], bins: int = 10) -> list[dict[str, Any]]:
 
 
 def _eval_views(report: SpecReport) -> list[dict[str, Any]]:
+    from ..check.metrics import METRICS
     from ..common.uncertainty import Estimate
 
     views = []
@@ -239,7 +247,10 @@ def _eval_views(report: SpecReport) -> list[dict[str, Any]]:
             scored = [r["scores"][name] for r in rows if name in r.get("scores", {})]
             # NaN and infinity (read back from JSON as text) have no bin: counted beside the bars instead.
             values = [v for v in scored if isinstance(v, int | float) and math.isfinite(v)]
-            histograms.append({"metric": name, "bins": histogram(values), "unbinned": len(scored) - len(values),
+            metric = METRICS.get(name)
+            bounded = metric is not None and metric.low is not None and metric.high is not None
+            bins = histogram(values, low=metric.low, high=metric.high) if bounded else histogram(values)
+            histograms.append({"metric": name, "bins": bins, "unbinned": len(scored) - len(values),
                                "mean": _error_bar(estimates.get(f"mean_{name}"), values)})
         views.append({
             "name": f"eval[{data.get('name', '')}]", "nodeid": nodeid, "aggregates": data.get("aggregates", {}),
