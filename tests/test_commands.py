@@ -89,6 +89,20 @@ def test_the_schema_rejects_what_the_loader_rejects(sft):
     assert list(validator.iter_errors(good)) == []
     typo = {**good, "expect": [{"prompt": "a", "equalz": "b"}]}
     assert [e.validator for e in validator.iter_errors(typo)] == ["additionalProperties"]
+    # TRL's and peft's fields are listed, so an editor flags a typo there too, as validation does.
+    for section, key in (("training", "learning_rat"), ("lora", "lora_alfa"), ("quantization", "load_in_5bit")):
+        typo = {**good, section: {key: 1}}
+        assert [e.validator for e in validator.iter_errors(typo)] == ["additionalProperties"], section
+    renamed = {**good, "training": {"gradient_checkpointing": True, "learning_rate": 1e-3}}
+    assert list(validator.iter_errors(renamed)) == []  # accepted with a note, as the loader does
+
+
+def test_schema_descriptions_read_as_written():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "sft_spec", "schema"], capture_output=True, text=True).stdout
+    assert "%%" not in out and "~20% slower" in out
 
 
 DUP = """\

@@ -35,7 +35,7 @@ def _field_schema(info) -> dict[str, Any]:
     if info.choices:
         out["enum"] = list(info.choices) + ([None] if "none" in info.types else [])
     if info.help:
-        out["description"] = info.help
+        out["description"] = info.help.replace("%%", "%")  # argparse's escape in transformers' help texts
     if info.default is not None:
         out["default"] = info.default
     return out
@@ -94,6 +94,8 @@ def spec_schema(pluginmanager, cache_dir: Path) -> dict[str, Any]:
     for section in ("training", "lora", "quantization"):
         if section in props and section in fields:
             props[section]["properties"] = {name: _field_schema(info) for name, info in sorted(fields[section].items())}
+            # As validation: a field SFTConfig (LoraConfig, BitsAndBytesConfig) does not have is a typo.
+            props[section]["additionalProperties"] = False
     if "training" in props:
         for old, new in RENAMED_TRAINING_KEYS.items():
             props["training"]["properties"].setdefault(
