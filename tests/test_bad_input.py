@@ -7,6 +7,7 @@ which loads and checks specs without training, so the whole corpus takes seconds
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -410,3 +411,31 @@ def test_a_jinja_syntax_error_in_format_template_is_found_by_validate_at_its_lin
                                             encoding="utf-8")
     result = sft("validate", tmp_path / "file.sft.yaml")
     assert result.code == 1 and "chat.jinja:2" in result.out and "syntax error" in result.out, result.out
+
+
+EVERY_ERROR_AT_ONCE = """\
+model: builtin:tiny-gemmaa
+modle: x
+method: lora
+lora: {r: "sixteen"}
+training: {num_train_epochs: "three", learning_rat: 1}
+format: {collator: completion_onl}
+data:
+  conversations:
+    - - {role: user, content: a}
+      - {role: assistant, content: b}
+expect:
+  - {prompt: a, equals: b, equalz: c}
+"""
+
+
+def test_validate_lists_every_independent_error_in_one_run(tmp_path, capsys):
+    # A misspelled top-level key used to hide everything else until it was fixed: then the wrong types,
+    # then the model name, a pass at a time.
+    (tmp_path / "a.sft.yaml").write_text(EVERY_ERROR_AT_ONCE, encoding="utf-8")
+    code, out = validate(capsys, tmp_path)
+    assert code == 1, out
+    found = [re.search(r"a\.sft\.yaml:(\d+):\d+: (\S+)", line).groups() for line in error_lines(out)]
+    assert found == [("1", "model:"), ("2", "modle:"), ("4", "lora.r:"), ("5", "training.num_train_epochs:"),
+                     ("5", "training.learning_rat:"), ("6", "format.collator:"), ("12", "expect[0].equalz:")], out
+    assert "7 errors collected" in out

@@ -49,6 +49,19 @@ def _validate_by_plugins(item: SpecItem, ctx: LoadContext) -> list[SpecError]:
     return errors
 
 
+def _without_broken_keys(data: dict, exc: pydantic.ValidationError) -> Spec | None:
+    """The spec without the top-level keys the schema refused (a misspelled key, a value of the wrong type),
+    so the other keys are still checked and one run lists every independent error, as a compiler does.
+    None when a key the spec cannot do without is among them."""
+    broken = {err["loc"][0] for err in exc.errors() if err["loc"]}
+    if any(key in Spec.model_fields and Spec.model_fields[key].is_required() for key in broken):
+        return None
+    try:
+        return Spec.model_validate({k: v for k, v in data.items() if k not in broken})
+    except pydantic.ValidationError:
+        return None
+
+
 def build_item(path: Path, nodeid: str, name: str, variant: str | None, doc: LocatedDocument,
                ctx: LoadContext) -> SpecItem:
     errors: list[SpecError] = []
@@ -58,7 +71,10 @@ def build_item(path: Path, nodeid: str, name: str, variant: str | None, doc: Loc
     try:
         spec = Spec.model_validate(data)
     except pydantic.ValidationError as exc:
-        raise SpecErrors(errors + pydantic_errors(exc, doc, also_known=list(ctx.config.registry.sections))) from None
+        errors += pydantic_errors(exc, doc, also_known=list(ctx.config.registry.sections))
+        spec = _without_broken_keys(data, exc)
+        if spec is None:  # a required key is broken: nothing sound to check the rest against
+            raise SpecErrors(errors) from None
     spec.name = name
     item = SpecItem(nodeid=nodeid, path=path, name=name, variant=variant, spec=spec, conversations=[],
                     expectations=[], training_checks=[], location=doc.locate(()), doc=doc, sections=sections)
@@ -74,6 +90,6 @@ def build_item(path: Path, nodeid: str, name: str, variant: str | None, doc: Loc
         errors.append(SpecError("nothing to check: add expect (prompts with equals, contains, regex, ...) or "
                                 "checks (e.g. loss_decreased: true)", where,
                                 key="expect" if "expect" in doc.data else None))
-    if errors:
-        raise SpecErrors(errors)
+    if errors:  # in the file's order, as a compiler lists them
+        raise SpecErrors(sorted(errors, key=lambda e: (e.location.line, e.location.column) if e.location else (0, 0)))
     return item
