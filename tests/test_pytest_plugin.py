@@ -239,3 +239,25 @@ def test_a_misspelled_hook_registered_in_a_worker_is_an_error_under_n(tmp_path, 
     result = sft("run", "specs/later.sft.yaml", "-n", "2", "--no-cache", "-p", "misspelled")
     assert result.code != 0, result.out
     assert "sft_spec_log_reprot" in result.out + result.err, result.out + result.err
+
+
+def test_run_options_that_make_sense_under_pytest_are_pytest_options(tmp_path):
+    project = _project(tmp_path)
+    run = _pytest(project, "specs/learn.sft.yaml", "--sft-spec-json", "r.json", "--sft-spec-no-cache")
+    assert (project / "r.json").is_file(), run.stdout + run.stderr
+    run = _pytest(project, "specs/later.sft.yaml", "--sft-spec-timeout", "soon")
+    assert run.returncode != 0 and "--timeout" in run.stdout + run.stderr, run.stdout + run.stderr
+    help_text = _pytest(project, "--help").stdout
+    assert "--sft-spec-timeout=SECONDS" in help_text and "--sft-spec-update-snapshots" in help_text
+
+
+def test_every_pytest_option_names_a_run_option():
+    from sft_spec.bootstrap import make_parser
+    from sft_spec.pluginmanager import make_plugin_manager
+    from sft_spec_plugins.pytest_plugin import PYTEST_OPTIONS
+
+    run = make_parser(make_plugin_manager())._subparsers._group_actions[0].choices["run"]
+    known = {flag: action for action in run._actions for flag in action.option_strings}
+    for flag, (run_flag, metavar) in PYTEST_OPTIONS.items():
+        assert run_flag in known, flag
+        assert (metavar is None) == (known[run_flag].nargs == 0), flag  # a flag stays a flag

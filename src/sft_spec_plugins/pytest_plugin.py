@@ -70,6 +70,46 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("sft-spec", "sft-spec (fine-tuning spec files)")
     group.addoption("--sft-spec-args", dest="sft_spec_args", default="", metavar="ARGS",
                     help='options of `sft-spec run` for the specs, e.g. "--device cpu --update-snapshots"')
+    for flag, (run_flag, metavar) in PYTEST_OPTIONS.items():
+        if metavar is None:
+            group.addoption(flag, action="store_true", default=False, help=f"as `sft-spec run {run_flag}`")
+        else:
+            group.addoption(flag, default=None, metavar=metavar, help=f"as `sft-spec run {run_flag}`")
+
+
+#: ``sft-spec run`` options that make sense under pytest, as pytest options (``--sft-spec-timeout 600``):
+#: pytest option -> (the run option, its metavar or None for a flag). pytest has its own -k, -m, --lf,
+#: --junitxml, --color and -n; every other run option goes through --sft-spec-args. The run's parser checks
+#: the values, so an error reads as `sft-spec run` says it.
+PYTEST_OPTIONS = {
+    "--sft-spec-timeout": ("--timeout", "SECONDS"),
+    "--sft-spec-device": ("--device", "DEVICE"),
+    "--sft-spec-on-unsupported": ("--on-unsupported", "POLICY"),
+    "--sft-spec-no-cache": ("--no-cache", None),
+    "--sft-spec-update-snapshots": ("--update-snapshots", None),
+    "--sft-spec-update-baselines": ("--update-baselines", None),
+    "--sft-spec-stop-when-learnt": ("--stop-when-learnt", None),
+    "--sft-spec-deterministic": ("--deterministic", None),
+    "--sft-spec-allow-remote-code": ("--allow-remote-code", None),
+    "--sft-spec-allow-pickle": ("--allow-pickle", None),
+    "--sft-spec-json": ("--json", "PATH"),
+    "--sft-spec-html": ("--html", "PATH"),
+    "--sft-spec-md": ("--md", "PATH"),
+    "--sft-spec-history": ("--history", "DIR"),
+}
+
+
+def run_arguments(config: pytest.Config) -> list[str]:
+    """The ``sft-spec run`` command line a pytest command line asks for: --sft-spec-args, then the options
+    above that were given."""
+    argv = shlex.split(config.getoption("sft_spec_args") or "")
+    for flag, (run_flag, metavar) in PYTEST_OPTIONS.items():
+        value = config.getoption(flag.lstrip("-").replace("-", "_"))
+        if metavar is None and value:
+            argv.append(run_flag)
+        elif metavar is not None and value is not None:
+            argv += [run_flag, str(value)]
+    return argv
 
 
 class _Bridge:
@@ -93,7 +133,7 @@ class _Bridge:
         from sft_spec.session import Session
 
         rootdir = Path(self.pytest_config.rootpath)
-        argv = ["run", *shlex.split(self.pytest_config.getoption("sft_spec_args") or "")]
+        argv = ["run", *run_arguments(self.pytest_config)]
         # pytest's own terminal reporter prints; pytest's paths and rootdir are the run's.
         # pytest's own arguments are paths or node ids (specs/x.sft.yaml::x[lora]): the files they name.
         paths = [Path(a.split("::", 1)[0]) for a in self.pytest_config.args]
