@@ -157,3 +157,20 @@ def test_counts_agree_with_what_is_listed(sft, write_spec):
     assert "1 spec, 1 check, 3 errors collected" in result.out, result.out  # data is missing too
     result = sft("run", folder)
     assert "collected 1 spec (1 check) / 3 errors" in result.out, result.out
+
+
+def test_durations_say_where_a_runs_seconds_went(sft, write_spec, one_answer_spec):
+    # A tiny model "loaded" for 13 s: the library imports were inside the load phase, and nothing said so.
+    path = write_spec("d.sft.yaml", one_answer_spec(epochs=1))
+    result = sft("run", path, "--no-cache", "--durations", "3")
+    section = result.out.split("slowest 3 durations", 1)[1].splitlines()[1:]
+    section = section[:next(i for i, line in enumerate(section) if line.startswith("="))]
+    lines = [line.split() for line in section if line.endswith("d.sft.yaml::d")]
+    assert len(lines) == 3 and "train" in {phase for _, phase, _ in lines}, section
+    seconds = [float(s.rstrip("s")) for s, _, _ in lines]
+    assert seconds == sorted(seconds, reverse=True)
+    report = result.recorder.reports[0]
+    assert {"import", "load", "train"} <= set(report.phases), report.phases
+    sft("run", path)  # stored in the result cache (or found there: another test may have run this spec)
+    rerun = sft("run", path, "--durations", "0")
+    assert "1 spec reused from the result cache: no time spent" in rerun.out, rerun.out

@@ -243,6 +243,9 @@ class TerminalReporter:
             self.sep("=", "FAILURES", "failed", bold=True)
             for report, case in failures:
                 self._show_failure(report, case)
+        durations = self.config.getoption("durations")
+        if durations is not None:
+            self._durations(reports, durations)
         extra: list[str] = []
         self.config.hook.sft_spec_terminal_summary(session=session, write_line=extra.append)
         for line in extra:
@@ -259,6 +262,23 @@ class TerminalReporter:
         summary = ", ".join(parts) or "no tests ran"
         main = "failed" if exitstatus else "passed"
         self.sep("=", f"{summary} in {time.time() - self.start:.2f}s", main, bold=True)
+
+    def _durations(self, reports: list[SpecReport], count: int) -> None:
+        """pytest's --durations for phases: where a run's seconds went (a result reused from the cache took
+        none: its recorded phases are the original run's)."""
+        timed = sorted(((seconds, phase, report.nodeid) for report in reports if not report.metrics.get("cached")
+                        for phase, seconds in report.phases.items()), reverse=True)
+        shown = [t for t in timed if t[0] >= 0.005 or self.verbosity > 1]
+        shown = shown[:count] if count > 0 else shown
+        self.sep("=", f"slowest {count} durations" if count > 0 else "slowest durations")
+        for seconds, phase, nodeid in shown:
+            self.write_line(f"{seconds:.2f}s {phase:<16} {nodeid}")
+        hidden = len(timed) - len([t for t in timed if t[0] >= 0.005 or self.verbosity > 1])
+        if hidden:
+            self.write_line(f"({hidden} durations < 0.005s hidden.  Use -vv to show these durations.)")
+        cached = sum(bool(r.metrics.get("cached")) for r in reports)
+        if cached:
+            self.write_line(f"({cached} spec{'s' if cached != 1 else ''} reused from the result cache: no time spent)")
 
     # -- details ---------------------------------------------------------------------------------
 
@@ -347,6 +367,9 @@ def sft_spec_addoption(parser):
     parser.add_argument("--color", choices=("yes", "no", "auto"), default="auto",
                         help="colour the terminal output: yes, no, or auto (a terminal, unless NO_COLOR is set; "
                         "FORCE_COLOR or PY_COLORS=1 force it), as pytest's --color")
+    parser.add_argument("--durations", type=int, default=None, metavar="N",
+                        help="show the N slowest phases of the run's specs (library imports, model load, "
+                        "training, ...), N=0 for all, as pytest's --durations")
 
 
 #: Without -v and without a terminal, a progress line at most this often (seconds).

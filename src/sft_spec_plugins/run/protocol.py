@@ -182,8 +182,18 @@ def plugin_name_for_traceback(pm: pluggy.PluginManager, tb) -> str:
     return found
 
 
+def import_training_libraries() -> None:
+    """torch, transformers, TRL's trainer (which brings peft and bitsandbytes): seconds on the first spec
+    of a process, timed as their own phase so "load" says what loading the model costs."""
+    import torch  # noqa: F401
+    import transformers  # noqa: F401
+    from trl import SFTTrainer  # noqa: F401
+
+
 def _run_phases(item: SpecItem, run: SpecRun, report: SpecReport, hook) -> None:
     expectations = item.selected_expectations
+    with _phase(report, item, "import"):
+        import_training_libraries()
     with _phase(report, item, "load"):
         hook.sft_spec_run_progress(item=item, phase="load", step=0, total=0, loss=None)
         run.loaded = hook.sft_spec_load_model(item=item, config=run.config)
