@@ -25,8 +25,8 @@ from .failures import diff_segments, shown_argument
 from .report_files import FileReporter, case_outcome_counts, logged_every
 
 OUTCOME_ORDER = ("failed", "error", "interrupted", "xpassed", "passed", "xfailed", "skipped")
-PHASE_LABELS = {"import": "import libraries", "load": "load model", "generate_before": "generate before", "format": "format",
-                "mask": "mask", "train": "train", "generate": "generate", "check": "check"}
+PHASE_LABELS = {"import": "import libraries", "load": "load model", "generate_before": "generate before",
+                "format": "format", "mask": "mask", "train": "train", "generate": "generate", "check": "check"}
 
 _CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f]")
 
