@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import annotated_types
-from pydantic import BaseModel
+from pydantic import BaseModel, RootModel
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
@@ -116,6 +116,18 @@ def nested_models(model: type[BaseModel], prefix: str = "") -> list[tuple[str, t
             out.append((path, annotation))
             out += nested_models(annotation, f"{path}.")
     return out
+
+
+def mapping_of(model: type[BaseModel]) -> type[BaseModel] | None:
+    """The entry model of a section written as a mapping of names to entries (``eval: {golden: {...}}``)."""
+    if not issubclass(model, RootModel):
+        return None
+    annotation = model.model_fields["root"].annotation
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) is dict and len(args) == 2 and isinstance(args[1], type) \
+            and issubclass(args[1], BaseModel):
+        return args[1]
+    return None
 
 
 def model_table(model: type[BaseModel], prefix: str) -> list[str]:
@@ -212,9 +224,14 @@ def render_reference() -> str:
 
     for name, section in sorted(registry.sections.items()):
         how = "required" if section.required else "optional, defaults as below" if section.default else "optional"
-        out += [f"## {name}", "", f"{cell(section.description)} (a key of plugin `{section.plugin}`; {how}).", "",
-                *model_table(section.model, f"{name}."), ""]
-        for path, model in nested_models(section.model, f"{name}."):
+        model, prefix = section.model, f"{name}."
+        entry = mapping_of(model)
+        if entry is not None:  # a RootModel of {name: entry}: the entry's keys are what a user writes
+            model, prefix = entry, f"{name}.<name>."
+        out += [f"## {name}", "", f"{cell(section.description)} (a key of plugin `{section.plugin}`; {how})"
+                + (": a mapping of names to entries with these keys" if entry is not None else "") + ".", "",
+                *model_table(model, prefix), ""]
+        for path, model in nested_models(model, prefix):
             about = [notes[path], ""] if path in notes else []
             out += [f"## {path}", "", *about, *model_table(model, f"{path}."), ""]
         if name == "format":

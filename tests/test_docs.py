@@ -37,6 +37,15 @@ def test_spec_reference_is_generated_from_the_code():
     assert committed == generated, "docs/spec-reference.md is stale: run `python docs/generate.py`"
 
 
+def test_a_section_written_as_a_mapping_of_names_documents_its_entries_keys():
+    # eval: {golden: {path: ..., checks: ...}} showed one empty `eval.root` row, and no key of an eval set.
+    reference = load_generator().render_reference()
+    assert "`eval.root`" not in reference
+    for key in ("path", "prompt", "reference", "id", "checks", "pass_rate", "mean", "change", "xfail"):
+        assert f"| `eval.<name>.{key}` |" in reference, key
+    assert "| `eval.<name>.pass_rate.confidence` |" in reference
+
+
 def test_spec_reference_follows_field_descriptions(monkeypatch):
     from sft_spec_plugins.check.generation import GenerationSpec
 
@@ -62,6 +71,8 @@ def test_spec_reference_lists_every_key_and_check():
     sections.update(generator.nested_models(sections["data"], "data."))
     assert {"data.files[]", "data.conversations[][]"} <= set(sections)
     for path, model in [*nested.items(), *sections.items()]:
+        entry = generator.mapping_of(model)  # eval: {name: entry}: the entry's keys, under eval.<name>.
+        model, path = (entry, f"{path}.<name>") if entry is not None else (model, path)
         for name in model.model_fields:
             assert f"| `{path}.{name}` |" in text
     for name in registry.checks:

@@ -19,8 +19,9 @@ from sft_spec.state import Answer
 class GenerationSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    max_new_tokens: int = Field(32, gt=0, description="Tokens to generate per expectation; unset: from each "
-                                "expectation's reference (its token count plus a margin), at least 32")
+    max_new_tokens: int = Field(32, gt=0, description="Tokens to generate per expectation. Unset: each "
+                                "expectation's own budget, its reference's token count plus a margin and at "
+                                "least this default; set: exactly this many for every expectation")
     do_sample: bool = Field(False, description="Greedy by default, so results are reproducible")
     temperature: float | None = Field(None, description="Sampling temperature (with do_sample)")
     top_p: float | None = Field(None, description="Nucleus sampling probability mass (with do_sample)")
