@@ -224,14 +224,14 @@ def render_reference() -> str:
 
     for name, section in sorted(registry.sections.items()):
         how = "required" if section.required else "optional, defaults as below" if section.default else "optional"
-        model, prefix = section.model, f"{name}."
-        entry = mapping_of(model)
+        shape, prefix = section.model, f"{name}."
+        entry = mapping_of(shape)
         if entry is not None:  # a RootModel of {name: entry}: the entry's keys are what a user writes
-            model, prefix = entry, f"{name}.<name>."
+            shape, prefix = entry, f"{name}.<name>."
         out += [f"## {name}", "", f"{cell(section.description)} (a key of plugin `{section.plugin}`; {how})"
                 + (": a mapping of names to entries with these keys" if entry is not None else "") + ".", "",
-                *model_table(model, prefix), ""]
-        for path, model in nested_models(model, prefix):
+                *model_table(shape, prefix), ""]
+        for path, model in nested_models(shape, prefix):
             about = [notes[path], ""] if path in notes else []
             out += [f"## {path}", "", *about, *model_table(model, f"{path}."), ""]
         if name == "format":

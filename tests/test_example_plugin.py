@@ -54,6 +54,10 @@ def test_sft_spec_plugins_lists_it_with_its_version(installed):
     # Its hooks, and what it registered under them, named as its own.
     assert lines[at + 1:at + 4] == ["    hooks: sft_spec_register_checks, sft_spec_register_formatters",
                                     "    formatters: plain", "    checks: max_chars"]
+    # The plugin guide shows this output as it is.
+    guide = (REPO / "docs" / "writing-plugins.md").read_text(encoding="utf-8")
+    shown = guide.split("<!-- output: sft-spec plugins", 1)[1].split("```\n", 1)[1].split("```", 1)[0]
+    assert shown.splitlines() == lines[at:at + 4]
 
 
 def test_the_example_plugins_own_tests_pass(installed):
