@@ -285,3 +285,15 @@ def test_the_command_check_sees_commands():
     assert mentioned_commands(text) == {"frobnicate", "run", "lint"}
     output = "```\n===== sft-spec session starts =====\n```\nsft-spec trains the model\n"
     assert mentioned_commands(output) == set()
+
+
+def test_the_command_table_lists_every_command():
+    # It listed 3 of 9 commands once, and 5 of 11 before this test.
+    from sft_spec.bootstrap import make_parser
+    from sft_spec.pluginmanager import make_plugin_manager
+
+    commands = make_parser(make_plugin_manager())._subparsers._group_actions[0].choices
+    usage = (DOCS / "usage.md").read_text(encoding="utf-8")
+    table = usage.split("## Command line", 1)[1].split("\n\n", 2)[1]
+    for name in commands:
+        assert f"| `sft-spec {name}" in table, name
