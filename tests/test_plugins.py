@@ -202,3 +202,55 @@ def test_a_plugin_cannot_take_a_subcommand_the_core_has(sft):
     result = sft("plugins", plugins=[TakesRun()])
     assert result.code == 3
     assert "BROKEN TakesRun: subcommand 'run' is the core's already" in result.out
+
+
+class BudgetAndExamples:
+    """A plugin that sets every answer's budget and builds the training examples itself."""
+
+    def __init__(self):
+        self.examples_made = 0
+
+    @hookimpl(tryfirst=True)
+    def sft_spec_answer_budget(self, item, run, checks):
+        return 5
+
+    @hookimpl(tryfirst=True)
+    def sft_spec_make_examples(self, item, run):
+        self.examples_made += 1
+        hook = run.config.hook
+        return [hook.sft_spec_make_mask(item=item, run=run, formatted=hook.sft_spec_format(
+            item=item, run=run, messages=conversation, add_generation_prompt=False), index=i)
+            for i, conversation in enumerate(item.conversations)]
+
+
+def test_answer_budgets_and_training_examples_come_from_hooks(sft, write_spec, one_answer_spec):
+    # The run protocol imported the generation plugin's budget function and the collators' batched
+    # masking: a plugin could change neither. They are hooks now.
+    plugin = BudgetAndExamples()
+    result = sft("run", write_spec("b.sft.yaml", one_answer_spec()), "--no-cache", plugins=[plugin])
+    report = result.recorder.reports[0]
+    assert plugin.examples_made == 1 and report.mask is not None, result.out
+    assert report.expectations[0].max_new_tokens == 5, result.out
+
+
+def test_a_template_that_breaks_on_a_later_conversation_names_it(sft, write_spec):
+    text = """\
+        model: builtin:tiny-gemma
+        format:
+          template: >-
+            {% for m in messages %}{% if m.content == 'boom' %}{{ raise_exception('no boom') }}{% endif %}
+            {{ m.role }}: {{ m.content }} {% endfor %}{% if add_generation_prompt %}assistant: {% endif %}
+          response_template: "assistant: "
+        data:
+          conversations:
+            - - {role: user, content: a}
+              - {role: assistant, content: b}
+            - - {role: user, content: boom}
+              - {role: assistant, content: c}
+        expect:
+          - {prompt: a, equals: b}
+    """
+    result = sft("run", write_spec("t.sft.yaml", text), "--no-cache")
+    report = result.recorder.reports[0]
+    assert report.outcome == "error" and report.error.phase == "format", result.out
+    assert "conversation 1: " in report.error.message and "no boom" in report.error.message, result.out

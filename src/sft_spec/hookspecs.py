@@ -157,9 +157,23 @@ def sft_spec_evaluate(item: SpecItem, run: SpecRun) -> None:
 
 
 @hookspec(firstresult=True)
+def sft_spec_make_examples(item: SpecItem, run: SpecRun) -> list[MaskedExample] | Any | None:
+    """Every training example, formatted and masked (``run.formatted`` holds the first conversation's
+    text). The built-in formats and masks each conversation through ``sft_spec_format`` and
+    ``sft_spec_make_mask``, or, for large data that only the built-in hooks format and mask, in batches
+    into a cached ``datasets.Dataset`` with ``input_ids`` and ``labels``."""
+
+
+@hookspec(firstresult=True)
 def sft_spec_make_mask(item: SpecItem, run: SpecRun, formatted: FormattedText, index: int
                        ) -> MaskedExample | None:
     """Tokenize formatted conversation ``index`` and decide which tokens carry the loss."""
+
+
+@hookspec(firstresult=True)
+def sft_spec_answer_budget(item: SpecItem, run: SpecRun, checks: list[tuple[str, Any]]) -> int | None:
+    """``max_new_tokens`` for the answer these checks judge; None: the generation settings' own. The
+    built-in derives it from the longest reference when ``generation.max_new_tokens`` is not set."""
 
 
 @hookspec(firstresult=True)

@@ -426,11 +426,9 @@ def _contexts(item, run, evalset: EvalSet, rows: list[Row]) -> list[CheckContext
 
 
 def _with_budgets(item, run, rows: list[Row], contexts: list[CheckContext]) -> None:
-    from .generation import answer_budget
-
     for row, ctx in zip(rows, contexts, strict=True):
         try:
-            ctx.prompt.max_new_tokens = answer_budget(item, run, row.checks)
+            ctx.prompt.max_new_tokens = run.config.hook.sft_spec_answer_budget(item=item, run=run, checks=row.checks)
         except SpecError as exc:
             raise SpecError(f"eval set row {row.index}: {exc.message}", row.location) from None
 

@@ -94,6 +94,11 @@ def references(checks: list[tuple[str, object]]) -> list[str]:
     return out
 
 
+@hookimpl(trylast=True)
+def sft_spec_answer_budget(item, run, checks) -> int | None:
+    return answer_budget(item, run, checks)
+
+
 def answer_budget(item, run, checks: list[tuple[str, object]]) -> int | None:
     """``max_new_tokens`` for one answer: None when the spec sets it; else from the longest reference."""
     generation = item.section(GENERATION)

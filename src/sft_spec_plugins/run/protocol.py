@@ -31,9 +31,6 @@ from sft_spec.reports import (
 )
 from sft_spec.state import Answer, Case, Expectation, SpecItem, SpecRun
 
-from ..check.generation import answer_budget
-from ..train.collators import bulk_examples, bulk_wanted
-
 if TYPE_CHECKING:
     from sft_spec.config import Config
     from sft_spec.session import Session
@@ -204,15 +201,15 @@ def _run_phases(item: SpecItem, run: SpecRun, report: SpecReport, hook) -> None:
             run.note(note)
     with _phase(report, item, "format"):
         run.markers = hook.sft_spec_chat_markers(item=item, run=run)
-        # Large data is formatted and masked in batches in the mask phase; here, its first conversation only.
-        bulk = bulk_wanted(item, run)
+        # The first conversation and the prompts: a template's problem shows before anything is generated.
+        # The examples hook formats the others with their masks (in batches for large data).
         run.formatted = [hook.sft_spec_format(item=item, run=run, messages=conv, add_generation_prompt=False)
-                         for conv in (item.conversations[:1] if bulk else item.conversations)]
+                         for conv in item.conversations[:1]]
         run.prompts = [hook.sft_spec_format(item=item, run=run, messages=exp.prompt, add_generation_prompt=True)
                        for exp in expectations]
         for exp, prompt in zip(expectations, run.prompts, strict=True):
             try:
-                prompt.max_new_tokens = answer_budget(item, run, exp.checks)
+                prompt.max_new_tokens = hook.sft_spec_answer_budget(item=item, run=run, checks=exp.checks)
             except SpecError as exc:  # said where the expectation was written
                 raise SpecError(exc.message, exp.location) from None
     prompts = dict(zip((e.index for e in expectations), run.prompts, strict=True))
@@ -226,8 +223,9 @@ def _run_phases(item: SpecItem, run: SpecRun, report: SpecReport, hook) -> None:
     with _phase(report, item, "evaluate_before"):
         hook.sft_spec_evaluate(item=item, run=run)
     with _phase(report, item, "mask"):
-        run.examples = bulk_examples(item, run) if bulk else [
-            hook.sft_spec_make_mask(item=item, run=run, formatted=f, index=i) for i, f in enumerate(run.formatted)]
+        run.examples = hook.sft_spec_make_examples(item=item, run=run)
+        if run.examples is None:
+            raise RuntimeError("no plugin made the training examples")
         report.mask = _mask_summary(run)
     with _phase(report, item, "train"):
         trainer = hook.sft_spec_make_trainer(item=item, run=run, examples=run.examples)

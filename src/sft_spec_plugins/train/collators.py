@@ -202,6 +202,33 @@ def sft_spec_make_mask(item, run, formatted, index) -> MaskedExample:
 BULK_CONVERSATIONS = 2000
 
 
+@hookimpl(trylast=True)
+def sft_spec_make_examples(item, run):
+    """Per conversation through the format and mask hooks; large data in batches (see bulk_wanted)."""
+    if bulk_wanted(item, run):
+        return bulk_examples(item, run)
+    hook = run.config.hook
+    examples = []
+    for index, conversation in enumerate(item.conversations):
+        if index < len(run.formatted):
+            formatted = run.formatted[index]
+        else:
+            try:
+                formatted = hook.sft_spec_format(item=item, run=run, messages=conversation,
+                                                 add_generation_prompt=False)
+            except Exception as exc:  # a template that breaks on one conversation: say which, where
+                where = getattr(conversation, "location", None) or item.locate("format")
+                if isinstance(exc, SpecError):
+                    error = SpecError(f"conversation {index}: {exc.message}", exc.location or where, exc.key)
+                else:
+                    error = SpecError(f"conversation {index}: {type(exc).__name__}: {exc}", where)
+                error.phase = "format"  # the format phase's error, made while masking
+                raise error from exc
+            run.formatted.append(formatted)
+        examples.append(hook.sft_spec_make_mask(item=item, run=run, formatted=formatted, index=index))
+    return examples
+
+
 def bulk_wanted(item, run) -> bool:
     """Large data, and only the built-in format and mask hooks answer (a plugin's own are called per
     conversation, as always)."""
