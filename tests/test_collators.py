@@ -265,3 +265,46 @@ def test_masks_match_trls_on_the_real_tokenizers(prepare, model, example):
         assert [part.split(run.markers.end_of_turn)[0] for part in trained.split(" | ")] == ["你好！", "我学会了"]
     else:
         assert ours(item, run) == expected
+
+
+def test_the_loss_mask_flags_are_read_before_the_collator_is_checked(sft, write_spec, monkeypatch):
+    # training.assistant_only_loss was turned into format.collator by another plugin's validation, which
+    # ran after the collators' own check (entry points in alphabetical order): the collator checked was
+    # the default, so a setting it does not read went unmentioned. Resolve now runs before every check.
+    spec = write_spec("flags.sft.yaml", """\
+        model: builtin:tiny-gemma
+        format: {response_template: "<start_of_turn>model\\n"}
+        training: {assistant_only_loss: true}
+        data:
+          conversations:
+            - - {role: user, content: a}
+              - {role: assistant, content: b}
+        expect:
+          - {prompt: a, equals: b}
+    """)
+    result = sft("validate", spec, "-v")
+    assert result.code == 0, result.out
+    assert "training.assistant_only_loss: True is read as format.collator: assistant_only" in result.out
+    assert "format.response_template is used by the completion_only collator only; collator 'assistant_only' " \
+           "does not read it" in result.out, result.out
+
+    # The checks change nothing another plugin reads: in the opposite order they say the same.
+    from conftest import load_context
+
+    import sft_spec.loading.build as build
+    from sft_spec.loading import load_spec_file
+    from sft_spec_plugins.train.formatters import FORMAT
+
+    def reversed_checks(item, ctx):
+        hook, errors = ctx.config.hook, []
+        for results in hook.sft_spec_resolve_spec(item=item, config=ctx.config):
+            errors += results or []
+        for impl in hook.sft_spec_validate_spec.get_hookimpls():  # pluggy calls them newest first
+            errors += impl.function(**{name: {"item": item, "config": ctx.config}[name]
+                                       for name in impl.argnames}) or []
+        return errors
+
+    ordered = load_spec_file(spec, load_context(spec.parent))[0]
+    monkeypatch.setattr(build, "_validate_by_plugins", reversed_checks)
+    opposite = load_spec_file(spec, load_context(spec.parent))[0]
+    assert opposite.notes == ordered.notes and opposite.section(FORMAT) == ordered.section(FORMAT)

@@ -88,8 +88,16 @@ def sft_spec_collect_file(path: Path, session: Session) -> list[SpecItem] | None
 
 
 @hookspec
+def sft_spec_resolve_spec(item: SpecItem, config: Config) -> list[Any] | None:
+    """Fill each item from what its spec names while its file loads (training conversations, the chat
+    template, eval sets' rows as test cases) and normalise the plugin's own keys; return problems. Every
+    implementation runs before any ``sft_spec_validate_spec``, so the checks see the item whole."""
+
+
+@hookspec
 def sft_spec_validate_spec(item: SpecItem, config: Config) -> list[Any] | None:
-    """Check (and normalise: its own copy) each item while its file loads; return problems (``SpecError``s)."""
+    """Check each item, complete, while its file loads; return problems (``SpecError``s). Change nothing
+    another plugin owns: filling and normalising is ``sft_spec_resolve_spec``'s."""
 
 
 @hookspec(firstresult=True)

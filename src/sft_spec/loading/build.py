@@ -42,8 +42,11 @@ def _sections(data: dict, doc: LocatedDocument, ctx: LoadContext, errors: list[S
 
 
 def _validate_by_plugins(item: SpecItem, ctx: LoadContext) -> list[SpecError]:
+    """Every plugin fills the item first (resolve), then every plugin checks it (validate)."""
     errors = []
-    for results in ctx.config.hook.sft_spec_validate_spec(item=item, config=ctx.config):
+    hook = ctx.config.hook
+    for results in [*hook.sft_spec_resolve_spec(item=item, config=ctx.config),
+                    *hook.sft_spec_validate_spec(item=item, config=ctx.config)]:
         for problem in results or []:
             errors.append(problem if isinstance(problem, SpecError) else SpecError(str(problem), item.location))
     return errors
@@ -80,9 +83,8 @@ def build_item(path: Path, nodeid: str, name: str, variant: str | None, doc: Loc
                     expectations=[], training_checks=[], location=doc.locate(()), doc=doc, sections=sections)
     item.expectations = build_expectations(spec, nodeid, doc, ctx, errors)
     item.training_checks = build_training_checks(spec, nodeid, doc, ctx, errors)
-    # Plugins check what they own (names of formatters, collators and model loaders, TRL's fields); the
-    # built-ins that fill the item (conversations from data:, the chat template) are tryfirst, so every
-    # other plugin sees it whole.
+    # Plugins fill the item from what the spec names (conversations from data:, the chat template, eval
+    # sets), then check what they own (names of formatters, collators and model loaders, TRL's fields).
     errors += _validate_by_plugins(item, ctx)
     if not item.expectations and not item.training_checks and not errors:
         # A spec that checks nothing passes whatever training did: almost always a forgotten section.

@@ -392,7 +392,8 @@ def _note_surprises(item, name: str, spec: EvalSetSpec, first_row: dict, rows: l
 
 
 @hookimpl
-def sft_spec_validate_spec(item, config) -> list[SpecError]:
+def sft_spec_resolve_spec(item, config) -> list[SpecError]:
+    """Each set's rows read, and the set added as a test case (``eval[name]``)."""
     section = item.section(EVAL)
     if section is None:
         return []

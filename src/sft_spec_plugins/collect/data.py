@@ -362,9 +362,9 @@ def sft_spec_load_data(source, item, config):
 
 
 @hookimpl(tryfirst=True)
-def sft_spec_validate_spec(item, config) -> list[SpecError]:
-    """``item.conversations``: the inline ones, then each file's; every problem located. Tryfirst: other
-    plugins' checks see the conversations."""
+def sft_spec_resolve_spec(item, config) -> list[SpecError]:
+    """``item.conversations``: the inline ones, then each file's; every problem located. First of the
+    resolvers: an eval set compares its prompts with the training data."""
     errors: list[SpecError] = []
     data = item.section(DATA)
     if data is None:  # its own errors say why

@@ -104,14 +104,43 @@ def sft_spec_register_collators(register) -> None:
     register("full", FullCollator(), "loss on every token")
 
 
+#: SFTConfig's loss-mask flags, and the collator each asks for.
+LOSS_FLAGS = {"completion_only_loss": {True: "completion_only", False: "full"},
+              "assistant_only_loss": {True: "assistant_only"}}
+
+
 @hookimpl
-def sft_spec_validate_spec(item, config) -> list[SpecError]:
-    """Old TRL collator names read as today's, with a note; the collator exists and accepts ``format:``."""
-    fmt, table, where = item.section(FORMAT), config.registry.collators, item.locate("format", "collator")
+def sft_spec_resolve_spec(item, config) -> list[SpecError]:
+    """format.collator as the recipe means it: old TRL collator names, and SFTConfig's loss-mask flags
+    (``completion_only_loss``, ``assistant_only_loss``), read as today's collator, with a note."""
+    fmt, where, errors = item.section(FORMAT), item.locate("format", "collator"), []
+    if fmt is None:
+        return errors
     if fmt.collator in RENAMED_COLLATORS:
         old, fmt.collator = fmt.collator, RENAMED_COLLATORS[fmt.collator]
         item.notes.append(f"{where}: note: {old} was removed from TRL; sft-spec's {fmt.collator!r} collator does "
                           "what it did")
+    written = (item.doc.data.get("format") or {}).get("collator") if isinstance(item.doc.data.get("format"), dict) \
+        else None
+    training = item.spec.training
+    for key, collators in LOSS_FLAGS.items():
+        if key not in training or training[key] not in collators:
+            continue
+        wanted = collators[training[key]]
+        at = item.locate("training", key)
+        if written is not None and RENAMED_COLLATORS.get(written, written) != wanted:
+            errors.append(SpecError(f"{key}: {training[key]} asks for the collator {wanted!r}, and format.collator "
+                                    f"is {written!r}: keep one", at, key=f"training.{key}"))
+            continue
+        fmt.collator = wanted
+        item.notes.append(f"{at}: note: training.{key}: {training[key]} is read as format.collator: {wanted}")
+    return errors
+
+
+@hookimpl
+def sft_spec_validate_spec(item, config) -> list[SpecError]:
+    """The collator exists and accepts ``format:``."""
+    fmt, table, where = item.section(FORMAT), config.registry.collators, item.locate("format", "collator")
     if fmt.collator not in table:
         return [SpecError(did_you_mean(fmt.collator, list(table), "collator"), where, key="format.collator")]
     if fmt.collator != "completion_only":  # read by completion_only alone: say so rather than drop it silently

@@ -248,10 +248,10 @@ def _template(item) -> str | None:
         raise ValueError(f"cannot read template file {template!r}: {exc.strerror or exc}") from None
 
 
-@hookimpl(tryfirst=True)
-def sft_spec_validate_spec(item, config) -> list[SpecError]:
-    """The spec's formatter exists and accepts its ``format:``; a template file is read here (tryfirst:
-    other plugins' checks see ``item.chat_template``)."""
+@hookimpl
+def sft_spec_resolve_spec(item, config) -> list[SpecError]:
+    """The spec's formatter exists and accepts its ``format:``; a template file is read into
+    ``item.chat_template`` (before the checks, which see it)."""
     fmt, table = item.section(FORMAT), config.registry.formatters
     errors = []
     if fmt.formatter not in table:

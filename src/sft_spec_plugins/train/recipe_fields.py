@@ -280,20 +280,7 @@ def _special_training_keys(item, config) -> list[SpecError]:
 
     training, errors = item.spec.training, []
     fmt = item.section(FORMAT)
-    written = (item.doc.data.get("format") or {}).get("collator") if isinstance(item.doc.data.get("format"), dict) \
-        else None
-    for key, collators in (("completion_only_loss", {True: "completion_only", False: "full"}),
-                           ("assistant_only_loss", {True: "assistant_only"})):
-        if key not in training or training[key] not in collators or fmt is None:
-            continue
-        wanted = collators[training[key]]
-        where = item.locate("training", key)
-        if written is not None and written != wanted:
-            errors.append(SpecError(f"{key}: {training[key]} asks for the collator {wanted!r}, and format.collator "
-                                    f"is {written!r}: keep one", where, key=f"training.{key}"))
-            continue
-        fmt.collator = wanted
-        item.notes.append(f"{where}: note: training.{key}: {training[key]} is read as format.collator: {wanted}")
+    # (completion_only_loss and assistant_only_loss are read by the collators' plugin, as format.collator.)
     if "report_to" in training:
         loggers = training["report_to"]
         loggers = [loggers] if isinstance(loggers, str) else list(loggers or [])
@@ -323,6 +310,14 @@ def _special_training_keys(item, config) -> list[SpecError]:
 
 
 @hookimpl
+def sft_spec_resolve_spec(item, config) -> list[SpecError]:
+    """Renamed TRL/transformers fields read by their new names (with a note), before any check reads them."""
+    if not item.spec.training:
+        return []
+    return _rename_old_keys(item, recipe_fields(config.cache_dir)["training"])
+
+
+@hookimpl
 def sft_spec_validate_spec(item, config) -> list[SpecError]:
     spec = item.spec
     errors: list[SpecError] = []
@@ -341,7 +336,6 @@ def sft_spec_validate_spec(item, config) -> list[SpecError]:
     if not spec.training and not spec.lora and not spec.quantization:
         return errors
     fields = recipe_fields(config.cache_dir)
-    errors += _rename_old_keys(item, fields["training"]) if spec.training else []
     errors += _check_section(item, config, "training", spec.training, fields["training"], "trl.SFTConfig")
     errors += _special_training_keys(item, config)
     errors += _check_section(item, config, "lora", spec.lora, fields["lora"], "peft.LoraConfig")
