@@ -13,7 +13,8 @@ from sft_spec.errors import SpecTimeout
 @hookimpl
 def sft_spec_addoption(parser):
     parser.add_argument("--timeout", type=_seconds, default=None, metavar="SECONDS",
-                        help="end a spec that runs longer than SECONDS (load, training and generation together)")
+                        help="end a spec that runs longer than SECONDS (load, training and generation together; "
+                        "the process's library imports before its first spec are not counted)")
 
 
 @hookimpl(wrapper=True)
@@ -23,8 +24,8 @@ def sft_spec_run_spec(item, session):
     # it exists only on Unix and only in the main thread.
     if not seconds or not hasattr(signal, "setitimer") or threading.current_thread() is not threading.main_thread():
         return (yield)
-    if _deadline:  # a seed of a repeated spec: the spec's one timer bounds all its seeds together
-        if time.monotonic() >= _deadline[-1]:
+    if _deadline or _waiting:  # a seed of a repeated spec: the spec's one timer bounds all its seeds together
+        if _deadline and time.monotonic() >= _deadline[-1]:
             raise SpecTimeout(f"the spec ran longer than --timeout={seconds:g}s (its seeds together)")
         return (yield)
 
@@ -33,13 +34,22 @@ def sft_spec_run_spec(item, session):
 
     previous = signal.signal(signal.SIGALRM, expire)
     try:
-        _deadline.append(time.monotonic() + seconds)
-        signal.setitimer(signal.ITIMER_REAL, seconds)
+        # Armed at the spec's first progress event, after the library imports: an import cut short leaves
+        # torch half-imported for every later spec of the process, and it is the process's cost, not the spec's.
+        _waiting.append(seconds)
         return (yield)
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
         _deadline.clear()
+        _waiting.clear()
+
+
+@hookimpl
+def sft_spec_run_progress(item, phase, step, total, loss):
+    if _waiting and not _deadline:
+        _deadline.append(time.monotonic() + _waiting[0])
+        signal.setitimer(signal.ITIMER_REAL, _waiting[0])
 
 
 #: A year: longer is no timeout a run could reach, and setitimer refuses what overflows it.
@@ -62,3 +72,5 @@ def _seconds(text: str) -> float:
 
 #: When the running spec's time is up (monotonic clock); empty between specs. Only the main thread sets it.
 _deadline: list[float] = []
+#: The running spec's --timeout, until its timer is armed.
+_waiting: list[float] = []
