@@ -111,3 +111,37 @@ def test_later_implementations_still_run_and_see_the_internal_error(tmp_path, mo
     import seeing
 
     assert seeing.SEEN == [3]
+
+
+RAISING_WRAPPER = """\
+from sft_spec import hookimpl
+
+
+@hookimpl(wrapper=True)
+def {hook}({args}):
+    if "{when}" == "before":
+        raise ValueError("the wrapper's bug")
+    result = yield
+    raise ValueError("the wrapper's bug")
+"""
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+@pytest.mark.parametrize("hook,args", [("sft_spec_log_report", "report"), ("sft_spec_session_finish", "session")])
+def test_a_wrapper_that_raises_loses_no_report(tmp_path, monkeypatch, capsys, hook, args, when):
+    # A wrapper is called by pluggy now; one that raised took every later report and the summary with it,
+    # and the run exited 1 (read as "tests failed") instead of 3.
+    from sft_spec.cli import main
+
+    module = f"raising_{hook}_{when}"
+    (tmp_path / f"{module}.py").write_text(RAISING_WRAPPER.format(hook=hook, args=args, when=when),
+                                           encoding="utf-8")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in ("a", "b"):
+        (tmp_path / f"{name}.sft.yaml").write_text(SPEC, encoding="utf-8")
+    code = main(["run", str(tmp_path), "-p", module, "--junitxml", str(tmp_path / "j.xml")])
+    captured = capsys.readouterr()
+    assert code == 3, captured.out + captured.err
+    assert "INTERNALERROR> " in captured.err and "ValueError: the wrapper's bug" in captured.err
+    assert (tmp_path / "j.xml").read_text(encoding="utf-8").count("<testcase") == 2
+    assert "2 skipped" in captured.out.splitlines()[-1]

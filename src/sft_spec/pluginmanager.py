@@ -56,7 +56,8 @@ class PluginManager(pluggy.PluginManager):
         # to keep in step with pluggy's ordering, wrappers and tracing.
         raised = self._raised
         if raised is not None and hook_name in RESILIENT_HOOKS:
-            methods = [m if m.wrapper or m.hookwrapper else _guarded(m, kwargs, raised) for m in methods]
+            methods = [_guarded_wrapper(m, kwargs, raised) if m.wrapper else m if m.hookwrapper
+                       else _guarded(m, kwargs, raised) for m in methods]
         return super()._hookexec(hook_name, methods, kwargs, firstresult)
 
     def add(self, plugin: Any, name: str) -> None:
@@ -74,6 +75,12 @@ class PluginManager(pluggy.PluginManager):
             self.problems.append(PluginProblem(name, f"implements no such hook: {', '.join(unknown)}"))
 
 
+def _record(impl, exc: Exception, kwargs: dict, raised: list[str]) -> None:
+    raised.append(f"{impl.plugin_name}: {type(exc).__name__}: {exc}")
+    if "exitstatus" in kwargs:
+        kwargs["exitstatus"] = 3  # what the session will exit with (INTERNAL_ERROR)
+
+
 def _guarded(impl, kwargs: dict, raised: list[str]):
     guarded = copy.copy(impl)
 
@@ -81,10 +88,49 @@ def _guarded(impl, kwargs: dict, raised: list[str]):
         try:
             return impl.function(*args)
         except Exception as exc:  # noqa: BLE001 - one plugin's bug must not lose the others' reports
-            raised.append(f"{impl.plugin_name}: {type(exc).__name__}: {exc}")
-            if "exitstatus" in kwargs:
-                kwargs["exitstatus"] = 3  # what the session will exit with (INTERNAL_ERROR)
+            _record(impl, exc, kwargs, raised)
             return None
+
+    guarded.function = call
+    return guarded
+
+
+def _guarded_wrapper(impl, kwargs: dict, raised: list[str]):
+    """A ``wrapper=True`` implementation that, when it raises, is recorded and steps aside: the inner
+    implementations still run (or their result still stands) as if it were not there."""
+    guarded = copy.copy(impl)
+
+    def call(*args):
+        wrapper = impl.function(*args)
+        try:
+            next(wrapper)
+        except Exception as exc:  # noqa: BLE001 - broken before its yield (or never yielded)
+            _record(impl, exc if not isinstance(exc, StopIteration) else RuntimeError("did not yield"), kwargs,
+                    raised)
+            return (yield)
+        try:
+            result = yield
+        except BaseException as inner:  # the inner implementations raised: the wrapper may handle it
+            try:
+                wrapper.throw(inner)
+            except StopIteration as stop:
+                return stop.value
+            except Exception as exc:  # noqa: BLE001
+                if exc is not inner:
+                    _record(impl, exc, kwargs, raised)
+                raise inner from None
+            _record(impl, RuntimeError("yielded twice"), kwargs, raised)
+            raise
+        try:
+            wrapper.send(result)
+        except StopIteration as stop:
+            return stop.value
+        except Exception as exc:  # noqa: BLE001 - broken after its yield: the inner result stands
+            _record(impl, exc, kwargs, raised)
+            return result
+        _record(impl, RuntimeError("yielded twice"), kwargs, raised)
+        wrapper.close()
+        return result
 
     guarded.function = call
     return guarded
