@@ -439,3 +439,26 @@ def test_validate_lists_every_independent_error_in_one_run(tmp_path, capsys):
     assert found == [("1", "model:"), ("2", "modle:"), ("4", "lora.r:"), ("5", "training.num_train_epochs:"),
                      ("5", "training.learning_rat:"), ("6", "format.collator:"), ("12", "expect[0].equalz:")], out
     assert "7 errors collected" in out
+
+
+def test_a_broken_known_key_stops_there_rather_than_guess(tmp_path, capsys):
+    # Checking the rest against method's default (full) once added "quantization applies to method: qlora;
+    # with method: full it would be ignored": an error the user never wrote.
+    (tmp_path / "a.sft.yaml").write_text(EVERY_ERROR_AT_ONCE.replace("method: lora", "method: qlor")
+                                         + "quantization: {load_in_4bit: true}\n", encoding="utf-8")
+    code, out = validate(capsys, tmp_path)
+    assert code == 1 and "method: invalid value 'qlor'" in out, out
+    assert "with method: full" not in out, out
+
+
+def test_the_spec_files_errors_come_first_then_each_data_files(tmp_path, capsys):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "a.jsonl").write_text(
+        '{"messages": [{"role": "user", "content": "ping"}, {"role": "assistant", "content": "pong"}]}\n'
+        '{"messages": [{"role": "user", "content": "ping"}]}\n', encoding="utf-8")
+    (tmp_path / "s.sft.yaml").write_text("model: builtin:tiny-gemma\nmethod: full\ntraining:\n  learning_rat: 1\n"
+                                         "data:\n  files:\n    - path: data/a.jsonl\nexpect:\n  - prompt: ping\n"
+                                         "    equalz: pong\n", encoding="utf-8")
+    code, out = validate(capsys, tmp_path)
+    places = [re.search(r"(s\.sft\.yaml|a\.jsonl):(\d+)", line).groups() for line in error_lines(out)]
+    assert places == [("s.sft.yaml", "4"), ("s.sft.yaml", "10"), ("a.jsonl", "2")], out

@@ -53,14 +53,16 @@ def _validate_by_plugins(item: SpecItem, ctx: LoadContext) -> list[SpecError]:
 
 
 def _without_broken_keys(data: dict, exc: pydantic.ValidationError) -> Spec | None:
-    """The spec without the top-level keys the schema refused (a misspelled key, a value of the wrong type),
-    so the other keys are still checked and one run lists every independent error, as a compiler does.
-    None when a key the spec cannot do without is among them."""
-    broken = {err["loc"][0] for err in exc.errors() if err["loc"]}
-    if any(key in Spec.model_fields and Spec.model_fields[key].is_required() for key in broken):
+    """The spec without the top-level keys the schema does not know (a misspelled key), so the other keys
+    are still checked and one run lists every independent error, as a compiler does. None when a known key
+    is broken: checking the rest against its default (``method: qlor`` read as ``full``) would report
+    errors the user never wrote."""
+    errors = exc.errors()
+    if any(err["type"] != "extra_forbidden" or len(err["loc"]) != 1 for err in errors):
         return None
+    unknown = {err["loc"][0] for err in errors}
     try:
-        return Spec.model_validate({k: v for k, v in data.items() if k not in broken})
+        return Spec.model_validate({k: v for k, v in data.items() if k not in unknown})
     except pydantic.ValidationError:
         return None
 
@@ -92,6 +94,12 @@ def build_item(path: Path, nodeid: str, name: str, variant: str | None, doc: Loc
         errors.append(SpecError("nothing to check: add expect (prompts with equals, contains, regex, ...) or "
                                 "checks (e.g. loss_decreased: true)", where,
                                 key="expect" if "expect" in doc.data else None))
-    if errors:  # in the file's order, as a compiler lists them
-        raise SpecErrors(sorted(errors, key=lambda e: (e.location.line, e.location.column) if e.location else (0, 0)))
+    if errors:  # the spec file's first, in its order, then each data file's, as a compiler lists them
+        def order(error: SpecError) -> tuple:
+            where = error.location
+            if where is None:
+                return (0, "", 0, 0)
+            return (str(where.path) != str(doc.path), str(where.path), where.line, where.column)
+
+        raise SpecErrors(sorted(errors, key=order))
     return item
