@@ -438,7 +438,7 @@ def test_validate_lists_every_independent_error_in_one_run(tmp_path, capsys):
     found = [re.search(r"a\.sft\.yaml:(\d+):\d+: (\S+)", line).groups() for line in error_lines(out)]
     assert found == [("1", "model:"), ("2", "modle:"), ("4", "lora.r:"), ("5", "training.num_train_epochs:"),
                      ("5", "training.learning_rat:"), ("6", "format.collator:"), ("12", "expect[0].equalz:")], out
-    assert "7 errors collected" in out
+    assert "7 errors in 1 file collected" in out
 
 
 def test_a_broken_known_key_stops_there_rather_than_guess(tmp_path, capsys):

@@ -154,9 +154,10 @@ def test_counts_agree_with_what_is_listed(sft, write_spec):
                         "expect:\n  - {prompt: a, equals: b}\n").parent
     result = sft("validate", folder)
     assert result.out.count("unknown key") == 2
-    assert "1 spec, 1 check, 3 errors collected" in result.out, result.out  # data is missing too
+    assert "1 spec, 1 check, 3 errors in 1 file collected" in result.out, result.out  # data is missing too
     result = sft("run", folder)
-    assert "collected 1 spec (1 check) / 3 errors" in result.out, result.out
+    assert "collected 1 spec (1 check) / 3 errors in 1 file" in result.out, result.out
+    assert "1 error in" in result.out.splitlines()[-1]  # the file, counted once at the end, as pytest does
 
 
 def test_durations_say_where_a_runs_seconds_went(sft, write_spec, one_answer_spec):

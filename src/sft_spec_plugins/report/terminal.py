@@ -114,8 +114,7 @@ class TerminalReporter:
         if session.deselected:
             summary += f" ({session.deselected} deselected)"
         if errors:
-            count = sum(r.error.count if r.error else 1 for r in errors)
-            summary += f", {count} error{'s' if count > 1 else ''}"
+            summary += ", " + _errors_in(errors)
         verb = "valid" if options.command == "validate" and not errors else "collected"
         self.write_line(f"{summary} {verb}")
 
@@ -138,8 +137,7 @@ class TerminalReporter:
         line = (f"collected {len(session.items)} spec{'s' if len(session.items) != 1 else ''} "
                 f"({checks} check{'s' if checks != 1 else ''})")
         if session.collect_errors:
-            count = sum(r.error.count if r.error else 1 for r in session.collect_errors)
-            line += f" / {count} error{'s' if count > 1 else ''}"
+            line += " / " + _errors_in(session.collect_errors)
         if session.deselected:
             line += f" / {session.deselected} deselected"
         self.write_line(line, bold=True)
@@ -370,6 +368,16 @@ def sft_spec_addoption(parser):
     parser.add_argument("--durations", type=int, default=None, metavar="N",
                         help="show the N slowest phases of the run's specs (library imports, model load, "
                         "training, ...), N=0 for all, as pytest's --durations")
+
+
+def _errors_in(reports: list[SpecReport]) -> str:
+    """``3 errors in 1 file``: the located errors listed, and the broken files (or plugins), which the final
+    line counts one by one, as pytest counts a collection error per file."""
+    count = sum(r.error.count if r.error else 1 for r in reports)
+    text = f"{count} error{'s' if count != 1 else ''}"
+    if count != len(reports):
+        text += f" in {len(reports)} file{'s' if len(reports) != 1 else ''}"
+    return text
 
 
 #: Without -v and without a terminal, a progress line at most this often (seconds).
