@@ -261,3 +261,25 @@ def test_every_pytest_option_names_a_run_option():
     for flag, (run_flag, metavar) in PYTEST_OPTIONS.items():
         assert run_flag in known, flag
         assert (metavar is None) == (known[run_flag].nargs == 0), flag  # a flag stays a flag
+
+
+def test_a_whole_run_report_under_xdist_is_refused_not_overwritten(tmp_path):
+    # Each xdist worker has its own sft-spec session: r.json held one worker's specs.
+    project = _project(tmp_path)
+    env = {**os.environ, "PYTHONPATH": str(project)}  # with xdist's plugin autoloaded
+    run = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-n", "2", "specs/",
+                          "--sft-spec-json", "r.json"], cwd=project, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 4, run.stdout + run.stderr
+    assert "--json writes one file for the whole run" in run.stderr and not (project / "r.json").exists()
+
+
+def test_a_session_that_could_not_be_configured_runs_no_spec(tmp_path):
+    # With --continue-on-collection-errors, the next spec file was collected on the half-built session.
+    project = _project(tmp_path)
+    (project / "crashcfg.py").write_text("from sft_spec import hookimpl\n\n\n@hookimpl\ndef sft_spec_configure(config):\n"
+                                         "    raise RuntimeError('configure bug')\n", encoding="utf-8")
+    run = _pytest(project, "specs/", "--sft-spec-args=-p crashcfg", "--continue-on-collection-errors", "-rA")
+    assert run.returncode != 0, run.stdout
+    assert run.stdout.count("configure bug") >= 2, run.stdout  # both files say why
+    assert " passed" not in run.stdout.splitlines()[-1] and " skipped" not in run.stdout.splitlines()[-1], run.stdout

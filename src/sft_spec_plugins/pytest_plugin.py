@@ -58,9 +58,21 @@ if TYPE_CHECKING:
 LIBRARY_WARNINGS = ("torch", "transformers", "trl", "peft", "accelerate", "datasets")
 
 
+#: Run options that write one file for the whole run: under pytest-xdist each worker has a session of
+#: its own, and each would overwrite the others' file.
+WHOLE_RUN_FILES = ("--json", "--html", "--md", "--history", "--github-summary")
+
+
 def pytest_configure(config: pytest.Config) -> None:
     for module in LIBRARY_WARNINGS:
         config.addinivalue_line("filterwarnings", f"ignore::DeprecationWarning:{module}")
+    if config.getoption("numprocesses", None) and not hasattr(config, "workerinput"):
+        asked = [a for a in run_arguments(config) if a.split("=", 1)[0] in WHOLE_RUN_FILES]
+        if asked:
+            raise pytest.UsageError(
+                f"sft-spec's {asked[0].split('=', 1)[0]} writes one file for the whole run, and under pytest-xdist "
+                "(-n) each worker would write its own over the others'; use pytest's --junitxml, or "
+                "`sft-spec run -n N` for sft-spec's reports")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -121,9 +133,12 @@ class _Bridge:
         self._prepared: Prepared | None = None
         self.started = False
         self.problems_shown = False  # broken plugins are reported once, by the first spec file
+        self._broken: BaseException | None = None  # why the session could not be configured
 
     @property
     def session(self) -> Session:
+        if self._broken is not None:  # every spec file says it, none runs on a half-built session
+            raise self._broken
         if self._session is None:
             self._session = self._build()
         return self._session
@@ -140,7 +155,11 @@ class _Bridge:
         self._prepared = prepare_config(argv, disable=["terminal"], paths=paths, rootdir=rootdir, addopts_from=rootdir)
         session = Session(self._prepared.config)
         self._session = session  # closed by close() even when configure raised
-        session.configure()
+        try:
+            session.configure()
+        except BaseException as exc:
+            self._broken = exc
+            raise
         return session
 
     def start(self) -> None:
