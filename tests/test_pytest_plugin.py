@@ -277,7 +277,8 @@ def test_a_whole_run_report_under_xdist_is_refused_not_overwritten(tmp_path):
 def test_a_session_that_could_not_be_configured_runs_no_spec(tmp_path):
     # With --continue-on-collection-errors, the next spec file was collected on the half-built session.
     project = _project(tmp_path)
-    (project / "crashcfg.py").write_text("from sft_spec import hookimpl\n\n\n@hookimpl\ndef sft_spec_configure(config):\n"
+    (project / "crashcfg.py").write_text("from sft_spec import hookimpl\n\n\n@hookimpl\n"
+                                         "def sft_spec_configure(config):\n"
                                          "    raise RuntimeError('configure bug')\n", encoding="utf-8")
     run = _pytest(project, "specs/", "--sft-spec-args=-p crashcfg", "--continue-on-collection-errors", "-rA")
     assert run.returncode != 0, run.stdout
