@@ -103,8 +103,8 @@ def test_axolotl_lora_on_an_8bit_base_becomes_qlora_and_every_dataset_key_is_nam
     assert spec["data"]["files"] == [{"path": "data/train.jsonl", "format": "json", "layout": "messages"}]
     named = _commented(text)
     # Keys that change which tokens carry the loss, or which turns are read, are never dropped in silence.
-    assert {"datasets[0].roles_to_train", "datasets[0].train_on_eos", "datasets[0].drop_system_message",
-            "datasets[0].field_system"} <= named, text  # roles_to_train: [assistant, user] has no counterpart
+    assert {"datasets[0].train_on_eos", "datasets[0].drop_system_message", "datasets[0].field_system"} <= named, text
+    assert spec["format"]["collator"] == "full"  # roles_to_train: [assistant, user]: every turn trains
     # gradient_checkpointing is written by its current name: validation would note the rename on each run.
     assert spec["training"]["activation_checkpointing"] is True and "gradient_checkpointing" not in spec["training"]
     carried = {"base_model", "load_in_8bit", "load_in_4bit", "datasets", "adapter", "lora_r", "lora_alpha",
@@ -205,3 +205,31 @@ def test_trl_with_both_dataset_name_and_datasets_reads_datasets_as_trl_does(sft,
     spec = yaml.safe_load(text)
     assert "dataset" not in spec["data"] and spec["data"]["files"] == [{"path": "data/train.jsonl"}], text
     assert "dataset_name" in _commented(text)
+
+
+@pytest.mark.parametrize("extra,collator,note", [
+    ("    roles_to_train: [user, assistant]\n", "full", "every turn trains"),
+    ("    roles_to_train: [assistant]\ntrain_on_inputs: true\n", "full", "the prompts train too"),
+    ("    roles_to_train: [gpt]\n", "assistant_only", None),
+])
+def test_axolotl_turns_to_train_choose_the_collator(sft, project, extra, collator, note):
+    config = project / "turns.yml"
+    config.write_text("base_model: builtin:tiny-gemma\ndatasets:\n  - path: data/train.jsonl\n    ds_type: json\n"
+                      "    type: chat_template\n" + extra, encoding="utf-8")
+    result = sft("import", "axolotl", config)
+    assert result.code == 0, result.out + result.err
+    text = (project / "turns.sft.yaml").read_text(encoding="utf-8")
+    assert yaml.safe_load(text)["format"]["collator"] == collator, text
+    assert note is None or note in text, text
+    assert "roles_to_train" not in _commented(text) and "train_on_inputs" not in _commented(text), text
+
+
+def test_an_old_field_name_beside_its_new_one_keeps_the_new_one(sft, project):
+    config = project / "both_names.yml"
+    config.write_text("base_model: builtin:tiny-gemma\ndatasets:\n  - path: data/train.jsonl\n    ds_type: json\n"
+                      "gradient_checkpointing: true\nactivation_checkpointing: false\n", encoding="utf-8")
+    result = sft("import", "axolotl", config)
+    assert result.code == 0, result.out + result.err
+    text = (project / "both_names.sft.yaml").read_text(encoding="utf-8")
+    assert yaml.safe_load(text)["training"]["activation_checkpointing"] is False, text
+    assert "gradient_checkpointing" in _commented(text), text

@@ -147,7 +147,7 @@ class Draft:
         return "\n".join(header) + "\n" + body + "\n".join(tail) + ("\n" if tail else "")
 
 
-def _training_fields(draft: Draft, key: str, value: Any, fields: dict, policy) -> bool:
+def _training_fields(draft: Draft, key: str, value: Any, fields: dict, policy, config: dict) -> bool:
     """An SFTConfig field: carried as it is, or commented when a spec may not set it."""
     from ..train.recipe_fields import RENAMED_TRAINING_KEYS
 
@@ -160,6 +160,8 @@ def _training_fields(draft: Draft, key: str, value: Any, fields: dict, policy) -
         draft.drop(key, value, policy.why("training", name))
     elif key == "report_to" and value not in ("none", "tensorboard", ["tensorboard"], [], None):
         draft.drop(key, value, "network loggers need --allow-network-loggers on the sft-spec run; set it back then")
+    elif name != key and name in config:  # the old name beside its new one: the new one is the recipe's
+        draft.drop(key, value, f"old name of {name}, which the config also sets: {name} kept")
     else:
         draft.spec.setdefault("training", {})[name] = value
     return True
@@ -329,7 +331,7 @@ def import_trl(config: dict, source: Path) -> Draft:
             continue
         if key in NO_COUNTERPART:
             draft.drop(key, value, NO_COUNTERPART[key])
-        elif not _training_fields(draft, key, value, fields["training"], recipe_policy):
+        elif not _training_fields(draft, key, value, fields["training"], recipe_policy, config):
             draft.drop(key, value, "not an SFTConfig, ModelConfig or ScriptArguments field sft-spec knows")
     return draft
 
@@ -355,7 +357,6 @@ AXOLOTL_NOT_CARRIED = {
     "save_steps": "sft-spec saves no checkpoints", "resume_from_checkpoint": "a spec trains from the base model",
     "hub_model_id": "a spec may not publish models or runs", "push_dataset_to_hub": "a spec may not publish",
     "strict": "axolotl's own config check", "lora_fan_in_fan_out": "set lora.fan_in_fan_out if the model needs it",
-    "train_on_inputs": "sft-spec's collator decides: format.collator (full trains the inputs too)",
     "group_by_length": "not a spec setting", "debug": "not a spec setting", "local_rank": "not a spec setting",
     "model_type": "sft-spec loads the model class from its config", "tokenizer_type": "as model_type",
     "special_tokens": "set training.eos_token / pad_token for the tokens that matter to the template",
@@ -427,13 +428,18 @@ def import_axolotl(config: dict, source: Path) -> Draft:
             extra["format"] = entry["ds_type"]
         if kind == "chat_template":
             extra["layout"] = "messages"
-            # axolotl trains every assistant turn (roles_to_train, default the assistant's): assistant_only.
+            # axolotl trains every assistant turn (roles_to_train, default the assistant's): assistant_only;
+            # with the users' turns too, every turn: full. train_on_inputs: true (below) trains all as well.
             trained = entry.get("roles_to_train") or ["assistant"]
-            if isinstance(trained, list) and set(trained) <= ASSISTANT_ROLES:
-                spec.setdefault("format", {})["collator"] = "assistant_only"
+            if not isinstance(trained, list) or not set(trained) & ASSISTANT_ROLES:
+                draft.drop(f"datasets[{i}].roles_to_train", trained, "no sft-spec collator trains these turns "
+                           "alone (assistant_only: the assistant's; full: every turn)")
+            elif set(trained) <= ASSISTANT_ROLES:
+                spec.setdefault("format", {}).setdefault("collator", "assistant_only")
             else:
-                draft.drop(f"datasets[{i}].roles_to_train", trained, "sft-spec trains assistant turns only "
-                           "(format.collator: assistant_only; method: full with the default collator trains all)")
+                spec.setdefault("format", {})["collator"] = "full"
+                draft.notes.append(f"datasets[{i}].roles_to_train {trained}: every turn trains, format.collator: "
+                                   "full (system turns too, which axolotl leaves untrained)")
             if entry.get("field_messages") not in (None, "messages"):
                 extra["conversation_key"] = entry["field_messages"]
             mapping = entry.get("message_property_mappings") or {}
@@ -459,10 +465,13 @@ def import_axolotl(config: dict, source: Path) -> Draft:
             continue
         _data_source(draft, folder, entry["path"], entry.get("name"), entry.get("split"),
                      entry.get("data_files"), extra)
+    if config.get("train_on_inputs"):  # the prompts carry the loss too: every token trains
+        spec.setdefault("format", {})["collator"] = "full"
+        draft.notes.append("train_on_inputs: true: the prompts train too, format.collator: full")
     for key, value in config.items():
         if key in ("base_model", "adapter", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules",
                    "lora_target_linear", "lora_modules_to_save", "datasets", "chat_template", "chat_template_jinja",
-                   "load_in_4bit", "load_in_8bit"):
+                   "load_in_4bit", "load_in_8bit", "train_on_inputs"):
             continue
         if key in AXOLOTL_NOT_CARRIED:
             draft.drop(key, value, AXOLOTL_NOT_CARRIED[key])
@@ -476,7 +485,7 @@ def import_axolotl(config: dict, source: Path) -> Draft:
         if key in ("bf16", "fp16", "tf32") and value == "auto":
             draft.notes.append(f"{key}: auto read as true (a machine without it falls back, with a note)")
             value = True
-        if not _training_fields(draft, name, value, fields["training"], recipe_policy):
+        if not _training_fields(draft, name, value, fields["training"], recipe_policy, config):
             draft.drop(key, value, "no counterpart in sft-spec")
     return draft
 
