@@ -408,6 +408,11 @@ def test_a_bounded_metric_is_binned_over_its_own_range_and_bars_share_one_scale(
     assert [b["count"] for b in bins] == [2, 0, 0, 0, 0, 0, 0, 0, 0, 7]
     assert [b["percent"] for b in bins if b["count"]] == [29, 100]  # 2 of 7 draws 29% of 7's length
     assert histogram([55.0, 56.0], low=0.0, high=100.0)[5]["count"] == 2  # the same bins for other values
+    from sft_spec_plugins.common.uncertainty import Estimate
+    from sft_spec_plugins.report.html_report import _error_bar
+
+    bar = _error_bar(Estimate(value=55.5, low=50.0, high=61.0), [55.0, 56.0], 0.0, 100.0)
+    assert (bar["low"], bar["mean"], bar["high"]) == (50.0, 55.5, 61.0)  # on the bins' 0-100 axis
 
 
 # -- runs that fail or stop ----------------------------------------------------------------------------

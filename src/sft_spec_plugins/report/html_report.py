@@ -249,9 +249,10 @@ def _eval_views(report: SpecReport) -> list[dict[str, Any]]:
             values = [v for v in scored if isinstance(v, int | float) and math.isfinite(v)]
             metric = METRICS.get(name)
             bounded = metric is not None and metric.low is not None and metric.high is not None
-            bins = histogram(values, low=metric.low, high=metric.high) if bounded else histogram(values)
-            histograms.append({"metric": name, "bins": bins, "unbinned": len(scored) - len(values),
-                               "mean": _error_bar(estimates.get(f"mean_{name}"), values)})
+            span = (metric.low, metric.high) if bounded else (None, None)
+            histograms.append({"metric": name, "bins": histogram(values, low=span[0], high=span[1]),
+                               "unbinned": len(scored) - len(values),
+                               "mean": _error_bar(estimates.get(f"mean_{name}"), values, *span)})
         views.append({
             "name": f"eval[{data.get('name', '')}]", "nodeid": nodeid, "aggregates": data.get("aggregates", {}),
             "uncertainty": {name: e for name, e in estimates.items() if e is not None},
@@ -262,11 +263,14 @@ def _eval_views(report: SpecReport) -> list[dict[str, Any]]:
     return views
 
 
-def _error_bar(estimate, values: list[float]) -> dict[str, Any] | None:
-    """Where a metric's mean and its 95% interval fall on the histogram's range, in percent of it."""
+def _error_bar(estimate, values: list[float], low: float | None = None, high: float | None = None
+               ) -> dict[str, Any] | None:
+    """Where a metric's mean and its 95% interval fall on the histogram's range (the metric's own, when it
+    has one, as the bins), in percent of it."""
     if estimate is None or not values or estimate.low is None:
         return None
-    low, high = min(values + [estimate.low]), max(values + [estimate.high])
+    low = min(values + [estimate.low] + ([low] if low is not None else []))
+    high = max(values + [estimate.high] + ([high] if high is not None else []))
     span = (high - low) or 1.0
 
     def at(value: float) -> float:
