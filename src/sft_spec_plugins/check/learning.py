@@ -79,7 +79,8 @@ class LearntProbe:
         self.probes = 0
 
     def all_pass(self, model) -> bool:
-        """Whether every expectation passes on ``model``, the one being trained (``run.model``)."""
+        """Whether every expectation passes on ``model``, the one the trainer trains (generators read
+        ``run.model``: it is that model while they answer, e.g. the trainer's wrapped one under FSDP)."""
         import torch
 
         run = self.run
@@ -90,8 +91,12 @@ class LearntProbe:
         # Generation and the checks (a metric that loads a model draws from it too) use a forked state.
         with torch.random.fork_rng(devices=cuda):
             # Through the hook, as every other generation: a plugin's sft_spec_generate answers the probes too.
-            answers = run.config.hook.sft_spec_generate(item=self.item, run=run, prompts=[p for _, p in self.cases],
-                                                        when="during")
+            trained, run.model = run.model, model
+            try:
+                answers = run.config.hook.sft_spec_generate(item=self.item, run=run,
+                                                            prompts=[p for _, p in self.cases], when="during")
+            finally:
+                run.model = trained
             self.probes += 1
             for (exp, prompt), answer in zip(self.cases, answers, strict=True):
                 base = run.base_answers.get(exp.index)
@@ -107,7 +112,7 @@ class LearntProbe:
             return control
         if step % self.every and step != state.max_steps and step not in self.at:
             return control
-        if self.all_pass(self.run.model):
+        if self.all_pass(model if model is not None else self.run.model):
             self.run.metrics["learnt_at_step"] = step
             self.run.note(f"learnt at step {step} of {state.max_steps}: every expectation passed")
             if self.stop and step < state.max_steps:
