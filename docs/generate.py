@@ -2,7 +2,7 @@
 files that docs/writing-plugins.md quotes.
 
     python docs/generate.py           # rewrite the pages that are stale
-    python docs/generate.py --check   # exit 1 when a committed page is stale (what tests/test_docs.py checks)
+    python docs/generate.py --check   # exit 1 when a committed page is stale (what tests/core/test_docs.py checks)
     python docs/generate.py --hooks-skeleton   # print docs/hooks.md sections for hooks the page lacks
 
 The reference is built from the pydantic models in ``sft_spec.spec`` (keys, types, defaults, allowed

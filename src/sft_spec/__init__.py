@@ -1,6 +1,6 @@
 """sft-spec: declarative regression tests for supervised fine-tuning recipes.
 
-Plugins use the public names (no leading underscore) of the modules tests/test_layers.py lists.
+Plugins use the public names (no leading underscore) of the modules tests/core/test_layers.py lists.
 """
 
 import pluggy

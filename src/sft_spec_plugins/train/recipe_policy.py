@@ -8,7 +8,7 @@
   saying what was used instead.
 - ``refused``: an error located at the key, saying why.
 
-``tests/test_recipe_policy.py`` fails when the installed TRL or peft has a field this table does not
+``tests/train/test_recipe_policy.py`` fails when the installed TRL or peft has a field this table does not
 classify, so an upgrade is classified on purpose; the spec reference is generated from this table.
 """
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_a_typo_is_an_error_with_location_and_the_other_specs_still_run(sft, write_spec, one_answer_spec):

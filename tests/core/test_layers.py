@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 PLUGIN_SOURCES = (sorted((REPO / "src" / "sft_spec_plugins").rglob("*.py"))
                   + sorted((REPO / "examples" / "plugins").rglob("*.py")))
 

@@ -16,7 +16,7 @@ import pytest
 from sft_spec.cli import main
 from sft_spec_plugins.collect import data as data_reader
 
-BAD = Path(__file__).parent / "bad_specs"
+BAD = Path(__file__).resolve().parents[1] / "bad_specs"
 
 #: file -> (message substring, location the error must name). Locations are relative to bad_specs/.
 CASES: dict[str, tuple[str, str]] = {

@@ -10,7 +10,7 @@ import textwrap
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 SPEC = """\
     tags: [smoke]

@@ -14,7 +14,7 @@ from conftest import packaged_model_installed
 from sft_spec.spec import ModelSpec
 from sft_spec_plugins.model import gguf
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _without(monkeypatch, *distributions: str) -> None:

@@ -22,7 +22,7 @@ import pytest
 pytestmark = [pytest.mark.ray, pytest.mark.skipif(shutil.which("ray", path=str(Path(sys.executable).parent)) is None,
                                                   reason='needs the ray extra: pip install "sft-spec[ray]"')]
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 # The cluster listens on 127.0.0.1 only; without token authentication a token some earlier ray.init() left
 # in ~/.ray cannot stop the second node from joining.

@@ -67,7 +67,7 @@ def test_every_spec_in_the_repo_validates_against_the_schema(sft):
     schema = json.loads(sft("schema").out)
     Draft202012Validator.check_schema(schema)
     validator = Draft202012Validator(schema)
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     paths = sorted([*repo.glob("specs/**/*.sft.yaml"), *repo.glob("examples/**/*.sft.yaml")])
     assert len(paths) >= 7
     problems = []

@@ -20,7 +20,7 @@ from sft_spec.cli import main
 CHROMIUM = "/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else shutil.which("chromium")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (.ci/install-browser)")
 
-SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "report-screenshot.png"
+SCREENSHOT = Path(__file__).resolve().parents[2] / "docs" / "report-screenshot.png"
 SCRIPT = "<script>alert(1)</script>"
 IMG = '"><img src=x onerror=alert(1)>'
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-CONFIGS = Path(__file__).parent / "configs"
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 SHAREGPT = '{"conversations": [{"from": "human", "value": "微调测试"}, {"from": "gpt", "value": "我学会了"}]}\n'
 MESSAGES = '{"messages": [{"role": "user", "content": "微调测试"}, {"role": "assistant", "content": "我学会了"}]}\n'
 ALPACA = '{"instruction": "微调测试", "input": "", "output": "我学会了"}\n'

@@ -176,7 +176,7 @@ def example_template(folder: str) -> str | None:
 
     import yaml
 
-    path = next((Path(__file__).parent.parent / "examples" / folder).glob("*.sft.yaml"))
+    path = next((Path(__file__).resolve().parents[2] / "examples" / folder).glob("*.sft.yaml"))
     spec = yaml.safe_load(path.read_text(encoding="utf-8"))
     return (spec.get("format") or {}).get("template")
 
