@@ -126,6 +126,14 @@ def sft_spec_runtestloop(session: Session) -> bool | None:
     """Run every item (reuse_report, then run_spec here or elsewhere) and ``session.log_report`` each."""
 
 
+@hookspec
+def sft_spec_cache_key(item: SpecItem, config: Config) -> dict[str, Any] | None:
+    """What of this plugin decides a spec's result beyond the spec itself, its conversations and the
+    code: its options (``--device``), the contents of files it reads, a model's identity, as JSON-able
+    values under names of its own. The result cache hashes every plugin's answer: a result is reused only
+    when every input is unchanged."""
+
+
 @hookspec(firstresult=True)
 def sft_spec_reuse_report(item: SpecItem, session: Session) -> SpecReport | None:
     """A report for ``item`` without running it (a result-cache hit), on the main process, or None."""

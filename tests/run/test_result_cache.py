@@ -165,3 +165,41 @@ def test_the_reports_name_the_adapter_where_the_cache_keeps_it(tmp_path, monkeyp
     sft("run", spec, "--json", tmp_path / "r.json")
     named = json.loads((tmp_path / "r.json").read_text(encoding="utf-8"))["specs"][0]["extra"]["cached_adapter"]
     assert Path(named).is_dir() and Path(named).is_relative_to(tmp_path / "cache"), named
+
+
+class JudgeOption(CountTraining):
+    """A plugin whose option decides results (a judge model, say): it says so through sft_spec_cache_key."""
+
+    judge = "small"
+
+    @hookimpl
+    def sft_spec_cache_key(self, item, config):
+        return {"judge": self.judge}
+
+
+def test_a_plugins_own_input_is_in_the_key(sft, write_spec, tmp_path):
+    # The key held the options the result cache knew by name, read from other plugins' options: a
+    # plugin had no way to say that its own setting decides a result.
+    cache = tmp_path / "cache"
+    path = write_spec("j.sft.yaml", SPEC.format(method="lora", check="not_equals: 我学会了"))
+    plugin = JudgeOption()
+    sft("run", path, "--cache-dir", cache, plugins=[plugin])
+    sft("run", path, "--cache-dir", cache, plugins=[plugin])
+    assert plugin.trained == ["j"]  # unchanged: reused
+    plugin.judge = "large"
+    sft("run", path, "--cache-dir", cache, plugins=[plugin])
+    assert plugin.trained == ["j", "j"]  # the plugin's input changed: trained again
+
+
+def test_every_built_in_input_comes_from_its_owner():
+    # Each plugin says what of it decides a result; the result cache only hashes.
+    import ast
+    from pathlib import Path
+
+    import sft_spec_plugins.run.result_cache as result_cache
+
+    source = Path(result_cache.__file__).read_text(encoding="utf-8")
+    calls = [node for node in ast.walk(ast.parse(source)) if isinstance(node, ast.Call)]
+    options = [call.args[0].value for call in calls if getattr(call.func, "attr", "") == "getoption"
+               and call.args and isinstance(call.args[0], ast.Constant)]
+    assert set(options) <= {"no_cache", "collect_only", "update_snapshots", "update_baselines"}, options

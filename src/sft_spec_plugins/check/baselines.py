@@ -263,3 +263,8 @@ def sft_spec_terminal_summary(session, write_line) -> None:
     if state.stale:
         write_line(f"loss baselines: {len(state.stale)} stale (rerun with --update-baselines): "
                    f"{', '.join(state.stale)}")
+
+
+@hookimpl
+def sft_spec_cache_key(item, config):
+    return {"baselines": rec.recorded_hash(item.path, "__baselines__")}

@@ -140,3 +140,8 @@ def sft_spec_make_trainer(item, run, examples):
     trainer.add_callback(type("LearntCallback", (TrainerCallback,), {"on_step_end": probe.on_step_end})())
     run.metrics["learnt_checked_every"] = probe.every
     return trainer
+
+
+@hookimpl
+def sft_spec_cache_key(item, config):
+    return {"stop_when_learnt": bool(config.getoption("stop_when_learnt", False))}

@@ -164,3 +164,10 @@ def sft_spec_terminal_summary(session, write_line) -> None:
     for path, keys in state.unused.items():
         verb = "removed" if updating else "unused (remove with --update-snapshots)"
         write_line(f"snapshots: {len(keys)} {verb} in {path}: {', '.join(keys)}")
+
+
+@hookimpl
+def sft_spec_cache_key(item, config):
+    from ..common.recorded import recorded_hash
+
+    return {"snapshots": recorded_hash(item.path, "__snapshots__")}

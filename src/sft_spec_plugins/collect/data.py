@@ -398,3 +398,13 @@ def sft_spec_resolve_spec(item, config) -> list[SpecError]:
         errors.append(SpecError("no training conversations: add data.conversations, data.files or data.dataset",
                                 item.locate("data"), key="data"))
     return errors
+
+
+@hookimpl
+def sft_spec_cache_key(item, config):
+    """The bytes of every data file (the conversations read from them are in the key already; a file's
+    bytes also catch what a reader skipped)."""
+    from ..common.recorded import content_hash
+
+    data = item.section(DATA)
+    return {"data_files": [content_hash(Path(item.path).parent / f.path) for f in data.files] if data else []}

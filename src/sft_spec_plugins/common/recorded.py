@@ -39,6 +39,25 @@ def short_id(nodeid: str) -> str:
     return nodeid.split("::", 1)[1] if "::" in nodeid else nodeid
 
 
+def content_hash(path: Path) -> str | None:
+    """A file's contents as a hash, for a cache key; None when it cannot be read (missing: another key)."""
+    try:
+        return sha256(Path(path).read_bytes())
+    except OSError:
+        return None
+
+
+def recorded_hash(spec_path: Path, folder: str) -> str | None:
+    """A spec's snapshot or baseline file, as a cache key holds it; one linked out of the spec's folder
+    (or to a device) is not read."""
+    path = recorded_path(spec_path, folder)
+    try:
+        check_written(path, path.parent.parent)
+    except OSError:
+        return "outside"
+    return content_hash(path) if path.is_file() else None
+
+
 def recorded_path(spec_path: Path, folder: str) -> Path:
     """``x.sft.yaml`` -> ``folder/x.yaml``, ``x.sft.yml`` -> ``folder/x.yml``: one file per spec file (two spec
     files with the same stem do not share one), and never a spec file name, so never collected as one."""

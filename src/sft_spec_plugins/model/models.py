@@ -298,3 +298,26 @@ def sft_spec_run_spec(item, session):
         report.notes.append(f"this spec changed the shared base model ({', '.join(changed)}): the next spec "
                             "loads it fresh")
     return report
+
+
+@hookimpl
+def sft_spec_cache_key(item, config):
+    """The model's identity (a local folder's files can change under one name), the device it runs on,
+    and the permissions that decide whether it may load at all: a result passed under one must not be
+    reused under a stricter one (no --allow-remote-code)."""
+    return {"model": _model_identity(item), "device": device_without_torch(config.getoption("device", "auto")),
+            "allow_remote_code": bool(config.getoption("allow_remote_code", False)),
+            "allow_pickle": bool(config.getoption("allow_pickle", False))}
+
+
+def _model_identity(item):
+    model = item.spec.model
+    if model.id.startswith("builtin:"):
+        from .builtin_models import BUILD_VERSION
+
+        return ["builtin", BUILD_VERSION]
+    folder = Path(model.id).expanduser()
+    if folder.exists():  # a local folder or file: its contents may change under the same name
+        files = [folder] if folder.is_file() else sorted(p for p in folder.rglob("*") if p.is_file())
+        return [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+    return ["hub", model.revision]

@@ -63,3 +63,8 @@ def sft_spec_terminal_summary(session, write_line) -> None:
                f"CUBLAS_WORKSPACE_CONFIG={os.environ.get('CUBLAS_WORKSPACE_CONFIG')}; {cost}; "
                f"training took {seconds:.1f}s over {len(trained)} spec{'s' if len(trained) != 1 else ''} "
                "(compare with a run without --deterministic)")
+
+
+@hookimpl
+def sft_spec_cache_key(item, config):
+    return {"deterministic": bool(config.getoption("deterministic", False))}

@@ -1,14 +1,15 @@
 """Result cache: an unchanged spec is not trained again; its recorded report is reused.
 
 The key is a hash of everything that decides a result: the normalised spec (after defaults and matrix),
-its conversations and chat template, the bytes of its data files and of its recorded snapshots and
-baselines, the model's identity and revision (the builder version for ``builtin:`` models, file sizes
-and times for a local folder), the library versions, the code of sft-spec and the plugins loaded, the
-device and ``--deterministic``. Entries live under ``<cache dir>/results`` (``--cache-dir``,
-``$SFT_SPEC_CACHE``); each holds the report as JSON with its own hash and, for LoRA, the trained
-adapter. A damaged entry is discarded and rebuilt. ``--no-cache`` runs everything;
-``sft-spec cache clear`` removes the entries. Specs with snapshot or loss-baseline checks are run afresh
-under ``--update-snapshots`` / ``--update-baselines``, which must see a real answer and curve.
+its conversations, chat template and selected cases, the library versions, the code of sft-spec and of
+the plugins loaded, and what each plugin says decides it through ``sft_spec_cache_key`` (the bytes of
+data files and of recorded snapshots and baselines, the model's identity and revision, the device,
+``--deterministic``, ``--stop-when-learnt``, ``--on-unsupported`` and the permissions). Entries live
+under ``<cache dir>/results`` (``--cache-dir``, ``$SFT_SPEC_CACHE``); each holds the report as JSON with
+its own hash and, for LoRA, the trained adapter. A damaged entry is discarded and rebuilt. ``--no-cache``
+runs everything; ``sft-spec cache clear`` removes the entries. Specs with snapshot or loss-baseline
+checks are run afresh under ``--update-snapshots`` / ``--update-baselines``, which must see a real
+answer and curve.
 
 Hits are decided on the main process (``sft_spec_reuse_report``), before a spec is run or sent to a
 worker, and results are stored there as their reports are logged, wherever the spec ran.
@@ -30,9 +31,8 @@ from sft_spec.errors import UsageError
 from sft_spec.reports import report_from_dict
 from sft_spec.state import StashKey
 
-from ..collect.data import DATA
 from ..common import recorded as rec
-from ..common.files import check_written, named_files, output_path, spec_output_dir
+from ..common.files import output_path, spec_output_dir
 
 FORMAT = 2  # bump when the entry layout changes: old entries are then simply never found
 CACHEABLE = ("passed", "failed", "xfailed", "xpassed")
@@ -51,40 +51,13 @@ def _built_in(module: str) -> bool:
 
 
 
-def _file_hash(path: Path) -> str | None:
-    try:
-        return rec.sha256(path.read_bytes())
-    except OSError:
-        return None
-
-
-def _recorded_hash(path: Path) -> str | None:
-    """A snapshot or baseline file's hash; one linked out of the spec's folder (or to a device) is not read."""
-    try:
-        check_written(path, path.parent.parent)
-    except OSError:
-        return "outside"
-    return _file_hash(path) if path.is_file() else None
-
-
-def _model_identity(item) -> Any:
-    model = item.spec.model
-    if model.id.startswith("builtin:"):
-        from ..model.builtin_models import BUILD_VERSION
-
-        return ["builtin", BUILD_VERSION]
-    folder = Path(model.id).expanduser()
-    if folder.exists():  # a local folder or file: its contents may change under the same name
-        files = [folder] if folder.is_file() else sorted(p for p in folder.rglob("*") if p.is_file())
-        return [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
-    return ["hub", model.revision]
-
-
 def cache_key(item, config) -> str:
-    from ..model.models import device_without_torch
-
+    """The hash of what decides the spec's result: its own inputs here, and every plugin's
+    (``sft_spec_cache_key``: options, files, the model's identity)."""
     spec = item.spec
-    base = Path(item.path).parent
+    inputs: dict[str, Any] = {}
+    for contribution in config.hook.sft_spec_cache_key(item=item, config=config):
+        inputs.update(contribution or {})
     return rec.sha256({
         "format": FORMAT,
         "nodeid": item.nodeid,
@@ -96,11 +69,6 @@ def cache_key(item, config) -> str:
         "selected": [case.nodeid for case in item.selected_cases],
         # Plugins' cases read files at collection (an eval set's rows): their str() names the contents.
         "training_checks": [[case.nodeid, str(case.argument)] for case in item.training_checks],
-        "data_files": [_file_hash(base / f.path) for f in item.section(DATA).files],
-        "training_files": named_files(item),  # chat_template_path and the like: their contents
-        "recorded": [_recorded_hash(rec.recorded_path(item.path, folder))
-                     for folder in ("__snapshots__", "__baselines__")],
-        "model": _model_identity(item),
         "versions": {**rec.library_versions(), "bitsandbytes": rec.optional_version("bitsandbytes")},
         "python": sys.version.split()[0],
         "code": rec.code_hash(),
@@ -108,17 +76,10 @@ def cache_key(item, config) -> str:
         # --html and the like do not change a result; an edited or upgraded plugin may.
         # Built-in plugins are in "code" already: which of them a front end loads (the CLI's terminal
         # reporter, pytest's bridge) decides nothing, so `pytest specs/` and `sft-spec run specs/` share results.
-        "plugins": sorted(f"{name}={p.__name__}:{_file_hash(Path(p.__file__))}"
+        "plugins": sorted(f"{name}={p.__name__}:{rec.content_hash(Path(p.__file__))}"
                           for name, p in config.pluginmanager.list_name_plugin()
                           if getattr(p, "__file__", None) and not _built_in(p.__name__)),
-        "device": device_without_torch(config.getoption("device", "auto")),
-        "deterministic": bool(config.getoption("deterministic", False)),
-        "stop_when_learnt": bool(config.getoption("stop_when_learnt", False)),
-        # Options that decide whether a spec may run at all: a result passed under one must not be reused
-        # under a stricter one (--on-unsupported=error, no --allow-remote-code).
-        "permissions": [config.getoption("on_unsupported", "fallback") or "fallback",
-                        bool(config.getoption("allow_pickle", False)),
-                        bool(config.getoption("allow_remote_code", False))],
+        "inputs": inputs,
     })
 
 

@@ -354,3 +354,12 @@ def sft_spec_validate_spec(item, config) -> list[SpecError]:
                                         .replace("unknown value", "invalid value"), item.locate("quantization", key),
                                         key=f"quantization.{key}"))
     return errors
+
+
+@hookimpl
+def sft_spec_cache_key(item, config):
+    """Files the training settings name (chat_template_path, ...), by contents: the same name in another
+    spec's folder, or an edited file, is another recipe."""
+    from ..common.files import named_files
+
+    return {"training_files": named_files(item)}

@@ -401,3 +401,9 @@ def sft_spec_terminal_summary(session, write_line) -> None:
         roots = sorted({str(Path(f).parent.parent) for f in folders})
         write_line(f"TensorBoard: {len(folders)} run{'s' if len(folders) != 1 else ''} logged: tensorboard --logdir "
                    + " ".join(roots))
+
+
+@hookimpl
+def sft_spec_cache_key(item, config):
+    """--on-unsupported: a result that fell back (fallback) must not be reused where falling back is refused."""
+    return {"on_unsupported": config.getoption("on_unsupported", "fallback") or "fallback"}
