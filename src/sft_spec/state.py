@@ -208,6 +208,9 @@ class LoadedModel:
     #: Set by a spec that changed the weights, config or tokenizer: the next spec gets a fresh load.
     dirty: bool = False
     stash: Stash = field(default_factory=Stash)
+    #: Called with the run after every spec that used this model, once its own cleanup ran (the last of
+    #: its finalizers): what they say with ``run.note`` is in that spec's report.
+    after_run: list[Callable[[SpecRun], None]] = field(default_factory=list)
 
 
 @dataclass

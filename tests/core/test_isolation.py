@@ -8,6 +8,8 @@ from __future__ import annotations
 import pytest
 from conftest import GEMMA_ONE_ANSWER
 
+from sft_spec import hookimpl
+
 PROBE = GEMMA_ONE_ANSWER.format(method="lora", epochs=8, lr=1e-2)
 CHATML_LIKE = ("{% for m in messages %}<|{{ m.role }}|>{{ m.content }}</s>\n{% endfor %}"
                "{% if add_generation_prompt %}<|assistant|>{% endif %}")
@@ -75,12 +77,28 @@ def test_activation_checkpointing_is_switched_off_again_in_the_shared_base(sft, 
     assert cache.loads == 1 and not cache.loaded.model.is_gradient_checkpointing
 
 
+class ReportsAsMade:
+    """The notes of each report as sft_spec_make_report returns it: nothing may add to a report later."""
+
+    def __init__(self):
+        self.notes = {}
+
+    @hookimpl(wrapper=True)
+    def sft_spec_make_report(self, item, run, report):
+        made = yield
+        self.notes[item.name] = list(made.notes)
+        return made
+
+
 def test_a_change_to_the_shared_model_is_found_and_said(sft, write_spec, tmp_path):
     from sft_spec_plugins.model.models import MODEL_CACHE
 
     write_spec("a_first.sft.yaml", CONTAMINATORS["modules_to_save"])
     write_spec("b_probe.sft.yaml", PROBE)
-    result = sft("run", tmp_path, "--no-cache")
+    made = ReportsAsMade()
+    result = sft("run", tmp_path, "--no-cache", plugins=[made])
     first = result.recorder.reports[0]
     assert any("this spec changed the shared base model (weights)" in n for n in first.notes), first.notes
+    # Said in the report as it was made (it was appended after, by a wrapper around the whole run).
+    assert made.notes["a_first"] == first.notes
     assert result.recorder.session.config.stash[MODEL_CACHE].loads == 2  # the probe got a fresh load

@@ -273,31 +273,27 @@ def sft_spec_load_model(item, config) -> LoadedModel:
     loaded.loader = named.name
     cache.key, cache.loaded, cache.loads = key, loaded, cache.loads + 1
     cache.fingerprint = fingerprint(loaded)
+    loaded.after_run.append(_check_unchanged)
     return loaded
 
 
-@hookimpl(wrapper=True)
-def sft_spec_run_spec(item, session):
+def _check_unchanged(run) -> None:
     """After a spec (its finalizers removed its adapter): a shared model that differs from its load-time
     fingerprint is marked dirty, so the next spec gets a fresh load instead of what this one left."""
-    report = yield
-    cache = session.config.stash.get(MODEL_CACHE, None)
+    cache = run.config.stash.get(MODEL_CACHE, None)
     loaded = cache.loaded if cache is not None else None
-    if loaded is None or loaded.dirty or cache.fingerprint is None or report.metrics.get("cached"):
-        return report
+    if loaded is None or loaded.dirty or cache.fingerprint is None:
+        return
     try:
         now = fingerprint(loaded)
     except (Exception, SpecTimeout) as exc:  # noqa: BLE001 - unsure is dirty: the next spec loads afresh
         loaded.dirty = True
-        report.notes.append(f"the shared base model could not be checked ({type(exc).__name__}): the next spec "
-                            "loads it fresh")
-        return report
+        run.note(f"the shared base model could not be checked ({type(exc).__name__}): the next spec loads it fresh")
+        return
     changed = [name for name in now if now[name] != cache.fingerprint[name]]
     if changed:
         loaded.dirty = True
-        report.notes.append(f"this spec changed the shared base model ({', '.join(changed)}): the next spec "
-                            "loads it fresh")
-    return report
+        run.note(f"this spec changed the shared base model ({', '.join(changed)}): the next spec loads it fresh")
 
 
 @hookimpl

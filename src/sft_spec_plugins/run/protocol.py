@@ -199,6 +199,8 @@ def _run_phases(item: SpecItem, run: SpecRun, report: SpecReport, hook) -> None:
         run.model = run.loaded.model
         for note in run.loaded.notes:
             run.note(note)
+        for check in run.loaded.after_run:  # added first, so they run after every other cleanup
+            run.addfinalizer(lambda check=check: check(run))
     with _phase(report, item, "format"):
         run.markers = hook.sft_spec_chat_markers(item=item, run=run)
         # The first conversation and the prompts: a template's problem shows before anything is generated.
