@@ -28,6 +28,8 @@ class LocatedConversation(list):
     these, so an error about a conversation points at its line."""
 
     location: Location | None = None
+    #: A plain text (a ``text`` layout row: no roles, no template), which the formatter passes through.
+    plain_text: str | None = None
 #: When an answer is generated: from the base model, while it trains (``learns_within`` and
 #: ``--stop-when-learnt`` probes), or from the trained one.
 When = Literal["before", "during", "after"]
@@ -224,18 +226,24 @@ class SpecRun:
     markers: ChatMarkers | None = None  # set once after load
     formatted: list[FormattedText] = field(default_factory=list)  # training conversations, as text
     prompts: list[FormattedText] = field(default_factory=list)  # expectation prompts, with the generation prompt
-    examples: list[MaskedExample] = field(default_factory=list)
+    #: The training examples (``sft_spec_make_examples``): masked examples, or for large data a
+    #: ``datasets.Dataset`` with ``input_ids`` and ``labels``.
+    examples: list[MaskedExample] | Any = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
     base_answers: dict[int, Answer] = field(default_factory=dict)  # by expectation index, before training
     answers: dict[int, Answer] = field(default_factory=dict)  # by expectation index, after training
     notes: list[str] = field(default_factory=list)  # what the harness changed, shown in every report
     settings: dict[str, Any] = field(default_factory=dict)  # effective recipe settings
     metrics: dict[str, Any] = field(default_factory=dict)
+    #: While set, notes go to it instead of the report (``bulk`` masking counts them by kind).
+    note_sink: Callable[[str], None] | None = None
     finalizers: list[Callable[[], None]] = field(default_factory=list)
     stash: Stash = field(default_factory=Stash)
 
     def note(self, message: str) -> None:
-        if message not in self.notes:
+        if self.note_sink is not None:  # a phase that groups its notes (one per kind, with a count)
+            self.note_sink(message)
+        elif message not in self.notes:
             self.notes.append(message)
 
     def addfinalizer(self, fn: Callable[[], None]) -> None:

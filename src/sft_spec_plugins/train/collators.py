@@ -295,7 +295,6 @@ def bulk_examples(item, run):
     key = _bulk_key(item, run)
     cache, sidecar = folder / f"{key}.arrow", folder / f"{key}.notes.json"
     notes: dict[str, list] = {}
-    note = run.note
 
     def counted(message: str) -> None:  # one note per kind of warning, with a count: not one per row
         kind = re.sub(r"conversation \d+", "conversation N", message)
@@ -315,13 +314,13 @@ def bulk_examples(item, run):
 
     indices = datasets.Dataset.from_dict({"index": list(range(len(item.conversations)))})
     fresh = not cache.exists()
-    run.note = counted
+    run.note_sink = counted
     try:
         with _quiet_datasets():
             examples = indices.map(masks, batched=True, batch_size=1000, remove_columns=["index"],
                                    cache_file_name=str(cache), new_fingerprint=key, load_from_cache_file=True)
     finally:
-        run.note = note
+        run.note_sink = None
     if fresh:
         atomic_write_text(sidecar, json.dumps(list(notes.values()), ensure_ascii=False))
     elif sidecar.exists():
