@@ -4,7 +4,6 @@ written into tmp folders, and in-process runs of the CLI with their reports reco
 from __future__ import annotations
 
 import os
-import tempfile
 import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,10 +18,15 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 
 def pytest_configure(config):
-    # Every test shares one cache below the pytest tmp root, never the user's ~/.cache.
-    os.environ["SFT_SPEC_CACHE"] = str(Path(tempfile.gettempdir()) / f"sft-spec-test-cache-{os.getuid()}")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_cache_per_test_session(tmp_path_factory):
+    """Every test of a session shares one cache below pytest's temp root (tiny models are built there
+    once), never the user's ~/.cache and never a previous session's: no result is reused across runs."""
+    os.environ["SFT_SPEC_CACHE"] = str(tmp_path_factory.getbasetemp() / "sft-spec-cache")
 
 
 @pytest.fixture

@@ -162,17 +162,17 @@ def test_a_process_killed_while_writing_leaves_a_whole_file(tmp_path, kill_at):
         "while True:\n"
         "    i += 1\n"
         "    atomic_write_text(Path(sys.argv[1]), json.dumps({'i': i, 'pad': 'x' * 2_000_000}))\n"
+        "    print(i, flush=True)\n"
     )
-    proc = subprocess.Popen([sys.executable, "-c", writer, str(target)])
-    deadline = time.time() + 60
-    while True:  # the event: the writer has replaced the file kill_at times, and is writing again
-        try:
-            if json.loads(target.read_text())["i"] >= kill_at:
-                break
-        except (OSError, ValueError):
-            pass  # not written yet
-        assert time.time() < deadline and proc.poll() is None
+    proc = subprocess.Popen([sys.executable, "-c", writer, str(target)], stdout=subprocess.PIPE, text=True)
+    # The event: the writer says it replaced the file kill_at times (a blocking read, no polling), and it is
+    # writing again as the kill lands.
+    for line in proc.stdout:
+        if int(line) >= kill_at:
+            break
+    assert proc.poll() is None
     proc.send_signal(signal.SIGKILL)
+    proc.stdout.close()
     proc.wait()
     data = json.loads(target.read_text())  # the old file or the new one, never half of one
     assert data["i"] >= kill_at and len(data["pad"]) == 2_000_000

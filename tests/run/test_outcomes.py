@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from conftest import GEMMA_ONE_ANSWER
 
 
@@ -204,3 +205,42 @@ def test_spec_outcome_comes_from_its_cases_final_outcomes():
     assert spec(mark, "xfailed", "xpassed") == "xfailed"
     assert spec(mark, "xpassed", "xpassed") == "xpassed"
     assert spec(mark, "failed", "xfailed") == "failed"
+
+
+BLAMED = """\
+model: builtin:tiny-gemma
+method: lora
+lora: {r: 8, lora_alpha: 16, lora_dropout: 0.1}
+training:
+  learning_rate: 1.0e-3
+  adam_beta1: 0.9
+  lr_scheduler_kwargs: {bogus: 1}
+format: {collator: completion_only}
+data:
+  conversations:
+    - - {role: user, content: a}
+      - {role: assistant, content: b}
+expect:
+  - {prompt: a, equals: b}
+"""
+
+
+@pytest.mark.parametrize("phase,message,line", [
+    ("train", "dropout probability has to be between 0 and 1", 3),        # a key's own word: lora_dropout
+    ("train", "Invalid beta parameter at index 0: 1.5", 6),               # adam_beta1, by its word
+    ("train", "__init__() got an unexpected keyword argument 'bogus'", 7),  # a key inside a mapping
+    ("train", "LoRA layers do not match the model", 3),                    # a LoRA run's lora: section
+    ("train", "CUDA error: device-side assert triggered", 4),             # the phase's section: training:
+    ("mask", "response template not found", 8),                           # format.collator
+    ("load", "weights could not be read", 1),                             # model:
+])
+def test_a_crash_is_blamed_on_the_key_it_most_likely_comes_from(tmp_path, phase, message, line):
+    from conftest import load_context
+
+    from sft_spec.loading import load_spec_file
+    from sft_spec_plugins.run.protocol import blamed_location
+
+    path = tmp_path / "b.sft.yaml"
+    path.write_text(BLAMED, encoding="utf-8")
+    item = load_spec_file(path, load_context(tmp_path))[0]
+    assert blamed_location(item, phase, message).line == line

@@ -119,7 +119,7 @@ def _error_info(item: SpecItem, config: Config, exc: PhaseError) -> ErrorInfo:
         message = f"timed out in phase {exc.phase}: {original}"
     elif isinstance(original, FloatingPointError):
         kind = "nan"
-    return ErrorInfo(message=message, location=str(_blamed(item, exc.phase, str(original))), phase=exc.phase,
+    return ErrorInfo(message=message, location=str(blamed_location(item, exc.phase, str(original))), phase=exc.phase,
                      plugin=plugin_name_for_traceback(config.pluginmanager, original.__traceback__), kind=kind,
                      traceback="".join(traceback.format_exception(original)))
 
@@ -128,7 +128,7 @@ def _error_info(item: SpecItem, config: Config, exc: PhaseError) -> ErrorInfo:
 _GENERIC = {"lora", "adam", "num", "train", "per", "device", "size", "steps", "max", "min", "eval", "type", "kwargs"}
 
 
-def _blamed(item: SpecItem, phase: str, message: str):
+def blamed_location(item: SpecItem, phase: str, message: str):
     """Where a crash most likely comes from: a recipe key the message names (``dropout`` -> lora_dropout,
     ``beta`` -> adam_beta1), else the section the phase reads; the spec's first line only as a last resort."""
     text = message.lower()
@@ -137,8 +137,9 @@ def _blamed(item: SpecItem, phase: str, message: str):
         for key, value in getattr(item.spec, section).items():
             inner = [str(k).lower() for k in value] if isinstance(value, dict) else []  # lr_scheduler_kwargs.bogus
             named = [str(key).lower(), *inner]
-            if any(re.search(rf"\b{re.escape(n)}\b", text) for n in named) or \
-                    (set(str(key).lower().split("_")) - _GENERIC) & words:
+            # A key's words, a numbered one without its number (adam_beta1: "beta" in "Invalid beta parameter").
+            parts = {re.sub(r"\d+$", "", part) for part in str(key).lower().split("_")} - _GENERIC - {""}
+            if any(re.search(rf"\b{re.escape(n)}\b", text) for n in named) or parts & words:
                 return item.locate(section, key)
     keys = _PHASE_KEYS.get(phase)
     if phase == "train" and item.spec.method != "full" and "lora" in message.lower():

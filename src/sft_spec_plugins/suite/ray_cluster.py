@@ -368,6 +368,12 @@ def run_on_ray(session: Session, ray, address: str) -> None:
         session.interrupted = True
         flush(everything=True)  # what finished is reported; the rest was cancelled
     finally:
+        if not session.interrupted:  # a clean end: each worker's session ends as the driver's does
+            for actor in actors:
+                try:
+                    ray.get(actor.close.remote(), timeout=30)
+                except Exception:  # noqa: BLE001, S110 - a worker that is gone has nothing to end
+                    pass
         for actor in actors:
             _kill(ray, actor)
         ray.shutdown()
@@ -441,6 +447,10 @@ class SpecWorker:
         self.session = worker_session(WorkerSetup(**setup), select=False)
         self.by_place = {(Path(i.path).resolve().relative_to(root).as_posix(), i.nodeid.split("::", 1)[1]): i
                          for i in self.session.items}
+
+    def close(self) -> None:
+        """The session's end on this worker (sft_spec_unconfigure), before the driver lets the actor go."""
+        self.session.unconfigure()
 
     def run(self, path: str, name: str, selected: list[str], driver_nodeid: str, driver_path: str) -> dict:
         import json

@@ -273,7 +273,11 @@ def worker_session(setup: WorkerSetup, select: bool = True) -> Session:
             setattr(config.options, name, value)
     session = Session(config)
     session.configure()
-    session.collect(list(config.options.paths))
+    try:
+        session.collect(list(config.options.paths))
+    except BaseException:
+        session.unconfigure()
+        raise
     return session
 
 
