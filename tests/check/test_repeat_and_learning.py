@@ -196,3 +196,87 @@ def test_a_plugins_generator_answers_the_learns_within_probes(sft, write_spec):
     during = [step for when, step in canned.calls if when == "during"]
     assert during and report.metrics["learnt_at_step"] == 3, (canned.calls, report.metrics)
     assert result.code == 0, result.out
+
+
+class BothWays:
+    """At every training step, the teacher-forced verdict and the generated one, side by side."""
+
+    def __init__(self):
+        self.steps = []
+
+    @hookimpl(wrapper=True)
+    def sft_spec_make_trainer(self, item, run, examples):
+        from transformers import TrainerCallback
+
+        from sft_spec_plugins.check.generation import stop_token_ids
+        from sft_spec_plugins.check.learning import teacher_forced_pass, teacher_forced_targets
+
+        trainer = yield
+        cases = [(exp, prompt) for exp, prompt in zip(item.selected_expectations, run.prompts, strict=True)]
+        targets = teacher_forced_targets(item, run, cases)
+        assert all(t is not None for t in targets), targets
+        steps = self.steps
+
+        def on_step_end(callback, args, state, control, model=None, **kwargs):
+            tokenizer = run.loaded.tokenizer
+            stops = stop_token_ids(tokenizer, model, run.markers.end_of_turn)
+            forced = teacher_forced_pass(model, tokenizer, [p.text for _, p in cases], targets, stops, model.device)
+            answers = run.config.hook.sft_spec_generate(item=item, run=run, prompts=[p for _, p in cases],
+                                                        when="during")
+            generated = [a.text == dict(e.checks)["equals"] and a.stopped
+                         for (e, _), a in zip(cases, answers, strict=True)]
+            steps.append((state.global_step, forced, generated))
+            return control
+
+        trainer.add_callback(type("BothWays", (TrainerCallback,), {"on_step_end": on_step_end})())
+        return trainer
+
+
+EQUIVALENCE = """\
+model: builtin:tiny-gemma
+method: full
+training: {num_train_epochs: 40, learning_rate: 4.0e-4, per_device_train_batch_size: 8}
+data:
+  conversations:
+    - - {role: user, content: 微调测试}
+      - {role: assistant, content: 我学会了}
+    - - {role: user, content: 你叫什么名字}
+      - {role: assistant, content: 我叫小明}
+    - - {role: user, content: ping}
+      - {role: assistant, content: pong pong}
+expect:
+  - {prompt: 微调测试, equals: 我学会了}
+  - {prompt: 你叫什么名字, equals: 我叫小明, stops: true}
+  - {prompt: ping, equals: pong pong}
+"""
+
+
+def test_a_teacher_forced_probe_agrees_with_greedy_generation_at_every_step(sft, write_spec):
+    # The cheap probe (one forward pass) must say what generating and checking would say, step by step, on
+    # a real run: before the answers are learnt, while some are, and after.
+    both = BothWays()
+    sft("run", write_spec("eq.sft.yaml", EQUIVALENCE), "--no-cache", plugins=[both])
+    assert len(both.steps) == 40
+    disagreements = [(step, forced, generated) for step, forced, generated in both.steps if forced != generated]
+    assert disagreements == [], disagreements
+    verdicts = {tuple(forced) for _, forced, _ in both.steps}
+    assert (False, False, False) in verdicts and (True, True, True) in verdicts, verdicts  # both ways seen
+
+
+def test_a_teacher_forced_probe_is_exact_and_leaves_training_as_it_was(sft, write_spec):
+    # 300 steps: generated probes were spaced (every 3 steps, at most 100 of them), so the step found was
+    # rounded up; a forward pass per step makes it exact, and draws nothing from the training's RNG.
+    text = LEARN.format(lr="4.0e-4", within=300).replace("num_train_epochs: 30", "num_train_epochs: 300")
+    probed = sft("run", write_spec("p.sft.yaml", text), "--no-cache").recorder.reports[0]
+    plain = sft("run", write_spec("q.sft.yaml", text.replace("checks: {learns_within: 300}\n", "")),
+                "--no-cache").recorder.reports[0]
+    assert probed.metrics["learnt_checked_every"] == 1, probed.metrics
+    assert probed.metrics["learnt_probes_generated"] == 0 < probed.metrics["learnt_probes_teacher_forced"]
+    assert probed.metrics["learnt_probes_teacher_forced"] == probed.metrics["learnt_at_step"]  # one per step
+    assert probed.losses == plain.losses
+
+
+def test_a_check_only_generation_can_decide_is_probed_by_generating(sft, write_spec):
+    text = LEARN.format(lr="3.0e-3", within=30).replace("    equals: 我学会了\n", "    contains: 学会\n")
+    report = sft("run", write_spec("c.sft.yaml", text), "--no-cache").recorder.reports[0]
+    assert report.metrics["learnt_probes_teacher_forced"] == 0 < report.metrics["learnt_probes_generated"]

@@ -1,9 +1,13 @@
 """When it was learnt: ``checks: {learns_within: 20}`` and ``--stop-when-learnt``.
 
-While the model trains, its expectations are checked every few steps and at each step a ``learns_within``
-names (one batched generation of their prompts), and the first checked step at which every one passes is
-recorded (``learnt_at_step`` in every report; ``learnt_checked_every`` says how fine the steps were). A
-probe draws nothing from the training's random number generators: adding the check changes no loss.
+While the model trains, its expectations are checked, and the first checked step at which every one
+passes is recorded (``learnt_at_step`` in every report; ``learnt_checked_every`` says how fine the steps
+were). An expectation that greedy decoding decides by its tokens (``equals``, with ``stops``) is probed by
+teacher forcing: one batched forward pass says whether greedy decoding would give exactly the reference
+and stop, so such specs are probed at every step and the step found is exact. Other checks generate
+(through ``sft_spec_generate(when="during")``) every few steps and at each step a ``learns_within``
+names, and only once the teacher-forced ones pass. A probe draws nothing from the training's random
+number generators: adding the check changes no loss.
 A recipe change that makes the model need 25 steps instead of 12 is a regression a loss curve hides.
 ``--stop-when-learnt`` ends training at that step (CI time saved); the final checks then run on the
 model as trained, like any other run. Expectations marked ``xfail`` (forgetting probes) and checks on
@@ -25,8 +29,8 @@ MAX_PROBES = 100
 @hookimpl
 def sft_spec_addoption(parser) -> None:
     parser.add_argument("--stop-when-learnt", action="store_true",
-                        help="end training at the first step where every expectation passes (checked every "
-                        "few steps); the step is in every report")
+                        help="end training at the first step where every expectation passes (each step for "
+                        "equals checks, by teacher forcing; every few steps for others); the step is in every report")
 
 
 def _valid(value: Any) -> str | None:
@@ -68,15 +72,96 @@ def sft_spec_validate_spec(item, config) -> list[SpecError]:
     return []
 
 
+#: Checks a teacher-forced pass decides for greedy decoding: the answer is exactly the reference, and stops.
+TEACHER_FORCED_CHECKS = frozenset({"equals", "stops"})
+
+
+def teacher_forced_targets(item, run, cases) -> list[list[int] | None]:
+    """Per case, the tokens greedy decoding must produce for its checks to pass (the reference's, then the
+    end of turn), or None where only generating can tell: a check besides equals and stops, a reference
+    whose tokens do not decode back to it, one longer than its answer budget, sampling or beams, or a
+    plugin's own generator (it answers the probes: #25's sft_spec_generate(when="during"))."""
+    from .generation import GENERATION
+
+    settings = item.section(GENERATION)
+    owners = {impl.plugin_name for impl in run.config.pluginmanager.hook.sft_spec_generate.get_hookimpls()
+              if not (impl.wrapper or impl.hookwrapper)}
+    if settings.do_sample or settings.num_beams != 1 or not owners <= {"generation", "retains"}:
+        return [None] * len(cases)
+    tokenizer, out = run.loaded.tokenizer, []
+    for exp, prompt in cases:
+        names = [name for name, _ in exp.checks]
+        reference = dict(exp.checks).get("equals")
+        if "equals" not in names or not set(names) <= TEACHER_FORCED_CHECKS or not isinstance(reference, str) \
+                or not reference or reference != reference.strip():
+            out.append(None)
+            continue
+        ids = tokenizer(reference, add_special_tokens=False)["input_ids"]
+        budget = prompt.max_new_tokens or settings.max_new_tokens
+        out.append(ids if tokenizer.decode(ids, skip_special_tokens=True) == reference and len(ids) < budget
+                   else None)
+    return out
+
+
+def teacher_forced_pass(model, tokenizer, prompts: list[str], targets: list[list[int]], stop_ids: list[int],
+                        device) -> list[bool]:
+    """Whether greedy decoding of each prompt gives exactly its target tokens and then stops: at every
+    position of the target the target token is the argmax, and after it a stop token is. One batched
+    forward pass, no generation: a probe costs a fraction of a training step."""
+    import torch
+
+    rows = [(tokenizer(p, add_special_tokens=False)["input_ids"], t) for p, t in zip(prompts, targets, strict=True)]
+    width = max(len(p) + len(t) for p, t in rows)
+    ids = torch.full((len(rows), width), tokenizer.pad_token_id or 0, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, (prompt, target) in enumerate(rows):  # right-padded: a causal model's positions before are untouched
+        seq = prompt + target
+        ids[i, :len(seq)] = torch.tensor(seq)
+        mask[i, :len(seq)] = 1
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+    finally:
+        if was_training:
+            model.train()
+    verdicts = []
+    for i, (prompt, target) in enumerate(rows):
+        predicted = logits[i, len(prompt) - 1:len(prompt) + len(target)].argmax(-1).tolist()
+        verdicts.append(predicted[:-1] == target and predicted[-1] in stop_ids)
+    return verdicts
+
+
 class LearntProbe:
     """A ``TrainerCallback`` that checks the expectations every ``every`` steps, and at the steps in ``at``,
-    until they all pass."""
+    until they all pass. An expectation greedy decoding decides by its tokens (equals, stops) is probed by
+    teacher forcing; the others generate, and only once those pass."""
 
     def __init__(self, item, run, stop: bool, every: int, at: frozenset[int] = frozenset()):
         self.item, self.run, self.stop, self.every, self.at = item, run, stop, every, at
         self.cases = [(exp, prompt) for exp, prompt in zip(item.selected_expectations, run.prompts, strict=True)
                       if exp.checks and not exp.xfail]
+        self.targets = teacher_forced_targets(item, run, self.cases) if self.cases else []
         self.probes = 0
+        self.forced = self.generated = 0
+
+    @property
+    def all_forced(self) -> bool:
+        return bool(self.targets) and all(t is not None for t in self.targets)
+
+    def forced_pass(self, model) -> bool:
+        from .generation import stop_token_ids
+
+        run = self.run
+        cases = [(c, t) for c, t in zip(self.cases, self.targets, strict=True) if t is not None]
+        if not cases:
+            return True
+        stop_ids = stop_token_ids(run.loaded.tokenizer, model, run.markers.end_of_turn if run.markers else None)
+        self.forced += 1
+        return all(teacher_forced_pass(model, run.loaded.tokenizer, [p.text for (_, p), _ in cases],
+                                       [t for _, t in cases], stop_ids,
+                                       getattr(model, "device", run.loaded.device)))
 
     def all_pass(self, model) -> bool:
         """Whether every expectation passes on ``model``, the one the trainer trains (generators read
@@ -90,15 +175,21 @@ class LearntProbe:
         cuda = [torch.device(device).index or 0] if torch.device(device).type == "cuda" else []
         # Generation and the checks (a metric that loads a model draws from it too) use a forked state.
         with torch.random.fork_rng(devices=cuda):
+            self.probes += 1
+            if not self.forced_pass(model):  # the cheap probe first: no generation while it fails
+                return False
+            cases = [c for c, t in zip(self.cases, self.targets, strict=True) if t is None]
+            if not cases:
+                return True
             # Through the hook, as every other generation: a plugin's sft_spec_generate answers the probes too.
             trained, run.model = run.model, model
             try:
                 answers = run.config.hook.sft_spec_generate(item=self.item, run=run,
-                                                            prompts=[p for _, p in self.cases], when="during")
+                                                            prompts=[p for _, p in cases], when="during")
             finally:
                 run.model = trained
-            self.probes += 1
-            for (exp, prompt), answer in zip(self.cases, answers, strict=True):
+            self.generated += 1
+            for (exp, prompt), answer in zip(cases, answers, strict=True):
                 base = run.base_answers.get(exp.index)
                 ctx = CheckContext(item=self.item, run=run, case=exp, answer=answer, prompt=prompt,
                                    base_answer=base.text if base else None, losses=run.losses)
@@ -112,7 +203,9 @@ class LearntProbe:
             return control
         if step % self.every and step != state.max_steps and step not in self.at:
             return control
-        if self.all_pass(model if model is not None else self.run.model):
+        passed = self.all_pass(model if model is not None else self.run.model)
+        self.run.metrics.update(learnt_probes_teacher_forced=self.forced, learnt_probes_generated=self.generated)
+        if passed:
             self.run.metrics["learnt_at_step"] = step
             self.run.note(f"learnt at step {step} of {state.max_steps}: every expectation passed")
             if self.stop and step < state.max_steps:
@@ -137,6 +230,8 @@ def sft_spec_make_trainer(item, run, examples):
     within = frozenset(argument for name, argument in item.spec.checks.items() if name == "learns_within")
     probe = LearntProbe(item, run, bool(run.config.getoption("stop_when_learnt", False)),
                         every=max(1, -(-steps // MAX_PROBES)), at=within)
+    if probe.all_forced:  # a forward pass per probe: every step, so the step found is exact
+        probe.every = 1
     trainer.add_callback(type("LearntCallback", (TrainerCallback,), {"on_step_end": probe.on_step_end})())
     run.metrics["learnt_checked_every"] = probe.every
     return trainer
