@@ -199,7 +199,8 @@ def test_a_plugins_generator_answers_the_learns_within_probes(sft, write_spec):
 
 
 class BothWays:
-    """At every training step, the teacher-forced verdict and the generated one, side by side."""
+    """At every training step, the learnt probe's verdict (teacher forcing, generating what it cannot
+    decide) and the one of generating every answer and checking it, side by side."""
 
     def __init__(self):
         self.steps = []
@@ -209,23 +210,23 @@ class BothWays:
         from transformers import TrainerCallback
 
         from sft_spec_plugins.check.generation import stop_token_ids
-        from sft_spec_plugins.check.learning import teacher_forced_pass, teacher_forced_targets
+        from sft_spec_plugins.check.learning import LearntProbe, teacher_forced_pass
 
         trainer = yield
-        cases = [(exp, prompt) for exp, prompt in zip(item.selected_expectations, run.prompts, strict=True)]
-        targets = teacher_forced_targets(item, run, cases)
-        assert all(t is not None for t in targets), targets
-        steps = self.steps
+        probe = LearntProbe(item, run, stop=False, every=1)
+        assert probe.all_forced, probe.targets
+        cases, steps = probe.cases, self.steps
 
         def on_step_end(callback, args, state, control, model=None, **kwargs):
             tokenizer = run.loaded.tokenizer
             stops = stop_token_ids(tokenizer, model, run.markers.end_of_turn)
-            forced = teacher_forced_pass(model, tokenizer, [p.text for _, p in cases], targets, stops, model.device)
+            forced = teacher_forced_pass(model, tokenizer, [p.text for _, p in cases], probe.targets, stops,
+                                         model.device)
             answers = run.config.hook.sft_spec_generate(item=item, run=run, prompts=[p for _, p in cases],
                                                         when="during")
             generated = [a.text == dict(e.checks)["equals"] and a.stopped
                          for (e, _), a in zip(cases, answers, strict=True)]
-            steps.append((state.global_step, forced, generated))
+            steps.append((state.global_step, forced, generated, probe.all_pass(model)))
             return control
 
         trainer.add_callback(type("BothWays", (TrainerCallback,), {"on_step_end": on_step_end})())
@@ -253,14 +254,18 @@ expect:
 
 def test_a_teacher_forced_probe_agrees_with_greedy_generation_at_every_step(sft, write_spec):
     # The cheap probe (one forward pass) must say what generating and checking would say, step by step, on
-    # a real run: before the answers are learnt, while some are, and after.
+    # a real run: before the answers are learnt, while some are, and after. What teacher forcing decides
+    # (True or False) is generation's verdict; what it cannot (None: a token the answer does not show)
+    # the probe generates.
     both = BothWays()
     sft("run", write_spec("eq.sft.yaml", EQUIVALENCE), "--no-cache", plugins=[both])
     assert len(both.steps) == 40
-    disagreements = [(step, forced, generated) for step, forced, generated in both.steps if forced != generated]
-    assert disagreements == [], disagreements
-    verdicts = {tuple(forced) for _, forced, _ in both.steps}
-    assert (False, False, False) in verdicts and (True, True, True) in verdicts, verdicts  # both ways seen
+    wrong = [(step, forced, generated) for step, forced, generated, _ in both.steps
+             if any(f is not None and f != g for f, g in zip(forced, generated, strict=True))]
+    assert wrong == [], wrong
+    assert [probe for *_, probe in both.steps] == [all(generated) for _, _, generated, _ in both.steps]
+    decided = {f for _, forced, _, _ in both.steps for f in forced}
+    assert {True, False} <= decided, decided  # both verdicts reached without generating
 
 
 def test_a_teacher_forced_probe_is_exact_and_leaves_training_as_it_was(sft, write_spec):
@@ -271,7 +276,8 @@ def test_a_teacher_forced_probe_is_exact_and_leaves_training_as_it_was(sft, writ
     plain = sft("run", write_spec("q.sft.yaml", text.replace("checks: {learns_within: 300}\n", "")),
                 "--no-cache").recorder.reports[0]
     assert probed.metrics["learnt_checked_every"] == 1, probed.metrics
-    assert probed.metrics["learnt_probes_generated"] == 0 < probed.metrics["learnt_probes_teacher_forced"]
+    # Generating only where teacher forcing cannot decide (a token the answer would not show).
+    assert probed.metrics["learnt_probes_generated"] < probed.metrics["learnt_probes_teacher_forced"]
     assert probed.metrics["learnt_probes_teacher_forced"] == probed.metrics["learnt_at_step"]  # one per step
     assert probed.losses == plain.losses
 

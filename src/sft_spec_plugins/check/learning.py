@@ -104,10 +104,13 @@ def teacher_forced_targets(item, run, cases) -> list[list[int] | None]:
 
 
 def teacher_forced_pass(model, tokenizer, prompts: list[str], targets: list[list[int]], stop_ids: list[int],
-                        device) -> list[bool]:
-    """Whether greedy decoding of each prompt gives exactly its target tokens and then stops: at every
-    position of the target the target token is the argmax, and after it a stop token is. One batched
-    forward pass, no generation: a probe costs a fraction of a training step."""
+                        device) -> list[bool | None]:
+    """Per prompt, what greedy decoding's answer would make of ``equals`` its target (and ``stops``), from
+    one batched forward pass with the target as input, no generation: True when every target token is the
+    argmax at its place and a stop token follows; False when greedy leaves the target for a token that
+    shows in the answer and cannot spell the rest of it (the answer differs, whatever comes next); None
+    when only generating can tell: a token the cleaned answer does not show (a special token, a space)
+    where greedy may take a detour and still give the reference, or a character split between tokens."""
     import torch
 
     rows = [(tokenizer(p, add_special_tokens=False)["input_ids"], t) for p, t in zip(prompts, targets, strict=True)]
@@ -126,11 +129,29 @@ def teacher_forced_pass(model, tokenizer, prompts: list[str], targets: list[list
     finally:
         if was_training:
             model.train()
-    verdicts = []
+    verdicts: list[bool | None] = []
     for i, (prompt, target) in enumerate(rows):
         predicted = logits[i, len(prompt) - 1:len(prompt) + len(target)].argmax(-1).tolist()
-        verdicts.append(predicted[:-1] == target and predicted[-1] in stop_ids)
+        verdicts.append(_verdict(tokenizer, target, predicted, stop_ids))
     return verdicts
+
+
+def _verdict(tokenizer, target: list[int], predicted: list[int], stop_ids: list[int]) -> bool | None:
+    """``predicted[k]``: greedy's token after ``target[:k]``; the answer is cleaned as generation cleans it
+    (special tokens skipped, spaces stripped at the ends)."""
+    for k, token in enumerate(predicted):
+        if k < len(target) and token == target[k]:
+            continue
+        if k == len(target) and token in stop_ids:
+            return True  # exactly the reference, then the end of turn
+        if token in stop_ids:
+            return False  # stopped inside the reference: the answer is a part of it
+        shown = tokenizer.decode([token], skip_special_tokens=True)
+        rest = tokenizer.decode(target[k:], skip_special_tokens=True)
+        if not shown.strip() or "\ufffd" in shown + rest:
+            return None  # not shown in the answer, or half a character: greedy may still give the reference
+        return None if rest.startswith(shown) else False  # another way to spell the rest, or a different answer
+    return None
 
 
 class LearntProbe:
@@ -145,23 +166,28 @@ class LearntProbe:
         self.targets = teacher_forced_targets(item, run, self.cases) if self.cases else []
         self.probes = 0
         self.forced = self.generated = 0
+        self.undecided: list = []
 
     @property
     def all_forced(self) -> bool:
         return bool(self.targets) and all(t is not None for t in self.targets)
 
     def forced_pass(self, model) -> bool:
+        """False when teacher forcing shows an expectation fails; the ones it cannot decide are left in
+        ``undecided`` for generation."""
         from .generation import stop_token_ids
 
         run = self.run
         cases = [(c, t) for c, t in zip(self.cases, self.targets, strict=True) if t is not None]
+        self.undecided = []
         if not cases:
             return True
         stop_ids = stop_token_ids(run.loaded.tokenizer, model, run.markers.end_of_turn if run.markers else None)
         self.forced += 1
-        return all(teacher_forced_pass(model, run.loaded.tokenizer, [p.text for (_, p), _ in cases],
-                                       [t for _, t in cases], stop_ids,
-                                       getattr(model, "device", run.loaded.device)))
+        verdicts = teacher_forced_pass(model, run.loaded.tokenizer, [p.text for (_, p), _ in cases],
+                                       [t for _, t in cases], stop_ids, getattr(model, "device", run.loaded.device))
+        self.undecided = [case for (case, _), verdict in zip(cases, verdicts, strict=True) if verdict is None]
+        return False not in verdicts
 
     def all_pass(self, model) -> bool:
         """Whether every expectation passes on ``model``, the one the trainer trains (generators read
@@ -178,7 +204,7 @@ class LearntProbe:
             self.probes += 1
             if not self.forced_pass(model):  # the cheap probe first: no generation while it fails
                 return False
-            cases = [c for c, t in zip(self.cases, self.targets, strict=True) if t is None]
+            cases = [c for c, t in zip(self.cases, self.targets, strict=True) if t is None] + self.undecided
             if not cases:
                 return True
             # Through the hook, as every other generation: a plugin's sft_spec_generate answers the probes too.
