@@ -27,10 +27,10 @@ for d in ("transformers", "trl", "peft", "accelerate", "bitsandbytes", "datasets
 PY
 sft-spec run examples/cuda -v --device cuda --on-unsupported error 2>&1 | tee "$out/cuda-examples.txt"
 sft-spec run specs/ -v --device cuda --on-unsupported error 2>&1 | tee "$out/cuda-specs.txt"
-# The same, as assertions: native bf16/adamw_8bit/4-bit on CUDA, no fallback (tests/test_gpu.py).
+# The same, as assertions: native bf16/adamw_8bit/4-bit on CUDA, no fallback (tests/model/test_gpu.py).
 if python3 -c "import pytest" 2>/dev/null; then
-  python3 -m pytest -m gpu tests/test_gpu.py -v -p no:cacheprovider 2>&1 | tee "$out/pytest-gpu.txt"
+  python3 -m pytest -m gpu tests/model/test_gpu.py -v -p no:cacheprovider 2>&1 | tee "$out/pytest-gpu.txt"
 else
-  echo "pytest is not installed here: add its wheels (pytest, iniconfig) to .whl/ to run tests/test_gpu.py" \
+  echo "pytest is not installed here: add its wheels (pytest, iniconfig) to .whl/ to run tests/model/test_gpu.py" \
     | tee "$out/pytest-gpu.txt"
 fi

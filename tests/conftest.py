@@ -4,6 +4,8 @@ written into tmp folders, and in-process runs of the CLI with their reports reco
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,15 +20,20 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 
 def pytest_configure(config):
+    # One cache per test session (tiny models are built there once), set before collection (a parametrize
+    # may read it), never the user's ~/.cache and never a previous session's: nothing is reused across runs.
+    config.stash[_CACHE] = tempfile.mkdtemp(prefix="sft-spec-test-cache-")
+    os.environ["SFT_SPEC_CACHE"] = config.stash[_CACHE]
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _one_cache_per_test_session(tmp_path_factory):
-    """Every test of a session shares one cache below pytest's temp root (tiny models are built there
-    once), never the user's ~/.cache and never a previous session's: no result is reused across runs."""
-    os.environ["SFT_SPEC_CACHE"] = str(tmp_path_factory.getbasetemp() / "sft-spec-cache")
+def pytest_unconfigure(config):
+    if _CACHE in config.stash:
+        shutil.rmtree(config.stash[_CACHE], ignore_errors=True)
+
+
+_CACHE = pytest.StashKey[str]()
 
 
 @pytest.fixture

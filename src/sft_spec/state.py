@@ -224,7 +224,8 @@ class SpecRun:
     loaded: LoadedModel | None = None
     model: Any = None  # the model being trained (a peft model for LoRA)
     markers: ChatMarkers | None = None  # set once after load
-    formatted: list[FormattedText] = field(default_factory=list)  # training conversations, as text
+    #: Training conversations as text: the format phase's (up to 2,000), then the examples hook's.
+    formatted: list[FormattedText] = field(default_factory=list)
     prompts: list[FormattedText] = field(default_factory=list)  # expectation prompts, with the generation prompt
     #: The training examples (``sft_spec_make_examples``): masked examples, or for large data a
     #: ``datasets.Dataset`` with ``input_ids`` and ``labels``.

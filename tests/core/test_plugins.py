@@ -254,3 +254,25 @@ def test_a_template_that_breaks_on_a_later_conversation_names_it(sft, write_spec
     report = result.recorder.reports[0]
     assert report.outcome == "error" and report.error.phase == "format", result.out
     assert "conversation 1: " in report.error.message and "no boom" in report.error.message, result.out
+
+
+class ExamplesAsDataset:
+    """The documented contract: a datasets.Dataset with input_ids and labels (no other column)."""
+
+    @hookimpl(tryfirst=True)
+    def sft_spec_make_examples(self, item, run):
+        import datasets
+
+        hook = run.config.hook
+        masked = [hook.sft_spec_make_mask(item=item, run=run, formatted=f, index=i)
+                  for i, f in enumerate(run.formatted)]
+        return datasets.Dataset.from_dict({"input_ids": [m.input_ids for m in masked],
+                                           "labels": [m.labels for m in masked]})
+
+
+def test_a_plugins_examples_as_a_dataset_train(sft, write_spec, one_answer_spec):
+    # The summary read a "trained" column only the built-in large-data path writes: KeyError in phase mask.
+    result = sft("run", write_spec("d.sft.yaml", one_answer_spec()), "--no-cache", plugins=[ExamplesAsDataset()])
+    report = result.recorder.reports[0]
+    assert report.outcome == "passed", result.out
+    assert report.mask.examples == 1 and 0 < report.mask.trained_tokens < report.mask.total_tokens

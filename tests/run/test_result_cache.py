@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import pytest
+
 from sft_spec import hookimpl
 
 SPEC = """\
@@ -203,3 +205,69 @@ def test_every_built_in_input_comes_from_its_owner():
     options = [call.args[0].value for call in calls if getattr(call.func, "attr", "") == "getoption"
                and call.args and isinstance(call.args[0], ast.Constant)]
     assert set(options) <= {"no_cache", "collect_only", "update_snapshots", "update_baselines"}, options
+
+
+@pytest.mark.parametrize("option", [["--deterministic"], ["--stop-when-learnt"], ["--allow-pickle"],
+                                    ["--allow-remote-code"], ["--on-unsupported", "error"], ["--device", "cuda"]])
+def test_every_option_that_decides_a_result_changes_the_key(write_spec, option):
+    from conftest import load_context
+
+    from sft_spec.bootstrap import prepare_config
+    from sft_spec.loading import LoadContext, load_spec_file
+    from sft_spec_plugins.run.result_cache import cache_key
+
+    path = write_spec("k.sft.yaml", SPEC.format(method="lora", check="not_equals: 我学会了"))
+    item = load_spec_file(path, load_context(path.parent))[0]
+    plain = cache_key(item, prepare_config(["run", str(path)], output_dir=path.parent).config)
+    changed = LoadContext(prepare_config(["run", str(path), *option], output_dir=path.parent).config)
+    assert cache_key(item, changed.config) != plain
+
+
+@pytest.mark.parametrize("edit", ["data", "snapshot"])
+def test_the_files_a_spec_reads_change_the_key(write_spec, edit):
+    from conftest import load_context
+
+    from sft_spec.bootstrap import prepare_config
+    from sft_spec.loading import load_spec_file
+    from sft_spec_plugins.common.recorded import recorded_path
+    from sft_spec_plugins.run.result_cache import cache_key
+
+    folder = write_spec("data.jsonl", '{"messages": [{"role": "user", "content": "a"}, '
+                        '{"role": "assistant", "content": "b"}]}\n').parent
+    path = write_spec("f.sft.yaml", "model: builtin:tiny-gemma\ndata:\n  files:\n    - path: data.jsonl\n"
+                      "expect:\n  - {prompt: a, equals: b}\n")
+    config = prepare_config(["run", str(path)], output_dir=folder).config
+    before = cache_key(load_spec_file(path, load_context(folder))[0], config)
+    if edit == "data":  # the same conversations, other bytes (a reader may skip what the key never saw)
+        (folder / "data.jsonl").write_text((folder / "data.jsonl").read_text() + "\n", encoding="utf-8")
+    else:
+        snapshot = recorded_path(path, "__snapshots__")
+        snapshot.parent.mkdir()
+        snapshot.write_text("expect[0]: b\n", encoding="utf-8")
+    assert cache_key(load_spec_file(path, load_context(folder))[0], config) != before
+
+
+class SameName:
+    """A plugin whose input has a name a built-in uses too."""
+
+    model = "judge-a"
+
+    @hookimpl
+    def sft_spec_cache_key(self, item, config):
+        return {"model": self.model}
+
+
+def test_two_plugins_naming_an_input_alike_both_count(write_spec):
+    from conftest import load_context
+
+    from sft_spec.bootstrap import prepare_config
+    from sft_spec.loading import load_spec_file
+    from sft_spec_plugins.run.result_cache import cache_key
+
+    path = write_spec("n.sft.yaml", SPEC.format(method="lora", check="not_equals: 我学会了"))
+    plugin = SameName()
+    config = prepare_config(["run", str(path)], plugins=[plugin], output_dir=path.parent).config
+    item = load_spec_file(path, load_context(path.parent, plugins=[plugin]))[0]
+    first = cache_key(item, config)
+    plugin.model = "judge-b"
+    assert cache_key(item, config) != first  # the built-in "model" no longer overwrites it

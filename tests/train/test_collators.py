@@ -308,3 +308,20 @@ def test_the_loss_mask_flags_are_read_before_the_collator_is_checked(sft, write_
     monkeypatch.setattr(build, "_validate_by_plugins", reversed_checks)
     opposite = load_spec_file(spec, load_context(spec.parent))[0]
     assert opposite.notes == ordered.notes and opposite.section(FORMAT) == ordered.section(FORMAT)
+
+
+def test_two_loss_mask_flags_asking_for_different_collators_are_one_error(sft, write_spec):
+    # Both were read, each with its note, and the last silently won.
+    spec = write_spec("two.sft.yaml", """\
+        model: builtin:tiny-gemma
+        training: {assistant_only_loss: true, completion_only_loss: true}
+        data:
+          conversations:
+            - - {role: user, content: a}
+              - {role: assistant, content: b}
+        expect:
+          - {prompt: a, equals: b}
+    """)
+    result = sft("validate", spec)
+    assert result.code == 1 and "ask for different collators (assistant_only, completion_only): keep one" \
+        in result.out, result.out

@@ -180,6 +180,10 @@ def plugin_name_for_traceback(pm: pluggy.PluginManager, tb) -> str:
     return found
 
 
+#: Training conversations formatted in the format phase; large data is formatted with its masks, in batches.
+FORMATTED_UP_FRONT = 2000
+
+
 def import_training_libraries() -> None:
     """torch, transformers, TRL's trainer (which brings peft and bitsandbytes): seconds on the first spec
     of a process, timed as their own phase so "load" says what loading the model costs."""
@@ -204,10 +208,15 @@ def _run_phases(item: SpecItem, run: SpecRun, report: SpecReport, hook) -> None:
             run.addfinalizer(lambda check=check: check(run))
     with _phase(report, item, "format"):
         run.markers = hook.sft_spec_chat_markers(item=item, run=run)
-        # The first conversation and the prompts: a template's problem shows before anything is generated.
-        # The examples hook formats the others with their masks (in batches for large data).
-        run.formatted = [hook.sft_spec_format(item=item, run=run, messages=conv, add_generation_prompt=False)
-                         for conv in item.conversations[:1]]
+        # The conversations (up to a bound) and the prompts: a template's problem shows before anything is
+        # generated. Past the bound the examples hook formats the rest with their masks (in batches).
+        for index, conversation in enumerate(item.conversations[:FORMATTED_UP_FRONT]):
+            try:
+                run.formatted.append(hook.sft_spec_format(item=item, run=run, messages=conversation,
+                                                          add_generation_prompt=False))
+            except SpecError as exc:  # which conversation broke the template: a later one may be the odd one
+                where = item.sources[index] if index < len(item.sources) else None
+                raise SpecError(f"conversation {index}: {exc.message}", exc.location or where, exc.key) from None
         run.prompts = [hook.sft_spec_format(item=item, run=run, messages=exp.prompt, add_generation_prompt=True)
                        for exp in expectations]
         for exp, prompt in zip(expectations, run.prompts, strict=True):
@@ -273,7 +282,11 @@ def _mask_summary(run: SpecRun) -> MaskSummary | None:
         import pyarrow.compute as pc
 
         columns = run.examples.with_format("arrow")
-        trained_tokens = pc.sum(columns["trained"]).as_py() or 0
+        if "trained" in run.examples.column_names:
+            trained_tokens = pc.sum(columns["trained"]).as_py() or 0
+        else:  # a plugin's dataset: counted from its labels
+            trained = pc.cast(pc.not_equal(pc.list_flatten(columns["labels"]), -100), "int64")
+            trained_tokens = pc.sum(trained).as_py() or 0
         total_tokens = pc.sum(pc.list_value_length(columns["input_ids"])).as_py() or 0
         fingerprints = {"fingerprint": str(getattr(run.examples, "_fingerprint", ""))}
     else:

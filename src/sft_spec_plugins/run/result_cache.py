@@ -24,7 +24,6 @@ import os
 import shutil
 import sys
 from pathlib import Path
-from typing import Any
 
 from sft_spec import hookimpl
 from sft_spec.errors import UsageError
@@ -55,9 +54,9 @@ def cache_key(item, config) -> str:
     """The hash of what decides the spec's result: its own inputs here, and every plugin's
     (``sft_spec_cache_key``: options, files, the model's identity)."""
     spec = item.spec
-    inputs: dict[str, Any] = {}
-    for contribution in config.hook.sft_spec_cache_key(item=item, config=config):
-        inputs.update(contribution or {})
+    # Every contribution whole, sorted: two plugins that name an input alike both count.
+    inputs = sorted(json.dumps(c, sort_keys=True, default=str)
+                    for c in config.hook.sft_spec_cache_key(item=item, config=config) if c)
     return rec.sha256({
         "format": FORMAT,
         "nodeid": item.nodeid,
@@ -98,6 +97,7 @@ class ResultCache:
         self.root = results_dir(config.cache_dir)
         self.keys: dict[str, str] = {}
         self.staged: dict[str, Path] = {}
+        self.unkeyed: list[str] = []  # specs whose key could not be computed, and why
         self.reused: list[str] = []
         self.stored: list[str] = []
         self.discarded: list[str] = []
@@ -144,7 +144,8 @@ class ResultCache:
             return None
         try:
             key = cache_key(item, self.config)
-        except Exception:  # noqa: BLE001 - e.g. --device cuda without one: the run itself reports it
+        except Exception as exc:  # noqa: BLE001 - e.g. --device cuda without one: the run itself reports it
+            self.unkeyed.append(f"{item.nodeid}: {type(exc).__name__}: {exc}")
             return None
         self.keys[item.nodeid] = key
         report = self.load(key)
@@ -174,6 +175,8 @@ class ResultCache:
                        "(--no-cache to retrain)")
         for problem in self.discarded:
             write_line(f"result cache: discarded a damaged entry: {problem}")
+        for problem in self.unkeyed:  # run, not cached: a contributor of the key failed
+            write_line(f"result cache: not used for {problem}")
 
 
 @hookimpl

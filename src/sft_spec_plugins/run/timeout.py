@@ -24,32 +24,36 @@ def sft_spec_run_spec(item, session):
     # it exists only on Unix and only in the main thread.
     if not seconds or not hasattr(signal, "setitimer") or threading.current_thread() is not threading.main_thread():
         return (yield)
-    if _deadline or _waiting:  # a seed of a repeated spec: the spec's one timer bounds all its seeds together
-        if _deadline and time.monotonic() >= _deadline[-1]:
+    if _deadline:  # a seed of a repeated spec: the spec's one timer bounds all its seeds together
+        if time.monotonic() >= _deadline[-1]:
             raise SpecTimeout(f"the spec ran longer than --timeout={seconds:g}s (its seeds together)")
         return (yield)
 
     def expire(signum, frame):
         raise SpecTimeout(f"the spec ran longer than --timeout={seconds:g}s")
 
+    # The process's library imports first, untimed: an import cut short leaves torch half-imported for
+    # every later spec, and it is the process's cost (seconds, once), not the spec's.
+    from .protocol import import_training_libraries
+
+    import_training_libraries()
     previous = signal.signal(signal.SIGALRM, expire)
     try:
-        # Armed at the spec's first progress event, after the library imports: an import cut short leaves
-        # torch half-imported for every later spec of the process, and it is the process's cost, not the spec's.
-        _waiting.append(seconds)
+        _deadline.append(time.monotonic() + seconds)
+        signal.setitimer(signal.ITIMER_REAL, seconds)
         return (yield)
+    except SpecTimeout as exc:  # outside the run's phases (a plugin's own run, a launcher's wait): its error
+        from sft_spec.reports import ErrorInfo
+
+        from .protocol import new_report
+
+        report = new_report(item, "error")
+        report.error = ErrorInfo(str(exc), location=str(item.location), phase="run", kind="timeout")
+        return report
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
         _deadline.clear()
-        _waiting.clear()
-
-
-@hookimpl
-def sft_spec_run_progress(item, phase, step, total, loss):
-    if _waiting and not _deadline:
-        _deadline.append(time.monotonic() + _waiting[0])
-        signal.setitimer(signal.ITIMER_REAL, _waiting[0])
 
 
 #: A year: longer is no timeout a run could reach, and setitimer refuses what overflows it.
@@ -72,5 +76,3 @@ def _seconds(text: str) -> float:
 
 #: When the running spec's time is up (monotonic clock); empty between specs. Only the main thread sets it.
 _deadline: list[float] = []
-#: The running spec's --timeout, until its timer is armed.
-_waiting: list[float] = []

@@ -123,6 +123,12 @@ def sft_spec_resolve_spec(item, config) -> list[SpecError]:
     written = (item.doc.data.get("format") or {}).get("collator") if isinstance(item.doc.data.get("format"), dict) \
         else None
     training = item.spec.training
+    asked = {LOSS_FLAGS[k][training[k]] for k in LOSS_FLAGS if k in training and training[k] in LOSS_FLAGS[k]}
+    if len(asked) > 1:  # assistant_only_loss and completion_only_loss asking for two collators
+        keys = [k for k in LOSS_FLAGS if k in training]
+        said = " and ".join(f"{k}: {training[k]}" for k in keys)
+        return errors + [SpecError(f"{said} ask for different collators ({', '.join(sorted(asked))}): keep one",
+                                   item.locate("training", keys[-1]), key=f"training.{keys[-1]}")]
     for key, collators in LOSS_FLAGS.items():
         if key not in training or training[key] not in collators:
             continue
@@ -245,17 +251,18 @@ def sft_spec_make_examples(item, run):
             try:
                 formatted = hook.sft_spec_format(item=item, run=run, messages=conversation,
                                                  add_generation_prompt=False)
-            except Exception as exc:  # a template that breaks on one conversation: say which, where
-                where = getattr(conversation, "location", None) or item.locate("format")
-                if isinstance(exc, SpecError):
-                    error = SpecError(f"conversation {index}: {exc.message}", exc.location or where, exc.key)
-                else:
-                    error = SpecError(f"conversation {index}: {type(exc).__name__}: {exc}", where)
-                error.phase = "format"  # the format phase's error, made while masking
-                raise error from exc
+            except SpecError as exc:  # the user's template or data: say which conversation, where
+                raise _about_conversation(item, index, exc) from None
             run.formatted.append(formatted)
         examples.append(hook.sft_spec_make_mask(item=item, run=run, formatted=formatted, index=index))
     return examples
+
+
+def _about_conversation(item, index: int, exc: SpecError) -> SpecError:
+    where = item.sources[index] if index < len(item.sources) else item.locate("format")
+    error = SpecError(f"conversation {index}: {exc.message}", exc.location or where, exc.key)
+    error.phase = "format"  # the format phase's error, made while masking
+    return error
 
 
 def bulk_wanted(item, run) -> bool:
@@ -297,15 +304,18 @@ def bulk_examples(item, run):
     notes: dict[str, list] = {}
 
     def counted(message: str) -> None:  # one note per kind of warning, with a count: not one per row
-        kind = re.sub(r"conversation \d+", "conversation N", message)
+        kind = re.sub(r"\d+", "N", message)  # which conversation, how many tokens: the same kind
         entry = notes.setdefault(kind, [0, message])
         entry[0] += 1
 
     def masks(batch):
         out = {"input_ids": [], "labels": [], "trained": []}
         for index in batch["index"]:
-            formatted = hook.sft_spec_format(item=item, run=run, messages=item.conversations[index],
-                                             add_generation_prompt=False)
+            try:
+                formatted = hook.sft_spec_format(item=item, run=run, messages=item.conversations[index],
+                                                 add_generation_prompt=False)
+            except SpecError as exc:
+                raise _about_conversation(item, index, exc) from None
             example = hook.sft_spec_make_mask(item=item, run=run, formatted=formatted, index=index)
             out["input_ids"].append(example.input_ids)
             out["labels"].append(example.labels)

@@ -275,7 +275,7 @@ def _outside(item, value: str, dotted: str) -> str | None:
 
 
 def _special_training_keys(item, config) -> list[SpecError]:
-    """Keys sft-spec honours itself: the loss-mask flags as format.collator, report_to, chat_template_path."""
+    """Keys sft-spec honours itself: report_to (local loggers only) and chat_template_path."""
     from .formatters import FORMAT
 
     training, errors = item.spec.training, []
