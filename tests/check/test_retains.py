@@ -42,3 +42,20 @@ def test_retains_arguments_are_validated(sft, write_spec):
     result = sft("validate", write_spec("bad.sft.yaml", text))
     assert result.code == 1
     assert "retains.similar: expected a number from 0 to 1" in result.out
+
+
+def test_base_answers_are_kept_between_runs_when_the_base_model_and_prompts_are_unchanged(sft, write_spec, tmp_path):
+    # A pull request that changes the recipe (a cache miss for the result) asked the unchanged base model
+    # the same prompts again; they come from the cache folder now, and are the same answers.
+    from conftest import GEMMA_ONE_ANSWER
+
+    cache = tmp_path / "cache"
+    first = sft("run", write_spec("b.sft.yaml", GEMMA_ONE_ANSWER.format(method="lora", epochs=2, lr=1e-3)),
+                "--cache-dir", cache).recorder.reports[0]
+    assert "base_answers_from_cache_dir" not in first.metrics and first.expectations[0].base_answer is not None
+    changed = write_spec("b.sft.yaml", GEMMA_ONE_ANSWER.format(method="lora", epochs=3, lr=1e-3))
+    second = sft("run", changed, "--cache-dir", cache).recorder.reports[0]
+    assert second.metrics.get("base_answers_from_cache_dir") == 1, second.metrics
+    assert second.expectations[0].base_answer == first.expectations[0].base_answer
+    fresh = sft("run", changed, "--cache-dir", cache, "--no-cache").recorder.reports[0]
+    assert "base_answers_from_cache_dir" not in fresh.metrics  # --no-cache: everything generated again

@@ -3,13 +3,18 @@
 The answer after training must be the base model's answer before training. Base answers are asked for
 once per base model: they are cached for the run (``config.stash``) by what decides them (the model,
 the device, 4-bit or not, the prompt as formatted text, the generation settings), so ten specs that
-share a base model and a probe generate its base answer once.
+share a base model and a probe generate its base answer once. They are kept between runs too, beside
+the result cache (``<cache dir>/base-answers``, not under ``--no-cache``), keyed also by the model's
+weights, the library versions and sft-spec's code: a pull request that changes the recipe but not the
+base model or its prompts generates no base answer again.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import sys
+from pathlib import Path
 from typing import Any
 
 from sft_spec import hookimpl
@@ -67,13 +72,41 @@ def _key(item, run, text: str, budget: int | None) -> str:
                       sort_keys=True, default=str)
 
 
+def _stored(item, run, key: str) -> Path | None:
+    """Where a base answer is kept between runs; None under ``--no-cache`` (everything fresh)."""
+    if run.config.getoption("no_cache", False):
+        return None
+    from ..common import recorded as rec
+    from ..model.models import model_identity
+
+    name = rec.sha256([key, model_identity(item), rec.library_versions(), rec.optional_version("bitsandbytes"),
+                       rec.code_hash(), run.loaded.dtype, sys.version.split()[0]])
+    return Path(run.config.cache_dir) / "base-answers" / f"{name}.json"
+
+
+def _read_stored(path: Path | None) -> Answer | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8")) if path is not None else None
+    except (OSError, ValueError):
+        return None  # none yet, or a damaged file: generated again
+    fields = {f.name: f.type for f in dataclasses.fields(Answer)}
+    if not isinstance(data, dict) or set(data) != set(fields) or not isinstance(data.get("text"), str):
+        return None
+    return Answer(**data)
+
+
 @hookimpl(tryfirst=True)
 def sft_spec_generate(item, run, prompts, when):
-    """Base answers seen before in this run come from the cache; only the others reach the model."""
+    """Base answers seen before, in this run or an earlier one, come from the cache; only the others reach
+    the model."""
     if when != "before":
         return None
     cache = run.config.stash.setdefault(BASE_ANSWERS, {})
     keys = [_key(item, run, p.text, p.max_new_tokens) for p in prompts]
+    for key in keys:
+        if key not in cache and (kept := _read_stored(_stored(item, run, key))) is not None:
+            cache[key] = kept
+            run.metrics["base_answers_from_cache_dir"] = run.metrics.get("base_answers_from_cache_dir", 0) + 1
     missing = [i for i, k in enumerate(keys) if k not in cache]
     if len(missing) == len(keys):
         return None  # nothing cached: the generator answers them all (and record_base_answers keeps them)
@@ -87,7 +120,18 @@ def sft_spec_generate(item, run, prompts, when):
 def record_base_answers(item, run, prompts, when):
     answers = yield
     if when == "before" and answers is not None:
+        from ..common.files import atomic_write_text
+
         cache = run.config.stash.setdefault(BASE_ANSWERS, {})
         for prompt, answer in zip(prompts, answers, strict=True):
-            cache.setdefault(_key(item, run, prompt.text, prompt.max_new_tokens), dataclasses.replace(answer))
+            key = _key(item, run, prompt.text, prompt.max_new_tokens)
+            if key in cache:
+                continue
+            cache[key] = dataclasses.replace(answer)
+            path = _stored(item, run, key)
+            if path is not None:
+                try:
+                    atomic_write_text(path, json.dumps(dataclasses.asdict(answer), ensure_ascii=False))
+                except OSError:  # a read-only cache: this run's answers are still right
+                    pass
     return answers

@@ -301,12 +301,14 @@ def sft_spec_cache_key(item, config):
     """The model's identity (a local folder's files can change under one name), the device it runs on,
     and the permissions that decide whether it may load at all: a result passed under one must not be
     reused under a stricter one (no --allow-remote-code)."""
-    return {"model": _model_identity(item), "device": device_without_torch(config.getoption("device", "auto")),
+    return {"model": model_identity(item), "device": device_without_torch(config.getoption("device", "auto")),
             "allow_remote_code": bool(config.getoption("allow_remote_code", False)),
             "allow_pickle": bool(config.getoption("allow_pickle", False))}
 
 
-def _model_identity(item):
+def model_identity(item):
+    """What names the model's weights beyond its id: the builder's version for a built-in, the files' sizes
+    and times for a local folder, the revision for a hub id."""
     model = item.spec.model
     if model.id.startswith("builtin:"):
         from .builtin_models import BUILD_VERSION
