@@ -3,6 +3,8 @@ record the step at which every expectation first passed."""
 
 from __future__ import annotations
 
+import pytest
+
 from sft_spec import hookimpl
 from sft_spec.registry import Check, CheckResult
 
@@ -285,4 +287,36 @@ def test_a_teacher_forced_probe_is_exact_and_leaves_training_as_it_was(sft, writ
 def test_a_check_only_generation_can_decide_is_probed_by_generating(sft, write_spec):
     text = LEARN.format(lr="3.0e-3", within=30).replace("    equals: 我学会了\n", "    contains: 学会\n")
     report = sft("run", write_spec("c.sft.yaml", text), "--no-cache").recorder.reports[0]
+    assert report.metrics["learnt_probes_teacher_forced"] == 0 < report.metrics["learnt_probes_generated"]
+
+
+class Pieces:
+    """A tokenizer of whole pieces: id -> text (special tokens decode to nothing)."""
+
+    TEXT = {1: "Paris", 2: " Paris", 3: " Rome", 4: "<eot>", 5: "\n"}
+
+    def decode(self, ids, skip_special_tokens=False):
+        return "".join("" if skip_special_tokens and i == 4 else self.TEXT[i] for i in ids)
+
+
+@pytest.mark.parametrize("predicted,verdict", [
+    ([1, 4], True),      # the reference, then the end of turn
+    ([2, 4], None),      # " Paris": the answer is stripped, so it may still be "Paris": generation decides
+    ([3, 4], False),     # " Rome": another answer, whatever comes next
+    ([1, 5], None),      # a newline after it: stripped away if the turn ends next
+    ([4, 4], False),     # stopped before the reference
+])
+def test_a_teacher_forced_verdict_is_what_the_cleaned_answer_would_say(predicted, verdict):
+    # A first token with a leading space (SmolLM2's and gemma's "▁Paris") made the probe say "not learnt"
+    # while generation, which strips the answer, said learnt: --stop-when-learnt never stopped.
+    from sft_spec_plugins.check.learning import _verdict
+
+    assert _verdict(Pieces(), [1], predicted, [4]) is verdict
+
+
+def test_a_logits_processor_leaves_the_probe_to_generation(sft, write_spec):
+    # A repetition penalty changes which token greedy takes; an argmax does not see it ("learnt" at a step
+    # where the final answer failed).
+    text = LEARN.format(lr="3.0e-3", within=30) + "generation: {repetition_penalty: 1.3}\n"
+    report = sft("run", write_spec("r.sft.yaml", text), "--no-cache").recorder.reports[0]
     assert report.metrics["learnt_probes_teacher_forced"] == 0 < report.metrics["learnt_probes_generated"]

@@ -272,7 +272,12 @@ class ExamplesAsDataset:
 
 def test_a_plugins_examples_as_a_dataset_train(sft, write_spec, one_answer_spec):
     # The summary read a "trained" column only the built-in large-data path writes: KeyError in phase mask.
-    result = sft("run", write_spec("d.sft.yaml", one_answer_spec()), "--no-cache", plugins=[ExamplesAsDataset()])
+    second = "    - - {role: user, content: 你好}\n      - {role: assistant, content: 你好}\n"
+    text = one_answer_spec().replace("      - {role: assistant, content: 我学会了}\n",
+                                     "      - {role: assistant, content: 我学会了}\n" + second, 1)
+    result = sft("run", write_spec("d.sft.yaml", text), "--no-cache", plugins=[ExamplesAsDataset()])
     report = result.recorder.reports[0]
     assert report.outcome == "passed", result.out
-    assert report.mask.examples == 1 and 0 < report.mask.trained_tokens < report.mask.total_tokens
+    assert report.mask.examples == 2 and 0 < report.mask.trained_tokens < report.mask.total_tokens
+    # The first example's own mask, token by token (a name clash once replaced it with every example's).
+    assert len(report.mask.trained) == len(report.mask.tokens) and not report.mask.trained[0]

@@ -325,3 +325,19 @@ def test_two_loss_mask_flags_asking_for_different_collators_are_one_error(sft, w
     result = sft("validate", spec)
     assert result.code == 1 and "ask for different collators (assistant_only, completion_only): keep one" \
         in result.out, result.out
+
+
+def test_a_loss_mask_flag_that_is_no_boolean_is_a_located_error(sft, write_spec):
+    spec = write_spec("bad_flag.sft.yaml", """\
+        model: builtin:tiny-gemma
+        training: {completion_only_loss: [true]}
+        data:
+          conversations:
+            - - {role: user, content: a}
+              - {role: assistant, content: b}
+        expect:
+          - {prompt: a, equals: b}
+    """)
+    result = sft("validate", spec)
+    assert result.code == 1 and "INTERNALERROR" not in result.err and "completion_only_loss" in result.out, \
+        result.out + result.err

@@ -76,6 +76,22 @@ def sft_spec_validate_spec(item, config) -> list[SpecError]:
 TEACHER_FORCED_CHECKS = frozenset({"equals", "stops"})
 
 
+#: generation_config settings that change which token greedy decoding takes (logits processors): a
+#: teacher-forced argmax does not see them.
+PROCESSOR_SETTINGS = {"repetition_penalty": (None, 1.0), "no_repeat_ngram_size": (None, 0),
+                      "encoder_no_repeat_ngram_size": (None, 0), "bad_words_ids": (None,),
+                      "suppress_tokens": (None,), "begin_suppress_tokens": (None,), "min_new_tokens": (None, 0),
+                      "min_length": (None, 0), "forced_bos_token_id": (None,), "forced_eos_token_id": (None,),
+                      "sequence_bias": (None,), "exponential_decay_length_penalty": (None,),
+                      "renormalize_logits": (None, False), "epsilon_cutoff": (None, 0.0), "eta_cutoff": (None, 0.0)}
+
+
+def _processed(model) -> bool:
+    config = getattr(model, "generation_config", None)
+    return config is not None and any(getattr(config, name, None) not in allowed
+                                      for name, allowed in PROCESSOR_SETTINGS.items())
+
+
 def teacher_forced_targets(item, run, cases) -> list[list[int] | None]:
     """Per case, the tokens greedy decoding must produce for its checks to pass (the reference's, then the
     end of turn), or None where only generating can tell: a check besides equals and stops, a reference
@@ -84,9 +100,9 @@ def teacher_forced_targets(item, run, cases) -> list[list[int] | None]:
     from .generation import GENERATION
 
     settings = item.section(GENERATION)
-    owners = {impl.plugin_name for impl in run.config.pluginmanager.hook.sft_spec_generate.get_hookimpls()
-              if not (impl.wrapper or impl.hookwrapper)}
-    if settings.do_sample or settings.num_beams != 1 or not owners <= {"generation", "retains"}:
+    owners = {impl.plugin_name for impl in run.config.pluginmanager.hook.sft_spec_generate.get_hookimpls()}
+    if settings.do_sample or settings.num_beams != 1 or settings.repetition_penalty not in (None, 1.0) \
+            or _processed(run.model) or not owners <= {"generation", "retains"}:
         return [None] * len(cases)
     tokenizer, out = run.loaded.tokenizer, []
     for exp, prompt in cases:
@@ -104,16 +120,23 @@ def teacher_forced_targets(item, run, cases) -> list[list[int] | None]:
 
 
 def teacher_forced_pass(model, tokenizer, prompts: list[str], targets: list[list[int]], stop_ids: list[int],
-                        device) -> list[bool | None]:
+                        device, batch_size: int = 16) -> list[bool | None]:
     """Per prompt, what greedy decoding's answer would make of ``equals`` its target (and ``stops``), from
     one batched forward pass with the target as input, no generation: True when every target token is the
     argmax at its place and a stop token follows; False when greedy leaves the target for a token that
     shows in the answer and cannot spell the rest of it (the answer differs, whatever comes next); None
     when only generating can tell: a token the cleaned answer does not show (a special token, a space)
     where greedy may take a detour and still give the reference, or a character split between tokens."""
+    rows = [(tokenizer(p, add_special_tokens=False)["input_ids"], t) for p, t in zip(prompts, targets, strict=True)]
+    verdicts: list[bool | None] = []
+    for start in range(0, len(rows), batch_size):  # as generation batches: bounded memory
+        verdicts += _forced_batch(model, tokenizer, rows[start:start + batch_size], stop_ids, device)
+    return verdicts
+
+
+def _forced_batch(model, tokenizer, rows, stop_ids, device) -> list[bool | None]:
     import torch
 
-    rows = [(tokenizer(p, add_special_tokens=False)["input_ids"], t) for p, t in zip(prompts, targets, strict=True)]
     width = max(len(p) + len(t) for p, t in rows)
     ids = torch.full((len(rows), width), tokenizer.pad_token_id or 0, dtype=torch.long)
     mask = torch.zeros_like(ids)
@@ -129,11 +152,8 @@ def teacher_forced_pass(model, tokenizer, prompts: list[str], targets: list[list
     finally:
         if was_training:
             model.train()
-    verdicts: list[bool | None] = []
-    for i, (prompt, target) in enumerate(rows):
-        predicted = logits[i, len(prompt) - 1:len(prompt) + len(target)].argmax(-1).tolist()
-        verdicts.append(_verdict(tokenizer, target, predicted, stop_ids))
-    return verdicts
+    return [_verdict(tokenizer, target, logits[i, len(prompt) - 1:len(prompt) + len(target)].argmax(-1).tolist(),
+                     stop_ids) for i, (prompt, target) in enumerate(rows)]
 
 
 def _verdict(tokenizer, target: list[int], predicted: list[int], stop_ids: list[int]) -> bool | None:
@@ -147,6 +167,8 @@ def _verdict(tokenizer, target: list[int], predicted: list[int], stop_ids: list[
         if token in stop_ids:
             return False  # stopped inside the reference: the answer is a part of it
         shown = tokenizer.decode([token], skip_special_tokens=True)
+        if k == 0:  # the answer is stripped: a space its first token starts with does not show
+            shown = shown.lstrip()
         rest = tokenizer.decode(target[k:], skip_special_tokens=True)
         if not shown.strip() or "\ufffd" in shown + rest:
             return None  # not shown in the answer, or half a character: greedy may still give the reference
@@ -184,8 +206,11 @@ class LearntProbe:
             return True
         stop_ids = stop_token_ids(run.loaded.tokenizer, model, run.markers.end_of_turn if run.markers else None)
         self.forced += 1
+        from .generation import GENERATION
+
         verdicts = teacher_forced_pass(model, run.loaded.tokenizer, [p.text for (_, p), _ in cases],
-                                       [t for _, t in cases], stop_ids, getattr(model, "device", run.loaded.device))
+                                       [t for _, t in cases], stop_ids, getattr(model, "device", run.loaded.device),
+                                       batch_size=self.item.section(GENERATION).batch_size)
         self.undecided = [case for (case, _), verdict in zip(cases, verdicts, strict=True) if verdict is None]
         return False not in verdicts
 
@@ -256,8 +281,8 @@ def sft_spec_make_trainer(item, run, examples):
     within = frozenset(argument for name, argument in item.spec.checks.items() if name == "learns_within")
     probe = LearntProbe(item, run, bool(run.config.getoption("stop_when_learnt", False)),
                         every=max(1, -(-steps // MAX_PROBES)), at=within)
-    if probe.all_forced:  # a forward pass per probe: every step, so the step found is exact
-        probe.every = 1
+    if probe.all_forced:  # a forward pass per probe: every step (up to 1,000 probes), so the step found is exact
+        probe.every = max(1, -(-steps // (10 * MAX_PROBES)))
     trainer.add_callback(type("LearntCallback", (TrainerCallback,), {"on_step_end": probe.on_step_end})())
     run.metrics["learnt_checked_every"] = probe.every
     return trainer

@@ -285,8 +285,8 @@ def _mask_summary(run: SpecRun) -> MaskSummary | None:
         if "trained" in run.examples.column_names:
             trained_tokens = pc.sum(columns["trained"]).as_py() or 0
         else:  # a plugin's dataset: counted from its labels
-            trained = pc.cast(pc.not_equal(pc.list_flatten(columns["labels"]), -100), "int64")
-            trained_tokens = pc.sum(trained).as_py() or 0
+            carrying = pc.cast(pc.not_equal(pc.list_flatten(columns["labels"]), -100), "int64")
+            trained_tokens = pc.sum(carrying).as_py() or 0
         total_tokens = pc.sum(pc.list_value_length(columns["input_ids"])).as_py() or 0
         fingerprints = {"fingerprint": str(getattr(run.examples, "_fingerprint", ""))}
     else:

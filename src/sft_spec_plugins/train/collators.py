@@ -123,14 +123,15 @@ def sft_spec_resolve_spec(item, config) -> list[SpecError]:
     written = (item.doc.data.get("format") or {}).get("collator") if isinstance(item.doc.data.get("format"), dict) \
         else None
     training = item.spec.training
-    asked = {LOSS_FLAGS[k][training[k]] for k in LOSS_FLAGS if k in training and training[k] in LOSS_FLAGS[k]}
+    asked = {LOSS_FLAGS[k][training[k]] for k in LOSS_FLAGS
+             if k in training and isinstance(training[k], bool) and training[k] in LOSS_FLAGS[k]}
     if len(asked) > 1:  # assistant_only_loss and completion_only_loss asking for two collators
         keys = [k for k in LOSS_FLAGS if k in training]
         said = " and ".join(f"{k}: {training[k]}" for k in keys)
         return errors + [SpecError(f"{said} ask for different collators ({', '.join(sorted(asked))}): keep one",
                                    item.locate("training", keys[-1]), key=f"training.{keys[-1]}")]
     for key, collators in LOSS_FLAGS.items():
-        if key not in training or training[key] not in collators:
+        if key not in training or not isinstance(training[key], bool) or training[key] not in collators:
             continue
         wanted = collators[training[key]]
         at = item.locate("training", key)
