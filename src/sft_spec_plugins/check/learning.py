@@ -197,7 +197,7 @@ class LearntProbe:
     def forced_pass(self, model) -> bool:
         """False when teacher forcing shows an expectation fails; the ones it cannot decide are left in
         ``undecided`` for generation."""
-        from .generation import stop_token_ids
+        from .generation import GENERATION, stop_token_ids
 
         run = self.run
         cases = [(c, t) for c, t in zip(self.cases, self.targets, strict=True) if t is not None]
@@ -206,8 +206,6 @@ class LearntProbe:
             return True
         stop_ids = stop_token_ids(run.loaded.tokenizer, model, run.markers.end_of_turn if run.markers else None)
         self.forced += 1
-        from .generation import GENERATION
-
         verdicts = teacher_forced_pass(model, run.loaded.tokenizer, [p.text for (_, p), _ in cases],
                                        [t for _, t in cases], stop_ids, getattr(model, "device", run.loaded.device),
                                        batch_size=self.item.section(GENERATION).batch_size)
@@ -279,10 +277,9 @@ def sft_spec_make_trainer(item, run, examples):
                                          * trainer.args.gradient_accumulation_steps))
         steps = max(1, int(per_epoch * trainer.args.num_train_epochs))
     within = frozenset(argument for name, argument in item.spec.checks.items() if name == "learns_within")
-    probe = LearntProbe(item, run, bool(run.config.getoption("stop_when_learnt", False)),
-                        every=max(1, -(-steps // MAX_PROBES)), at=within)
-    if probe.all_forced:  # a forward pass per probe: every step (up to 1,000 probes), so the step found is exact
-        probe.every = max(1, -(-steps // (10 * MAX_PROBES)))
+    probe = LearntProbe(item, run, bool(run.config.getoption("stop_when_learnt", False)), every=1, at=within)
+    # A teacher-forced probe is a forward pass: up to ten times as many, so the step found is exact on most runs.
+    probe.every = max(1, -(-steps // (10 * MAX_PROBES if probe.all_forced else MAX_PROBES)))
     trainer.add_callback(type("LearntCallback", (TrainerCallback,), {"on_step_end": probe.on_step_end})())
     run.metrics["learnt_checked_every"] = probe.every
     return trainer

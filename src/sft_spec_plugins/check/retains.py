@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -72,16 +71,17 @@ def _key(item, run, text: str, budget: int | None) -> str:
                       sort_keys=True, default=str)
 
 
-def _stored(item, run, key: str) -> Path | None:
-    """Where a base answer is kept between runs; None under ``--no-cache`` (everything fresh)."""
+def _stored(item, run, keys: list[str]) -> list[Path | None]:
+    """Where each base answer is kept between runs; None under ``--no-cache`` (everything fresh). What the
+    keys share (the model's weights, the code, the libraries) is worked out once, not per prompt."""
     if run.config.getoption("no_cache", False):
-        return None
+        return [None] * len(keys)
     from ..common import recorded as rec
     from ..model.models import model_identity
 
-    name = rec.sha256([key, model_identity(item), rec.library_versions(), rec.optional_version("bitsandbytes"),
-                       rec.code_hash(), run.loaded.dtype, sys.version.split()[0]])
-    return Path(run.config.cache_dir) / "base-answers" / f"{name}.json"
+    shared = rec.sha256([model_identity(item), rec.code_and_versions(), run.loaded.dtype])
+    folder = Path(run.config.cache_dir) / "base-answers"
+    return [folder / f"{rec.sha256([key, shared])}.json" for key in keys]
 
 
 def _read_stored(path: Path | None) -> Answer | None:
@@ -89,8 +89,8 @@ def _read_stored(path: Path | None) -> Answer | None:
         data = json.loads(path.read_text(encoding="utf-8")) if path is not None else None
     except (OSError, ValueError):
         return None  # none yet, or a damaged file: generated again
-    fields = {f.name: f.type for f in dataclasses.fields(Answer)}
-    if not isinstance(data, dict) or set(data) != set(fields) or not isinstance(data.get("text"), str):
+    names = {f.name for f in dataclasses.fields(Answer)}
+    if not isinstance(data, dict) or set(data) != names or not isinstance(data.get("text"), str):
         return None
     return Answer(**data)
 
@@ -103,8 +103,9 @@ def sft_spec_generate(item, run, prompts, when):
         return None
     cache = run.config.stash.setdefault(BASE_ANSWERS, {})
     keys = [_key(item, run, p.text, p.max_new_tokens) for p in prompts]
-    for key in keys:
-        if key not in cache and (kept := _read_stored(_stored(item, run, key))) is not None:
+    unseen = [k for k in keys if k not in cache]
+    for key, path in zip(unseen, _stored(item, run, unseen), strict=True):
+        if (kept := _read_stored(path)) is not None:
             cache[key] = kept
             run.metrics["base_answers_from_cache_dir"] = run.metrics.get("base_answers_from_cache_dir", 0) + 1
     missing = [i for i, k in enumerate(keys) if k not in cache]
@@ -123,12 +124,12 @@ def record_base_answers(item, run, prompts, when):
         from ..common.files import atomic_write_text
 
         cache = run.config.stash.setdefault(BASE_ANSWERS, {})
+        new = {}
         for prompt, answer in zip(prompts, answers, strict=True):
             key = _key(item, run, prompt.text, prompt.max_new_tokens)
-            if key in cache:
-                continue
-            cache[key] = dataclasses.replace(answer)
-            path = _stored(item, run, key)
+            if key not in cache:
+                cache[key] = new[key] = dataclasses.replace(answer)
+        for answer, path in zip(new.values(), _stored(item, run, list(new)), strict=True):
             if path is not None:
                 try:
                     atomic_write_text(path, json.dumps(dataclasses.asdict(answer), ensure_ascii=False))

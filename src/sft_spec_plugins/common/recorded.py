@@ -7,8 +7,10 @@ test id without its file part (``regression[lora]::expect[0]``), so a key does n
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import sys
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -123,6 +125,14 @@ class RecordedFile:
         atomic_write_text(self.path, self.header + body)
         self.changed = False
 
+def code_and_versions() -> dict[str, Any]:
+    """What anything cached depends on besides its own inputs: sft-spec's code, the training libraries'
+    versions and Python's (a result in the result cache, a base answer)."""
+    return {"versions": {**library_versions(), "bitsandbytes": optional_version("bitsandbytes")},
+            "python": sys.version.split()[0], "code": code_hash()}
+
+
+@functools.lru_cache(maxsize=1)  # every file of the two packages, read once a process: it is asked per spec
 def code_hash() -> str:
     """The source of sft-spec and its built-in plugins: editing either invalidates every result."""
     import sft_spec

@@ -22,7 +22,6 @@ import functools
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 
 from sft_spec import hookimpl
@@ -68,9 +67,7 @@ def cache_key(item, config) -> str:
         "selected": [case.nodeid for case in item.selected_cases],
         # Plugins' cases read files at collection (an eval set's rows): their str() names the contents.
         "training_checks": [[case.nodeid, str(case.argument)] for case in item.training_checks],
-        "versions": {**rec.library_versions(), "bitsandbytes": rec.optional_version("bitsandbytes")},
-        "python": sys.version.split()[0],
-        "code": rec.code_hash(),
+        **rec.code_and_versions(),
         # Plugin modules (installed or -p) and their code, not objects: reporters registered for --json,
         # --html and the like do not change a result; an edited or upgraded plugin may.
         # Built-in plugins are in "code" already: which of them a front end loads (the CLI's terminal
