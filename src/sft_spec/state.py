@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar, cast
 
 if TYPE_CHECKING:
     from .config import Config
-    from .errors import Location
+    from .errors import Location, SpecError
     from .loading.yamlsource import LocatedDocument
     from .registry import SpecSection
     from .spec import Spec, XfailSpec
@@ -193,6 +193,14 @@ class SpecItem:
     def locate(self, *keypath: str | int) -> Location:
         """Where ``keypath`` was written (the spec's first line when it was not)."""
         return self.doc.locate(keypath) if self.doc is not None else self.location
+
+    def conversation_error(self, index: int, error: SpecError, fallback: Location | None = None) -> SpecError:
+        """``error`` said of training conversation ``index``: named, and located where the conversation was
+        written (its line in a data file) unless the error has a place of its own."""
+        from .errors import SpecError
+
+        where = self.sources[index] if index < len(self.sources) else fallback
+        return SpecError(f"conversation {index}: {error.message}", error.location or where, error.key)
 
 
 @dataclass

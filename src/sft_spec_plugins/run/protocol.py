@@ -215,8 +215,7 @@ def _run_phases(item: SpecItem, run: SpecRun, report: SpecReport, hook) -> None:
                 run.formatted.append(hook.sft_spec_format(item=item, run=run, messages=conversation,
                                                           add_generation_prompt=False))
             except SpecError as exc:  # which conversation broke the template: a later one may be the odd one
-                where = item.sources[index] if index < len(item.sources) else None
-                raise SpecError(f"conversation {index}: {exc.message}", exc.location or where, exc.key) from None
+                raise item.conversation_error(index, exc) from None
         run.prompts = [hook.sft_spec_format(item=item, run=run, messages=exp.prompt, add_generation_prompt=True)
                        for exp in expectations]
         for exp, prompt in zip(expectations, run.prompts, strict=True):

@@ -186,8 +186,6 @@ def sft_spec_make_mask(item, run, formatted, index) -> MaskedExample:
     markers, tokenizer = run.markers, run.loaded.tokenizer
     max_length = item.spec.training.get("max_length", 1024)
     keep_end = item.spec.training.get("truncation_mode", "keep_start") == "keep_end"
-    # Errors about one conversation point at where it was written (its line in a data file).
-    where = item.sources[index] if index < len(item.sources) else None
     notes: list[str] = []
     try:
         spans = collator.spans(formatted, fmt, markers=markers, notes=notes) if hasattr(collator, "spans") else None
@@ -204,8 +202,8 @@ def sft_spec_make_mask(item, run, formatted, index) -> MaskedExample:
                 formatted, spans = _cut(formatted, spans, keep_end, bound)
         example = (mask_from_spans(formatted, tokenizer, spans) if spans is not None
                    else collator.mask(formatted, tokenizer, fmt, markers=markers))
-    except SpecError as exc:
-        raise SpecError(f"conversation {index}: {exc.message}", exc.location or where, exc.key) from None
+    except SpecError as exc:  # said of this conversation, where it was written (its line in a data file)
+        raise item.conversation_error(index, exc) from None
     for note in notes + example.notes:
         run.note(f"conversation {index}: {note}")
     if max_length and len(example.input_ids) > max_length:
@@ -215,6 +213,7 @@ def sft_spec_make_mask(item, run, formatted, index) -> MaskedExample:
         example.input_ids, example.labels, example.offsets = (example.input_ids[kept], example.labels[kept],
                                                               example.offsets[kept])
     if all(label == IGNORE_INDEX for label in example.labels):
+        where = item.sources[index] if index < len(item.sources) else None  # its line in a data file
         raise SpecError(f"the loss mask of collator {fmt.collator!r} trains no token of conversation {index}: "
                         f"{formatted.text[:200]!r}", where)
     eot = markers.end_of_turn if markers else None
@@ -260,8 +259,7 @@ def sft_spec_make_examples(item, run):
 
 
 def _about_conversation(item, index: int, exc: SpecError) -> SpecError:
-    where = item.sources[index] if index < len(item.sources) else item.locate("format")
-    error = SpecError(f"conversation {index}: {exc.message}", exc.location or where, exc.key)
+    error = item.conversation_error(index, exc, fallback=item.locate("format"))
     error.phase = "format"  # the format phase's error, made while masking
     return error
 
