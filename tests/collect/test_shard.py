@@ -59,7 +59,7 @@ def test_shards_merge_into_what_one_run_gives(sft, suite, tmp_path):
     assert (doc["summary"]["specs"], doc["summary"]["deselected"]) == (one["summary"]["specs"], 0)
     assert doc["exitstatus"] == one["exitstatus"] == 1 and doc["complete"] is True
     assert "c.sft.yaml" in (tmp_path / "m.html").read_text(encoding="utf-8")
-    from test_reports import load_schema, validate
+    from conftest import load_schema, validate
 
     for name in ("part1.json", "m.json"):  # the shard record and the merge's keys are in the schema
         assert validate(json.loads((tmp_path / name).read_text(encoding="utf-8")), load_schema()) == [], name

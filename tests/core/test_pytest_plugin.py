@@ -175,7 +175,7 @@ def test_spec_files_need_an_explicit_path_or_the_ini_option(tmp_path):
 
 
 def test_expectation_xfail_becomes_pytests_xfail_mark(tmp_path):
-    from test_outcomes import XFAIL_CHECKS
+    from conftest import XFAIL_CHECKS
 
     (tmp_path / "pytest.ini").write_text("[pytest]\n", encoding="utf-8")
     strict = XFAIL_CHECKS.replace("xfail: true", "xfail: {reason: learnt too well, strict: true}")

@@ -6,10 +6,10 @@ import json
 import re
 import textwrap
 import xml.etree.ElementTree as ET
-from importlib import resources
 from pathlib import Path
 
 import pytest
+from conftest import load_schema, validate
 
 from sft_spec import hookimpl
 from sft_spec.cli import main
@@ -119,62 +119,6 @@ def run(tmp_path_factory):
         code = main(["run", str(specs), "--json", str(out / "results.json"), "--junitxml",
                      str(out / "junit.xml"), "--html", str(out / "report.html")], plugins=[snooper])
     return {"code": code, "out": out, "stdout": stdout.getvalue(), "snooper": snooper, "folder": folder}
-
-
-# -- a small JSON Schema validator: the keywords results.schema.json uses (jsonschema is not a dependency)
-
-
-def validate(instance, schema: dict, root: dict | None = None, path: str = "$") -> list[str]:
-    root = root or schema
-    errors: list[str] = []
-    if "$ref" in schema:
-        target = root
-        for part in schema["$ref"].removeprefix("#/").split("/"):
-            target = target[part]
-        return validate(instance, target, root, path)
-    types = {"object": dict, "array": list, "string": str, "boolean": bool, "null": type(None)}
-    if "type" in schema:
-        wanted = schema["type"] if isinstance(schema["type"], list) else [schema["type"]]
-
-        def is_type(name: str) -> bool:
-            if name == "integer":
-                return isinstance(instance, int) and not isinstance(instance, bool)
-            if name == "number":
-                return isinstance(instance, (int, float)) and not isinstance(instance, bool)
-            return isinstance(instance, types[name])
-
-        if not any(is_type(t) for t in wanted):
-            return [f"{path}: {instance!r} is not of type {wanted}"]
-    if "const" in schema and instance != schema["const"]:
-        errors.append(f"{path}: {instance!r} != {schema['const']!r}")
-    if "enum" in schema and instance not in schema["enum"]:
-        errors.append(f"{path}: {instance!r} not in {schema['enum']}")
-    if "minimum" in schema and isinstance(instance, (int, float)) and instance < schema["minimum"]:
-        errors.append(f"{path}: {instance} < {schema['minimum']}")
-    if "anyOf" in schema and all(validate(instance, s, root, path) for s in schema["anyOf"]):
-        errors.append(f"{path}: matches none of anyOf")
-    if isinstance(instance, dict):
-        for key in schema.get("required", []):
-            if key not in instance:
-                errors.append(f"{path}: missing required {key!r}")
-        props = schema.get("properties", {})
-        extra = schema.get("additionalProperties", True)
-        for key, value in instance.items():
-            if key in props:
-                errors.extend(validate(value, props[key], root, f"{path}.{key}"))
-            elif extra is False:
-                errors.append(f"{path}: unexpected key {key!r}")
-            elif isinstance(extra, dict):
-                errors.extend(validate(value, extra, root, f"{path}.{key}"))
-    if isinstance(instance, list) and "items" in schema:
-        for i, value in enumerate(instance):
-            errors.extend(validate(value, schema["items"], root, f"{path}[{i}]"))
-    return errors
-
-
-def load_schema() -> dict:
-    schema = resources.files("sft_spec_plugins.report").joinpath("schemas/results.schema.json")
-    return json.loads(schema.read_text(encoding="utf-8"))
 
 
 def test_validator_rejects_what_the_schema_forbids(run):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import GEMMA_ONE_ANSWER
+from conftest import XFAIL_CHECKS
 
 
 def test_xfail_skip_and_strict_xpass(sft, write_spec, one_answer_spec):
@@ -64,18 +64,6 @@ def test_defaults_files_merge_under_specs_nearer_ones_win(sft, write_spec, tmp_p
     assert result.code == 0, result.out
 
 
-# The reference recipe on tiny-gemma, with three expectations: one that must pass, two marked xfail.
-XFAIL_CHECKS = GEMMA_ONE_ANSWER.format(method="lora", epochs=30, lr=1e-2).split("    expect:")[0] + """\
-    expect:
-      - prompt: 微调测试                      # learnt: a real pass
-        equals: 我学会了
-      - prompt: 微调测试
-        equals: 我没学会
-        xfail: "a probe we know fails"
-      - prompt: 微调测试
-        contains: 学会
-        xfail: true
-"""
 
 
 def test_an_expectation_can_be_expected_to_fail_while_the_others_must_pass(sft, write_spec, tmp_path):
