@@ -26,9 +26,10 @@ collected when
   folder do not count; or
 * the ini option ``sft_spec_collect = true`` is set (then wherever pytest looks).
 
-Options of ``sft-spec run`` (device, reports, ``--update-snapshots``, ...) go through
-``--sft-spec-args="--device cpu"``; ``[tool.sft-spec] addopts`` in pyproject.toml applies as for the
-command line. Parallel runs use pytest-xdist with one spec per worker group:
+Options of ``sft-spec run`` that make sense under pytest are pytest options with an ``--sft-spec-``
+prefix (:data:`PYTEST_OPTIONS`: ``--sft-spec-timeout``, ``--sft-spec-no-cache``, ...); any other goes
+through ``--sft-spec-args="--on-unsupported skip"``; ``[tool.sft-spec] addopts`` in pyproject.toml
+applies as for the command line. Parallel runs use pytest-xdist with one spec per worker group:
 ``pytest -n 4 --dist loadscope specs/`` (``loadscope`` keeps a spec's tests together, so it trains once;
 use ``--dist loadfile`` when recording snapshots or baselines, which are written per spec file).
 """
@@ -67,10 +68,10 @@ def pytest_configure(config: pytest.Config) -> None:
     for module in LIBRARY_WARNINGS:
         config.addinivalue_line("filterwarnings", f"ignore::DeprecationWarning:{module}")
     if config.getoption("numprocesses", None) and not hasattr(config, "workerinput"):
-        asked = [a for a in run_arguments(config) if a.split("=", 1)[0] in WHOLE_RUN_FILES]
+        asked = [flag for flag in (a.split("=", 1)[0] for a in run_arguments(config)) if flag in WHOLE_RUN_FILES]
         if asked:
             raise pytest.UsageError(
-                f"sft-spec's {asked[0].split('=', 1)[0]} writes one file for the whole run, and under pytest-xdist "
+                f"sft-spec's {asked[0]} writes one file for the whole run, and under pytest-xdist "
                 "(-n) each worker would write its own over the others'; use pytest's --junitxml, or "
                 "`sft-spec run -n N` for sft-spec's reports")
 
