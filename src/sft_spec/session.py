@@ -3,6 +3,7 @@ internal plugin that collects ``*.sft.yaml`` files and runs items one after anot
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import os
 import time
@@ -110,13 +111,12 @@ class Session:
                 problems.append(f"{type(exc).__name__}: {exc}")  # its bug is still reported, the session goes on
         return problems
 
-    def log_report(self, report: SpecReport) -> None:
-        """Persist what the report records (on this, the main process), log it, count it for ``--maxfail``."""
+    def log_report(self, report: SpecReport) -> SpecReport:
+        """Persist what the report records (on this, the main process), log it, count it for ``--maxfail``;
+        returns the report as logged (an error of its own when persisting failed)."""
         problems = self.call_each(self.hook.sft_spec_persist_report, report=report, session=self)
         if problems:  # a full disk fails this spec, not the session
-            report.outcome = "error"
-            report.error = ErrorInfo("could not save the files this spec records: " + "; ".join(problems),
-                                     location=report.path, phase="persist")
+            report = persist_failed(report, problems)
         self.reports.append(report)
         self.internal_errors += [f"sft_spec_log_report: {p}" for p in
                                  self.call_each(self.hook.sft_spec_log_report, report=report, session=self)]
@@ -127,6 +127,7 @@ class Session:
             maxfail = self.config.getoption("maxfail") or 0
             if maxfail and self.failures >= maxfail and not self.shouldstop:
                 self.shouldstop = f"stopping after {self.failures} failure{'s' if self.failures > 1 else ''}"
+        return report
 
     def exitstatus(self) -> ExitCode:
         if self.interrupted:
@@ -138,6 +139,14 @@ class Session:
         if any(is_failure(r) for r in self.reports):
             return ExitCode.TESTS_FAILED
         return ExitCode.OK
+
+
+def persist_failed(report: SpecReport, problems: list[str]) -> SpecReport:
+    """The report logged for a spec whose files could not be saved: persisting is the last step of making it,
+    so this is a new report; the one the persist hooks were given stays as they saw it."""
+    error = ErrorInfo("could not save the files this spec records: " + "; ".join(problems), location=report.path,
+                      phase="persist")
+    return dataclasses.replace(report, outcome="error", error=error)
 
 
 def is_failure(report: SpecReport) -> bool:

@@ -277,8 +277,7 @@ class SpecNode(pytest.Collector):
             bridge = _bridge(self.config)
             bridge.start()
             session = bridge.session
-            self.report = session.run_item(self.spec_item)
-            session.log_report(self.report)
+            self.report = session.log_report(session.run_item(self.spec_item))
         return self.report
 
 

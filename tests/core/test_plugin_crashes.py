@@ -145,3 +145,44 @@ def test_a_wrapper_that_raises_loses_no_report(tmp_path, monkeypatch, capsys, ho
     assert "INTERNALERROR> " in captured.err and "ValueError: the wrapper's bug" in captured.err
     assert (tmp_path / "j.xml").read_text(encoding="utf-8").count("<testcase") == 2
     assert "2 skipped" in captured.out.splitlines()[-1]
+
+
+
+KEEPING = """\
+from sft_spec import hookimpl
+
+KEPT, LOGGED = [], []
+
+
+@hookimpl(tryfirst=True)
+def sft_spec_persist_report(report, session):
+    KEPT.append(report)  # e.g. an uploader that holds on to what it was given
+
+
+@hookimpl(trylast=True, specname="sft_spec_persist_report")
+def the_disk_is_full(report, session):
+    raise OSError("No space left on device")
+
+
+@hookimpl
+def sft_spec_log_report(report, session):
+    LOGGED.append(report)
+"""
+
+
+def test_a_failed_persist_errors_the_spec_without_editing_the_report_it_was_given(tmp_path, monkeypatch):
+    # Reports are made once: persisting is the last step of making the one that is logged. Before, log_report
+    # rewrote the outcome of the very object the persist hooks had been given ("skipped" turned "error" there).
+    import importlib
+
+    from sft_spec.cli import main
+
+    (tmp_path / "keeping_reports.py").write_text(KEEPING, encoding="utf-8")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "a.sft.yaml").write_text(SPEC, encoding="utf-8")
+    assert main(["run", str(tmp_path), "-p", "keeping_reports"]) == 1
+    plugin = importlib.import_module("keeping_reports")
+    (kept,), (logged,) = plugin.KEPT, plugin.LOGGED
+    assert kept.outcome == "skipped" and kept.error is None
+    assert logged.outcome == "error" and logged.error.phase == "persist"
+    assert "No space left on device" in logged.error.message and logged.nodeid == kept.nodeid

@@ -284,3 +284,14 @@ def test_a_session_that_could_not_be_configured_runs_no_spec(tmp_path):
     assert run.returncode != 0, run.stdout
     assert run.stdout.count("configure bug") >= 2, run.stdout  # both files say why
     assert " passed" not in run.stdout.splitlines()[-1] and " skipped" not in run.stdout.splitlines()[-1], run.stdout
+
+
+def test_a_spec_whose_files_could_not_be_saved_is_an_error_under_pytest(tmp_path):
+    # pytest shows the report as logged (persisting is the last step of making it), not the one before.
+    project = _project(tmp_path)
+    (project / "full_disk.py").write_text("from sft_spec import hookimpl\n\n\n@hookimpl\n"
+                                          "def sft_spec_persist_report(report, session):\n"
+                                          "    raise OSError('No space left on device')\n", encoding="utf-8")
+    run = _pytest(project, "specs/learn.sft.yaml", "-v", "--sft-spec-args=--no-cache -p full_disk")
+    assert "could not save the files this spec records" in run.stdout, run.stdout
+    assert "PASSED" not in run.stdout and run.returncode == 1, run.stdout
