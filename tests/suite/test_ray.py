@@ -129,6 +129,31 @@ def test_a_worker_that_dies_is_an_error_for_its_spec_and_the_others_run(cluster,
     assert by_name["fine"]["outcome"] == "passed"
 
 
+MADE_AS = """\
+from sft_spec import hookimpl
+
+
+@hookimpl
+def sft_spec_make_report(item, run, report):
+    report.extra["made_as"] = {"nodeid": report.nodeid, "path": report.path,
+                               "cases": [case.nodeid for case in report.cases]}
+"""
+
+
+def test_a_report_is_made_on_the_worker_with_the_drivers_ids(cluster, tmp_path):
+    # Run from the specs' own folder: the driver names the file "a.sft.yaml", the worker (running from the
+    # unpacked project) "specs/a.sft.yaml". The report a plugin sees while it is made is the one returned;
+    # before, the worker rewrote ids and paths after it was made.
+    root = project(tmp_path, {"a": SPEC.format(epochs=2)}, MADE_AS)
+    done = sft_spec("run", ".", "--ray", cluster, "-p", "crasher", "--json", tmp_path / "r.json", "--no-cache",
+                    cwd=root / "specs", env={"PYTHONPATH": str(root), "SFT_SPEC_CACHE": str(tmp_path / "cache")})
+    assert done.returncode == 0, done.stdout + done.stderr
+    (spec,) = json.loads((tmp_path / "r.json").read_text(encoding="utf-8"))["specs"]
+    cases = [c["nodeid"] for c in spec["expectations"] + spec["training_checks"]]
+    assert spec["extra"]["made_as"] == {"nodeid": spec["nodeid"], "path": "a.sft.yaml", "cases": cases}
+    assert spec["metrics"]["ray_node"]
+
+
 def test_a_spec_that_needs_more_than_any_node_has_is_an_error_that_says_so(cluster, tmp_path):
     big = SPEC.format(epochs=1) + "    resources: {gpus: 4}\n"
     root = project(tmp_path, {"big": big, "fine": SPEC.format(epochs=2)})

@@ -37,6 +37,7 @@ from sft_spec.state import StashKey
 
 if TYPE_CHECKING:
     from sft_spec.session import Session
+    from sft_spec.state import SpecItem
 
 #: Folders never sent to the cluster with the project (Ray's own defaults, which an environment variable can
 #: change, included).
@@ -445,6 +446,7 @@ class SpecWorker:
         setup.update(cwd=str(root), paths=[str(root)], rootdir=str(root), output_dir=self.output)
         # Every spec of the project: the driver selected (-k, -m, --lf, --shard) and sends each by its place.
         self.session = worker_session(WorkerSetup(**setup), select=False)
+        self.session.config.pluginmanager.register(NodeOfThisWorker(), "sft-spec-ray-node")
         self.by_place = {(Path(i.path).resolve().relative_to(root).as_posix(), i.nodeid.split("::", 1)[1]): i
                          for i in self.session.items}
 
@@ -455,24 +457,41 @@ class SpecWorker:
     def run(self, path: str, name: str, selected: list[str], driver_nodeid: str, driver_path: str) -> dict:
         import json
 
-        import ray
-
         from sft_spec.reports import report_to_dict
 
         item = self.by_place.get((path, name))
         if item is None:
             raise RuntimeError(f"{path}::{name} was not collected on the Ray worker")
-        for case in item.cases:
-            case.selected = case.nodeid.split("::", 1)[1] in selected
-        report = self.session.hook.sft_spec_run_spec(item=item, session=self.session)
-        report.metrics["ray_node"], report.metrics["ray_node_ip"] = _this_node(ray)
-        # The driver's ids: it ran from its own folder, this worker from the unpacked project.
-        def driver_id(nodeid: str) -> str:
-            return driver_nodeid + nodeid[len(item.nodeid):] if nodeid.startswith(item.nodeid) else nodeid
-
-        report.nodeid, report.path = driver_id(report.nodeid), driver_path
-        for case in report.cases:
-            case.nodeid = driver_id(case.nodeid)
-        if "eval" in report.extra:
-            report.extra["eval"] = {driver_id(k): v for k, v in report.extra["eval"].items()}
+        # Made with the driver's ids and the node's name (a plugin of this session): returned as made.
+        report = self.session.hook.sft_spec_run_spec(item=as_the_driver_names_it(item, driver_nodeid, driver_path,
+                                                                                 selected), session=self.session)
         return json.loads(json.dumps(report_to_dict(report), default=str))
+
+
+def as_the_driver_names_it(item: SpecItem, driver_nodeid: str, driver_path: str, selected: list[str]) -> SpecItem:
+    """``item`` as the driver collected it: its id and path (the driver ran from its own folder, this worker from
+    the unpacked project), its cases' ids and the driver's selection. A copy: the worker's own item is left as
+    collected for the next run of it."""
+    def driver_id(nodeid: str) -> str:
+        return driver_nodeid + nodeid[len(item.nodeid):] if nodeid.startswith(item.nodeid) else nodeid
+
+    def case(c):
+        return dataclasses.replace(c, nodeid=driver_id(c.nodeid), selected=c.nodeid.split("::", 1)[1] in selected)
+
+    location = dataclasses.replace(item.location, path=driver_path)
+    return dataclasses.replace(item, nodeid=driver_nodeid, location=location,
+                               expectations=[case(e) for e in item.expectations],
+                               training_checks=[case(c) for c in item.training_checks])
+
+
+class NodeOfThisWorker:
+    """Names the Ray node in every report this worker makes (``metrics["ray_node"]``, ``["ray_node_ip"]``)."""
+
+    def __init__(self):
+        import ray
+
+        self.node = _this_node(ray)
+
+    @hookimpl
+    def sft_spec_make_report(self, item, run, report):
+        report.metrics["ray_node"], report.metrics["ray_node_ip"] = self.node
