@@ -4,7 +4,7 @@ report``, and workers sending theirs to the main process: :func:`report_to_dict`
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypedDict
 
 if TYPE_CHECKING:
     from .state import SpecItem
@@ -75,6 +75,18 @@ class MaskSummary:
     example_fingerprints: list[str] = field(default_factory=list)
 
 
+class EvalSetData(TypedDict, total=False):
+    """One eval set's report (results.schema.json's ``eval_set``)."""
+
+    name: str
+    metrics: list[str]  # the metrics it computes, the primary first
+    aggregates: dict[str, float]
+    uncertainty: dict[str, Any]  # each aggregate's interval
+    seeds: list[dict[str, Any]]  # ``repeat:``: each seed's aggregates
+    verdict: Any  # the gate's, per aggregate
+    rows: list[dict[str, Any]]  # worst first
+
+
 @dataclass
 class SpecReport:
     nodeid: str
@@ -99,6 +111,11 @@ class SpecReport:
     method: str = ""
     #: What plugins add for the main process (a loss baseline's fingerprint, ...), JSON-serialisable.
     extra: dict[str, Any] = field(default_factory=dict)
+    #: Reused from the result cache: nothing ran (``metrics["cached_duration"]`` is the run it reuses).
+    cached: bool = False
+    #: Each eval set's report by its case's node id (rows worst first, aggregates with their intervals, the
+    #: gate's verdict): what compare, history, the HTML report and ``repeat:`` read.
+    eval_sets: dict[str, EvalSetData] = field(default_factory=dict)
 
     @property
     def cases(self) -> list[ExpectationReport]:
@@ -142,4 +159,10 @@ def report_from_dict(data: dict[str, Any]) -> SpecReport:
     report.training_checks = [case(e) for e in data.get("training_checks", [])]
     report.mask = _build(MaskSummary, data["mask"]) if data.get("mask") else None
     report.error = _build(ErrorInfo, data["error"]) if data.get("error") else None
+    if "eval_sets" not in data and isinstance(data.get("extra"), dict) and "eval" in data["extra"]:
+        report.extra = dict(report.extra)
+        report.eval_sets = report.extra.pop("eval") or {}  # written before eval_sets had a field of its own
+    if "cached" not in data and isinstance(data.get("metrics"), dict) and "cached" in data["metrics"]:
+        report.metrics = dict(report.metrics)
+        report.cached = bool(report.metrics.pop("cached"))
     return report

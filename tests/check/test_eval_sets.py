@@ -91,7 +91,7 @@ def test_a_trained_recipe_passes_its_golden_set_that_the_base_model_failed(golde
     assert golden_run["code"] == 0, report
     cases = {c.nodeid.rsplit("::", 1)[1]: c for c in report.cases}
     assert set(cases) == {"eval[golden]", "eval[heldout]"}
-    golden = report.extra["eval"][cases["eval[golden]"].nodeid]
+    golden = report.eval_sets[cases["eval[golden]"].nodeid]
     assert golden["aggregates"]["pass_rate"] >= 0.75
     base = [row["base"] for row in golden["rows"]]
     assert sum(b["passed"] for b in base) == 0  # the base model answered none of them
@@ -106,7 +106,7 @@ def test_every_row_is_in_the_json_worst_first(golden_run):
     from sft_spec_plugins.report.json_report import load_document
 
     _, reports = load_document(golden_run["out"] / "r.json")
-    rows = next(iter(v for k, v in reports[0].extra["eval"].items() if k.endswith("[golden]")))["rows"]
+    rows = next(iter(v for k, v in reports[0].eval_sets.items() if k.endswith("[golden]")))["rows"]
     assert sorted(r["index"] for r in rows) == [0, 1, 2, 3]
     keys = [(r["passed"], r["scores"]["chrf"]) for r in rows]
     assert keys == sorted(keys)
@@ -128,7 +128,7 @@ def test_junit_has_one_testcase_per_set_and_html_a_table(golden_run):
 
 def test_held_out_text_is_scored_by_perplexity_before_and_after(golden_run):
     report = golden_run["report"]
-    heldout = next(v for k, v in report.extra["eval"].items() if k.endswith("[heldout]"))
+    heldout = next(v for k, v in report.eval_sets.items() if k.endswith("[heldout]"))
     assert heldout["aggregates"]["change_perplexity"] != 0
     assert all(r["answer"] is None and r["base"]["scores"]["perplexity"] > 1 for r in heldout["rows"])
 
@@ -231,7 +231,7 @@ def test_the_result_cache_sees_a_changed_row(tmp_path, sft):
     again = sft("run", path).recorder.reports[0]
     write_rows(tmp_path, "golden.jsonl", [{"question": "微调测试", "answer": "别的"}])
     changed = sft("run", path).recorder.reports[0]
-    assert not first.metrics.get("cached") and again.metrics.get("cached") and not changed.metrics.get("cached")
+    assert not first.cached and again.cached and not changed.cached
     assert changed.outcome == "failed"
 
 
@@ -277,7 +277,7 @@ def test_a_rows_prompt_that_fails_to_render_is_located_at_the_row(tmp_path, sft)
 
 
 def test_a_rows_cut_answer_says_so_and_its_budget_is_in_the_json(golden_run):
-    rows = next(v for k, v in golden_run["report"].extra["eval"].items() if k.endswith("[golden]"))["rows"]
+    rows = next(v for k, v in golden_run["report"].eval_sets.items() if k.endswith("[golden]"))["rows"]
     assert all(isinstance(r["max_new_tokens"], int) and r["max_new_tokens"] >= 32 for r in rows)
     assert all(r["base"] is not None for r in rows)
     base_cut = [f for r in rows for f in r.get("failures", []) if "generation stopped at max_new_tokens" in f]
@@ -298,7 +298,7 @@ def test_a_run_whose_eval_mean_is_nan_is_rendered_again_by_report(golden_run, tm
     from sft_spec.cli import main
 
     doc = json.loads((golden_run["out"] / "r.json").read_text(encoding="utf-8"))
-    heldout = next(v for k, v in doc["specs"][0]["extra"]["eval"].items() if k.endswith("[heldout]"))
+    heldout = next(v for k, v in doc["specs"][0]["eval_sets"].items() if k.endswith("[heldout]"))
     heldout["aggregates"]["mean_perplexity"] = "nan"
     heldout["rows"][0]["scores"]["perplexity"] = "inf"
     edited = tmp_path / "nan.json"

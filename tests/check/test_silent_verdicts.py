@@ -102,7 +102,7 @@ def test_a_reference_is_kept_as_written_and_nan_is_not_json(tmp_path, sft):
     path.write_text(SET.format(rows="[]", checks="{equals: '{reference}'}", extra="").replace(
         "rows: []", "path: rows.jsonl"), encoding="utf-8")
     result = sft("run", path, "--no-cache", "--json", tmp_path / "r.json")
-    data = next(iter(json.loads((tmp_path / "r.json").read_text(encoding="utf-8"))["specs"][0]["extra"]["eval"]
+    data = next(iter(json.loads((tmp_path / "r.json").read_text(encoding="utf-8"))["specs"][0]["eval_sets"]
                      .values()))
     assert sorted(row["reference"] for row in data["rows"]) == ["1.50", "1e2"], data["rows"]
     assert result.code == 1  # a tiny model does not answer "1.50"

@@ -197,7 +197,7 @@ def test_pytest_and_the_cli_share_cached_results(tmp_path, monkeypatch, sft):
     run = _pytest(project, "specs/learn.sft.yaml")
     assert run.returncode == 1, run.stdout + run.stderr  # expect[1] fails, as written
     cli = sft("run", "specs/learn.sft.yaml")
-    assert cli.recorder.reports[0].metrics.get("cached"), cli.out
+    assert cli.recorder.reports[0].cached, cli.out
 
 
 MISSPELLED_AT_CONFIGURE = """\

@@ -201,5 +201,5 @@ def test_smollm2_forgets_with_the_aggressive_recipe_and_keeps_with_the_gentle_on
         "keeps-knowledge::expect[0]": "passed", "keeps-knowledge::expect[1]": "passed",
         "keeps-knowledge::eval[general]": "passed", "keeps-knowledge::eval[heldout_text]": "passed"}, result.out
     # ... and pass for the gentle one.
-    gentle = result.recorder.by_id("keeps-knowledge").extra["eval"]
+    gentle = result.recorder.by_id("keeps-knowledge").eval_sets
     assert next(v for k, v in gentle.items() if k.endswith("[general]"))["aggregates"]["retention"] >= 0.7

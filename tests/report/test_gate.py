@@ -126,7 +126,7 @@ def test_the_same_seed_on_both_sides_adds_sacrebleus_corpus_test_as_evidence(gat
     result = sft("compare", gate_runs / "one1.json", gate_runs / "one1.json", "-v")
     assert "identical in both runs" in result.out
     doc = json.loads((gate_runs / "one1.json").read_text(encoding="utf-8"))
-    rows = next(iter(doc["specs"][0]["extra"]["eval"].values()))["rows"]
+    rows = next(iter(doc["specs"][0]["eval_sets"].values()))["rows"]
     rows[0]["answer"], rows[0]["passed"], rows[0]["scores"]["chrf"] = "别的", False, 0.0
     path = gate_runs / "one1-edited.json"
     path.write_text(json.dumps(doc), encoding="utf-8")
@@ -144,7 +144,7 @@ def test_a_diverged_loss_in_head_is_worse_and_an_inconclusive_threshold_is_not_a
     doc = json.loads((gate_runs / "one1.json").read_text(encoding="utf-8"))
     spec = doc["specs"][0]
     spec["outcome"] = spec["training_checks"][0]["outcome"] = "failed"
-    next(iter(spec["extra"]["eval"].values()))["verdict"] = "inconclusive"
+    next(iter(spec["eval_sets"].values()))["verdict"] = "inconclusive"
     (tmp_path / "inconclusive.json").write_text(json.dumps(doc), encoding="utf-8")
     lenient = sft("compare", gate_runs / "one1.json", tmp_path / "inconclusive.json", "--fail-on-regression")
     assert lenient.code == 0 and "(inconclusive: its interval straddles the threshold)" in lenient.out, lenient.out
@@ -156,11 +156,13 @@ def test_a_diverged_loss_in_head_is_worse_and_an_inconclusive_threshold_is_not_a
 def test_a_results_file_of_the_previous_version_still_compares(gate_runs, sft, tmp_path):
     doc = json.loads((gate_runs / "one1.json").read_text(encoding="utf-8"))
     for spec in doc["specs"]:
-        for data in (spec.get("extra") or {}).get("eval", {}).values():
+        for data in spec.get("eval_sets", {}).values():
             for key in ("uncertainty", "seeds"):
                 data.pop(key, None)
             for row in data["rows"]:
                 row.pop("key", None)
+        # Where earlier versions kept the eval sets and the result cache's flag.
+        spec["extra"]["eval"], spec["metrics"]["cached"] = spec.pop("eval_sets"), spec.pop("cached")
     (tmp_path / "old.json").write_text(json.dumps(doc), encoding="utf-8")
     result = sft("compare", tmp_path / "old.json", gate_runs / "one1.json", "-v")
     assert result.code == 0, result.out + result.err
@@ -168,7 +170,7 @@ def test_a_results_file_of_the_previous_version_still_compares(gate_runs, sft, t
     assert "no interval" in result.out  # the final loss, one value per side
     doc = json.loads((gate_runs / "base.json").read_text(encoding="utf-8"))
     for spec in doc["specs"]:  # a repeat: run of an earlier version: the first seed's rows only
-        for data in spec["extra"]["eval"].values():
+        for data in spec["eval_sets"].values():
             for row in data["rows"]:
                 row.pop("by_seed", None)
     (tmp_path / "old-repeat.json").write_text(json.dumps(doc), encoding="utf-8")
@@ -217,7 +219,7 @@ def test_a_threshold_with_confidence_is_judged_on_its_interval(tmp_path, sft, ch
     result = sft("run", path, "--no-cache", "--json", tmp_path / "r.json")
     case = result.recorder.reports[0].training_checks[0]
     assert case.outcome == outcome and words in case.checks[0].message, case.checks[0].message
-    data = next(iter(json.loads((tmp_path / "r.json").read_text(encoding="utf-8"))["specs"][0]["extra"]["eval"]
+    data = next(iter(json.loads((tmp_path / "r.json").read_text(encoding="utf-8"))["specs"][0]["eval_sets"]
                      .values()))
     assert data.get("verdict") == ("inconclusive" if "inconclusive" in words else None)
     assert data["uncertainty"]["pass_rate"]["method"] == "Wilson"
@@ -243,7 +245,7 @@ def _rewritten(source, tmp_path, name, edit):
 
 def _without_eval(spec):
     spec["training_checks"] = [c for c in spec["training_checks"] if "eval[" not in c["nodeid"]]
-    spec["extra"].pop("eval", None)
+    spec.pop("eval_sets", None)
     spec["outcome"] = "passed"
 
 

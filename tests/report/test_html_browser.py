@@ -199,8 +199,8 @@ def test_histogram_bars_are_drawn_in_proportion_to_their_counts(tmp_path):
 
     rows = [{"scores": {"chrf": v}} for v in [100.0] * 7 + [50.0] * 4 + [0.0] * 2]
     report = SpecReport(nodeid="s.sft.yaml::s", path="s.sft.yaml", name="s", variant=None, outcome="passed",
-                        extra={"eval": {"s.sft.yaml::s::eval[golden]": {
-                            "name": "golden", "rows": rows, "metrics": ["chrf"], "aggregates": {}}}})
+                        eval_sets={"s.sft.yaml::s::eval[golden]": {
+                            "name": "golden", "rows": rows, "metrics": ["chrf"], "aggregates": {}}})
     page = tmp_path / "bars.html"
     measure = ("<script>document.documentElement.dataset.bars = [...document.querySelectorAll('.histogram .bar')]"
                ".map(b => Math.round(b.getBoundingClientRect().width)).filter(w => w > 0).join(',');</script>")

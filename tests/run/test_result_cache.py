@@ -154,7 +154,7 @@ def test_an_edited_plugin_invalidates_the_cached_results(sft, write_spec, tmp_pa
     sys.modules.pop("canned", None)
     importlib.invalidate_caches()
     second = sft("run", path, "-p", "canned").recorder.reports[0]
-    assert first.outcome == "failed" and not second.metrics.get("cached") and second.outcome == "passed"
+    assert first.outcome == "failed" and not second.cached and second.outcome == "passed"
 
 
 def test_the_reports_name_the_adapter_where_the_cache_keeps_it(tmp_path, monkeypatch, sft, write_spec,

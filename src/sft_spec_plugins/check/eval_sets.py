@@ -668,7 +668,7 @@ def sft_spec_make_report(item, run, report):
     report = yield
     sets = run.stash.get(SET_REPORTS, None)
     if report is not None and sets:
-        report.extra["eval"] = sets
+        report.eval_sets = sets
     return report
 
 

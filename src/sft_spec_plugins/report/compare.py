@@ -178,7 +178,7 @@ def _scores(case: ExpectationReport | None, report: SpecReport | None) -> dict[s
         return {}
     out = {c.name: float(c.score) for c in case.checks if c.score is not None and c.name != "eval"}
     if report is not None:
-        aggregates = (report.extra.get("eval") or {}).get(case.nodeid, {}).get("aggregates", {})
+        aggregates = report.eval_sets.get(case.nodeid, {}).get("aggregates", {})
         out.update({k: float(v) for k, v in aggregates.items() if isinstance(v, int | float)})
     return out
 
@@ -212,7 +212,7 @@ def compare_reports(base_meta: dict, base: list[SpecReport], head_meta: dict, he
             a, b = old_cases.get(case_id), new_cases.get(case_id)
             before_scores, after_scores = _scores(a, old), _scores(b, new)
             names = sorted(set(before_scores) | set(after_scores))
-            verdict = ((new.extra.get("eval") or {}).get(case_id) or {}).get("verdict") if new else None
+            verdict = (new.eval_sets.get(case_id) or {}).get("verdict") if new else None
             change.cases.append(CaseChange(
                 _case_name(case_id, nodeid), a.outcome if a else None, b.outcome if b else fate,
                 a.answer if a else None, b.answer if b else None,
@@ -229,7 +229,7 @@ def compare_reports(base_meta: dict, base: list[SpecReport], head_meta: dict, he
         if new is not None and new.error is not None:
             change.error_after = new.error.message
         if old and new:
-            sets_b, sets_h = old.extra.get("eval") or {}, new.extra.get("eval") or {}
+            sets_b, sets_h = old.eval_sets, new.eval_sets
             for set_id in [k for k in sets_b if k in sets_h]:
                 quantities += _eval_quantities(nodeid, _case_name(set_id, nodeid), sets_b[set_id], sets_h[set_id],
                                                old, new, tolerances)

@@ -55,14 +55,14 @@ def compact(report) -> dict[str, Any]:
         for check in case.checks:
             if check.score is not None and check.name not in ("repeat",):
                 metrics[f"{case.nodeid.rsplit('::', 1)[-1]}.{check.name}"] = float(check.score)
-    for nodeid, data in (report.extra.get("eval") or {}).items():
+    for nodeid, data in report.eval_sets.items():
         for name, value in (data.get("aggregates") or {}).items():
             if isinstance(value, int | float):
                 metrics[f"{nodeid.rsplit('::', 1)[-1]}.{name}"] = float(value)
     final = report.metrics.get("final_loss")
     return {"outcome": report.outcome, "final_loss": final if isinstance(final, int | float) else None,
             "metrics": metrics, "cases": {c.nodeid: c.outcome for c in report.cases},
-            "cached": bool(report.metrics.get("cached"))}
+            "cached": report.cached}
 
 
 def _number(value: Any) -> bool:

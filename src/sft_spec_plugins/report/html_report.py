@@ -239,7 +239,7 @@ def _eval_views(report: SpecReport) -> list[dict[str, Any]]:
     from ..common.uncertainty import Estimate
 
     views = []
-    for nodeid, data in (report.extra.get("eval") or {}).items():
+    for nodeid, data in report.eval_sets.items():
         rows = data.get("rows", [])
         estimates = {name: Estimate.from_dict(e) for name, e in (data.get("uncertainty") or {}).items()}
         histograms = []

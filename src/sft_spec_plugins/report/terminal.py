@@ -204,7 +204,7 @@ class TerminalReporter:
         cases = report.cases if report.outcome not in ("error", "interrupted") else []
         letters = "".join(LETTERS.get(c.outcome, "?") for c in cases) or LETTERS.get(report.outcome, "?")
         timing = f" ({report.duration:.1f}s)" if report.duration else ""
-        if report.metrics.get("cached"):  # reused from the result cache: nothing was trained
+        if report.cached:  # reused from the result cache: nothing was trained
             timing = " (cached)"
         if self.verbosity > 0:
             for case in cases:
@@ -264,7 +264,7 @@ class TerminalReporter:
     def _durations(self, reports: list[SpecReport], count: int) -> None:
         """pytest's --durations for phases: where a run's seconds went (a result reused from the cache took
         none: its recorded phases are the original run's)."""
-        timed = sorted(((seconds, phase, report.nodeid) for report in reports if not report.metrics.get("cached")
+        timed = sorted(((seconds, phase, report.nodeid) for report in reports if not report.cached
                         for phase, seconds in report.phases.items()), reverse=True)
         shown = [t for t in timed if t[0] >= 0.005 or self.verbosity > 1]
         shown = shown[:count] if count > 0 else shown
@@ -274,7 +274,7 @@ class TerminalReporter:
         hidden = len(timed) - len([t for t in timed if t[0] >= 0.005 or self.verbosity > 1])
         if hidden:
             self.write_line(f"({hidden} durations < 0.005s hidden.  Use -vv to show these durations.)")
-        cached = sum(bool(r.metrics.get("cached")) for r in reports)
+        cached = sum(bool(r.cached) for r in reports)
         if cached:
             self.write_line(f"({cached} spec{'s' if cached != 1 else ''} reused from the result cache: no time spent)")
 

@@ -137,12 +137,12 @@ def combine(item, repeat: RepeatSpec, runs: list[tuple[int, SpecReport]]) -> Spe
                                             ok, _summary(held, repeat), score=share))
             combined.append(apply_xfail(shown, xfails.get(case.nodeid) or item.spec.xfail))
         setattr(report, kind, combined)
-    sets = {nodeid for _, r in ran for nodeid in (r.extra.get("eval") or {})}
+    sets = {nodeid for _, r in ran for nodeid in r.eval_sets}
     if sets:  # every seed's rows, and each aggregate's interval clustered by row and seed
-        report.extra["eval"] = {nodeid: combine_seed_reports([(seed, r.extra["eval"][nodeid]) for seed, r in ran
-                                                              if nodeid in (r.extra.get("eval") or {})])
+        report.eval_sets = {nodeid: combine_seed_reports([(seed, r.eval_sets[nodeid]) for seed, r in ran
+                                                              if nodeid in r.eval_sets])
                                 for nodeid in sorted(sets)}
-        for data in report.extra["eval"].values():
+        for data in report.eval_sets.values():
             pooled = "; ".join(f"{name} {Estimate.from_dict(e).text()}" for name, e in data["uncertainty"].items())
             report.notes.append(f"eval[{data['name']}] over {len(data['seeds'])} seeds: {pooled}")
     report.outcome = spec_outcome(item, report)

@@ -149,7 +149,7 @@ class ResultCache:
         if report is None:
             return None
         report.path = str(item.location.path)  # ids are the root's; the path is this run's working directory's
-        report.metrics["cached"] = True
+        report.cached = True
         report.metrics["cached_duration"] = report.duration
         report.duration = 0.0
         self.reused.append(item.nodeid)
@@ -158,7 +158,7 @@ class ResultCache:
     @hookimpl
     def sft_spec_log_report(self, report, session):
         key = self.keys.pop(report.nodeid, None)
-        if key and not report.metrics.get("cached") and report.outcome in CACHEABLE:
+        if key and not report.cached and report.outcome in CACHEABLE:
             adapter = report.extra.get(ADAPTER)
             try:
                 self.store(key, report, Path(adapter) if adapter else None)
