@@ -252,8 +252,8 @@ class SpecNode(pytest.Collector):
         for tag in spec.tags:
             _register_marker(self.config, tag)
             self.add_marker(tag)
-        if spec.skip:
-            self.add_marker(pytest.mark.skip(reason=spec.skip))
+        # skip: is decided by the run (a report that --sft-spec-json and the others list, as `sft-spec run`'s),
+        # then each case's setup skips with its reason.
         if spec.xfail:
             self.add_marker(pytest.mark.xfail(reason=spec.xfail.reason, strict=spec.xfail.strict))
 
@@ -304,8 +304,8 @@ class CaseItem(pytest.Item):
         report = self.spec_node.run_once()
         if report.outcome == "interrupted":
             raise KeyboardInterrupt
-        if report.outcome == "skipped":
-            pytest.skip(safe(report.skip_reason or "skipped"))
+        if report.outcome == "skipped":  # located at the case, as a skip mark would be (not at this line)
+            raise pytest.skip.Exception(safe(report.skip_reason or "skipped"), _use_item_location=True)
         if report.outcome == "error":
             pytest.fail(safe(_error_text(report, self.config.getoption("tbstyle", "auto")), keep_newlines=True),
                         pytrace=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -243,8 +244,11 @@ def test_a_misspelled_hook_registered_in_a_worker_is_an_error_under_n(tmp_path, 
 
 def test_run_options_that_make_sense_under_pytest_are_pytest_options(tmp_path):
     project = _project(tmp_path)
-    run = _pytest(project, "specs/learn.sft.yaml", "--sft-spec-json", "r.json", "--sft-spec-no-cache")
-    assert (project / "r.json").is_file(), run.stdout + run.stderr
+    run = _pytest(project, "specs/later.sft.yaml", "--sft-spec-json", "r.json", "--sft-spec-no-cache", "-rs")
+    assert (project / "r.json").is_file(), run.stdout + run.stderr  # a skipped spec is reported, as by the CLI
+    assert "SKIPPED [1] specs/later.sft.yaml:8: not today" in run.stdout, run.stdout  # at the case
+    (skipped,) = json.loads((project / "r.json").read_text(encoding="utf-8"))["specs"]
+    assert skipped["outcome"] == "skipped" and skipped["skip_reason"] == "not today"
     run = _pytest(project, "specs/later.sft.yaml", "--sft-spec-timeout", "soon")
     assert run.returncode != 0 and "--timeout" in run.stdout + run.stderr, run.stdout + run.stderr
     help_text = _pytest(project, "--help").stdout
