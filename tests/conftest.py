@@ -24,8 +24,15 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 def pytest_configure(config):
     # One cache per test session (tiny models are built there once), set before collection (a parametrize
     # may read it), never the user's ~/.cache and never a previous session's: nothing is reused across runs.
-    config.stash[_CACHE] = tempfile.mkdtemp(prefix="sft-spec-test-cache-")
-    os.environ["SFT_SPEC_CACHE"] = config.stash[_CACHE]
+    # The session's xdist workers, and a pytest that a test starts in this repo, use the session's cache (each
+    # made its own: every worker built the tiny models again and read TRL's fields at collection).
+    inherited = os.environ.get(_SESSION_CACHE, "")
+    if inherited and Path(inherited).is_dir():
+        cache = inherited
+    else:
+        cache = config.stash[_CACHE] = tempfile.mkdtemp(prefix="sft-spec-test-cache-")
+        os.environ[_SESSION_CACHE] = cache
+    os.environ["SFT_SPEC_CACHE"] = cache
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -33,9 +40,11 @@ def pytest_configure(config):
 def pytest_unconfigure(config):
     if _CACHE in config.stash:
         shutil.rmtree(config.stash[_CACHE], ignore_errors=True)
+        os.environ.pop(_SESSION_CACHE, None)
 
 
-_CACHE = pytest.StashKey[str]()
+_CACHE = pytest.StashKey[str]()  # set in the session that made the cache, which removes it
+_SESSION_CACHE = "SFT_SPEC_TEST_SESSION_CACHE"
 
 
 @pytest.fixture
