@@ -100,6 +100,72 @@ def test_stop_when_learnt_ends_training_there_and_the_final_checks_still_run(sft
     assert any(f"training stopped at step {learnt} of 30 (--stop-when-learnt)" in n for n in report.notes)
 
 
+class AfterTraining:
+    """Counts the prompts generated between the end of training and sft_spec_after_training (the final
+    generation), and generates every answer again there on the weights as trained, to compare. Not a
+    generator itself (a plugin's generator turns teacher forcing off): it wraps generation's function."""
+
+    def __init__(self, monkeypatch, touch_weights: bool = False):
+        from sft_spec_plugins.check import generation
+
+        self.generate, self.touch_weights = generation.generate_answers, touch_weights
+        self.trained = False
+        self.generated_after, self.regenerated = [], []
+
+        def counted(model, tokenizer, texts, **kwargs):
+            if self.trained:
+                self.generated_after += texts
+            return self.generate(model, tokenizer, texts, **kwargs)
+
+        monkeypatch.setattr(generation, "generate_answers", counted)
+
+    @hookimpl(wrapper=True)
+    def sft_spec_train(self, item, run, trainer):
+        losses = yield
+        self.trained = True
+        if self.touch_weights:  # an in-place write (same values): the probed weights may no longer be these
+            import torch
+
+            with torch.no_grad():
+                next(run.model.parameters()).mul_(1.0)
+        return losses
+
+    @hookimpl
+    def sft_spec_after_training(self, item, run):
+        from sft_spec_plugins.check.generation import GENERATION, stop_token_ids
+
+        self.trained = False
+        stops = stop_token_ids(run.loaded.tokenizer, run.model, run.markers.end_of_turn)
+        self.regenerated = self.generate(run.model, run.loaded.tokenizer, [p.text for p in run.prompts],
+                                         stop_ids=stops, settings=item.section(GENERATION), device=run.model.device,
+                                         budgets=[p.max_new_tokens for p in run.prompts])
+
+
+def test_the_answer_a_passing_probe_decided_on_the_final_weights_is_not_generated_again(sft, write_spec,
+                                                                                       monkeypatch):
+    # --stop-when-learnt ends training at the step whose probe passed: those are the final weights, and
+    # teacher forcing already knows the answer (the reference, then the end of turn).
+    after = AfterTraining(monkeypatch)
+    text = LEARN.format(lr="3.0e-3", within=30)
+    report = sft("run", write_spec("l.sft.yaml", text), "--no-cache", "--stop-when-learnt",
+                 plugins=[after]).recorder.reports[0]
+    assert after.generated_after == [] and report.metrics["answers_from_probe"] == 1, report.metrics
+    assert report.expectations[0].outcome == "passed"
+    step = report.metrics["learnt_at_step"]
+    assert any(f"taken from the teacher-forced probe at step {step}" in n for n in report.notes), report.notes
+    kept = report.expectations[0]
+    (generated,) = after.regenerated  # what generating on the same weights gives, field by field
+    assert (kept.answer, kept.raw_answer, kept.stopped) == (generated.text, generated.raw, generated.stopped)
+
+
+def test_weights_written_after_the_probe_are_answered_by_generating(sft, write_spec, monkeypatch):
+    after = AfterTraining(monkeypatch, touch_weights=True)
+    report = sft("run", write_spec("l.sft.yaml", LEARN.format(lr="3.0e-3", within=30)), "--no-cache",
+                 "--stop-when-learnt", plugins=[after]).recorder.reports[0]
+    assert len(after.generated_after) == 1, after.generated_after
+    assert "answers_from_probe" not in report.metrics and report.expectations[0].outcome == "passed"
+
+
 def test_a_recipe_that_does_not_learn_in_time_fails_learns_within(sft, write_spec):
     text = LEARN.format(lr="1.0e-9", within=5).replace("num_train_epochs: 30", "num_train_epochs: 3")
     result = sft("run", write_spec("l.sft.yaml", text), "--no-cache")

@@ -171,7 +171,7 @@ def generate_answers(model, tokenizer, texts: list[str], *, stop_ids: list[int],
                 output = model.generate(**encoded, **kwargs, max_new_tokens=max(limits[i] for i in batch))
             new_tokens = output[:, encoded["input_ids"].shape[1]:]
             for i, row in zip(batch, new_tokens.tolist(), strict=True):
-                answers[i] = _clean(row[:limits[i]], tokenizer, stop_ids, limits[i])
+                answers[i] = answer_from_tokens(row[:limits[i]], tokenizer, stop_ids, limits[i])
     finally:
         tokenizer.padding_side = padding_side
         if was_training:
@@ -179,7 +179,8 @@ def generate_answers(model, tokenizer, texts: list[str], *, stop_ids: list[int],
     return answers  # type: ignore[return-value]
 
 
-def _clean(row: list[int], tokenizer, stop_ids: list[int], max_new_tokens: int) -> Answer:
+def answer_from_tokens(row: list[int], tokenizer, stop_ids: list[int], max_new_tokens: int) -> Answer:
+    """The answer that generating ``row`` gives: cut after its first stop token, cleaned as every answer is."""
     cut = None
     for i, token_id in enumerate(row):
         if token_id in stop_ids:

@@ -10,20 +10,27 @@ names, and only once the teacher-forced ones pass. A probe draws nothing from th
 number generators: adding the check changes no loss.
 A recipe change that makes the model need 25 steps instead of 12 is a regression a loss curve hides.
 ``--stop-when-learnt`` ends training at that step (CI time saved); the final checks then run on the
-model as trained, like any other run. Expectations marked ``xfail`` (forgetting probes) and checks on
-the base model's answer (``before:``) are not part of "learnt".
+model as trained, like any other run. A probe that passed on the weights training ended with (that step,
+or the last) already knows the answers teacher forcing decided (the reference, then the end of turn): they
+are the answers after training, and only the other prompts are generated again (a note says so).
+Expectations marked ``xfail`` (forgetting probes) and checks on the base model's answer (``before:``) are
+not part of "learnt".
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from sft_spec import hookimpl
 from sft_spec.errors import SpecError
 from sft_spec.registry import Check, CheckContext, CheckResult
+from sft_spec.state import StashKey
 
 #: At most this many mid-training checks per run: long runs are checked every few steps.
 MAX_PROBES = 100
+#: The answers a passing probe decided on the weights training ended with (see sft_spec_generate below).
+FINAL_ANSWERS = StashKey["ProbedAnswers"]()
 
 
 @hookimpl
@@ -102,7 +109,7 @@ def teacher_forced_targets(item, run, cases) -> list[list[int] | None]:
     settings = item.section(GENERATION)
     owners = {impl.plugin_name for impl in run.config.pluginmanager.hook.sft_spec_generate.get_hookimpls()}
     if settings.do_sample or settings.num_beams != 1 or settings.repetition_penalty not in (None, 1.0) \
-            or _processed(run.model) or not owners <= {"generation", "retains"}:
+            or _processed(run.model) or not owners <= {"generation", "retains", "learning"}:
         return [None] * len(cases)
     tokenizer, out = run.loaded.tokenizer, []
     for exp, prompt in cases:
@@ -120,21 +127,23 @@ def teacher_forced_targets(item, run, cases) -> list[list[int] | None]:
 
 
 def teacher_forced_pass(model, tokenizer, prompts: list[str], targets: list[list[int]], stop_ids: list[int],
-                        device, batch_size: int = 16) -> list[bool | None]:
+                        device, batch_size: int = 16, predicted: list[list[int]] | None = None
+                        ) -> list[bool | None]:
     """Per prompt, what greedy decoding's answer would make of ``equals`` its target (and ``stops``), from
     one batched forward pass with the target as input, no generation: True when every target token is the
     argmax at its place and a stop token follows; False when greedy leaves the target for a token that
     shows in the answer and cannot spell the rest of it (the answer differs, whatever comes next); None
     when only generating can tell: a token the cleaned answer does not show (a special token, a space)
-    where greedy may take a detour and still give the reference, or a character split between tokens."""
+    where greedy may take a detour and still give the reference, or a character split between tokens.
+    ``predicted``, when given, receives each prompt's greedy tokens along its target and one after."""
     rows = [(tokenizer(p, add_special_tokens=False)["input_ids"], t) for p, t in zip(prompts, targets, strict=True)]
-    verdicts: list[bool | None] = []
+    tokens: list[list[int]] = predicted if predicted is not None else []
     for start in range(0, len(rows), batch_size):  # as generation batches: bounded memory
-        verdicts += _forced_batch(model, tokenizer, rows[start:start + batch_size], stop_ids, device)
-    return verdicts
+        tokens += _forced_batch(model, tokenizer, rows[start:start + batch_size], device)
+    return [_verdict(tokenizer, target, row, stop_ids) for (_, target), row in zip(rows, tokens, strict=True)]
 
 
-def _forced_batch(model, tokenizer, rows, stop_ids, device) -> list[bool | None]:
+def _forced_batch(model, tokenizer, rows, device) -> list[list[int]]:
     import torch
 
     width = max(len(p) + len(t) for p, t in rows)
@@ -152,8 +161,8 @@ def _forced_batch(model, tokenizer, rows, stop_ids, device) -> list[bool | None]
     finally:
         if was_training:
             model.train()
-    return [_verdict(tokenizer, target, logits[i, len(prompt) - 1:len(prompt) + len(target)].argmax(-1).tolist(),
-                     stop_ids) for i, (prompt, target) in enumerate(rows)]
+    return [logits[i, len(prompt) - 1:len(prompt) + len(target)].argmax(-1).tolist()
+            for i, (prompt, target) in enumerate(rows)]
 
 
 def _verdict(tokenizer, target: list[int], predicted: list[int], stop_ids: list[int]) -> bool | None:
@@ -189,6 +198,7 @@ class LearntProbe:
         self.probes = 0
         self.forced = self.generated = 0
         self.undecided: list = []
+        self.forced_answers: list = []  # the last teacher-forced probe's passes: (prompt, tokens, stop ids)
 
     @property
     def all_forced(self) -> bool:
@@ -206,10 +216,15 @@ class LearntProbe:
             return True
         stop_ids = stop_token_ids(run.loaded.tokenizer, model, run.markers.end_of_turn if run.markers else None)
         self.forced += 1
+        predicted: list[list[int]] = []
         verdicts = teacher_forced_pass(model, run.loaded.tokenizer, [p.text for (_, p), _ in cases],
                                        [t for _, t in cases], stop_ids, getattr(model, "device", run.loaded.device),
-                                       batch_size=self.item.section(GENERATION).batch_size)
+                                       batch_size=self.item.section(GENERATION).batch_size, predicted=predicted)
         self.undecided = [case for (case, _), verdict in zip(cases, verdicts, strict=True) if verdict is None]
+        # What generating would answer where teacher forcing said "the reference, then the end of turn".
+        self.forced_answers = [(prompt, target + row[len(target):len(target) + 1], stop_ids)
+                               for ((_, prompt), target), row, verdict in zip(cases, predicted, verdicts, strict=True)
+                               if verdict]
         return False not in verdicts
 
     def all_pass(self, model) -> bool:
@@ -261,7 +276,56 @@ class LearntProbe:
                 control.should_training_stop = True
                 self.run.note(f"training stopped at step {step} of {state.max_steps} (--stop-when-learnt); the "
                               "checks ran on the model as trained")
+            if control.should_training_stop or step >= state.max_steps:  # these are the weights training ends with
+                self.keep_final_answers(model if model is not None else self.run.model, step)
         return control
+
+    def keep_final_answers(self, model, step: int) -> None:
+        from .generation import GENERATION, answer_from_tokens
+
+        if not self.forced_answers:
+            return
+        default = self.item.section(GENERATION).max_new_tokens
+        tokenizer = self.run.loaded.tokenizer
+        answers = {(prompt.text, prompt.max_new_tokens): answer_from_tokens(tokens, tokenizer, stop_ids,
+                                                                             prompt.max_new_tokens or default)
+                   for prompt, tokens, stop_ids in self.forced_answers}
+        self.run.stash[FINAL_ANSWERS] = ProbedAnswers(model, parameter_versions(model), step, answers)
+
+
+class ProbedAnswers:
+    """Answers a probe decided on ``model`` at ``step``, valid while its weights are those (no in-place
+    change since: every optimizer step and in-place write bumps a tensor's version)."""
+
+    def __init__(self, model, versions: int, step: int, answers: dict):
+        self.model, self.versions, self.step, self.answers = model, versions, step, answers
+
+    def hold_for(self, model) -> bool:
+        return model is self.model and parameter_versions(model) == self.versions
+
+
+def parameter_versions(model) -> int:
+    return sum(p._version for p in model.parameters())
+
+
+@hookimpl(tryfirst=True)
+def sft_spec_generate(item, run, prompts, when):
+    """After training, the answers a passing probe decided on the same weights; the other prompts are
+    generated (a round trip's reloaded model, or weights changed since, are never answered from here)."""
+    probed = run.stash.get(FINAL_ANSWERS, None)
+    if when != "after" or probed is None or not probed.hold_for(run.model):
+        return None
+    keys = [(p.text, p.max_new_tokens) for p in prompts]
+    missing = [p for p, key in zip(prompts, keys, strict=True) if key not in probed.answers]
+    if len(missing) == len(prompts):
+        return None
+    generated = iter(run.config.hook.sft_spec_generate(item=item, run=run, prompts=missing, when=when)
+                     if missing else [])
+    reused = len(prompts) - len(missing)
+    run.metrics["answers_from_probe"] = run.metrics.get("answers_from_probe", 0) + reused
+    run.note(f"{reused} answer{'s' if reused != 1 else ''} after training taken from the teacher-forced probe "
+             f"at step {probed.step} (the same weights: the reference, then the end of turn), not generated again")
+    return [dataclasses.replace(probed.answers[key]) if key in probed.answers else next(generated) for key in keys]
 
 
 @hookimpl(wrapper=True)
