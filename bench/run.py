@@ -154,13 +154,24 @@ def bench_shared_base(work: Path, reps: int, env: dict) -> None:
     for i, answer in enumerate(answers):
         (folder / f"s{i}.sft.yaml").write_text(spec_text(answer=answer), encoding="utf-8")
     nocache = ["--no-cache"] if _has_option("--no-cache") else []
-    suite, separate = [], []
+    from sft_spec.config import default_cache_dir
+    from sft_spec_plugins.model.builtin_models import builtin_model_dir
+
+    model_dir = builtin_model_dir("tiny-gemma", default_cache_dir())
+    suite, separate, plain = [], [], []
     for _ in range(max(2, reps // 2)):  # 8 separate processes per repetition: the longest row
         suite.append(timed([SFT_SPEC, "run", *nocache, str(folder)], env))
         separate.append(sum(timed([SFT_SPEC, "run", *nocache, str(p)], env) for p in sorted(folder.glob("*.yaml"))))
+        # One of these recipes as a plain TRL script: what each would cost CI without sft-spec.
+        plain.append(timed([sys.executable, str(ROOT / "bench" / "plain_trl.py"), str(model_dir),
+                            str(work / "plain-out")], env))
     ratio = statistics.median(suite) / statistics.median(separate)
     row("shared base (8 LoRA specs)", f"one run {summary(suite)} vs 8 runs {summary(separate)}", ratio,
         "<= 0.5x", ratio <= 0.5)
+    per_spec = [s / len(answers) for s in suite]
+    row("8-spec tiny suite, CI cost per spec", f"sft-spec {summary(per_spec)} a spec (one run of 8, shared base) "
+        f"vs plain TRL {summary(plain)} a recipe (a script each)", statistics.median(per_spec) /
+        statistics.median(plain), "report", None)
 
 
 def bench_generation(work: Path, reps: int, env: dict) -> None:

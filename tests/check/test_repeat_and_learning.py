@@ -152,10 +152,32 @@ def test_the_answer_a_passing_probe_decided_on_the_final_weights_is_not_generate
     assert after.generated_after == [] and report.metrics["answers_from_probe"] == 1, report.metrics
     assert report.expectations[0].outcome == "passed"
     step = report.metrics["learnt_at_step"]
-    assert any(f"taken from the teacher-forced probe at step {step}" in n for n in report.notes), report.notes
+    assert any(f"taken from the learnt probe at step {step}" in n for n in report.notes), report.notes
     kept = report.expectations[0]
     (generated,) = after.regenerated  # what generating on the same weights gives, field by field
     assert (kept.answer, kept.raw_answer, kept.stopped) == (generated.text, generated.raw, generated.stopped)
+
+
+def test_an_answer_the_last_probe_generated_is_not_generated_again(sft, write_spec, monkeypatch):
+    # gemma-3-270m's canary: teacher forcing cannot decide (a token the answer does not show), the probe
+    # generates, and at the step training stops that generation is the final one.
+    after = AfterTraining(monkeypatch)
+    text = LEARN.format(lr="3.0e-3", within=30).replace("    equals: 我学会了\n", "    contains: 学会\n")
+    report = sft("run", write_spec("c.sft.yaml", text), "--no-cache", "--stop-when-learnt",
+                 plugins=[after]).recorder.reports[0]
+    assert report.metrics["learnt_probes_teacher_forced"] == 0 < report.metrics["learnt_probes_generated"]
+    assert after.generated_after == [] and report.metrics["answers_from_probe"] == 1, report.metrics
+    kept, (generated,) = report.expectations[0], after.regenerated
+    assert (kept.answer, kept.raw_answer, kept.stopped) == (generated.text, generated.raw, generated.stopped)
+
+
+def test_sampled_answers_after_training_are_generated_again(sft, write_spec, monkeypatch):
+    after = AfterTraining(monkeypatch)
+    text = LEARN.format(lr="3.0e-3", within=30).replace("    equals: 我学会了\n", "    contains: 学会\n") + \
+        "generation: {do_sample: true, temperature: 0.01}\n"
+    report = sft("run", write_spec("s.sft.yaml", text), "--no-cache", "--stop-when-learnt",
+                 plugins=[after]).recorder.reports[0]
+    assert len(after.generated_after) == 1 and "answers_from_probe" not in report.metrics, report.metrics
 
 
 def test_weights_written_after_the_probe_are_answered_by_generating(sft, write_spec, monkeypatch):

@@ -11,8 +11,9 @@ number generators: adding the check changes no loss.
 A recipe change that makes the model need 25 steps instead of 12 is a regression a loss curve hides.
 ``--stop-when-learnt`` ends training at that step (CI time saved); the final checks then run on the
 model as trained, like any other run. A probe that passed on the weights training ended with (that step,
-or the last) already knows the answers teacher forcing decided (the reference, then the end of turn): they
-are the answers after training, and only the other prompts are generated again (a note says so).
+or the last) already knows the answers: the ones teacher forcing decided (the reference, then the end of
+turn) and, for greedy generation by sft-spec's own generator, the ones it generated. They are the answers
+after training; only the other prompts are generated again (a note says so).
 Expectations marked ``xfail`` (forgetting probes) and checks on the base model's answer (``before:``) are
 not part of "learnt".
 """
@@ -99,6 +100,13 @@ def _processed(model) -> bool:
                                       for name, allowed in PROCESSOR_SETTINGS.items())
 
 
+def builtin_generators_only(run) -> bool:
+    """No plugin's own sft_spec_generate: what answers is sft-spec's generation (this plugin's answers
+    after training are the ones it generated, or would have)."""
+    owners = {impl.plugin_name for impl in run.config.pluginmanager.hook.sft_spec_generate.get_hookimpls()}
+    return owners <= {"generation", "retains", "learning"}
+
+
 def teacher_forced_targets(item, run, cases) -> list[list[int] | None]:
     """Per case, the tokens greedy decoding must produce for its checks to pass (the reference's, then the
     end of turn), or None where only generating can tell: a check besides equals and stops, a reference
@@ -107,9 +115,8 @@ def teacher_forced_targets(item, run, cases) -> list[list[int] | None]:
     from .generation import GENERATION
 
     settings = item.section(GENERATION)
-    owners = {impl.plugin_name for impl in run.config.pluginmanager.hook.sft_spec_generate.get_hookimpls()}
     if settings.do_sample or settings.num_beams != 1 or settings.repetition_penalty not in (None, 1.0) \
-            or _processed(run.model) or not owners <= {"generation", "retains", "learning"}:
+            or _processed(run.model) or not builtin_generators_only(run):
         return [None] * len(cases)
     tokenizer, out = run.loaded.tokenizer, []
     for exp, prompt in cases:
@@ -199,6 +206,12 @@ class LearntProbe:
         self.forced = self.generated = 0
         self.undecided: list = []
         self.forced_answers: list = []  # the last teacher-forced probe's passes: (prompt, tokens, stop ids)
+        self.generated_answers: list = []  # the last probe's generated answers: (prompt, answer)
+        # Greedy (or beam) generation by sft-spec's own generator answers a prompt alike during and after
+        # training on the same weights: a passing probe's generated answers are the final ones then.
+        from .generation import GENERATION
+
+        self.deterministic = not item.section(GENERATION).do_sample and builtin_generators_only(run)
 
     @property
     def all_forced(self) -> bool:
@@ -240,6 +253,7 @@ class LearntProbe:
         # Generation and the checks (a metric that loads a model draws from it too) use a forked state.
         with torch.random.fork_rng(devices=cuda):
             self.probes += 1
+            self.generated_answers = []
             if not self.forced_pass(model):  # the cheap probe first: no generation while it fails
                 return False
             cases = [c for c, t in zip(self.cases, self.targets, strict=True) if t is None] + self.undecided
@@ -253,6 +267,8 @@ class LearntProbe:
             finally:
                 run.model = trained
             self.generated += 1
+            if self.deterministic:
+                self.generated_answers = [(prompt, answer) for (_, prompt), answer in zip(cases, answers, strict=True)]
             for (exp, prompt), answer in zip(cases, answers, strict=True):
                 base = run.base_answers.get(exp.index)
                 ctx = CheckContext(item=self.item, run=run, case=exp, answer=answer, prompt=prompt,
@@ -283,13 +299,14 @@ class LearntProbe:
     def keep_final_answers(self, model, step: int) -> None:
         from .generation import GENERATION, answer_from_tokens
 
-        if not self.forced_answers:
+        if not self.forced_answers and not self.generated_answers:
             return
         default = self.item.section(GENERATION).max_new_tokens
         tokenizer = self.run.loaded.tokenizer
         answers = {(prompt.text, prompt.max_new_tokens): answer_from_tokens(tokens, tokenizer, stop_ids,
                                                                              prompt.max_new_tokens or default)
                    for prompt, tokens, stop_ids in self.forced_answers}
+        answers.update({(prompt.text, prompt.max_new_tokens): answer for prompt, answer in self.generated_answers})
         self.run.stash[FINAL_ANSWERS] = ProbedAnswers(model, parameter_versions(model), step, answers)
 
 
@@ -323,8 +340,8 @@ def sft_spec_generate(item, run, prompts, when):
                      if missing else [])
     reused = len(prompts) - len(missing)
     run.metrics["answers_from_probe"] = run.metrics.get("answers_from_probe", 0) + reused
-    run.note(f"{reused} answer{'s' if reused != 1 else ''} after training taken from the teacher-forced probe "
-             f"at step {probed.step} (the same weights: the reference, then the end of turn), not generated again")
+    run.note(f"{reused} answer{'s' if reused != 1 else ''} after training taken from the learnt probe at step "
+             f"{probed.step} (the same weights, greedy), not generated again")
     return [dataclasses.replace(probed.answers[key]) if key in probed.answers else next(generated) for key in keys]
 
 
