@@ -37,7 +37,7 @@ def test_spec_files_need_an_explicit_path_or_the_ini_option(tmp_path):
     assert "specs/learn.sft.yaml::learn::expect[0]" in listed
 
 
-def test_a_misspelled_hook_registered_at_configure_is_an_error_underrun_pytest(tmp_path):
+def test_a_misspelled_hook_registered_at_configure_is_an_error_under_pytest(tmp_path):
     # The CLI checked hook names after configure (pluggy's check_pending); `pytest specs/` did not, so a
     # reporter with a typo was silently never called. One session lifecycle now checks it everywhere.
     project = make_project(tmp_path)
@@ -109,7 +109,7 @@ def test_a_session_that_could_not_be_configured_runs_no_spec(tmp_path):
     assert " passed" not in run.stdout.splitlines()[-1] and " skipped" not in run.stdout.splitlines()[-1], run.stdout
 
 
-def test_a_spec_whose_files_could_not_be_saved_is_an_error_underrun_pytest(tmp_path):
+def test_a_spec_whose_files_could_not_be_saved_is_an_error_under_pytest(tmp_path):
     # pytest shows the report as logged (persisting is the last step of making it), not the one before.
     project = make_project(tmp_path)
     (project / "full_disk.py").write_text("from sft_spec import hookimpl\n\n\n@hookimpl\n"

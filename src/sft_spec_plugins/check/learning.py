@@ -91,7 +91,8 @@ PROCESSOR_SETTINGS = {"repetition_penalty": (None, 1.0), "no_repeat_ngram_size":
                       "suppress_tokens": (None,), "begin_suppress_tokens": (None,), "min_new_tokens": (None, 0),
                       "min_length": (None, 0), "forced_bos_token_id": (None,), "forced_eos_token_id": (None,),
                       "sequence_bias": (None,), "exponential_decay_length_penalty": (None,),
-                      "renormalize_logits": (None, False), "epsilon_cutoff": (None, 0.0), "eta_cutoff": (None, 0.0)}
+                      "renormalize_logits": (None, False), "epsilon_cutoff": (None, 0.0), "eta_cutoff": (None, 0.0),
+                      "guidance_scale": (None, 1.0), "dola_layers": (None,)}
 
 
 def _processed(model) -> bool:
@@ -293,36 +294,41 @@ class LearntProbe:
                 self.run.note(f"training stopped at step {step} of {state.max_steps} (--stop-when-learnt); the "
                               "checks ran on the model as trained")
             if control.should_training_stop or step >= state.max_steps:  # these are the weights training ends with
-                self.keep_final_answers(model if model is not None else self.run.model, step)
+                # Under mixed precision the trainer's forward (the teacher-forced probe's) runs in autocast and
+                # generation does not: only answers computed as generation computes them are kept then.
+                mixed = bool(getattr(args, "bf16", False) or getattr(args, "fp16", False))
+                self.keep_final_answers(model if model is not None else self.run.model, step, forced=not mixed)
         return control
 
-    def keep_final_answers(self, model, step: int) -> None:
+    def keep_final_answers(self, model, step: int, forced: bool = True) -> None:
         from .generation import GENERATION, answer_from_tokens
 
-        if not self.forced_answers and not self.generated_answers:
+        kept_forced = self.forced_answers if forced else []
+        if not kept_forced and not self.generated_answers:
             return
         default = self.item.section(GENERATION).max_new_tokens
         tokenizer = self.run.loaded.tokenizer
         answers = {(prompt.text, prompt.max_new_tokens): answer_from_tokens(tokens, tokenizer, stop_ids,
                                                                              prompt.max_new_tokens or default)
-                   for prompt, tokens, stop_ids in self.forced_answers}
+                   for prompt, tokens, stop_ids in kept_forced}
         answers.update({(prompt.text, prompt.max_new_tokens): answer for prompt, answer in self.generated_answers})
-        self.run.stash[FINAL_ANSWERS] = ProbedAnswers(model, parameter_versions(model), step, answers)
+        self.run.stash[FINAL_ANSWERS] = ProbedAnswers(model, weights_state(model), step, answers)
 
 
 class ProbedAnswers:
-    """Answers a probe decided on ``model`` at ``step``, valid while its weights are those (no in-place
-    change since: every optimizer step and in-place write bumps a tensor's version)."""
+    """Answers a probe decided on ``model`` at ``step``, valid while its weights are those: the same
+    tensors (a ``.to()``, ``.half()`` or an adapter merge swaps or adds them) with no in-place write since
+    (every optimizer step and in-place write through the parameter bumps its version)."""
 
-    def __init__(self, model, versions: int, step: int, answers: dict):
-        self.model, self.versions, self.step, self.answers = model, versions, step, answers
+    def __init__(self, model, state: list, step: int, answers: dict):
+        self.model, self.state, self.step, self.answers = model, state, step, answers
 
     def hold_for(self, model) -> bool:
-        return model is self.model and parameter_versions(model) == self.versions
+        return model is self.model and weights_state(model) == self.state
 
 
-def parameter_versions(model) -> int:
-    return sum(p._version for p in model.parameters())
+def weights_state(model) -> list:
+    return [(name, p.data_ptr(), p.dtype, p.device, p._version) for name, p in model.named_parameters()]
 
 
 @hookimpl(tryfirst=True)
@@ -340,8 +346,8 @@ def sft_spec_generate(item, run, prompts, when):
                      if missing else [])
     reused = len(prompts) - len(missing)
     run.metrics["answers_from_probe"] = run.metrics.get("answers_from_probe", 0) + reused
-    run.note(f"{reused} answer{'s' if reused != 1 else ''} after training taken from the learnt probe at step "
-             f"{probed.step} (the same weights, greedy), not generated again")
+    run.note(f"answers after training taken from the learnt probe at step {probed.step} (the same weights, "
+             "greedy), not generated again: metrics answers_from_probe counts them")
     return [dataclasses.replace(probed.answers[key]) if key in probed.answers else next(generated) for key in keys]
 
 
