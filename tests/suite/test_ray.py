@@ -137,6 +137,12 @@ from sft_spec import hookimpl
 def sft_spec_make_report(item, run, report):
     report.extra["made_as"] = {"nodeid": report.nodeid, "path": report.path,
                                "cases": [case.nodeid for case in report.cases]}
+
+
+@hookimpl(tryfirst=True)
+def sft_spec_load_model(item, config):
+    if item.name == "boom":
+        raise RuntimeError("the model loader exploded")
 """
 
 
@@ -144,14 +150,16 @@ def test_a_report_is_made_on_the_worker_with_the_drivers_ids(cluster, tmp_path):
     # Run from the specs' own folder: the driver names the file "a.sft.yaml", the worker (running from the
     # unpacked project) "specs/a.sft.yaml". The report a plugin sees while it is made is the one returned;
     # before, the worker rewrote ids and paths after it was made.
-    root = project(tmp_path, {"a": SPEC.format(epochs=2)}, MADE_AS)
+    root = project(tmp_path, {"a": SPEC.format(epochs=2), "boom": SPEC.format(epochs=2)}, MADE_AS)
     done = sft_spec("run", ".", "--ray", cluster, "-p", "crasher", "--json", tmp_path / "r.json", "--no-cache",
                     cwd=root / "specs", env={"PYTHONPATH": str(root), "SFT_SPEC_CACHE": str(tmp_path / "cache")})
-    assert done.returncode == 0, done.stdout + done.stderr
-    (spec,) = json.loads((tmp_path / "r.json").read_text(encoding="utf-8"))["specs"]
+    assert done.returncode == 1, done.stdout + done.stderr
+    spec, boom = json.loads((tmp_path / "r.json").read_text(encoding="utf-8"))["specs"]
     cases = [c["nodeid"] for c in spec["expectations"] + spec["training_checks"]]
     assert spec["extra"]["made_as"] == {"nodeid": spec["nodeid"], "path": "a.sft.yaml", "cases": cases}
     assert spec["metrics"]["ray_node"]
+    # A spec that errored on the worker names its node too (and its path as the driver names it).
+    assert boom["outcome"] == "error" and boom["metrics"]["ray_node"] and boom["path"] == "boom.sft.yaml", boom
 
 
 def test_a_spec_that_needs_more_than_any_node_has_is_an_error_that_says_so(cluster, tmp_path):

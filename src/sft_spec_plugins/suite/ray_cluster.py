@@ -485,13 +485,17 @@ def as_the_driver_names_it(item: SpecItem, driver_nodeid: str, driver_path: str,
 
 
 class NodeOfThisWorker:
-    """Names the Ray node in every report this worker makes (``metrics["ray_node"]``, ``["ray_node_ip"]``)."""
+    """Names the Ray node in every report this worker makes (``metrics["ray_node"]``, ``["ray_node_ip"]``),
+    as part of making it: the outermost wrapper of the run."""
 
     def __init__(self):
         import ray
 
         self.node = _this_node(ray)
 
-    @hookimpl
-    def sft_spec_make_report(self, item, run, report):
-        report.metrics["ray_node"], report.metrics["ray_node_ip"] = self.node
+    @hookimpl(wrapper=True, tryfirst=True)  # outside --timeout's wrapper, which makes a timed-out spec's report
+    def sft_spec_run_spec(self, item, session):
+        report = yield  # a spec that errored too (sft_spec_make_report is only called for one that ran)
+        if report is not None:
+            report.metrics["ray_node"], report.metrics["ray_node_ip"] = self.node
+        return report

@@ -139,6 +139,9 @@ def sft_spec_run_spec(item, session) -> SpecReport | None:
         tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
         return _error(report, f"accelerate launch failed (exit code {proc.returncode}):\n{tail}", item)
     report = report_from_dict(json.loads(result_path.read_text(encoding="utf-8")))
+    # Named as this process names it: the child ran from its own working directory (a Ray worker's
+    # unpacked project), so its path may read otherwise.
+    report.nodeid, report.path = item.nodeid, str(item.location.path)
     report.notes.append(f"trained with accelerate launch, {launcher['num_processes']} processes")
     report.metrics["launcher_seconds"] = round(time.perf_counter() - start, 3)
     return report
