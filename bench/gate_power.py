@@ -128,7 +128,7 @@ def canonical(report, nodeid: str = "recipe.sft.yaml::recipe"):
 
     for case in report.cases:
         case.nodeid = renamed(case.nodeid)
-    report.extra["eval"] = {renamed(k): v for k, v in (report.extra.get("eval") or {}).items()}
+    report.eval_sets = {renamed(k): v for k, v in report.eval_sets.items()}
     return report
 
 
@@ -145,7 +145,7 @@ def old_gate(base, head) -> bool:
     from sft_spec_plugins.report.compare import BROKEN, HELD
 
     def aggregates(report) -> dict[str, float]:
-        return next(iter(report.extra["eval"].values()))["aggregates"]
+        return next(iter(report.eval_sets.values()))["aggregates"]
 
     cases = {c.nodeid: c.outcome for c in base.cases}
     if any(cases.get(c.nodeid) in HELD and c.outcome in BROKEN for c in head.cases):
@@ -194,7 +194,7 @@ def main() -> None:
         item = load_spec_file(folder / "k0.sft.yaml", LoadContext(config))[0]
     trainings = sum(len(v) for v in by_kind.values())
     per_seed = statistics.fmean(r.duration for kind in by_kind.values() for r in kind.values())
-    unchanged = [by_kind["unchanged"][s].extra["eval"] for s in seeds["unchanged"]]
+    unchanged = [by_kind["unchanged"][s].eval_sets for s in seeds["unchanged"]]
     rates = [next(iter(e.values()))["aggregates"]["pass_rate"] for e in unchanged]
     print(f"{trainings} trainings of 1 seed each in {elapsed:.0f} s ({per_seed:.1f} s per seed, whole run "
           f"{elapsed / trainings:.1f} s); the unchanged recipe passed {min(rates):.0%} to {max(rates):.0%} of its 50 "

@@ -98,7 +98,7 @@ def test_a_metric_past_its_tolerance_is_a_regression(runs, sft, tmp_path):
 
 
 @pytest.mark.parametrize("doc,message", [
-    ({"schema_version": 0, "specs": []}, "schema_version 0 is not supported (this sft-spec reads version 1)"),
+    ({"schema_version": 0, "specs": []}, "schema_version 0 is not supported (this sft-spec reads versions 1, 2)"),
     ({"specs": []}, "not an sft-spec results file (no schema_version)"),
     ("[1, 2", "not a results file"),
 ])

@@ -161,8 +161,9 @@ def test_a_results_file_of_the_previous_version_still_compares(gate_runs, sft, t
                 data.pop(key, None)
             for row in data["rows"]:
                 row.pop("key", None)
-        # Where earlier versions kept the eval sets and the result cache's flag.
+        # Where version 1 kept the eval sets and the result cache's flag.
         spec["extra"]["eval"], spec["metrics"]["cached"] = spec.pop("eval_sets"), spec.pop("cached")
+    doc["schema_version"] = 1
     (tmp_path / "old.json").write_text(json.dumps(doc), encoding="utf-8")
     result = sft("compare", tmp_path / "old.json", gate_runs / "one1.json", "-v")
     assert result.code == 0, result.out + result.err

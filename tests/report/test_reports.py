@@ -126,7 +126,7 @@ def test_validator_rejects_what_the_schema_forbids(run):
     doc = json.loads((run["out"] / "results.json").read_text(encoding="utf-8"))
     assert validate(doc, schema) == []
     bad = json.loads(json.dumps(doc))
-    bad["schema_version"] = 2
+    bad["schema_version"] = 3
     del bad["environment"]["packages"]["torch"]
     spec = next(s for s in bad["specs"] if s["outcome"] == "passed")
     spec["outcome"] = "green"
@@ -144,7 +144,7 @@ def test_json_report_holds_every_result(run):
     assert run["code"] == 1
     doc = json.loads((run["out"] / "results.json").read_text(encoding="utf-8"))
     assert validate(doc, load_schema()) == []
-    assert doc["schema_version"] == 1 and doc["complete"] is True and doc["exitstatus"] == 1
+    assert doc["schema_version"] == 2 and doc["complete"] is True and doc["exitstatus"] == 1
     assert doc["command"][:2] == ["sft-spec", "run"] and "--json" in doc["command"]
     env = doc["environment"]
     assert env["device"] == "cpu"
@@ -183,7 +183,7 @@ def test_json_is_written_as_results_arrive(run):
 
 def test_reports_round_trip_through_json(run):
     meta, reports = load_document(run["out"] / "results.json")
-    assert meta["schema_version"] == 1 and "specs" not in meta
+    assert meta["schema_version"] == 2 and "specs" not in meta
     assert all(isinstance(r, SpecReport) for r in reports)
     passing = next(r for r in reports if r.outcome == "passed")
     assert passing.mask is not None and passing.mask.tokens

@@ -18,7 +18,7 @@ from sft_spec.errors import UsageError
 from sft_spec.reports import SpecReport, report_from_dict
 
 from ..common.files import atomic_write_text, output_path
-from .report_files import SCHEMA_VERSION, FileReporter, session_meta, strict_loads
+from .report_files import READABLE_VERSIONS, SCHEMA_VERSION, FileReporter, session_meta, strict_loads
 
 
 def results_document(session, complete: bool, exitstatus: int | None) -> dict[str, Any]:
@@ -85,9 +85,9 @@ def load_document(path: Path) -> tuple[dict[str, Any], list[SpecReport]]:
         raise UsageError(f"{path}: not a results file: {exc}") from None
     if not isinstance(doc, dict) or "schema_version" not in doc:
         raise UsageError(f"{path}: not an sft-spec results file (no schema_version)")
-    if doc["schema_version"] != SCHEMA_VERSION:
+    if doc["schema_version"] not in READABLE_VERSIONS or isinstance(doc["schema_version"], bool):
         raise UsageError(f"{path}: schema_version {doc['schema_version']!r} is not supported "
-                         f"(this sft-spec reads version {SCHEMA_VERSION})")
+                         f"(this sft-spec reads versions {', '.join(map(str, READABLE_VERSIONS))})")
     problem = _schema_problem(doc)
     if problem:
         raise UsageError(f"{path}: malformed results file at {problem}")

@@ -19,7 +19,11 @@ from sft_spec.state import StashKey
 
 from ..common.files import atomic_write_text
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+#: Versions this sft-spec reads. 2 moved each spec's eval sets and its cache flag to fields of their own
+#: (``eval_sets``, ``cached``; 1 kept them in ``extra.eval`` and ``metrics.cached``): a version-1 reader
+#: would find no eval set in a version-2 file and must refuse it, so the version changed.
+READABLE_VERSIONS = (1, 2)
 #: Distributions whose versions every report carries: they decide what a recipe learns.
 PACKAGES = ("sft-spec", "torch", "transformers", "trl", "peft", "accelerate", "datasets", "tokenizers",
             "bitsandbytes")
