@@ -27,10 +27,11 @@ def pytest_configure(config):
     # The session's xdist workers, and a pytest that a test starts in this repo, use the session's cache (each
     # made its own: every worker built the tiny models again and read TRL's fields at collection).
     inherited = os.environ.get(_SESSION_CACHE, "")
-    if inherited and Path(inherited).is_dir():
+    if inherited and _owner_alive(Path(inherited)):
         cache = inherited
     else:
         cache = config.stash[_CACHE] = tempfile.mkdtemp(prefix="sft-spec-test-cache-")
+        (Path(cache) / _OWNER).write_text(str(os.getpid()), encoding="utf-8")
         os.environ[_SESSION_CACHE] = cache
     os.environ["SFT_SPEC_CACHE"] = cache
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -45,6 +46,15 @@ def pytest_unconfigure(config):
 
 _CACHE = pytest.StashKey[str]()  # set in the session that made the cache, which removes it
 _SESSION_CACHE = "SFT_SPEC_TEST_SESSION_CACHE"
+_OWNER = ".owner-pid"  # the session that made the cache: a value left by one that crashed is not reused
+
+
+def _owner_alive(cache: Path) -> bool:
+    try:
+        os.kill(int((cache / _OWNER).read_text(encoding="utf-8")), 0)
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 @pytest.fixture

@@ -144,9 +144,11 @@ class Session:
 def persist_failed(report: SpecReport, problems: list[str]) -> SpecReport:
     """The report logged for a spec whose files could not be saved: persisting is the last step of making it,
     so this is a new report; the one the persist hooks were given stays as they saw it."""
-    error = ErrorInfo("could not save the files this spec records: " + "; ".join(problems), location=report.path,
-                      phase="persist")
-    return dataclasses.replace(report, outcome="error", error=error)
+    message = "could not save the files this spec records: " + "; ".join(problems)
+    if report.outcome in ("error", "interrupted"):  # its own error (or the interrupt) stays what it ended with
+        return dataclasses.replace(report, notes=[*report.notes, message])
+    return dataclasses.replace(report, outcome="error", error=ErrorInfo(message, location=report.path,
+                                                                        phase="persist"))
 
 
 def is_failure(report: SpecReport) -> bool:

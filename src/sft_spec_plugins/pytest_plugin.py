@@ -15,7 +15,8 @@ a setup error carrying the located message, without a Python traceback. A failed
 the same text as the terminal reporter (:func:`sft_spec_plugins.report.failures.format_failure`). The bridge is
 bootstrapped like ``sft-spec run`` (:func:`sft_spec.bootstrap.prepare_config`), so data paths, defaults
 files and plugins follow the same rules under both. Tags become
-markers (``-m smoke``); ``xfail:`` and ``skip:`` become pytest's xfail and skip marks.
+markers (``-m smoke``); ``xfail:`` becomes pytest's xfail mark, and a ``skip:`` spec is skipped by its run
+(so whole-run reports list it, as ``sft-spec run``'s do).
 
 When are spec files collected? Not by accident: a project's plain ``pytest`` run (``testpaths``) must
 not start training, nor trip over broken specs kept as test fixtures. A ``*.sft.yaml`` file is

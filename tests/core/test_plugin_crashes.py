@@ -186,3 +186,18 @@ def test_a_failed_persist_errors_the_spec_without_editing_the_report_it_was_give
     assert kept.outcome == "skipped" and kept.error is None
     assert logged.outcome == "error" and logged.error.phase == "persist"
     assert "No space left on device" in logged.error.message and logged.nodeid == kept.nodeid
+
+
+def test_a_failed_persist_leaves_an_interrupted_or_errored_spec_as_it_ended():
+    # An interrupt turned into "error" by a failed save lost the interrupt (the run went on).
+    from sft_spec.reports import ErrorInfo, SpecReport
+    from sft_spec.session import persist_failed
+
+    for outcome, error in (("interrupted", None), ("error", ErrorInfo("the loader exploded"))):
+        report = SpecReport(nodeid="a.sft.yaml::a", path="a.sft.yaml", name="a", variant=None, outcome=outcome,
+                            error=error)
+        logged = persist_failed(report, ["OSError: No space left on device"])
+        assert (logged.outcome, logged.error) == (outcome, error)
+        assert "could not save the files this spec records: OSError: No space left on device" in logged.notes
+    passed = SpecReport(nodeid="a.sft.yaml::a", path="a.sft.yaml", name="a", variant=None, outcome="passed")
+    assert persist_failed(passed, ["OSError: x"]).outcome == "error"
