@@ -165,6 +165,12 @@ def test_a_results_file_of_the_previous_version_still_compares(gate_runs, sft, t
         spec["extra"]["eval"], spec["metrics"]["cached"] = spec.pop("eval_sets"), spec.pop("cached")
     doc["schema_version"] = 1
     (tmp_path / "old.json").write_text(json.dumps(doc), encoding="utf-8")
+    # Rendered again as JSON, it is written in this version's layout and says so (a version-1 reader would
+    # otherwise take it and find no eval set).
+    assert sft("report", tmp_path / "old.json", "--json", tmp_path / "again.json").code == 0
+    again = json.loads((tmp_path / "again.json").read_text(encoding="utf-8"))
+    assert again["schema_version"] == 2 and all("eval" not in s["extra"] for s in again["specs"])
+    assert any(s["eval_sets"] for s in again["specs"])
     result = sft("compare", tmp_path / "old.json", gate_runs / "one1.json", "-v")
     assert result.code == 0, result.out + result.err
     assert "rows paired by position (a results file without row keys)" in result.out

@@ -280,7 +280,9 @@ def _run_report(options, pluginmanager) -> int:
     for problem in meta.get("missing", []) if options.merge else []:
         print(f"warning: {problem}: the merged report is marked incomplete", file=sys.stderr)
     if options.json_path:
-        write_document(options.json_path, {**meta, "specs": [r.to_dict() for r in reports]})
+        # Written in this version's layout (a version-1 file read here was migrated on load), so labelled so.
+        write_document(options.json_path, {**meta, "schema_version": SCHEMA_VERSION,
+                                           "specs": [r.to_dict() for r in reports]})
         print(f"JSON results: {options.json_path}")
     if options.html_path:
         from .history import read_history
