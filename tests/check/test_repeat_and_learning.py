@@ -105,7 +105,7 @@ class AfterTraining:
     generation), and generates every answer again there on the weights as trained, to compare. Not a
     generator itself (a plugin's generator turns teacher forcing off): it wraps generation's function."""
 
-    def __init__(self, monkeypatch, touch_weights: bool = False):
+    def __init__(self, monkeypatch, touch_weights: str = ""):
         from sft_spec_plugins.check import generation
 
         self.generate, self.touch_weights = generation.generate_answers, touch_weights
@@ -123,11 +123,15 @@ class AfterTraining:
     def sft_spec_train(self, item, run, trainer):
         losses = yield
         self.trained = True
-        if self.touch_weights:  # an in-place write (same values): the probed weights may no longer be these
+        if self.touch_weights:  # the same values: but the probed weights may no longer be these
             import torch
 
+            parameter = next(run.model.parameters())
             with torch.no_grad():
-                next(run.model.parameters()).mul_(1.0)
+                if self.touch_weights == "in place":
+                    parameter.mul_(1.0)
+                else:  # a tensor swapped in (as .to() does): no version bump
+                    parameter.data = parameter.data.clone()
         return losses
 
     @hookimpl
@@ -205,8 +209,32 @@ def test_under_mixed_precision_a_teacher_forced_answer_is_generated_again(sft, w
     assert report.metrics.get("answers_from_probe", 0) == last["generated"], report.metrics
 
 
-def test_weights_written_after_the_probe_are_answered_by_generating(sft, write_spec, monkeypatch):
-    after = AfterTraining(monkeypatch, touch_weights=True)
+def test_a_lora_probe_runs_the_forward_generation_runs(sft, write_spec, monkeypatch):
+    # Under bf16 the trainer wraps the peft model's forward in autocast; generation goes through the base
+    # model's forward (adapters injected) and never sees it. The probe called the wrapped one: its logits
+    # and generation's could part on a near tie, and --stop-when-learnt stop where the answer still failed.
+    import torch
+    from peft import PeftModelForCausalLM as PeftModel
+
+    no_grad_calls = []
+    original = PeftModel.forward
+
+    def forward(self, *args, **kwargs):
+        if not torch.is_grad_enabled():
+            no_grad_calls.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(PeftModel, "forward", forward)
+    text = LEARN.format(lr="1.0e-2", within=30).replace("method: full", "method: lora\nlora: {r: 8, lora_alpha: 16, "
+                                                        "target_modules: [q_proj, v_proj]}")
+    report = sft("run", write_spec("l.sft.yaml", text), "--no-cache").recorder.reports[0]
+    assert report.metrics["learnt_probes_teacher_forced"] > 0, report.metrics
+    assert no_grad_calls == [], len(no_grad_calls)
+
+
+@pytest.mark.parametrize("touch", ["in place", "swapped"])
+def test_weights_written_after_the_probe_are_answered_by_generating(sft, write_spec, monkeypatch, touch):
+    after = AfterTraining(monkeypatch, touch_weights=touch)
     report = sft("run", write_spec("l.sft.yaml", LEARN.format(lr="3.0e-3", within=30)), "--no-cache",
                  "--stop-when-learnt", plugins=[after]).recorder.reports[0]
     assert len(after.generated_after) == 1, after.generated_after

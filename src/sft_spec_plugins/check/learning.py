@@ -12,8 +12,10 @@ A recipe change that makes the model need 25 steps instead of 12 is a regression
 ``--stop-when-learnt`` ends training at that step (CI time saved); the final checks then run on the
 model as trained, like any other run. A probe that passed on the weights training ended with (that step,
 or the last) already knows the answers: the ones teacher forcing decided (the reference, then the end of
-turn) and, for greedy generation by sft-spec's own generator, the ones it generated. They are the answers
-after training; only the other prompts are generated again (a note says so).
+turn; not under bf16/fp16 mixed precision) and, when sft-spec's own generator answers without sampling,
+the ones it generated. They are the answers after training; only the other prompts are generated again
+(a note says so). The teacher-forced forward pass is the one generation runs (a peft model's base model,
+adapters injected), not the trainer's forward, which accelerate wraps in autocast under mixed precision.
 Expectations marked ``xfail`` (forgetting probes) and checks on the base model's answer (``before:``) are
 not part of "learnt".
 """
@@ -161,11 +163,15 @@ def _forced_batch(model, tokenizer, rows, device) -> list[list[int]]:
         seq = prompt + target
         ids[i, :len(seq)] = torch.tensor(seq)
         mask[i, :len(seq)] = 1
+    # Through the forward generation runs: a peft model generates with its base model's (adapters injected),
+    # while the trainer wraps the peft model's own forward in autocast under bf16/fp16 (accelerate), which
+    # generation never sees.
+    forward = model.get_base_model() if hasattr(model, "get_base_model") else model
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+            logits = forward(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
     finally:
         if was_training:
             model.train()
@@ -316,19 +322,26 @@ class LearntProbe:
 
 
 class ProbedAnswers:
-    """Answers a probe decided on ``model`` at ``step``, valid while its weights are those: the same
-    tensors (a ``.to()``, ``.half()`` or an adapter merge swaps or adds them) with no in-place write since
-    (every optimizer step and in-place write through the parameter bumps its version)."""
+    """Answers a probe decided on ``model`` at ``step``, valid while it computes as it did: the same
+    parameter tensors (``.to()``, ``.half()`` or ``p.data = ...`` swap them), no in-place write through a
+    parameter since (each bumps its version: every optimizer step does), and the same adapters merged and
+    active. A write through ``p.data`` in place is not seen: nothing in sft-spec does that after training."""
 
     def __init__(self, model, state: list, step: int, answers: dict):
         self.model, self.state, self.step, self.answers = model, state, step, answers
 
     def hold_for(self, model) -> bool:
-        return model is self.model and weights_state(model) == self.state
+        return model is self.model and self.state is not None and weights_state(model) == self.state
 
 
-def weights_state(model) -> list:
-    return [(name, p.data_ptr(), p.dtype, p.device, p._version) for name, p in model.named_parameters()]
+def weights_state(model) -> list | None:
+    try:
+        tensors = [(name, p.data_ptr(), p.dtype, p.device, p._version) for name, p in model.named_parameters()]
+    except (RuntimeError, TypeError, AttributeError):  # a tensor subclass without storage (a sharded DTensor)
+        return None
+    merged = [(name, tuple(getattr(m, "merged_adapters", ()))) for name, m in model.named_modules()
+              if hasattr(m, "merged_adapters")]
+    return [*tensors, *merged, ("active", repr(getattr(model, "active_adapters", None)))]
 
 
 @hookimpl(tryfirst=True)
@@ -347,7 +360,7 @@ def sft_spec_generate(item, run, prompts, when):
     reused = len(prompts) - len(missing)
     run.metrics["answers_from_probe"] = run.metrics.get("answers_from_probe", 0) + reused
     run.note(f"answers after training taken from the learnt probe at step {probed.step} (the same weights, "
-             "greedy), not generated again: metrics answers_from_probe counts them")
+             "no sampling), not generated again: metrics answers_from_probe counts them")
     return [dataclasses.replace(probed.answers[key]) if key in probed.answers else next(generated) for key in keys]
 
 
