@@ -300,8 +300,8 @@ class LearntProbe:
                 self.run.note(f"training stopped at step {step} of {state.max_steps} (--stop-when-learnt); the "
                               "checks ran on the model as trained")
             if control.should_training_stop or step >= state.max_steps:  # these are the weights training ends with
-                # Under mixed precision the trainer's forward (the teacher-forced probe's) runs in autocast and
-                # generation does not: only answers computed as generation computes them are kept then.
+                # One full forward pass (teacher forcing) and step-by-step cached decoding can part on a near
+                # tie in reduced precision: under bf16/fp16 only answers the probe generated are kept.
                 mixed = bool(getattr(args, "bf16", False) or getattr(args, "fp16", False))
                 self.keep_final_answers(model if model is not None else self.run.model, step, forced=not mixed)
         return control
@@ -321,14 +321,17 @@ class LearntProbe:
         self.run.stash[FINAL_ANSWERS] = ProbedAnswers(model, weights_state(model), step, answers)
 
 
+@dataclasses.dataclass
 class ProbedAnswers:
     """Answers a probe decided on ``model`` at ``step``, valid while it computes as it did: the same
     parameter tensors (``.to()``, ``.half()`` or ``p.data = ...`` swap them), no in-place write through a
     parameter since (each bumps its version: every optimizer step does), and the same adapters merged and
     active. A write through ``p.data`` in place is not seen: nothing in sft-spec does that after training."""
 
-    def __init__(self, model, state: list, step: int, answers: dict):
-        self.model, self.state, self.step, self.answers = model, state, step, answers
+    model: Any
+    state: list | None  # weights_state(model) when the probe passed
+    step: int
+    answers: dict  # (prompt text, its max_new_tokens) -> Answer
 
     def hold_for(self, model) -> bool:
         return model is self.model and self.state is not None and weights_state(model) == self.state

@@ -274,7 +274,7 @@ class TerminalReporter:
         hidden = len(timed) - len([t for t in timed if t[0] >= 0.005 or self.verbosity > 1])
         if hidden:
             self.write_line(f"({hidden} durations < 0.005s hidden.  Use -vv to show these durations.)")
-        cached = sum(bool(r.cached) for r in reports)
+        cached = sum(r.cached for r in reports)
         if cached:
             self.write_line(f"({cached} spec{'s' if cached != 1 else ''} reused from the result cache: no time spent)")
 

@@ -140,8 +140,8 @@ def combine(item, repeat: RepeatSpec, runs: list[tuple[int, SpecReport]]) -> Spe
     sets = {nodeid for _, r in ran for nodeid in r.eval_sets}
     if sets:  # every seed's rows, and each aggregate's interval clustered by row and seed
         report.eval_sets = {nodeid: combine_seed_reports([(seed, r.eval_sets[nodeid]) for seed, r in ran
-                                                              if nodeid in r.eval_sets])
-                                for nodeid in sorted(sets)}
+                                                          if nodeid in r.eval_sets])
+                            for nodeid in sorted(sets)}
         for data in report.eval_sets.values():
             pooled = "; ".join(f"{name} {Estimate.from_dict(e).text()}" for name, e in data["uncertainty"].items())
             report.notes.append(f"eval[{data['name']}] over {len(data['seeds'])} seeds: {pooled}")
