@@ -78,19 +78,23 @@ def write_specs(folder: Path, count: int, **kwargs) -> Path:
     return folder
 
 
-def bench_overhead(work: Path, reps: int, env: dict) -> None:
-    print("overhead: one LoRA spec (tiny-gemma, 30 epochs), whole process, sft-spec vs plain TRL script")
+def plain_trl_seconds(work: Path, env: dict) -> float:
+    """One run of bench's recipe written directly against TRL (bench/plain_trl.py) on tiny-gemma, whole process."""
     from sft_spec.config import default_cache_dir
     from sft_spec_plugins.model.builtin_models import builtin_model_dir
 
     model_dir = builtin_model_dir("tiny-gemma", default_cache_dir())
+    return timed([sys.executable, str(ROOT / "bench" / "plain_trl.py"), str(model_dir), str(work / "plain-out")], env)
+
+
+def bench_overhead(work: Path, reps: int, env: dict) -> None:
+    print("overhead: one LoRA spec (tiny-gemma, 30 epochs), whole process, sft-spec vs plain TRL script")
     spec = write_specs(work / "overhead", 1)
     ours, plain = [], []
     for _ in range(reps):  # alternate, so load drifts hit both alike
         ours.append(timed([SFT_SPEC, "run", "--no-cache", str(spec)] if _has_option("--no-cache")
                           else [SFT_SPEC, "run", str(spec)], env))
-        plain.append(timed([sys.executable, str(ROOT / "bench" / "plain_trl.py"), str(model_dir),
-                            str(work / "plain-out")], env))
+        plain.append(plain_trl_seconds(work, env))
     ratio = statistics.median(ours) / statistics.median(plain)
     row("overhead", f"sft-spec {summary(ours)} vs plain {summary(plain)}", ratio, "<= 1.05x", ratio <= 1.05)
 
@@ -154,17 +158,12 @@ def bench_shared_base(work: Path, reps: int, env: dict) -> None:
     for i, answer in enumerate(answers):
         (folder / f"s{i}.sft.yaml").write_text(spec_text(answer=answer), encoding="utf-8")
     nocache = ["--no-cache"] if _has_option("--no-cache") else []
-    from sft_spec.config import default_cache_dir
-    from sft_spec_plugins.model.builtin_models import builtin_model_dir
-
-    model_dir = builtin_model_dir("tiny-gemma", default_cache_dir())
     suite, separate, plain = [], [], []
     for _ in range(max(2, reps // 2)):  # 8 separate processes per repetition: the longest row
         suite.append(timed([SFT_SPEC, "run", *nocache, str(folder)], env))
         separate.append(sum(timed([SFT_SPEC, "run", *nocache, str(p)], env) for p in sorted(folder.glob("*.yaml"))))
         # One of these recipes as a plain TRL script: what each would cost CI without sft-spec.
-        plain.append(timed([sys.executable, str(ROOT / "bench" / "plain_trl.py"), str(model_dir),
-                            str(work / "plain-out")], env))
+        plain.append(plain_trl_seconds(work, env))
     ratio = statistics.median(suite) / statistics.median(separate)
     row("shared base (8 LoRA specs)", f"one run {summary(suite)} vs 8 runs {summary(separate)}", ratio,
         "<= 0.5x", ratio <= 0.5)
